@@ -1,0 +1,49 @@
+// Turns one loss entry (losses.h) plus one backend's kernels into the functions registered for its
+// forward and backward operators. Every loss takes the same leading arguments; its own parameters
+// (Params...) are deduced from Loss::spec.
+#pragma once
+
+#include <c10/util/Metaprogramming.h>
+
+#include "losses.h"
+
+namespace robust_diffusion {
+
+template <class Loss>
+using LossParams = typename c10::guts::infer_function_traits_t<decltype(&Loss::spec)>::parameter_types;
+
+using ForwardKernel = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(const LossSpec&, const LossInputs&);
+using BackwardKernel = at::Tensor (*)(const LossSpec&, const LossInputs&, const at::Tensor&, const at::Tensor&);
+
+template <class Loss, class Params = LossParams<Loss>>
+struct LossOps;
+
+template <class Loss, class... P>
+struct LossOps<Loss, c10::guts::typelist::typelist<P...>> {
+  template <ForwardKernel kernel>
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
+      const at::Tensor& input, const at::Tensor& target, const at::Tensor& scale,
+      const std::optional<at::Tensor>& weight, c10::string_view dim_reduction, c10::string_view reduction,
+      P... params) {
+    LossSpec spec = Loss::spec(params...);
+    set_reductions(spec, dim_reduction, reduction);
+    return kernel(spec, prepare_inputs(spec, input, target, scale, weight));
+  }
+
+  template <BackwardKernel kernel>
+  static at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+                             const at::Tensor& scale, const std::optional<at::Tensor>& weight,
+                             const at::Tensor& influence, c10::string_view dim_reduction,
+                             c10::string_view reduction, P... params) {
+    LossSpec spec = Loss::spec(params...);
+    set_reductions(spec, dim_reduction, reduction);
+    const LossInputs in = prepare_inputs(spec, input, target, scale, weight);
+    TORCH_CHECK_VALUE(influence.dim() == 1 && influence.size(0) == in.batch, spec.name,
+                      ": influence must have shape [", in.batch, "], got ", influence.sizes());
+    const at::Tensor grad = kernel(spec, in, per_sample_grad(spec, grad_loss, in),
+                                   influence.to(in.compute_dtype).contiguous());
+    return grad.to(in.input_dtype);
+  }
+};
+
+}  // namespace robust_diffusion

@@ -1,0 +1,70 @@
+// What a loss operator computes (DESIGN section 2), independent of the backend:
+//
+//   R_b = sum_i e(r_bi; c_b)   (or the mean over i)     r = input - target
+//   loss_b = weight_b * phi(scale_b * R_b)
+//   out = mean_b / sum_b / none of loss_b
+//
+// Each registered operator (hellinger_loss, huber_loss, ...) turns its own arguments into a LossSpec;
+// the CPU and CUDA backends run the same two kernels (a fused per-sample reduction and an elementwise
+// backward) for every spec.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "math/penalties.h"
+#include "math/transforms.h"
+
+namespace robust_diffusion {
+
+enum class Reduction { Mean, Sum, None };
+
+struct LossSpec {
+  math::PenaltyKind penalty = math::PenaltyKind::Square;
+  double penalty_param = 0.0;  // Huber delta, clamp tau, pseudo-Huber form flag
+  math::TransformKind transform = math::TransformKind::Identity;
+  double transform_param = 0.0;  // alpha kappa, clip tau
+  bool mean_over_elements = false;  // dim_reduction = "mean"
+  Reduction reduction = Reduction::Mean;
+  const char* name = "";  // the operator's name, for error messages
+  at::Tensor c;           // pseudo-Huber's per-sample c (undefined for every other loss)
+};
+
+// Inputs of one call after validation and dtype harmonisation: input and target either share a dtype,
+// or target is float32 and input is float16/bfloat16 (read as is); per-sample tensors are contiguous
+// [B] in the compute dtype (float32, or float64 for float64 inputs).
+struct LossInputs {
+  at::Tensor input, target, scale, weight, c;  // weight / c undefined when absent
+  at::ScalarType input_dtype = at::kFloat, target_dtype = at::kFloat;  // as the caller gave them
+  int64_t batch = 0, numel_per_sample = 0;
+  at::ScalarType compute_dtype = at::kFloat;
+};
+
+// Parses the two reduction arguments every operator takes.
+void set_reductions(LossSpec& spec, c10::string_view dim_reduction, c10::string_view reduction);
+
+// Validates every argument with messages that name it, and harmonises dtypes and layouts.
+LossInputs prepare_inputs(const LossSpec& spec, const at::Tensor& input, const at::Tensor& target,
+                          const at::Tensor& scale, const std::optional<at::Tensor>& weight);
+
+// The per-sample gradient scale of the backward: grad_loss as a contiguous [B] tensor in the compute
+// dtype (the upstream gradient of each sample's loss: g / B for "mean", g for "sum", g_b for "none").
+at::Tensor per_sample_grad(const LossSpec& spec, const at::Tensor& grad_loss, const LossInputs& in);
+
+// Allocates the forward outputs: loss ([] or [B]), penalty [B], influence [B], all in the compute dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_outputs(const LossSpec& spec, const LossInputs& in);
+
+// Backends. Forward returns (loss, penalty R_b, influence w_b); backward returns d loss / d input.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cpu(const LossSpec& spec, const LossInputs& in);
+at::Tensor loss_backward_cpu(const LossSpec& spec, const LossInputs& in, const at::Tensor& grad_per_sample,
+                             const at::Tensor& influence);
+#ifdef RD_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cuda(const LossSpec& spec, const LossInputs& in);
+at::Tensor loss_backward_cuda(const LossSpec& spec, const LossInputs& in, const at::Tensor& grad_per_sample,
+                              const at::Tensor& influence);
+#endif
+
+}  // namespace robust_diffusion

@@ -1,0 +1,31 @@
+// The operator schemas: torch.ops.robust_diffusion.<loss> and <loss>_backward for every loss in
+// losses.h. Backends register their kernels in cpu/ and cuda/, autograd in autograd/.
+#include <torch/library.h>
+
+#include <string>
+
+#include "losses.h"
+
+namespace robust_diffusion {
+namespace {
+
+constexpr const char* kForwardArgs =
+    "(Tensor input, Tensor target, Tensor scale, Tensor? weight, str dim_reduction, str reduction";
+constexpr const char* kForwardReturns = ") -> (Tensor loss, Tensor penalty, Tensor influence)";
+constexpr const char* kBackwardArgs =
+    "_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor scale, Tensor? weight, Tensor influence, "
+    "str dim_reduction, str reduction";
+
+}  // namespace
+
+TORCH_LIBRARY(robust_diffusion, m) {
+  // Fake (meta) kernels for torch.compile / torch.export live in this Python module.
+  m.set_python_module("robust_diffusion.ops");
+  losses::for_each_loss([&](auto loss) {
+    using Loss = decltype(loss);
+    m.def((std::string(Loss::name) + kForwardArgs + Loss::params + kForwardReturns).c_str());
+    m.def((std::string(Loss::name) + kBackwardArgs + Loss::params + ") -> Tensor").c_str());
+  });
+}
+
+}  // namespace robust_diffusion

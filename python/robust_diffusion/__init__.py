@@ -1,0 +1,38 @@
+"""robust_diffusion: robust losses for diffusion-model training on data you cannot fully trust.
+
+Swap one line of a training loop::
+
+    loss = robust_diffusion.hellinger_loss(eps_hat, eps, t)
+
+Every loss is a fused C++/CUDA operator (``torch.ops.robust_diffusion.*``) with C++ autograd; this
+package adds the functional API, noise schedules and timestep weighting.
+"""
+
+from . import ops
+from .functional import (
+    DIVERGENCES,
+    alpha_loss,
+    chi2_loss,
+    clipped_mse_loss,
+    default_schedule,
+    divergence_loss,
+    hellinger_loss,
+    huber_loss,
+    influence_weights,
+    js_loss,
+    kl_loss,
+    lecam_loss,
+    ned_loss,
+    pseudo_huber_loss,
+    tv_loss,
+)
+from .schedules import NoiseSchedule
+from .weighting import loss_weights, pseudo_huber_c, weight_table
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DIVERGENCES", "NoiseSchedule", "alpha_loss", "chi2_loss", "clipped_mse_loss", "default_schedule",
+    "divergence_loss", "hellinger_loss", "huber_loss", "influence_weights", "js_loss", "kl_loss", "lecam_loss",
+    "loss_weights", "ned_loss", "ops", "pseudo_huber_c", "pseudo_huber_loss", "tv_loss", "weight_table",
+]

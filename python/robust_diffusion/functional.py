@@ -1,0 +1,259 @@
+"""The functional API: robust replacements for the MSE denoising loss.
+
+Every loss has one shape (DESIGN section 2). For a batch of B samples with D elements each::
+
+    R_b    = sum_i e(input_bi - target_bi)         (mean over i with dim_reduction="mean")
+    loss_b = weight_b * phi(scale_b * R_b)
+    out    = mean_b / sum_b / none of loss_b
+
+``e`` is r^2 for the divergence losses and ``phi`` the transform induced by the f-divergence; its
+derivative w = phi' is the per-sample *influence weight* (1 for a typical sample, -> 0 for an outlier
+under the bounded divergences). Gradients flow to ``input`` (and ``target`` if it requires grad);
+``scale``, ``weight`` and ``c`` are constants.
+
+The default scale
+-----------------
+``scale=1.0`` with ``dim_reduction="mean"``: delta_b is the sample's mean squared error. Then
+:func:`kl_loss` equals ``F.mse_loss`` exactly (the paper's "standard MSE" baseline) and every divergence
+is a drop-in replacement for it whose influence weight falls as a sample's per-element MSE grows. It is
+D- and t-independent and so predictable; it is provisional until the contaminated-data experiment
+(docs/RESULTS.md) decides. ``scale="vlb"`` gives DDPM's exact lambda_t (use it with
+``dim_reduction="sum"``); a float is a temperature 1 / (2 tau); a [B] tensor is used as is. The adaptive
+per-timestep scale lives in :class:`robust_diffusion.RobustDiffusionLoss` (it needs running state).
+
+Non-finite inputs follow PyTorch's convention: NaN/inf propagate to the loss and gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .schedules import NoiseSchedule
+
+__all__ = [
+    "DIVERGENCES", "divergence_loss", "influence_weights",
+    "kl_loss", "hellinger_loss", "ned_loss", "alpha_loss", "js_loss", "lecam_loss", "tv_loss", "chi2_loss",
+    "huber_loss", "pseudo_huber_loss", "clipped_mse_loss", "default_schedule",
+]
+
+Scale = Union[float, str, Tensor]
+
+#: The f-divergences with an operator, by the name :func:`divergence_loss` takes.
+DIVERGENCES = ("kl", "hellinger", "ned", "alpha", "js", "lecam", "tv", "chi2")
+_SCALE_PRESETS = ("vlb",)
+
+_DEFAULT_SCHEDULE: Optional[NoiseSchedule] = None
+
+
+def default_schedule() -> NoiseSchedule:
+    """The schedule used when none is given: DDPM's linear 1e-4 -> 0.02 over 1000 steps."""
+    global _DEFAULT_SCHEDULE
+    if _DEFAULT_SCHEDULE is None:
+        _DEFAULT_SCHEDULE = NoiseSchedule.linear()
+    return _DEFAULT_SCHEDULE
+
+
+def _check_pair(name: str, input: Tensor, target: Tensor) -> int:
+    if not isinstance(input, Tensor) or not isinstance(target, Tensor):
+        raise TypeError(f"{name}: input and target must be tensors")
+    if input.dim() < 1:
+        raise ValueError(f"{name}: input must have a leading batch dimension, got a 0-dim tensor")
+    if input.shape != target.shape:
+        raise ValueError(f"{name}: target must have the shape of input {tuple(input.shape)}, "
+                         f"got {tuple(target.shape)}")
+    return input.shape[0]
+
+
+def _per_sample(name: str, argument: str, value: Union[float, Tensor], batch: int, device: torch.device) -> Tensor:
+    """A float or a 0-dim / [B] tensor as a [B] tensor on ``device``."""
+    if isinstance(value, Tensor):
+        if value.dim() == 0:
+            return value.to(device).expand(batch)
+        if value.dim() != 1 or value.shape[0] != batch:
+            raise ValueError(f"{name}: {argument} must be a float or have one value per sample, shape [{batch}], "
+                             f"got shape {tuple(value.shape)}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: {argument} must be a float or a tensor, got {type(value).__name__}")
+    return torch.full((batch,), float(value), device=device)
+
+
+def _resolve_scale(name: str, scale: Scale, t: Optional[Tensor], schedule: Optional[NoiseSchedule],
+                   batch: int, device: torch.device) -> Tensor:
+    if isinstance(scale, str):
+        if scale not in _SCALE_PRESETS:
+            raise ValueError(f"{name}: scale must be a float, a per-sample tensor or one of {_SCALE_PRESETS}, "
+                             f"got {scale!r} (the adaptive scale needs running state: use RobustDiffusionLoss)")
+        if t is None:
+            raise ValueError(f"{name}: scale='vlb' needs the timesteps t")
+        return (schedule or default_schedule()).gather("vlb_weight", t)
+    if not isinstance(scale, Tensor) and not (isinstance(scale, (int, float)) and scale >= 0):
+        raise ValueError(f"{name}: scale must be non-negative, got {scale!r}")
+    return _per_sample(name, "scale", scale, batch, device)
+
+
+def _loss_call(op_name: str, input: Tensor, target: Tensor, t: Optional[Tensor], schedule: Optional[NoiseSchedule],
+               scale: Scale, dim_reduction: str, weight: Optional[Tensor], reduction: str,
+               *params) -> Tuple[Tensor, Tensor, Tensor]:
+    """Validates the Python-level arguments and calls ``torch.ops.robust_diffusion.<op_name>``."""
+    batch = _check_pair(op_name, input, target)
+    if t is not None:
+        if not isinstance(t, Tensor) or t.dim() != 1 or t.shape[0] != batch:
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{op_name}: t must be a 1-D tensor with one timestep per sample ({batch}), got {shape}")
+        (schedule or default_schedule()).check_timesteps(t)
+    scale_b = _resolve_scale(op_name, scale, t, schedule, batch, input.device)
+    if weight is not None:
+        weight = _per_sample(op_name, "weight", weight, batch, input.device)
+    op = getattr(torch.ops.robust_diffusion, op_name)
+    return op(input, target, scale_b, weight, dim_reduction, reduction, *params)
+
+
+_COMMON_DOC = """
+    Args:
+        input: the model output, shape [B, ...] (float32/float64/float16/bfloat16).
+        target: what it should predict (e.g. the noise), the same shape; float32 with a low-precision
+            input is read as is.
+        t: integer timesteps [B]; needed for ``scale="vlb"``, validated when given.
+        schedule: the :class:`NoiseSchedule` for ``t`` (default: linear, T = 1000).
+        scale: multiplies R_b before the transform: a float (default 1.0), a [B] tensor, or ``"vlb"``.
+        dim_reduction: ``"mean"`` (default) or ``"sum"`` of the penalty over a sample's elements.
+        weight: optional per-sample weight [B] (e.g. :func:`robust_diffusion.loss_weights`).
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (the per-sample float32 vector).
+    """
+
+
+def _divergence(op_name: str, input, target, t, schedule, scale, dim_reduction, weight, reduction, *params) -> Tensor:
+    return _loss_call(op_name, input, target, t, schedule, scale, dim_reduction, weight, reduction, *params)[0]
+
+
+def kl_loss(input: Tensor, target: Tensor, t: Optional[Tensor] = None, *, schedule: Optional[NoiseSchedule] = None,
+            scale: Scale = 1.0, dim_reduction: str = "mean", weight: Optional[Tensor] = None,
+            reduction: str = "mean") -> Tensor:
+    """KL (= the plain MSE): phi(delta) = delta, w = 1. With the defaults it equals ``F.mse_loss``."""
+    return _divergence("kl_loss", input, target, t, schedule, scale, dim_reduction, weight, reduction)
+
+
+def hellinger_loss(input: Tensor, target: Tensor, t: Optional[Tensor] = None, *,
+                   schedule: Optional[NoiseSchedule] = None, scale: Scale = 1.0, dim_reduction: str = "mean",
+                   weight: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+    """Squared Hellinger: phi = 4 (1 - exp(-delta / 4)), w = exp(-delta / 4); bounded by 4."""
+    return _divergence("hellinger_loss", input, target, t, schedule, scale, dim_reduction, weight, reduction)
+
+
+def ned_loss(input: Tensor, target: Tensor, t: Optional[Tensor] = None, *, schedule: Optional[NoiseSchedule] = None,
+             scale: Scale = 1.0, dim_reduction: str = "mean", weight: Optional[Tensor] = None,
+             reduction: str = "mean") -> Tensor:
+    """Negative exponential disparity: bounded by e - 1, the fastest down-weighting of outliers."""
+    return _divergence("ned_loss", input, target, t, schedule, scale, dim_reduction, weight, reduction)
+
+
+def alpha_loss(input: Tensor, target: Tensor, t: Optional[Tensor] = None, *, alpha: float,
+               schedule: Optional[NoiseSchedule] = None, scale: Scale = 1.0, dim_reduction: str = "mean",
+               weight: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+    """Alpha-divergence, 0 < alpha < 1: phi = (1 - exp(-k delta)) / k with k = alpha (1 - alpha).
+
+    alpha = 1/2 is exactly Hellinger (the most aggressive member); alpha -> 0 or 1 approaches KL.
+    """
+    return _divergence("alpha_loss", input, target, t, schedule, scale, dim_reduction, weight, reduction,
+                       float(alpha))
+
+
+def js_loss(input: Tensor, target: Tensor, t: Optional[Tensor] = None, *, schedule: Optional[NoiseSchedule] = None,
+            scale: Scale = 1.0, dim_reduction: str = "mean", weight: Optional[Tensor] = None,
+            reduction: str = "mean") -> Tensor:
+    """Jensen-Shannon (x4, so w(0) = 1): bounded by 4 ln 2."""
+    return _divergence("js_loss", input, target, t, schedule, scale, dim_reduction, weight, reduction)
+
+
+def lecam_loss(input: Tensor, target: Tensor, t: Optional[Tensor] = None, *,
+               schedule: Optional[NoiseSchedule] = None, scale: Scale = 1.0, dim_reduction: str = "mean",
+               weight: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+    """Le Cam: f(u) = (u - 1)^2 / (u + 1), bounded by 2."""
+    return _divergence("lecam_loss", input, target, t, schedule, scale, dim_reduction, weight, reduction)
+
+
+def tv_loss(input: Tensor, target: Tensor, t: Optional[Tensor] = None, *, schedule: Optional[NoiseSchedule] = None,
+            scale: Scale = 1.0, dim_reduction: str = "mean", weight: Optional[Tensor] = None,
+            reduction: str = "mean") -> Tensor:
+    """Total variation: phi = erf(sqrt(delta) / 2). w is unbounded at delta = 0, where it is defined as 0
+    (the minimum-norm subgradient; the residual is zero there)."""
+    return _divergence("tv_loss", input, target, t, schedule, scale, dim_reduction, weight, reduction)
+
+
+def chi2_loss(input: Tensor, target: Tensor, t: Optional[Tensor] = None, *, schedule: Optional[NoiseSchedule] = None,
+              scale: Scale = 1.0, dim_reduction: str = "mean", weight: Optional[Tensor] = None,
+              reduction: str = "mean") -> Tensor:
+    """Pearson chi^2 / 2: phi = (exp(2 delta) - 1) / 2, w = exp(2 delta). Anti-robust (it amplifies
+    outliers), for comparison only. delta saturates at 44 so float32 outputs stay finite."""
+    return _divergence("chi2_loss", input, target, t, schedule, scale, dim_reduction, weight, reduction)
+
+
+def huber_loss(input: Tensor, target: Tensor, t: Optional[Tensor] = None, *, delta: float = 1.0,
+               schedule: Optional[NoiseSchedule] = None, scale: Scale = 1.0, dim_reduction: str = "mean",
+               weight: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+    """PyTorch's Huber per element (0.5 r^2 for |r| <= delta, else delta (|r| - delta / 2)); with the
+    defaults it equals ``F.huber_loss``."""
+    return _divergence("huber_loss", input, target, t, schedule, scale, dim_reduction, weight, reduction,
+                       float(delta))
+
+
+def pseudo_huber_loss(input: Tensor, target: Tensor, t: Optional[Tensor] = None, *, c: Union[float, Tensor] = 0.1,
+                      form: str = "huber", schedule: Optional[NoiseSchedule] = None, scale: Scale = 1.0,
+                      dim_reduction: str = "mean", weight: Optional[Tensor] = None,
+                      reduction: str = "mean") -> Tensor:
+    """diffusers' pseudo-Huber: ``form="huber"`` is 2c (sqrt(r^2 + c^2) - c), ``form="smooth_l1"`` is
+    2 (sqrt(r^2 + c^2) - c). ``c`` is a float or a per-sample tensor [B] (see
+    :func:`robust_diffusion.pseudo_huber_c` for diffusers' constant / exponential / snr schedules)."""
+    batch = _check_pair("pseudo_huber_loss", input, target)
+    if not isinstance(c, Tensor) and not (isinstance(c, (int, float)) and c > 0):
+        raise ValueError(f"pseudo_huber_loss: c must be positive, got {c!r}")
+    c_b = _per_sample("pseudo_huber_loss", "c", c, batch, input.device)
+    return _divergence("pseudo_huber_loss", input, target, t, schedule, scale, dim_reduction, weight, reduction,
+                       c_b, form)
+
+
+def clipped_mse_loss(input: Tensor, target: Tensor, t: Optional[Tensor] = None, *, tau: float, mode: str = "sample",
+                     schedule: Optional[NoiseSchedule] = None, scale: Scale = 1.0, dim_reduction: str = "mean",
+                     weight: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+    """Clipped MSE. ``mode="sample"``: min(MSE_b, tau) per sample (zero gradient above tau);
+    ``mode="element"``: each residual clamped to [-tau, tau] before squaring."""
+    return _divergence("clipped_mse_loss", input, target, t, schedule, scale, dim_reduction, weight, reduction,
+                       float(tau), mode)
+
+
+for _fn in (kl_loss, hellinger_loss, ned_loss, alpha_loss, js_loss, lecam_loss, tv_loss, chi2_loss, huber_loss,
+            pseudo_huber_loss, clipped_mse_loss):
+    _fn.__doc__ += _COMMON_DOC
+
+_DIVERGENCE_FUNCTIONS = {"kl": kl_loss, "hellinger": hellinger_loss, "ned": ned_loss, "alpha": alpha_loss,
+                         "js": js_loss, "lecam": lecam_loss, "tv": tv_loss, "chi2": chi2_loss}
+
+
+def divergence_loss(divergence: str, input: Tensor, target: Tensor, t: Optional[Tensor] = None,
+                    **kwargs) -> Tensor:
+    """The loss of the f-divergence named ``divergence`` (one of :data:`DIVERGENCES`)."""
+    try:
+        fn = _DIVERGENCE_FUNCTIONS[divergence]
+    except KeyError:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}") from None
+    return fn(input, target, t, **kwargs)
+
+
+def influence_weights(input: Tensor, target: Tensor, t: Optional[Tensor] = None, *, divergence: str = "hellinger",
+                      schedule: Optional[NoiseSchedule] = None, scale: Scale = 1.0, dim_reduction: str = "mean",
+                      alpha: Optional[float] = None) -> Tensor:
+    """The per-sample influence weight w(scale_b R_b) [B] that ``<divergence>_loss`` applies to each
+    sample's gradient (1 = full weight, 0 = ignored). Same arguments as the losses; no gradient."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if (alpha is None) != (divergence != "alpha"):
+        raise ValueError("influence_weights: alpha is required for divergence='alpha' and only for it")
+    params = (float(alpha),) if divergence == "alpha" else ()
+    with torch.no_grad():
+        return _loss_call(f"{divergence}_loss", input.detach(), target.detach(), t, schedule, scale, dim_reduction,
+                          None, "none", *params)[2]

@@ -1,0 +1,262 @@
+"""Discrete DDPM / VP noise schedules, computed in float64.
+
+Conventions (DESIGN section 1): T steps indexed 0..T-1 (t = 0 is already slightly noisy),
+``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``, ``SNR_t = abar_t / (1 - abar_t)``,
+``log_snr = log SNR_t``. Everything is kept in float64 on the CPU and computed stably
+(``1 - abar = -expm1(sum log1p(-beta))``); per-sample lookups (:meth:`NoiseSchedule.gather`)
+are cast to the caller's device and dtype at the end, with no host round-trip.
+
+Zero terminal SNR (``abar_{T-1} = 0``) is allowed: ``log_snr`` is then ``-inf`` at the last step
+and consumers (weighting, scales) handle the limit explicitly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["NoiseSchedule"]
+
+_PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+_PREDICTION_ALIASES = {"epsilon": "epsilon", "eps": "epsilon", "sample": "sample", "x0": "sample",
+                       "v": "v_prediction", "v_prediction": "v_prediction"}
+
+
+def canonical_prediction_type(prediction_type: str) -> str:
+    """Map ``eps``/``epsilon``, ``x0``/``sample`` and ``v``/``v_prediction`` to diffusers' names."""
+    try:
+        return _PREDICTION_ALIASES[prediction_type]
+    except KeyError:
+        raise ValueError(f"prediction_type must be one of {sorted(_PREDICTION_ALIASES)}, "
+                         f"got {prediction_type!r}") from None
+
+
+class NoiseSchedule:
+    """A discrete variance-preserving noise schedule.
+
+    Build it with :meth:`linear`, :meth:`cosine`, :meth:`scaled_linear`, :meth:`from_alphas_cumprod`
+    or :meth:`from_diffusers`. All exposed tensors are float64 on the CPU with shape ``[T]``.
+    """
+
+    def __init__(self, betas: Tensor, *, prediction_type: str = "epsilon",
+                 _alphas_cumprod: Optional[Tensor] = None):
+        betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu().clone()
+        if betas.dim() != 1 or betas.numel() < 1:
+            raise ValueError(f"betas must be a non-empty 1-D tensor, got shape {tuple(betas.shape)}")
+        if not torch.isfinite(betas).all() or (betas < 0).any() or (betas > 1).any():
+            raise ValueError("betas must be finite and lie in [0, 1]")
+        self.prediction_type = canonical_prediction_type(prediction_type)
+        self.betas = betas
+        self.alphas = 1.0 - betas
+        if _alphas_cumprod is None:
+            # Stable products: log abar = sum log1p(-beta); 1 - abar = -expm1(log abar).
+            log_abar = torch.cumsum(torch.log1p(-betas), 0)
+            self.alphas_cumprod = torch.exp(log_abar)
+            self.one_minus_alphas_cumprod = -torch.expm1(log_abar)
+        else:
+            self.alphas_cumprod = _alphas_cumprod
+            self.one_minus_alphas_cumprod = 1.0 - _alphas_cumprod
+        self._device_cache: Dict[Tuple[str, torch.device, torch.dtype], Tensor] = {}
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def linear(cls, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, *,
+               zero_terminal_snr: bool = False, prediction_type: str = "epsilon") -> "NoiseSchedule":
+        """DDPM's linear beta schedule (default 1e-4 -> 0.02 over 1000 steps)."""
+        _check_steps(num_timesteps)
+        betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+        return cls._finish(betas, zero_terminal_snr, prediction_type)
+
+    @classmethod
+    def scaled_linear(cls, num_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012, *,
+                      zero_terminal_snr: bool = False, prediction_type: str = "epsilon") -> "NoiseSchedule":
+        """Stable Diffusion's schedule: betas linear in sqrt(beta)."""
+        _check_steps(num_timesteps)
+        betas = torch.linspace(math.sqrt(beta_start), math.sqrt(beta_end), num_timesteps, dtype=torch.float64) ** 2
+        return cls._finish(betas, zero_terminal_snr, prediction_type)
+
+    @classmethod
+    def cosine(cls, num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999, *,
+               zero_terminal_snr: bool = False, prediction_type: str = "epsilon") -> "NoiseSchedule":
+        """The iDDPM cosine schedule (diffusers' ``squaredcos_cap_v2``), betas capped at ``max_beta``."""
+        _check_steps(num_timesteps)
+        steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+        f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+        betas = torch.clamp(1.0 - f[1:] / f[:-1], max=max_beta)
+        return cls._finish(betas, zero_terminal_snr, prediction_type)
+
+    @classmethod
+    def from_alphas_cumprod(cls, alphas_cumprod: Tensor, *, prediction_type: str = "epsilon") -> "NoiseSchedule":
+        """Any ``alphas_cumprod`` tensor, e.g. a diffusers scheduler's (possibly fp16/bf16: values that
+        rounded to exactly 1 give SNR = inf at those steps, which consumers handle explicitly)."""
+        abar = torch.as_tensor(alphas_cumprod).detach().to(device="cpu", dtype=torch.float64).clone()
+        if abar.dim() != 1 or abar.numel() < 1:
+            raise ValueError(f"alphas_cumprod must be a non-empty 1-D tensor, got shape {tuple(abar.shape)}")
+        if not torch.isfinite(abar).all() or (abar < 0).any() or (abar > 1).any():
+            raise ValueError("alphas_cumprod must be finite and lie in [0, 1]")
+        if (abar[1:] > abar[:-1]).any():
+            raise ValueError("alphas_cumprod must be non-increasing in t")
+        prev = torch.cat([abar.new_ones(1), abar[:-1]])
+        alphas = torch.where(prev > 0, abar / prev.clamp_min(torch.finfo(torch.float64).tiny), abar.new_zeros(()))
+        return cls(1.0 - alphas, prediction_type=prediction_type, _alphas_cumprod=abar)
+
+    @classmethod
+    def from_diffusers(cls, scheduler) -> "NoiseSchedule":
+        """Duck-typed on ``scheduler.alphas_cumprod`` and ``scheduler.config.prediction_type``."""
+        abar = getattr(scheduler, "alphas_cumprod", None)
+        if abar is None:
+            raise TypeError(f"scheduler must have an 'alphas_cumprod' tensor, got {type(scheduler).__name__}")
+        config = getattr(scheduler, "config", None)
+        prediction_type = getattr(config, "prediction_type", None) or "epsilon"
+        return cls.from_alphas_cumprod(abar, prediction_type=prediction_type)
+
+    @classmethod
+    def _finish(cls, betas: Tensor, zero_terminal_snr: bool, prediction_type: str) -> "NoiseSchedule":
+        schedule = cls(betas, prediction_type=prediction_type)
+        if zero_terminal_snr:
+            schedule = cls.from_alphas_cumprod(_rescale_zero_terminal_snr(schedule.alphas_cumprod),
+                                               prediction_type=prediction_type)
+        return schedule
+
+    # ------------------------------------------------------------------ derived quantities
+    @property
+    def num_timesteps(self) -> int:
+        return self.betas.numel()
+
+    def __len__(self) -> int:
+        return self.num_timesteps
+
+    @property
+    def sqrt_alphas_cumprod(self) -> Tensor:
+        return self.alphas_cumprod.sqrt()
+
+    @property
+    def sqrt_one_minus_alphas_cumprod(self) -> Tensor:
+        return self.one_minus_alphas_cumprod.sqrt()
+
+    @property
+    def snr(self) -> Tensor:
+        """abar / (1 - abar); inf where abar rounded to 1, 0 at zero terminal SNR."""
+        return self.alphas_cumprod / self.one_minus_alphas_cumprod
+
+    @property
+    def log_snr(self) -> Tensor:
+        """log SNR in float64, with explicit +-inf limits (never NaN)."""
+        return torch.log(self.alphas_cumprod) - torch.log(self.one_minus_alphas_cumprod)
+
+    @property
+    def sigmas(self) -> Tensor:
+        """The VE-equivalent noise level sqrt((1 - abar) / abar) (inf at zero terminal SNR)."""
+        return (self.one_minus_alphas_cumprod / self.alphas_cumprod).sqrt()
+
+    @property
+    def vlb_weight(self) -> Tensor:
+        """DDPM's VLB weight lambda_t = beta_t / (2 alpha_t (1 - abar_t)) (sigma_t^2 = beta_t).
+
+        It scales the epsilon mismatch ``delta_t = lambda_t ||eps_hat - eps||^2`` (DESIGN section 3):
+        0.5 at t = 0, about 0.010 at t = 100 for the linear schedule. beta is capped at 0.999 (the
+        iDDPM cap) so zero terminal SNR stays finite, and steps whose ``1 - abar`` rounded to 0 take
+        the t = 0 limit ``1 / (2 alpha_t)``.
+        """
+        betas = self.betas.clamp(max=0.999)
+        alphas = 1.0 - betas
+        one_minus = self.one_minus_alphas_cumprod
+        ratio = torch.where(one_minus > 0, betas / one_minus.clamp_min(torch.finfo(torch.float64).tiny),
+                            torch.ones_like(betas))
+        return ratio / (2.0 * alphas)
+
+    # ------------------------------------------------------------------ per-sample lookups
+    def gather(self, name: str, t: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``getattr(self, name)[t]`` on ``t``'s device, cast to ``dtype`` after the float64 lookup.
+
+        The table is copied to each device once and cached, so a training step has no host round-trip.
+        """
+        t = self.check_timesteps(t)
+        key = (name, t.device, dtype)
+        table = self._device_cache.get(key)
+        if table is None:
+            table = getattr(self, name).to(device=t.device, dtype=dtype)
+            self._device_cache[key] = table
+        return table[t]
+
+    def check_timesteps(self, t: Tensor, argument: str = "t") -> Tensor:
+        """Validate integer timesteps in [0, T). The range check needs no sync: on CPU it raises at
+        once; on an accelerator it is an asynchronous device assertion."""
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{argument} must be a tensor of integer timesteps, got {type(t).__name__}")
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"{argument} must hold integer timesteps (int32/int64), got dtype {t.dtype}")
+        if t.dim() != 1:
+            raise ValueError(f"{argument} must be a 1-D tensor of per-sample timesteps, got shape {tuple(t.shape)}")
+        if t.numel() == 0 or torch.compiler.is_compiling():  # compiled graphs keep the indexing bounds check
+            return t
+        if t.device.type == "cpu":
+            if int(t.min()) < 0 or int(t.max()) >= self.num_timesteps:
+                raise ValueError(f"{argument} must lie in [0, {self.num_timesteps}), got values in "
+                                 f"[{int(t.min())}, {int(t.max())}]")
+        else:
+            torch._assert_async(((t >= 0) & (t < self.num_timesteps)).all(),
+                                f"{argument} must lie in [0, {self.num_timesteps})")
+        return t
+
+    def _coefficient(self, name: str, t: Tensor, like: Tensor) -> Tensor:
+        coef = self.gather(name, t, dtype=torch.promote_types(like.dtype, torch.float32))
+        return coef.reshape(-1, *([1] * (like.dim() - 1)))
+
+    # ------------------------------------------------------------------ forward process
+    def sample_timesteps(self, batch_size: int, device=None, generator: Optional[torch.Generator] = None) -> Tensor:
+        """Uniform integer timesteps in [0, T)."""
+        return torch.randint(0, self.num_timesteps, (batch_size,), device=device, generator=generator)
+
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Optional[Tensor] = None) -> Tensor:
+        """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` (noise drawn if not given)."""
+        if noise is None:
+            noise = torch.randn_like(x0)
+        if noise.shape != x0.shape:
+            raise ValueError(f"noise must have the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}")
+        _check_batch(x0, t)
+        a = self._coefficient("sqrt_alphas_cumprod", t, x0)
+        s = self._coefficient("sqrt_one_minus_alphas_cumprod", t, x0)
+        return (a * x0 + s * noise).to(x0.dtype)
+
+    def velocity(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """The v-prediction target ``v = sqrt(abar) eps - sqrt(1 - abar) x0``."""
+        _check_batch(x0, t)
+        a = self._coefficient("sqrt_alphas_cumprod", t, x0)
+        s = self._coefficient("sqrt_one_minus_alphas_cumprod", t, x0)
+        return (a * noise - s * x0).to(x0.dtype)
+
+    def training_target(self, x0: Tensor, noise: Tensor, t: Tensor, prediction_type: Optional[str] = None) -> Tensor:
+        """What the model should predict for ``prediction_type`` (defaults to the schedule's)."""
+        kind = canonical_prediction_type(prediction_type or self.prediction_type)
+        if kind == "epsilon":
+            return noise
+        if kind == "sample":
+            return x0
+        return self.velocity(x0, noise, t)
+
+    def __repr__(self) -> str:
+        return (f"NoiseSchedule(T={self.num_timesteps}, abar[0]={self.alphas_cumprod[0].item():.6g}, "
+                f"abar[T-1]={self.alphas_cumprod[-1].item():.6g}, prediction_type={self.prediction_type!r})")
+
+
+def _check_steps(num_timesteps: int) -> None:
+    if int(num_timesteps) != num_timesteps or num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be a positive integer, got {num_timesteps!r}")
+
+
+def _check_batch(x: Tensor, t: Tensor) -> None:
+    if x.dim() < 1 or t.dim() != 1 or x.shape[0] != t.shape[0]:
+        raise ValueError(f"t must have one timestep per sample: x has batch {tuple(x.shape[:1])}, "
+                         f"t has shape {tuple(t.shape)}")
+
+
+def _rescale_zero_terminal_snr(alphas_cumprod: Tensor) -> Tensor:
+    """Lin et al. 2023: shift and scale sqrt(abar) so the last step has SNR exactly 0."""
+    root = alphas_cumprod.sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    return root ** 2

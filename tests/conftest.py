@@ -1,0 +1,21 @@
+"""Shared pytest setup: tests/ on sys.path (for the float64 references) and device parametrisation."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+#: Devices every operator test runs on: CPU always, CUDA when a GPU and a CUDA build are present.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: compiles or trains; still part of CI")
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)

@@ -1,0 +1,352 @@
+"""The loss operators against float64 references: values, gradients, dtypes, layouts, registration
+(opcheck, torch.compile, TorchScript), determinism and error messages."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import robust_diffusion as rd
+from loss_reference import CASE_IDS, loss_cases, reference
+
+OPS = torch.ops.robust_diffusion
+SHAPES = [(1, 7), (5, 3, 11, 13), (4, 1), (3, 40001)]  # B = 1, odd sizes, D = 1, several CPU chunks
+REDUCTIONS = ["mean", "sum", "none"]
+
+
+def make_inputs(shape, seed, dtype=torch.float64, device="cpu", spread=1.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * spread
+    y = torch.randn(shape, generator=g, dtype=torch.float64) * spread
+    scale = torch.rand(shape[0], generator=g, dtype=torch.float64) * 2
+    weight = torch.rand(shape[0], generator=g, dtype=torch.float64) + 0.5
+    return x.to(device, dtype), y.to(device, dtype), scale.to(device), weight.to(device)
+
+
+def case_for(case_id, batch, seed=0):
+    cases = loss_cases(batch, torch.Generator().manual_seed(seed))
+    return next(c for c in cases if c.id == case_id)
+
+
+def call(case, x, y, scale, weight=None, dim_reduction="mean", reduction="mean"):
+    params = tuple(p.to(x.device) if isinstance(p, torch.Tensor) else p for p in case.params)
+    return getattr(OPS, case.op)(x, y, scale, weight, dim_reduction, reduction, *params)
+
+
+# --------------------------------------------------------------------------- values
+@pytest.mark.parametrize("case_id", CASE_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dim_reduction", ["mean", "sum"])
+def test_forward_matches_float64_reference(case_id, shape, dim_reduction, device):
+    x, y, scale, weight = make_inputs(shape, seed=1, device=device)
+    case = case_for(case_id, shape[0])
+    if dim_reduction == "sum":
+        scale = scale / x[0].numel()  # keep delta in the interesting range
+    for reduction in REDUCTIONS:
+        loss, R, w = call(case, x, y, scale, weight, dim_reduction, reduction)
+        ref_loss, ref_R, ref_w = reference(case, x.cpu(), y.cpu(), scale.cpu(), weight.cpu(), dim_reduction, reduction)
+        torch.testing.assert_close(loss.cpu(), ref_loss, rtol=1e-7, atol=1e-12)
+        torch.testing.assert_close(R.cpu(), ref_R, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(w.cpu(), ref_w, rtol=1e-7, atol=1e-12)
+
+
+def test_kl_and_huber_equal_pytorch_losses():
+    x, y = torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8)
+    assert rd.kl_loss(x, y).item() == pytest.approx(F.mse_loss(x, y).item(), rel=1e-6)
+    assert rd.huber_loss(x, y, delta=0.5).item() == pytest.approx(F.huber_loss(x, y, delta=0.5).item(), rel=1e-6)
+    a = x.clone().requires_grad_()
+    rd.kl_loss(a, y).backward()
+    b = x.clone().requires_grad_()
+    F.mse_loss(b, y).backward()
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+# Tolerances of low-precision inputs against the float64 reference of the *rounded* inputs: the
+# kernels accumulate in float32, so the error is float32 accumulation, not the storage format.
+LOW_PRECISION_TOL = {torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case_id", ["kl", "hellinger", "ned", "huber", "pseudo_huber-huber", "clipped-element"])
+def test_low_precision_inputs(dtype, case_id, device):
+    x, y, scale, weight = make_inputs((4, 3, 17, 19), seed=2, device=device)
+    x, y = x.to(dtype), y.to(dtype)
+    case = case_for(case_id, 4)
+    loss, R, w = call(case, x, y, scale, weight, "mean", "none")
+    assert loss.dtype == R.dtype == w.dtype == torch.float32
+    ref_loss, ref_R, ref_w = reference(case, x.double().cpu(), y.double().cpu(), scale.cpu(), weight.cpu(), "mean", "none")
+    tol = LOW_PRECISION_TOL[dtype]
+    torch.testing.assert_close(loss.double().cpu(), ref_loss, rtol=tol, atol=tol)
+    torch.testing.assert_close(w.double().cpu(), ref_w, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision_input_with_float32_target(dtype, device):
+    x, y, scale, _ = make_inputs((4, 3, 8, 8), seed=3, device=device)
+    xl, yf = x.to(dtype).requires_grad_(), y.float()
+    case = case_for("hellinger", 4)
+    loss, _, w = call(case, xl, yf, scale.float())
+    ref_loss, _, ref_w = reference(case, xl.detach().double().cpu(), yf.double().cpu(), scale.cpu())
+    torch.testing.assert_close(loss.double().cpu(), ref_loss, rtol=2e-5, atol=1e-6)
+    loss.backward()
+    assert xl.grad.dtype == dtype
+    xr = xl.detach().double().requires_grad_()
+    reference(case, xr, yf.double(), scale.double())[0].backward()
+    torch.testing.assert_close(xl.grad.double().cpu(), xr.grad.cpu(), rtol=1e-2, atol=1e-4)
+
+
+def test_mixed_float32_input_float64_target_is_promoted():
+    x, y, scale, _ = make_inputs((3, 5), seed=4)
+    loss, _, _ = call(case_for("ned", 3), x.float(), y, scale)
+    assert loss.dtype == torch.float64
+
+
+def test_non_contiguous_inputs(device):
+    x, y, scale, weight = make_inputs((6, 4, 10, 12), seed=5, device=device)
+    xt, yt = x.transpose(2, 3), y.transpose(2, 3)  # same shape as each other, strided
+    assert not xt.is_contiguous()
+    case = case_for("alpha", 6)
+    for a, b in ((xt, yt), (x[:, ::2], y[:, ::2]), (x[..., 1:], y[..., 1:])):
+        got = call(case, a, b, scale, weight, "mean", "none")[0]
+        torch.testing.assert_close(got, call(case, a.contiguous(), b.contiguous(), scale, weight, "mean", "none")[0],
+                                   rtol=0, atol=0)
+        a = a.clone().requires_grad_()
+        call(case, a, b, scale, weight)[0].backward()
+        ref = a.detach().clone().requires_grad_()
+        reference(case, ref, b, scale, weight)[0].backward()
+        torch.testing.assert_close(a.grad, ref.grad)
+
+
+# --------------------------------------------------------------------------- gradients
+@pytest.mark.parametrize("case_id", CASE_IDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gradcheck(case_id, reduction):
+    for seed in (0, 1):
+        x, y, scale, weight = make_inputs((3, 2, 5), seed=seed)
+        case = case_for(case_id, 3, seed)
+        if case.kind == "clipped_mse" and case.params[1] == "sample":
+            scale = scale * 0.3  # keep samples away from the kink at tau, where the derivative jumps
+        if case.kind == "chi2":
+            scale = scale * 0.1  # w = exp(2 delta) grows too fast for finite differences otherwise
+        x.requires_grad_()
+        y.requires_grad_()
+        assert torch.autograd.gradcheck(lambda a, b: call(case, a, b, scale, weight, "mean", reduction)[0], (x, y))
+
+
+def test_target_gradient_only(device):
+    x, y, scale, _ = make_inputs((2, 9), seed=6, device=device)
+    y.requires_grad_()
+    case = case_for("ned", 2)
+    call(case, x, y, scale)[0].backward()
+    yr = y.detach().clone().requires_grad_()
+    reference(case, x, yr, scale)[0].backward()
+    torch.testing.assert_close(y.grad, yr.grad)
+
+
+def test_gradient_matches_weighted_mse_gradient():
+    """DESIGN section 3: the divergence gradient is w(delta) times the MSE gradient, per sample."""
+    x, y, scale, _ = make_inputs((5, 3, 4, 4), seed=7)
+    x.requires_grad_()
+    loss, _, w = OPS.ned_loss(x, y, scale, None, "mean", "none")
+    loss.sum().backward()
+    expected = w.reshape(-1, 1, 1, 1) * scale.reshape(-1, 1, 1, 1) * 2 * (x - y).detach() / x[0].numel()
+    torch.testing.assert_close(x.grad, expected)
+
+
+def test_double_backward_raises():
+    x, y, scale, _ = make_inputs((2, 3), seed=8)
+    x.requires_grad_()
+    (g,) = torch.autograd.grad(OPS.hellinger_loss(x, y, scale, None, "mean", "mean")[0], x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward .* not supported"):
+        g.sum().backward()
+
+
+def test_nan_propagates():
+    x, y, scale, _ = make_inputs((3, 4), seed=9)
+    x[1, 2] = float("nan")
+    x.requires_grad_()
+    loss, _, w = OPS.hellinger_loss(x, y, scale, None, "mean", "none")
+    assert torch.isnan(loss[1]) and torch.isnan(w[1]) and torch.isfinite(loss[[0, 2]]).all()
+    loss.sum().backward()
+    assert torch.isnan(x.grad[1]).all() and torch.isfinite(x.grad[[0, 2]]).all()
+
+
+# --------------------------------------------------------------------------- registration
+@pytest.mark.parametrize("case_id", CASE_IDS)
+def test_opcheck(case_id, device):
+    x, y, scale, weight = make_inputs((3, 2, 5), seed=10, dtype=torch.float32, device=device)
+    case = case_for(case_id, 3)
+    params = tuple(p.float().to(device) if isinstance(p, torch.Tensor) else p for p in case.params)
+    op = getattr(OPS, case.op).default
+    for requires_grad in (False, True):
+        a = x.clone().requires_grad_(requires_grad)
+        for reduction, w in (("mean", weight.float()), ("none", None)):
+            torch.library.opcheck(op, (a, y, scale.float(), w, "mean", reduction, *params))
+    influence = call(case, x, y, scale.float())[2]
+    backward = getattr(OPS, case.op + "_backward").default
+    torch.library.opcheck(backward, (torch.tensor(1.0, device=device), x, y, scale.float(), None, influence, "mean",
+                                     "mean", *params))
+
+
+def test_registered_operators():
+    for name in rd.ops.LOSS_OPS:
+        assert hasattr(OPS, name) and hasattr(OPS, name + "_backward")
+        schema = str(getattr(OPS, name).default._schema)
+        assert "Tensor input, Tensor target, Tensor scale, Tensor? weight" in schema
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_fn", [rd.hellinger_loss, rd.ned_loss], ids=lambda f: f.__name__)
+def test_torch_compile_fullgraph_dynamic(loss_fn):
+    torch._dynamo.reset()
+
+    def step(x, y, t):
+        x = x * 1.0  # something to fuse around the operator
+        return loss_fn(x, y, t, scale=0.7, reduction="mean")
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True)
+    for shape in ((4, 3, 8, 8), (7, 3, 8, 8)):
+        x, y = torch.randn(shape, requires_grad=True), torch.randn(shape)
+        t = torch.randint(0, 1000, (shape[0],))
+        eager = step(x, y, t)
+        (ge,) = torch.autograd.grad(eager, x)
+        got = compiled(x, y, t)
+        (gc,) = torch.autograd.grad(got, x)
+        torch.testing.assert_close(got, eager)
+        torch.testing.assert_close(gc, ge)
+
+
+class ScriptedLoss(torch.nn.Module):
+    def forward(self, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        loss = torch.ops.robust_diffusion.hellinger_loss(x, y, scale, None, "mean", "mean")[0]
+        return loss + torch.ops.robust_diffusion.alpha_loss(x, y, scale, None, "sum", "mean", 0.3)[0]
+
+
+def test_torchscript_script_save_load():
+    module = torch.jit.script(ScriptedLoss())
+    buffer = io.BytesIO()
+    torch.jit.save(module, buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    x, y, scale, _ = make_inputs((3, 4, 5), seed=11, dtype=torch.float32)
+    scale = scale.float()
+    torch.testing.assert_close(loaded(x, y, scale), ScriptedLoss()(x, y, scale))
+
+
+def test_torch_export():
+    class Module(torch.nn.Module):
+        def forward(self, x, y, scale):
+            return torch.ops.robust_diffusion.ned_loss(x, y, scale, None, "mean", "none")[0]
+
+    x, y, scale, _ = make_inputs((3, 4, 5), seed=12, dtype=torch.float32)
+    exported = torch.export.export(Module(), (x, y, scale.float()))
+    assert any("robust_diffusion.ned_loss" in str(n.target) for n in exported.graph.nodes)
+    torch.testing.assert_close(exported.module()(x, y, scale.float()), Module()(x, y, scale.float()))
+
+
+# --------------------------------------------------------------------------- determinism
+def test_bitwise_deterministic_across_runs_and_threads(device):
+    x, y, scale, weight = make_inputs((6, 70001), seed=13, dtype=torch.float32, device=device)
+    scale = scale.float()
+    threads = torch.get_num_threads()
+
+    def run():
+        a = x.clone().requires_grad_()
+        loss = OPS.ned_loss(a, y, scale, weight.float(), "sum", "mean")[0] * 1e-4
+        loss.backward()
+        return loss.detach(), a.grad
+
+    first = run()
+    try:
+        torch.set_num_threads(1)
+        single = run()
+    finally:
+        torch.set_num_threads(threads)
+    again = run()
+    for a, b in ((first, again), (first, single)):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# --------------------------------------------------------------------------- the Python API
+def test_headline_call():
+    e = torch.randn(8, 3, 32, 32, requires_grad=True)
+    loss = rd.hellinger_loss(e, torch.randn(8, 3, 32, 32), torch.randint(0, 1000, (8,)))
+    loss.backward()
+    assert loss.dim() == 0 and e.grad.shape == e.shape
+
+
+def test_vlb_scale_uses_the_schedule():
+    schedule = rd.NoiseSchedule.linear()
+    x, y = torch.randn(4, 3, 4, 4), torch.randn(4, 3, 4, 4)
+    t = torch.tensor([0, 100, 500, 999])
+    got = rd.influence_weights(x, y, t, divergence="hellinger", scale="vlb", dim_reduction="sum")
+    lam = schedule.vlb_weight[t]
+    expected = torch.exp(-lam * ((x - y).double() ** 2).sum((1, 2, 3)) / 4)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-30)
+    assert lam[0].item() == pytest.approx(0.5, rel=1e-3) and lam[1].item() == pytest.approx(0.010, rel=2e-2)
+
+
+def test_influence_weights_down_weight_outliers():
+    x = torch.randn(16, 1, 8, 8)
+    y = x + 0.3 * torch.randn_like(x)
+    y[:4] += 3 * torch.randn(4, 1, 8, 8)  # four outliers
+    w = rd.influence_weights(x, y, divergence="ned")
+    assert w[:4].max() < 0.01 and w[4:].min() > 0.85
+
+
+def test_python_api_scale_weight_and_divergence_params():
+    x, y = torch.randn(3, 10, dtype=torch.float64), torch.randn(3, 10, dtype=torch.float64)
+    scale = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    weight = torch.tensor([1.0, 0.0, 3.0], dtype=torch.float64)
+    got = rd.alpha_loss(x, y, alpha=0.25, scale=scale, weight=weight, reduction="none")
+    kappa = 0.25 * 0.75
+    expected = weight * -torch.expm1(-kappa * scale * ((x - y) ** 2).mean(1)) / kappa
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(rd.divergence_loss("alpha", x, y, alpha=0.25, scale=scale, weight=weight,
+                                                  reduction="none"), got)
+
+
+# --------------------------------------------------------------------------- errors
+BAD_CALLS = [
+    (lambda x, y, t: rd.hellinger_loss(x, y[:, :2]), ValueError, r"target must have the shape of input"),
+    (lambda x, y, t: rd.hellinger_loss(x, y.to(torch.int64)), TypeError, r"target must be float32"),
+    (lambda x, y, t: rd.hellinger_loss(x, y, t.float()), TypeError, r"t must hold integer timesteps"),
+    (lambda x, y, t: rd.hellinger_loss(x, y, t + 1000), ValueError, r"t must lie in \[0, 1000\)"),
+    (lambda x, y, t: rd.hellinger_loss(x, y, t[:2]), ValueError, r"t must be a 1-D tensor with one timestep per sample"),
+    (lambda x, y, t: rd.hellinger_loss(x, y, scale=torch.ones(2)), ValueError, r"scale must be a float or have one value per sample"),
+    (lambda x, y, t: rd.hellinger_loss(x, y, scale=-1.0), ValueError, r"scale must be non-negative"),
+    (lambda x, y, t: rd.hellinger_loss(x, y, scale="adaptive"), ValueError, r"adaptive scale needs running state"),
+    (lambda x, y, t: rd.hellinger_loss(x, y, scale="vlb"), ValueError, r"scale='vlb' needs the timesteps t"),
+    (lambda x, y, t: rd.hellinger_loss(x, y, weight=torch.ones(5)), ValueError, r"weight must be a float or have one value per sample"),
+    (lambda x, y, t: rd.alpha_loss(x, y, alpha=1.0), ValueError, r"alpha must lie in the open interval \(0, 1\)"),
+    (lambda x, y, t: rd.hellinger_loss(x, y, reduction="avg"), ValueError, r"reduction must be 'mean', 'sum' or 'none'"),
+    (lambda x, y, t: rd.hellinger_loss(x, y, dim_reduction="max"), ValueError, r"dim_reduction must be 'sum' or 'mean'"),
+    (lambda x, y, t: rd.hellinger_loss(x[:0], y[:0]), ValueError, r"input has an empty batch"),
+    (lambda x, y, t: rd.hellinger_loss(x[0, 0, 0, 0], y[0, 0, 0, 0]), ValueError, r"leading batch dimension"),
+    (lambda x, y, t: rd.huber_loss(x, y, delta=0.0), ValueError, r"delta must be positive"),
+    (lambda x, y, t: rd.pseudo_huber_loss(x, y, c=-0.1), ValueError, r"c must be positive"),
+    (lambda x, y, t: rd.pseudo_huber_loss(x, y, form="l1"), ValueError, r"form must be 'huber' or 'smooth_l1'"),
+    (lambda x, y, t: rd.clipped_mse_loss(x, y, tau=1.0, mode="row"), ValueError, r"mode must be 'sample' or 'element'"),
+    (lambda x, y, t: rd.divergence_loss("kullback", x, y), ValueError, r"divergence must be one of"),
+]
+
+
+@pytest.mark.parametrize("bad_call, error, message", BAD_CALLS, ids=[m for _, _, m in BAD_CALLS])
+def test_bad_input_messages(bad_call, error, message):
+    x, y, t = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2), torch.randint(0, 1000, (4,))
+    with pytest.raises(error, match=message):
+        bad_call(x, y, t)
+
+
+def test_operator_level_errors_name_the_argument():
+    x, y = torch.randn(4, 3), torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"hellinger_loss: scale must have one value per sample, shape \[4\]"):
+        OPS.hellinger_loss(x, y, torch.ones(3), None, "mean", "mean")
+    with pytest.raises(ValueError, match=r"ned_loss: influence must have shape \[4\]"):
+        OPS.ned_loss_backward(torch.tensor(1.0), x, y, torch.ones(4), None, torch.ones(2), "mean", "mean")
+    with pytest.raises(ValueError, match=r"grad_loss must have shape \[4\] for reduction='none'"):
+        OPS.kl_loss_backward(torch.tensor(1.0), x, y, torch.ones(4), None, torch.ones(4), "mean", "none")
