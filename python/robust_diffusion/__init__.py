@@ -26,13 +26,14 @@ from .functional import (
     pseudo_huber_loss,
     tv_loss,
 )
+from .robust_loss import LOSSES, RobustDiffusionLoss
 from .schedules import NoiseSchedule
 from .weighting import loss_weights, pseudo_huber_c, weight_table
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DIVERGENCES", "NoiseSchedule", "alpha_loss", "chi2_loss", "clipped_mse_loss", "default_schedule",
+    "DIVERGENCES", "LOSSES", "NoiseSchedule", "RobustDiffusionLoss", "alpha_loss", "chi2_loss", "clipped_mse_loss", "default_schedule",
     "divergence_loss", "hellinger_loss", "huber_loss", "influence_weights", "js_loss", "kl_loss", "lecam_loss",
     "loss_weights", "ned_loss", "ops", "pseudo_huber_c", "pseudo_huber_loss", "tv_loss", "weight_table",
 ]

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from . import ops
 from .schedules import NoiseSchedule
+from .weighting import pseudo_huber_c
 
 __all__ = [
     "DIVERGENCES", "divergence_loss", "influence_weights",
@@ -203,15 +204,20 @@ def huber_loss(input: Tensor, target: Tensor, t: Optional[Tensor] = None, *, del
 
 
 def pseudo_huber_loss(input: Tensor, target: Tensor, t: Optional[Tensor] = None, *, c: Union[float, Tensor] = 0.1,
-                      form: str = "huber", schedule: Optional[NoiseSchedule] = None, scale: Scale = 1.0,
-                      dim_reduction: str = "mean", weight: Optional[Tensor] = None,
+                      c_schedule: Optional[str] = None, form: str = "huber", schedule: Optional[NoiseSchedule] = None,
+                      scale: Scale = 1.0, dim_reduction: str = "mean", weight: Optional[Tensor] = None,
                       reduction: str = "mean") -> Tensor:
     """diffusers' pseudo-Huber: ``form="huber"`` is 2c (sqrt(r^2 + c^2) - c), ``form="smooth_l1"`` is
-    2 (sqrt(r^2 + c^2) - c). ``c`` is a float or a per-sample tensor [B] (see
-    :func:`robust_diffusion.pseudo_huber_c` for diffusers' constant / exponential / snr schedules)."""
+    2 (sqrt(r^2 + c^2) - c). ``c`` is a float or a per-sample tensor [B]. With ``c_schedule`` (diffusers'
+    ``huber_schedule``: ``"constant"``, ``"exponential"`` or ``"snr"``, its default) the float ``c`` is
+    turned into per-sample values from ``t`` on the device (:func:`robust_diffusion.pseudo_huber_c`)."""
     batch = _check_pair("pseudo_huber_loss", input, target)
     if not isinstance(c, Tensor) and not (isinstance(c, (int, float)) and c > 0):
         raise ValueError(f"pseudo_huber_loss: c must be positive, got {c!r}")
+    if c_schedule is not None:
+        if t is None or isinstance(c, Tensor):
+            raise ValueError("pseudo_huber_loss: c_schedule needs the timesteps t and a float c")
+        c = pseudo_huber_c(schedule or default_schedule(), t, float(c), c_schedule)
     c_b = _per_sample("pseudo_huber_loss", "c", c, batch, input.device)
     return _divergence("pseudo_huber_loss", input, target, t, schedule, scale, dim_reduction, weight, reduction,
                        c_b, form)

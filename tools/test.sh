@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The README's test command, and what CI runs (.ci/run). Installs everything the tests need on a fresh
+# machine (Debian packages, torch and the test dependencies from PyPI), builds and installs the
+# extension against that torch (CUDA kernels too when nvcc is present: a CUDA compile error fails here
+# even without a GPU), then runs the Python tests and the C++ (Catch2 / ctest) tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export DEBIAN_FRONTEND=noninteractive MAX_JOBS="${MAX_JOBS:-2}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0+PTX}"
+SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends catch2 dataset-fashion-mnist cmake g++ >/dev/null
+
+python3 -m pip install -q --upgrade pip
+python3 -m pip install -q torch setuptools wheel ninja
+python3 -m pip install -q --no-build-isolation ".[test]"
+python3 -c "import torch, robust_diffusion; print('torch', torch.__version__, '| CUDA kernels built:', \
+hasattr(torch.ops.robust_diffusion.kl_loss, 'default') and torch._C._dispatch_has_kernel_for_dispatch_key('robust_diffusion::kl_loss', 'CUDA'))"
+
+python3 -m pytest tests -q -p no:cacheprovider
+
+cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build build/cmake -j"$MAX_JOBS"
+ctest --test-dir build/cmake --output-on-failure
