@@ -195,7 +195,7 @@ class RobustDiffusionLoss(nn.Module):
         with torch.no_grad():
             penalty = self._call(input.detach(), target.detach(), torch.ones_like(c), None, c, "none")[1]
             medians = self._bucket_medians(penalty, t)
-            fallback = torch.nanmedian(medians) if torch.isfinite(medians).any() else penalty.median()
+            fallback = torch.nanmedian(medians)  # a non-empty batch fills at least one bucket
             self.bucket_penalty.copy_(torch.where(torch.isnan(medians), fallback, medians).clamp_min(1e-12))
             self.initialized.fill_(True)
         self._seeded = True
