@@ -140,7 +140,7 @@ def test_gradcheck(case_id, reduction):
 def test_target_gradient_only(device):
     x, y, scale, _ = make_inputs((2, 9), seed=6, device=device)
     y.requires_grad_()
-    case = case_for("ned", 2)
+    case = case_for("alpha", 2)  # closed form: the reference is differentiable
     call(case, x, y, scale)[0].backward()
     yr = y.detach().clone().requires_grad_()
     reference(case, x, yr, scale)[0].backward()
@@ -293,7 +293,7 @@ def test_vlb_scale_uses_the_schedule():
 def test_influence_weights_down_weight_outliers():
     x = torch.randn(16, 1, 8, 8)
     y = x + 0.3 * torch.randn_like(x)
-    y[:4] += 3 * torch.randn(4, 1, 8, 8)  # four outliers
+    y[:4] += 5 * torch.randn(4, 1, 8, 8)  # four outliers: delta ~ 25, NED w ~ 1e-3
     w = rd.influence_weights(x, y, divergence="ned")
     assert w[:4].max() < 0.01 and w[4:].min() > 0.85
 
