@@ -4,6 +4,9 @@
 #pragma once
 
 #include <c10/util/Metaprogramming.h>
+#include <torch/library.h>
+
+#include <string>
 
 #include "losses.h"
 
@@ -45,5 +48,15 @@ struct LossOps<Loss, c10::guts::typelist::typelist<P...>> {
     return grad.to(in.input_dtype);
   }
 };
+
+// Registers one backend's kernels for every loss operator and its backward (TORCH_LIBRARY_IMPL body).
+template <ForwardKernel forward_kernel, BackwardKernel backward_kernel>
+void register_loss_kernels(torch::Library& m) {
+  losses::for_each_loss([&](auto loss) {
+    using Loss = decltype(loss);
+    m.impl(Loss::name, &LossOps<Loss>::template forward<forward_kernel>);
+    m.impl((std::string(Loss::name) + "_backward").c_str(), &LossOps<Loss>::template backward<backward_kernel>);
+  });
+}
 
 }  // namespace robust_diffusion

@@ -187,12 +187,6 @@ at::Tensor loss_backward_cpu(const LossSpec& spec, const LossInputs& in, const a
   return grad_input;
 }
 
-TORCH_LIBRARY_IMPL(robust_diffusion, CPU, m) {
-  losses::for_each_loss([&](auto loss) {
-    using Loss = decltype(loss);
-    m.impl(Loss::name, &LossOps<Loss>::template forward<&loss_forward_cpu>);
-    m.impl((std::string(Loss::name) + "_backward").c_str(), &LossOps<Loss>::template backward<&loss_backward_cpu>);
-  });
-}
+TORCH_LIBRARY_IMPL(robust_diffusion, CPU, m) { register_loss_kernels<&loss_forward_cpu, &loss_backward_cpu>(m); }
 
 }  // namespace robust_diffusion

@@ -220,12 +220,6 @@ at::Tensor loss_backward_cuda(const LossSpec& spec, const LossInputs& in, const 
   return grad_input;
 }
 
-TORCH_LIBRARY_IMPL(robust_diffusion, CUDA, m) {
-  losses::for_each_loss([&](auto loss) {
-    using Loss = decltype(loss);
-    m.impl(Loss::name, &LossOps<Loss>::template forward<&loss_forward_cuda>);
-    m.impl((std::string(Loss::name) + "_backward").c_str(), &LossOps<Loss>::template backward<&loss_backward_cuda>);
-  });
-}
+TORCH_LIBRARY_IMPL(robust_diffusion, CUDA, m) { register_loss_kernels<&loss_forward_cuda, &loss_backward_cuda>(m); }
 
 }  // namespace robust_diffusion
