@@ -27,6 +27,8 @@ from .functional import (
     tv_loss,
 )
 from .robust_loss import LOSSES, RobustDiffusionLoss
+from . import risk
+from .risk import risk_free_loss, risk_noising
 from .schedules import NoiseSchedule
 from .weighting import loss_weights, pseudo_huber_c, weight_table
 
@@ -35,5 +37,5 @@ __version__ = "0.1.0"
 __all__ = [
     "DIVERGENCES", "LOSSES", "NoiseSchedule", "RobustDiffusionLoss", "alpha_loss", "chi2_loss", "clipped_mse_loss", "default_schedule",
     "divergence_loss", "hellinger_loss", "huber_loss", "influence_weights", "js_loss", "kl_loss", "lecam_loss",
-    "loss_weights", "ned_loss", "ops", "pseudo_huber_c", "pseudo_huber_loss", "tv_loss", "weight_table",
+    "loss_weights", "ned_loss", "ops", "pseudo_huber_c", "pseudo_huber_loss", "risk", "risk_free_loss", "risk_noising", "tv_loss", "weight_table",
 ]

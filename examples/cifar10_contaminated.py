@@ -1,0 +1,425 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Robust diffusion training on contaminated data
+#
+# A fraction *p* of the training images is replaced by outliers (Huber's epsilon-contamination,
+# DESIGN section 7): uniform noise images (`--kind noise`), images with heavy Gaussian noise
+# (`--kind gaussian`) or images of another distribution (`--kind dataset`). We train **the same DDPM**
+# (same initial weights, data order and diffusion noise) with several losses, all through
+# `robust_diffusion.RobustDiffusionLoss`:
+#
+# | loss | what it does to a sample with a large denoising error |
+# |---|---|
+# | `kl` | plain MSE: full weight, whatever the error |
+# | `hellinger` | per-sample influence weight `exp(-delta/4)` |
+# | `ned` | negative exponential disparity: weight falls fastest |
+# | `huber` | per-element Huber: caps each pixel's gradient, not the sample's |
+# | `clipped_mse` | drops samples whose error exceeds `tau` times the typical one |
+#
+# `<loss>+debias` adds the 1/sqrt(SNR) timestep weighting of Yu et al.; `<loss>+risk_free` trains with the
+# risk-free loss of risk-sensitive diffusion (Li et al.), which uses each sample's known noise level and so
+# applies to `--kind gaussian` (e.g. `--kind gaussian --losses kl kl+risk_free ned`).
+#
+# Then we sample with DDIM and measure
+#
+# * the **Frechet distance** between generated and clean test images in the feature space of a small CNN
+#   trained on the clean data (`robust_diffusion.metrics.FeatureClassifier`; no Inception weights needed);
+# * the **fraction of contaminant-like samples**, judged by the same CNN architecture trained to tell clean from
+#   contaminated training images;
+# * the **AUROC** of a training sample's average influence weight as a detector of contaminated samples
+#   (0.5 = no information; plain MSE gives every sample weight 1).
+#
+# Run it as a script (`python examples/cifar10_contaminated.py --dataset fashion-mnist --preset quick`) or as a
+# notebook (`jupytext --to notebook examples/cifar10_contaminated.py`). In a notebook, command-line options can
+# be given in the environment variable `RD_EXAMPLE_ARGS`. The Fashion-MNIST `quick` preset (the default) runs
+# on a 2-core CPU in about 10 minutes; the `full` presets are for a GPU.
+
+# %%
+import argparse
+import csv
+import math
+import os
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+# OpenMP threads that busy-wait at barriers slow CPU training 5-10x when other processes share the cores;
+# passive waiting costs nothing on an idle machine. (Read when torch starts its thread pool: set it first.)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
+
+import robust_diffusion as rd  # noqa: E402
+from robust_diffusion import metrics  # noqa: E402
+from robust_diffusion.data import CONTAMINATION_KINDS  # noqa: E402
+from robust_diffusion.export import export_model  # noqa: E402
+from robust_diffusion.sampling import ddim_sample  # noqa: E402
+from robust_diffusion.train import (DATASETS, build_loss, build_model, load_experiment_data,  # noqa: E402
+                                    loss_settings, parse_loss_spec, parse_scale)
+from robust_diffusion.training import TrainConfig, Trainer, read_log  # noqa: E402
+
+IN_JUPYTER = "ipykernel" in sys.modules or sys.argv[0].endswith("ipykernel_launcher.py")
+if not IN_JUPYTER:
+    import matplotlib
+    matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+START = time.perf_counter()
+
+# %% [markdown]
+# ## Settings
+#
+# A preset fixes the model, the training length and the evaluation sizes for a dataset; any option given
+# on the command line overrides it. `quick` on Fashion-MNIST is sized for a 2-core CPU: a 0.27M-parameter
+# UNet (no attention), 28x28 images, a 2,400-image training subset.
+
+# %%
+PRESETS = {
+    ("fashion-mnist", "quick"): dict(
+        model="quick", model_overrides=dict(attention_levels=()), image_size=28, num_train=2400, steps=250,
+        batch_size=32, lr=2e-3, warmup_steps=20, ema_decay=0.995, samples=200, ddim_steps=10, reference=2000,
+        classifier_train=10000, classifier_epochs=1, detector_train=2400, threads=None),
+    # A seconds-long run that exercises every cell (the tests use it); its numbers mean nothing.
+    ("fashion-mnist", "smoke"): dict(
+        model="micro", model_overrides={}, image_size=28, num_train=128, steps=3, batch_size=16, lr=1e-3,
+        warmup_steps=0, ema_decay=0.9, samples=16, ddim_steps=2, reference=256, classifier_train=512,
+        classifier_epochs=1, detector_train=128, threads=None),
+    ("fashion-mnist", "full"): dict(
+        model="small", model_overrides={}, image_size=32, num_train=None, steps=20000, batch_size=128, lr=2e-4,
+        warmup_steps=500, ema_decay=0.9995, samples=10000, ddim_steps=100, reference=10000,
+        classifier_train=None, classifier_epochs=2, detector_train=20000, threads=None),
+    ("cifar10", "quick"): dict(
+        model="tiny", model_overrides={}, image_size=32, num_train=10000, steps=2000, batch_size=64, lr=1e-3,
+        warmup_steps=100, ema_decay=0.999, samples=1000, ddim_steps=25, reference=2000,
+        classifier_train=20000, classifier_epochs=2, detector_train=10000, threads=None),
+    ("cifar10", "full"): dict(
+        model="ddpm_cifar10", model_overrides={}, image_size=32, num_train=None, steps=100000, batch_size=128,
+        lr=2e-4, warmup_steps=5000, ema_decay=0.9999, samples=10000, ddim_steps=100, reference=10000,
+        classifier_train=None, classifier_epochs=10, detector_train=20000, threads=None),
+}
+DEFAULT_LOSSES = ["kl", "hellinger", "ned", "huber", "clipped_mse"]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Train one DDPM per loss on contaminated data and compare them.")
+    parser.add_argument("--dataset", choices=DATASETS, default="fashion-mnist")
+    parser.add_argument("--data-root", default=None, help="dataset directory (required for CIFAR-10)")
+    parser.add_argument("--contamination", type=float, default=0.3, help="contaminated fraction p in [0, 1)")
+    parser.add_argument("--kind", choices=CONTAMINATION_KINDS, default="noise")
+    parser.add_argument("--losses", nargs="+", default=DEFAULT_LOSSES,
+                        help="loss names, optionally +weighting (e.g. ned+debias)")
+    parser.add_argument("--preset", choices=("quick", "full", "smoke"), default="quick",
+                        help="quick: minutes on a CPU; full: a GPU run; smoke: seconds, for tests")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per loss (default: preset)")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--num-train", type=int, default=None, help="training images (default: preset)")
+    parser.add_argument("--samples", type=int, default=None, help="generated samples per loss (default: preset)")
+    parser.add_argument("--ddim-steps", type=int, default=None)
+    parser.add_argument("--scale", default="adaptive", help="RobustDiffusionLoss scale: adaptive, vlb or a number")
+    parser.add_argument("--temperature", type=float, default=1.0, help="the adaptive scale's tau")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--out", default="outputs/contaminated")
+    parser.add_argument("--export-loss", default=None,
+                        help="whose EMA model to export (default: ned if trained, else the last loss)")
+    parser.add_argument("--resume", action="store_true", help="reuse finished or interrupted runs in --out")
+    if argv is None:
+        # A Jupyter kernel's own argv (-f kernel.json) is not ours; options come from RD_EXAMPLE_ARGS there.
+        argv = [] if IN_JUPYTER else sys.argv[1:]
+        argv = argv + shlex.split(os.environ.get("RD_EXAMPLE_ARGS", ""))
+    args = parser.parse_args(argv)
+    if (args.dataset, args.preset) not in PRESETS:
+        parser.error(f"there is no {args.preset!r} preset for {args.dataset}")
+    settings = dict(PRESETS[(args.dataset, args.preset)])
+    for key in ("steps", "batch_size", "num_train", "samples", "ddim_steps"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    try:
+        args.specs = [parse_loss_spec(name) for name in args.losses]
+        parse_scale(args.scale)
+        if not 0.0 <= args.contamination < 1.0:
+            raise ValueError(f"contamination must be a fraction in [0, 1), got {args.contamination!r}")
+    except ValueError as error:
+        parser.error(str(error))
+    args.settings = settings
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return args
+
+
+args = parse_args()
+settings = args.settings
+OUT = Path(args.out)
+OUT.mkdir(parents=True, exist_ok=True)
+if settings["threads"]:
+    torch.set_num_threads(settings["threads"])
+print(f"dataset {args.dataset}, p = {args.contamination}, kind {args.kind}, preset {args.preset}, "
+      f"losses {[s.name for s in args.specs]}, device {args.device}, out {OUT}")
+print("settings:", {k: v for k, v in settings.items() if k != "model_overrides"})
+
+# %% [markdown]
+# ## Data
+#
+# The contaminated training set keeps the ground truth: which samples were replaced.
+
+# %%
+data = load_experiment_data(args.dataset, args.contamination, args.kind, root=args.data_root,
+                            num_train=settings["num_train"], image_size=settings["image_size"], seed=args.seed)
+train_set = data.train
+print(data.description)
+image_shape = data.image_shape
+is_contaminated = train_set.is_contaminated.cpu()
+
+
+def image_grid(images, columns=None):
+    """[N, C, H, W] in [-1, 1] -> an [H', W', C] array in [0, 1] for imshow."""
+    images = images[:64].detach().cpu().float().clamp(-1, 1).add(1).div(2)
+    n, c, h, w = images.shape
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    grid = torch.ones(c, rows * (h + 2) + 2, columns * (w + 2) + 2)
+    for i in range(n):
+        top, left = 2 + (i // columns) * (h + 2), 2 + (i % columns) * (w + 2)
+        grid[:, top:top + h, left:left + w] = images[i]
+    grid = grid.permute(1, 2, 0)
+    return grid.squeeze(-1) if c == 1 else grid
+
+
+fig, axes = plt.subplots(1, 2, figsize=(8, 4))
+for ax, flag, title in ((axes[0], False, "clean training images"), (axes[1], True, "contaminated training images")):
+    ax.imshow(image_grid(train_set.images[is_contaminated == flag][:36]), cmap="gray", vmin=0, vmax=1)
+    ax.set_title(title)
+    ax.axis("off")
+fig.tight_layout()
+fig.savefig(OUT / "training_data.png", dpi=120)
+plt.show() if IN_JUPYTER else plt.close(fig)
+
+# %% [markdown]
+# ## Evaluation networks
+#
+# A small CNN trained on clean images provides the feature space of the Frechet distance; a second one,
+# trained to tell clean from contaminated training images, judges how many generated samples look like the
+# contaminant. Both are cached in `--out`.
+
+# %%
+t0 = time.perf_counter()
+# The classifier learns from clean training images (the uncontaminated originals of the same split, with
+# the held-out classes of --kind dataset removed), possibly beyond the diffusion model's subset.
+clean = load_experiment_data(args.dataset, 0.0, args.kind, root=args.data_root, image_size=settings["image_size"],
+                             num_train=settings["classifier_train"])
+cls_images, cls_labels = clean.train.images, clean.train_labels
+classifier = metrics.train_classifier(
+    cls_images, cls_labels, test_images=data.test_images, test_labels=data.test_labels,
+    epochs=settings["classifier_epochs"], seed=args.seed, cache_path=OUT / "cache" / "classifier.pt",
+    device=args.device, progress=not IN_JUPYTER)
+n_det = min(settings["detector_train"], len(train_set))
+split = n_det - n_det // 5  # the last fifth of the detector's images measure its accuracy
+detector = metrics.train_contaminant_detector(
+    train_set.images[:split], is_contaminated[:split], test_images=train_set.images[split:n_det],
+    test_labels=is_contaminated[split:n_det], epochs=3, seed=args.seed,
+    cache_path=OUT / "cache" / f"detector_{args.kind}_{args.contamination}.pt", device=args.device,
+    progress=not IN_JUPYTER) if args.contamination > 0 else None
+reference = data.test_images[:settings["reference"]]
+reference_features = metrics.extract_features(classifier.model, reference)
+eval_seconds = time.perf_counter() - t0
+print(f"feature classifier: FeatureClassifier (0.16M-parameter CNN, {cls_images.shape[0]} clean images, "
+      f"{settings['classifier_epochs']} epoch(s)), test accuracy {classifier.test_accuracy:.3f}")
+if detector is not None:
+    print(f"contaminant detector: held-out accuracy {detector.test_accuracy:.3f}")
+print(f"({eval_seconds:.0f} s)")
+
+
+def evaluate_images(images):
+    """Frechet distance to the clean test images and contaminant fraction of a set of images."""
+    fd = metrics.frechet_distance(metrics.extract_features(classifier.model, images), reference_features)
+    fraction = metrics.contaminant_fraction(detector.model, images) if detector is not None else math.nan
+    return fd, fraction
+
+
+# The real data as references: what a perfect model of the clean data, and of the contaminated training
+# distribution, would score with the same number of samples.
+n_samples = settings["samples"]
+generator = torch.Generator().manual_seed(args.seed)
+pick_clean = torch.randperm(int((~is_contaminated).sum()), generator=generator)[:n_samples]
+pick_all = torch.randperm(len(train_set), generator=generator)[:n_samples]
+reference_rows = []
+for name, images in (("data: clean training images", train_set.images[~is_contaminated][pick_clean]),
+                     ("data: contaminated training set", train_set.images[pick_all])):
+    fd, fraction = evaluate_images(images)
+    reference_rows.append({"loss": name, "frechet_distance": fd, "contaminant_fraction": fraction})
+    print(f"{name}: Frechet distance {fd:.2f}, contaminant fraction {fraction:.3f}")
+
+# %% [markdown]
+# ## Training, sampling, evaluation
+#
+# Every loss trains the same network from the same initial weights on the same batches with the same
+# diffusion noise, so the differences come from the loss alone. The `Trainer` logs the mean influence weight
+# of clean and contaminated samples and keeps each training sample's average weight.
+
+# %%
+schedule = rd.NoiseSchedule.linear()
+SAMPLE_CHUNK = 500
+results, trained = [], {}
+influence_from = settings["steps"] // 5  # the first steps, with an untrained model, say little about outliers
+for spec in args.specs:
+    run_dir = OUT / "runs" / spec.name
+    if not args.resume and run_dir.exists():
+        shutil.rmtree(run_dir)
+    torch.manual_seed(args.seed)
+    model = build_model(settings["model"], image_shape[0], **settings["model_overrides"])
+    loss_fn = build_loss(spec, schedule, scale=args.scale, temperature=args.temperature)
+    config = TrainConfig(steps=settings["steps"], batch_size=settings["batch_size"], lr=settings["lr"],
+                         warmup_steps=settings["warmup_steps"], ema_decay=settings["ema_decay"],
+                         log_every=max(1, settings["steps"] // 30), checkpoint_every=0,
+                         influence_from_step=influence_from, risk_free=spec.risk_free, seed=args.seed,
+                         progress=not IN_JUPYTER)
+    trainer = Trainer(model, loss_fn, train_set, schedule, config, out_dir=run_dir, device=args.device)
+    if args.resume and trainer.resume():
+        print(f"{spec.name}: resumed at step {trainer.step}")
+    print(f"--- {spec.name} ({loss_settings(loss_fn)}): {sum(p.numel() for p in model.parameters()):,} parameters")
+    t0 = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    sample_generator = torch.Generator(args.device).manual_seed(args.seed)
+    samples = torch.cat([  # in chunks, so that the full presets' 10,000 samples fit in GPU memory
+        ddim_sample(trainer.ema, schedule, (min(SAMPLE_CHUNK, n_samples - start), *image_shape),
+                    num_steps=settings["ddim_steps"], generator=sample_generator, device=args.device).cpu()
+        for start in range(0, n_samples, SAMPLE_CHUNK)])
+    sample_seconds = time.perf_counter() - t0
+    fd, fraction = evaluate_images(samples)
+    mean_influence, count = trainer.average_influence()
+    seen = count > 0
+    auroc = (metrics.auroc(-mean_influence[seen], is_contaminated[seen])
+             if is_contaminated[seen].any() and (~is_contaminated[seen]).any() else math.nan)
+    log = read_log(trainer.log_path)
+    row = {"loss": spec.name, "weighting": spec.weighting, "settings": loss_settings(loss_fn),
+           "steps": settings["steps"], "final_penalty": log[-1]["penalty"],
+           "influence_clean": mean_influence[seen & ~is_contaminated].mean().item(),
+           "influence_contaminated": mean_influence[seen & is_contaminated].mean().item(),
+           "auroc": auroc, "frechet_distance": fd, "contaminant_fraction": fraction,
+           "train_s": train_seconds, "sample_s": sample_seconds}
+    results.append(row)
+    trained[spec.name] = dict(trainer=trainer, samples=samples, mean_influence=mean_influence, seen=seen, log=log)
+    torch.save(samples, run_dir / "samples.pt")
+    print(f"{spec.name}: FD {fd:.2f}, contaminant fraction {fraction:.3f}, AUROC {auroc:.3f}, "
+          f"train {train_seconds:.0f} s, sampling {sample_seconds:.0f} s")
+
+# %% [markdown]
+# ## Results
+
+# %%
+COLUMNS = ["loss", "weighting", "settings", "steps", "final_penalty", "influence_clean", "influence_contaminated",
+           "auroc", "frechet_distance", "contaminant_fraction", "train_s", "sample_s"]
+
+
+def fmt(value):
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+rows = results + reference_rows
+with open(OUT / "results.csv", "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=COLUMNS)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: fmt(row.get(k)) for k in COLUMNS})
+accuracy = f"{classifier.test_accuracy:.3f}"
+header = [f"# Robust DDPM training on contaminated data", "",
+          f"- data: {data.description}",
+          f"- model: UNet preset `{settings['model']}` {settings['model_overrides'] or ''}, {settings['steps']} steps, "
+          f"batch {settings['batch_size']}, AdamW lr {settings['lr']}, EMA {settings['ema_decay']}, seed {args.seed}",
+          f"- sampling: DDIM, {settings['ddim_steps']} steps, eta 0, {n_samples} samples per loss",
+          f"- Frechet distance: FeatureClassifier features (128-d, test accuracy {accuracy}) against "
+          f"{reference.shape[0]} clean test images",
+          f"- contaminant fraction: FeatureClassifier trained to tell clean from contaminated training images"
+          + (f" (held-out accuracy {detector.test_accuracy:.3f})" if detector is not None else ""),
+          f"- AUROC: average influence weight of each training sample (steps >= {influence_from}) as a detector "
+          f"of the contaminated ones; influence columns: mean of those averages over clean / contaminated samples",
+          "- final_penalty: mean per-sample denoising penalty R_b (squared error; Huber penalty for huber) over "
+          "the last log interval, on the contaminated training data",
+          ""]
+table = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+table += ["| " + " | ".join(fmt(row.get(k)) for k in COLUMNS) + " |" for row in rows]
+(OUT / "results.md").write_text("\n".join(header + table) + "\n")
+print("\n".join(table))
+
+# %% [markdown]
+# ## Figures: samples, influence weights, training curves
+
+# %%
+names = list(trained)
+fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.6), squeeze=False)
+for ax, name in zip(axes[0], names):
+    ax.imshow(image_grid(trained[name]["samples"][:36]), cmap="gray", vmin=0, vmax=1)
+    row = next(r for r in results if r["loss"] == name)
+    ax.set_title(f"{name}\nFD {row['frechet_distance']:.1f}, contam. {row['contaminant_fraction']:.2f}", fontsize=9)
+    ax.axis("off")
+fig.tight_layout()
+fig.savefig(OUT / "samples.png", dpi=120)
+plt.show() if IN_JUPYTER else plt.close(fig)
+for name in names:
+    plt.imsave(OUT / f"samples_{name}.png", image_grid(trained[name]["samples"]).numpy(), cmap="gray", vmin=0, vmax=1)
+
+fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3), squeeze=False, sharey=True)
+for ax, name in zip(axes[0], names):
+    weights, seen = trained[name]["mean_influence"], trained[name]["seen"]
+    bins = torch.linspace(0, max(1.0, float(weights[seen].max())), 31).tolist()
+    ax.hist(weights[seen & ~is_contaminated].numpy(), bins=bins, alpha=0.6, density=True, label="clean")
+    ax.hist(weights[seen & is_contaminated].numpy(), bins=bins, alpha=0.6, density=True, label="contaminated")
+    ax.set_title(name, fontsize=9)
+    ax.set_xlabel("average influence weight")
+axes[0][0].legend(fontsize=8)
+fig.tight_layout()
+fig.savefig(OUT / "influence_histograms.png", dpi=120)
+plt.show() if IN_JUPYTER else plt.close(fig)
+
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+for name in names:
+    log = trained[name]["log"]
+    steps = [r["step"] for r in log]
+    axes[0].plot(steps, [r["penalty"] for r in log], label=name)
+    line, = axes[1].plot(steps, [r["influence_clean"] for r in log], label=f"{name} clean")
+    axes[1].plot(steps, [r["influence_contaminated"] for r in log], "--", color=line.get_color(),
+                 label=f"{name} contaminated")
+axes[0].set(xlabel="step", ylabel="mean per-sample penalty R_b", yscale="log",
+            title="denoising error (squared error; Huber: Huber penalty)")
+axes[1].set(xlabel="step", ylabel="mean influence weight", title="influence: clean (solid), contaminated (dashed)")
+axes[0].legend(fontsize=8)
+fig.tight_layout()
+fig.savefig(OUT / "loss_curves.png", dpi=120)
+plt.show() if IN_JUPYTER else plt.close(fig)
+
+# %% [markdown]
+# ## Export
+#
+# The EMA model of one run is exported as TorchScript (for the LibTorch sampler `examples/cpp/sample.cpp`) and
+# with `torch.export`, next to a schedule file with `alphas_cumprod`:
+#
+#     rd_sample --model <out>/export/<loss>.torchscript.pt --schedule <out>/export/<loss>.schedule.txt --out samples
+
+# %%
+export_name = args.export_loss or ("ned" if "ned" in trained else names[-1])
+if export_name not in trained:
+    raise ValueError(f"--export-loss {export_name!r} was not trained; trained: {', '.join(names)}")
+example = (torch.randn(2, *image_shape, device=args.device), torch.tensor([10, 500], device=args.device))
+paths = export_model(trained[export_name]["trainer"].ema, OUT / "export" / export_name, example, schedule=schedule)
+for kind, path in paths.items():
+    print(f"{kind}: {path}")
+total = time.perf_counter() - START
+(OUT / "wall_time.txt").write_text(f"{total:.1f}\n")
+print(f"total wall time {total / 60:.1f} min; results in {OUT}/results.md")

@@ -1,0 +1,314 @@
+// rd_sample: generate images from an exported robust_diffusion denoiser with LibTorch only (no Python).
+//
+//   rd_sample --model out/model.torchscript.pt --schedule out/model.schedule.txt --out samples \
+//             [--num-samples 16] [--steps 50] [--sampler ddim|ddpm] [--eta 0] [--seed 0] [--device cpu|cuda]
+//             [--batch-size N] [--no-clip]
+//
+// Inputs, both written by robust_diffusion.export.export_model:
+//   * the TorchScript model, called as model(x_t [B,C,H,W] float32, t [B] int64) -> prediction;
+//   * the schedule file: "# key value" header lines (format, prediction_type, num_train_timesteps,
+//     image_shape C H W), then alphas_cumprod of every training step, one float64 per line. Storing
+//     alphas_cumprod (rather than, say, the linear schedule's beta range) lets any schedule reach this sampler.
+//
+// The sampler mirrors python/robust_diffusion/sampling.py step by step, with the schedule coefficients in
+// double precision on the host: "trailing" timestep spacing, DDIM (eta = 0 deterministic, eta = 1 = DDPM's
+// posterior) or ancestral DDPM with the "fixed_small" posterior variance, x0 clamped to [-1, 1] by default.
+// The noise is drawn on the CPU from a seeded generator (reproducible whatever the device).
+//
+// Output: sample_0000.pgm ... (grayscale, P5) or .ppm (RGB, P6), pixel = round((x + 1) * 127.5), and
+// grid.pgm / grid.ppm with all samples.
+
+#include <torch/script.h>
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <optional>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace {
+
+struct Options {
+  std::string model;
+  std::string schedule;
+  std::string out = "samples";
+  int64_t num_samples = 16;
+  int64_t batch_size = 0;  // 0: all samples in one batch
+  int64_t steps = 50;
+  std::string sampler = "ddim";
+  double eta = 0.0;
+  uint64_t seed = 0;
+  std::string device = "cpu";
+  bool clip = true;
+};
+
+[[noreturn]] void usage_error(const std::string& message) {
+  if (!message.empty()) std::cerr << "rd_sample: " << message << "\n";
+  std::cerr << "usage: rd_sample --model MODEL.torchscript.pt --schedule MODEL.schedule.txt [--out DIR]\n"
+               "                 [--num-samples N] [--batch-size N] [--steps S] [--sampler ddim|ddpm] [--eta E]\n"
+               "                 [--seed S] [--device cpu|cuda] [--no-clip]\n";
+  std::exit(message.empty() ? 0 : 2);
+}
+
+int64_t parse_int(const std::string& flag, const std::string& value, int64_t minimum) {
+  try {
+    size_t used = 0;
+    const long long parsed = std::stoll(value, &used);
+    if (used != value.size() || parsed < minimum) throw std::invalid_argument(value);
+    return parsed;
+  } catch (const std::exception&) {
+    usage_error(flag + " expects an integer >= " + std::to_string(minimum) + ", got '" + value + "'");
+  }
+}
+
+Options parse_args(int argc, char** argv) {
+  Options options;
+  for (int i = 1; i < argc; ++i) {
+    const std::string flag = argv[i];
+    if (flag == "--help" || flag == "-h") usage_error("");
+    if (flag == "--no-clip") {
+      options.clip = false;
+      continue;
+    }
+    if (i + 1 >= argc) usage_error(flag + " needs a value");
+    const std::string value = argv[++i];
+    if (flag == "--model") options.model = value;
+    else if (flag == "--schedule") options.schedule = value;
+    else if (flag == "--out") options.out = value;
+    else if (flag == "--num-samples") options.num_samples = parse_int(flag, value, 1);
+    else if (flag == "--batch-size") options.batch_size = parse_int(flag, value, 1);
+    else if (flag == "--steps") options.steps = parse_int(flag, value, 1);
+    else if (flag == "--seed") options.seed = static_cast<uint64_t>(parse_int(flag, value, 0));
+    else if (flag == "--sampler") options.sampler = value;
+    else if (flag == "--device") options.device = value;
+    else if (flag == "--eta") {
+      try {
+        options.eta = std::stod(value);
+      } catch (const std::exception&) {
+        usage_error("--eta expects a number, got '" + value + "'");
+      }
+      if (!(options.eta >= 0.0)) usage_error("--eta must be >= 0");
+    } else {
+      usage_error("unknown argument " + flag);
+    }
+  }
+  if (options.model.empty()) usage_error("--model is required");
+  if (options.schedule.empty()) usage_error("--schedule is required");
+  if (options.sampler != "ddim" && options.sampler != "ddpm") usage_error("--sampler must be ddim or ddpm");
+  return options;
+}
+
+struct Schedule {
+  std::vector<double> alphas_cumprod;
+  std::string prediction_type;
+  std::vector<int64_t> image_shape;  // C, H, W
+};
+
+Schedule read_schedule(const std::string& path) {
+  std::ifstream file(path);
+  if (!file) throw std::runtime_error("cannot open schedule file " + path);
+  Schedule schedule;
+  std::map<std::string, std::string> header;
+  std::string line;
+  while (std::getline(file, line)) {
+    if (line.empty()) continue;
+    if (line[0] == '#') {
+      std::istringstream fields(line.substr(1));
+      std::string key, rest;
+      fields >> key;
+      std::getline(fields >> std::ws, rest);
+      header[key] = rest;
+    } else {
+      schedule.alphas_cumprod.push_back(std::stod(line));
+    }
+  }
+  if (header["format"] != "robust_diffusion-schedule-v1")
+    throw std::runtime_error(path + " is not a robust_diffusion-schedule-v1 file");
+  schedule.prediction_type = header["prediction_type"];
+  std::istringstream shape(header["image_shape"]);
+  for (int64_t size; shape >> size;) schedule.image_shape.push_back(size);
+  if (schedule.image_shape.size() != 3) throw std::runtime_error(path + ": image_shape must be C H W");
+  const auto expected = std::stoll(header["num_train_timesteps"]);
+  if (static_cast<int64_t>(schedule.alphas_cumprod.size()) != expected)
+    throw std::runtime_error(path + ": expected " + std::to_string(expected) + " alphas_cumprod values");
+  return schedule;
+}
+
+// sampling.inference_timesteps(..., spacing="trailing"); nearbyint rounds half to even like Python's round.
+std::vector<int64_t> trailing_timesteps(int64_t num_train, int64_t num_steps) {
+  std::vector<int64_t> steps;
+  for (int64_t k = 0; k < num_steps; ++k) {
+    const double value = static_cast<double>(num_train) - static_cast<double>(k) * num_train / num_steps;
+    steps.push_back(static_cast<int64_t>(std::nearbyint(value)) - 1);
+  }
+  return steps;
+}
+
+// sampling.predict_x0_and_epsilon.
+std::pair<at::Tensor, at::Tensor> predict_x0_and_epsilon(const at::Tensor& x_t, const at::Tensor& output,
+                                                         double abar, const std::string& kind, bool clip) {
+  const double a = std::sqrt(abar), s = std::sqrt(1.0 - abar);
+  at::Tensor x0, eps;
+  if (kind == "epsilon") {
+    if (a == 0.0) throw std::runtime_error("epsilon prediction cannot recover x0 at zero terminal SNR");
+    eps = output;
+    x0 = (x_t - s * output) / a;
+  } else if (kind == "sample") {
+    x0 = output;
+    eps = s > 0.0 ? (x_t - a * output) / s : at::zeros_like(x_t);
+  } else if (kind == "v_prediction") {
+    x0 = a * x_t - s * output;
+    eps = s * x_t + a * output;
+  } else {
+    throw std::runtime_error("unknown prediction_type '" + kind + "'");
+  }
+  if (clip) {
+    x0 = x0.clamp(-1.0, 1.0);
+    if (s > 0.0) eps = (x_t - a * x0) / s;
+  }
+  return {x0, eps};
+}
+
+// sampling.ddim_step.
+at::Tensor ddim_step(const at::Tensor& x_t, const at::Tensor& output, double abar_t, double abar_prev, double eta,
+                     const std::optional<at::Tensor>& noise, const std::string& kind, bool clip) {
+  auto [x0, eps] = predict_x0_and_epsilon(x_t, output, abar_t, kind, clip);
+  const double one_minus_t = 1.0 - abar_t;
+  double variance = 0.0;
+  if (one_minus_t > 0.0 && abar_prev > 0.0)
+    variance = (1.0 - abar_prev) / one_minus_t * (1.0 - abar_t / abar_prev);
+  const double sigma = eta * std::sqrt(std::max(variance, 0.0));
+  const double direction = std::sqrt(std::max(1.0 - abar_prev - sigma * sigma, 0.0));
+  at::Tensor x_prev = std::sqrt(abar_prev) * x0 + direction * eps;
+  if (noise && sigma > 0.0) x_prev = x_prev + sigma * *noise;
+  return x_prev;
+}
+
+// sampling.ddpm_step with variance_type "fixed_small".
+at::Tensor ddpm_step(const at::Tensor& x_t, const at::Tensor& output, double abar_t, double abar_prev,
+                     const std::optional<at::Tensor>& noise, const std::string& kind, bool clip) {
+  auto [x0, eps] = predict_x0_and_epsilon(x_t, output, abar_t, kind, clip);
+  const double alpha = abar_t / abar_prev, beta = 1.0 - alpha, one_minus_t = 1.0 - abar_t;
+  double coef_x0 = 1.0, coef_xt = 0.0, variance = 0.0;
+  if (one_minus_t > 0.0) {
+    coef_x0 = std::sqrt(abar_prev) * beta / one_minus_t;
+    coef_xt = std::sqrt(alpha) * (1.0 - abar_prev) / one_minus_t;
+    variance = beta * (1.0 - abar_prev) / one_minus_t;
+  }
+  at::Tensor mean = coef_x0 * x0 + coef_xt * x_t;
+  if (!noise) return mean;
+  return mean + std::sqrt(std::max(variance, 0.0)) * *noise;
+}
+
+// One image [C, H, W] in [-1, 1] -> bytes, row-major, channels interleaved.
+std::vector<uint8_t> to_bytes(const at::Tensor& image) {
+  const at::Tensor pixels = ((image.to(at::kCPU, at::kDouble) + 1.0) * 127.5).round().clamp(0.0, 255.0)
+                                .to(at::kByte).permute({1, 2, 0}).contiguous();
+  const uint8_t* data = pixels.data_ptr<uint8_t>();
+  return std::vector<uint8_t>(data, data + pixels.numel());
+}
+
+void write_netpbm(const std::filesystem::path& path, const std::vector<uint8_t>& bytes, int64_t channels,
+                  int64_t height, int64_t width) {
+  std::ofstream file(path, std::ios::binary);
+  if (!file) throw std::runtime_error("cannot write " + path.string());
+  file << (channels == 1 ? "P5" : "P6") << "\n" << width << " " << height << "\n255\n";
+  file.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+}
+
+// All samples in a near-square grid with a 2-pixel black border between them.
+void write_grid(const std::filesystem::path& path, const at::Tensor& samples) {
+  const int64_t n = samples.size(0), c = samples.size(1), h = samples.size(2), w = samples.size(3);
+  const int64_t columns = static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(n))));
+  const int64_t rows = (n + columns - 1) / columns, pad = 2;
+  const int64_t grid_h = rows * (h + pad) + pad, grid_w = columns * (w + pad) + pad;
+  std::vector<uint8_t> grid(static_cast<size_t>(grid_h * grid_w * c), 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const auto bytes = to_bytes(samples[i]);
+    const int64_t top = pad + (i / columns) * (h + pad), left = pad + (i % columns) * (w + pad);
+    for (int64_t y = 0; y < h; ++y)
+      std::copy_n(bytes.begin() + y * w * c, w * c, grid.begin() + ((top + y) * grid_w + left) * c);
+  }
+  write_netpbm(path, grid, c, grid_h, grid_w);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const Options options = parse_args(argc, argv);
+  try {
+    const Schedule schedule = read_schedule(options.schedule);
+    const int64_t num_train = static_cast<int64_t>(schedule.alphas_cumprod.size());
+    if (options.steps > num_train)
+      usage_error("--steps must be at most the number of training steps, " + std::to_string(num_train));
+    if (!std::filesystem::is_regular_file(options.model))
+      throw std::runtime_error("model file not found: " + options.model);
+    const at::Device device(options.device);
+    torch::jit::script::Module model = torch::jit::load(options.model, device);
+    model.eval();
+    c10::InferenceMode inference;
+
+    const auto& abar = schedule.alphas_cumprod;
+    const auto timesteps = trailing_timesteps(num_train, options.steps);
+    const auto& shape = schedule.image_shape;
+    const std::string& kind = schedule.prediction_type;
+    if (kind == "epsilon" && abar[timesteps[0]] == 0.0)
+      throw std::runtime_error("zero terminal SNR: epsilon prediction cannot recover x0 at the first step");
+    auto generator = at::make_generator<at::CPUGeneratorImpl>(options.seed);
+    const bool needs_noise = options.sampler == "ddpm" || options.eta > 0.0;
+    auto randn = [&](int64_t batch) {
+      return at::randn({batch, shape[0], shape[1], shape[2]}, generator, at::TensorOptions(at::kFloat)).to(device);
+    };
+
+    const int64_t batch_size = options.batch_size > 0 ? options.batch_size : options.num_samples;
+    std::vector<at::Tensor> batches;
+    for (int64_t start = 0; start < options.num_samples; start += batch_size) {
+      const int64_t batch = std::min(batch_size, options.num_samples - start);
+      at::Tensor x = randn(batch);
+      for (size_t i = 0; i < timesteps.size(); ++i) {
+        const int64_t t = timesteps[i];
+        const int64_t prev_t = i + 1 < timesteps.size() ? timesteps[i + 1] : -1;
+        const double abar_prev = prev_t >= 0 ? abar[prev_t] : 1.0;
+        const at::Tensor t_batch = at::full({batch}, t, at::TensorOptions(at::kLong).device(device));
+        const at::Tensor output = model.forward({x, t_batch}).toTensor().to(at::kFloat);
+        std::optional<at::Tensor> noise;
+        if (needs_noise && prev_t >= 0) noise = randn(batch);
+        x = options.sampler == "ddim"
+                ? ddim_step(x, output, abar[t], abar_prev, options.eta, noise, kind, options.clip)
+                : ddpm_step(x, output, abar[t], abar_prev, noise, kind, options.clip);
+      }
+      batches.push_back(x.to(at::kCPU));
+    }
+    const at::Tensor samples = at::cat(batches);
+
+    const std::filesystem::path out(options.out);
+    std::filesystem::create_directories(out);
+    const std::string extension = shape[0] == 1 ? ".pgm" : ".ppm";
+    if (shape[0] != 1 && shape[0] != 3) throw std::runtime_error("only 1- or 3-channel images can be written");
+    for (int64_t i = 0; i < samples.size(0); ++i) {
+      char name[32];
+      std::snprintf(name, sizeof(name), "sample_%04lld", static_cast<long long>(i));
+      write_netpbm(out / (name + extension), to_bytes(samples[i]), shape[0], shape[1], shape[2]);
+    }
+    write_grid(out / ("grid" + extension), samples);
+    std::cout << "wrote " << samples.size(0) << " samples (" << options.sampler << ", " << options.steps
+              << " steps, " << kind << " prediction) to " << out.string() << "; mean "
+              << samples.mean().item<double>() << ", std " << samples.std().item<double>() << std::endl;
+  } catch (const c10::Error& error) {  // LibTorch's errors carry a C++ backtrace: print the message only
+    std::cerr << "rd_sample: " << error.what_without_backtrace() << std::endl;
+    return 1;
+  } catch (const std::exception& error) {
+    std::cerr << "rd_sample: " << error.what() << std::endl;
+    return 1;
+  }
+  return 0;
+}

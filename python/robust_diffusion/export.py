@@ -1,0 +1,128 @@
+"""Export a trained denoiser for inference without this package's Python code.
+
+:func:`export_model` writes, next to each other:
+
+- ``<prefix>.torchscript.pt``: ``torch.jit.script`` of the model (deprecated upstream since torch 2.11, still
+  the format LibTorch's ``torch::jit::load`` reads; its deprecation warning is silenced here), loaded by the C++
+  sampler ``examples/cpp/sample.cpp``;
+- ``<prefix>.pt2``: ``torch.export.export`` of the model with a dynamic batch dimension, saved with
+  ``torch.export.save`` (load with ``torch.export.load(path).module()``, or compile it with AOTInductor);
+- ``<prefix>.schedule.txt``: the sampling contract. ``#``-comment header lines ``key value`` (``format``,
+  ``prediction_type``, ``num_train_timesteps``, ``image_shape C H W``) and then ``alphas_cumprod`` of every training
+  step, one float64 per line (``%.17g``, exact round trip). Storing ``alphas_cumprod`` rather than the
+  schedule's parameters lets any schedule (linear, cosine, zero terminal SNR, a diffusers scheduler's) reach the
+  C++ sampler, which only needs the cumulative alphas for DDPM and DDIM.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .schedules import NoiseSchedule, canonical_prediction_type
+
+__all__ = ["SCHEDULE_FORMAT", "export_model", "read_schedule_file", "script_model", "write_schedule_file"]
+
+PathLike = Union[str, os.PathLike]
+SCHEDULE_FORMAT = "robust_diffusion-schedule-v1"
+
+
+def script_model(model: nn.Module) -> torch.jit.ScriptModule:
+    """``torch.jit.script(model)`` with TorchScript's upstream deprecation warning silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        return torch.jit.script(model)
+
+
+def write_schedule_file(path: PathLike, schedule: NoiseSchedule, image_shape: Sequence[int],
+                        prediction_type: Optional[str] = None) -> Path:
+    """Write the schedule file described in the module docstring."""
+    path = Path(path)
+    kind = canonical_prediction_type(prediction_type or schedule.prediction_type)
+    lines = [f"# format {SCHEDULE_FORMAT}",
+             f"# prediction_type {kind}",
+             f"# num_train_timesteps {schedule.num_timesteps}",
+             "# image_shape " + " ".join(str(int(s)) for s in image_shape)]
+    lines += [f"{value:.17g}" for value in schedule.alphas_cumprod.tolist()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def read_schedule_file(path: PathLike) -> Tuple[NoiseSchedule, Dict[str, str]]:
+    """Read a schedule file back: the :class:`NoiseSchedule` and the header fields."""
+    header: Dict[str, str] = {}
+    values = []
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line.startswith("#"):
+            key, _, value = line[1:].strip().partition(" ")
+            header[key] = value
+        elif line:
+            values.append(float(line))
+    if header.get("format") != SCHEDULE_FORMAT:
+        raise ValueError(f"{path} is not a {SCHEDULE_FORMAT} file (format {header.get('format')!r})")
+    abar = torch.tensor(values, dtype=torch.float64)
+    return NoiseSchedule.from_alphas_cumprod(abar, prediction_type=header["prediction_type"]), header
+
+
+def export_model(model: nn.Module, path_prefix: PathLike, example_inputs: Tuple[Tensor, Tensor], *,
+                 schedule: Optional[NoiseSchedule] = None, prediction_type: Optional[str] = None,
+                 dynamic_batch: bool = True, check: bool = True) -> Dict[str, Path]:
+    """Export ``model`` (called as ``model(x_t, t)``) as TorchScript and ``torch.export`` programs.
+
+    Args:
+        model: the denoiser (e.g. a trainer's EMA model). It is put in eval mode; its device is kept.
+        path_prefix: ``<dir>/<name>``; the files are ``<prefix>.torchscript.pt``, ``<prefix>.pt2`` and
+            ``<prefix>.schedule.txt`` (the latter only with ``schedule``).
+        example_inputs: ``(x_t, t)``, e.g. ``(torch.randn(2, 1, 28, 28), torch.tensor([10, 500]))``.
+        schedule: the training schedule, written to the schedule file for samplers.
+        prediction_type: defaults to the schedule's.
+        dynamic_batch: export the batch dimension as dynamic (sizes 1..4096), so one ``.pt2`` serves any
+            batch size.
+        check: run both exported programs on ``example_inputs`` and require them to match the eager model.
+
+    Returns the written paths by kind: ``torchscript``, ``exported``, and ``schedule``.
+    """
+    prefix = Path(path_prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    paths: Dict[str, Path] = {}
+    try:
+        scripted = script_model(model)
+        paths["torchscript"] = prefix.with_name(prefix.name + ".torchscript.pt")
+        scripted.save(str(paths["torchscript"]))
+
+        dynamic_shapes = None
+        if dynamic_batch:
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            dynamic_shapes = ({0: batch}, {0: batch})
+        with torch.no_grad():
+            program = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
+        paths["exported"] = prefix.with_name(prefix.name + ".pt2")
+        torch.export.save(program, str(paths["exported"]))
+
+        if schedule is not None:
+            paths["schedule"] = write_schedule_file(prefix.with_name(prefix.name + ".schedule.txt"), schedule,
+                                                    example_inputs[0].shape[1:], prediction_type)
+        if check:
+            with torch.no_grad():
+                expected = model(*example_inputs)
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", category=FutureWarning)
+                    loaded_script = torch.jit.load(str(paths["torchscript"]), map_location=expected.device)
+                from_script = loaded_script(*example_inputs)
+                from_export = torch.export.load(str(paths["exported"])).module()(*example_inputs)
+            for name, got in (("TorchScript", from_script), ("torch.export", from_export)):
+                if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
+                    raise RuntimeError(f"the {name} export differs from the eager model by up to "
+                                       f"{(got - expected).abs().max().item():.3g}")
+    finally:
+        model.train(was_training)
+    return paths

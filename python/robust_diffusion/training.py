@@ -1,0 +1,605 @@
+"""DDPM training with a robust loss: AdamW, EMA, clipping, mixed precision, exact resume, DDP.
+
+:class:`Trainer` runs the standard denoising objective (DESIGN section 1) with any loss callable as
+``loss_fn(model_output, target, t)``, normally a :class:`~robust_diffusion.RobustDiffusionLoss`, whose
+``last_influence`` (per-sample influence weights) it logs against the dataset's contamination labels.
+
+What a run writes into ``out_dir``:
+
+- ``checkpoint.pt``: model, EMA model, optimizer, grad scaler, the loss module's buffers (the adaptive scale's
+  running medians), the RNG states of every rank (torch CPU/CUDA, Python, NumPy, the shared diffusion-noise
+  generator), the data position, the step, the per-sample influence sums and the log accumulators. It is
+  written atomically (temporary file in the same directory, fsync, ``os.replace``), so a run killed at any
+  moment leaves either the previous or the new checkpoint, never a torn one, and resuming from it continues
+  bit for bit as if the run had not been interrupted.
+- ``log.csv``: one row per ``log_every`` steps: loss, mean per-sample penalty R_b (the squared error for the
+  divergence losses: unlike the loss, it does not depend on the scale, so it shows the model learning under the
+  adaptive scale too), learning rate, gradient norm, throughput and the mean influence weight of all / clean /
+  contaminated samples seen in the interval.
+
+Reproducibility and data parallelism. Each step's timesteps and noise are drawn for the whole global batch
+from one generator that every rank holds in the same state, and each rank takes the rows of its samples. With
+:class:`~torch.utils.data.distributed.DistributedSampler`'s interleaving the global batch of step k is the same
+set of samples for any number of ranks, so (up to float summation order in the gradient all-reduce) training
+on W ranks with local batch B / W equals one process with batch B, and the result does not depend on W.
+Exceptions: dropout masks (drawn from each rank's own stream) and the adaptive scale, whose per-bucket medians
+are averaged over ranks rather than taken over the global batch.
+
+Launch data-parallel runs with ``torchrun --nproc_per_node N``; :func:`init_distributed` reads torchrun's
+environment and picks gloo on the CPU, nccl on GPUs. Only rank 0 writes logs, checkpoints and progress bars.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import math
+import os
+import random
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from .schedules import NoiseSchedule, canonical_prediction_type
+
+__all__ = ["LOG_COLUMNS", "TrainConfig", "Trainer", "atomic_save", "derive_seed", "init_distributed", "read_log"]
+
+PathLike = Union[str, os.PathLike]
+
+#: Columns of ``log.csv``. Influence columns are empty when the interval had no sample of that kind.
+LOG_COLUMNS = ("step", "epoch", "lr", "loss", "penalty", "grad_norm", "influence_mean", "influence_clean",
+               "influence_contaminated", "samples_per_s", "elapsed_s")
+_MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+CHECKPOINT_NAME = "checkpoint.pt"
+LOG_NAME = "log.csv"
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of :class:`Trainer`.
+
+    Attributes:
+        steps: optimizer steps of the whole run (a resumed run continues up to it).
+        batch_size: the global batch, split evenly over data-parallel ranks.
+        lr: AdamW's peak learning rate, reached linearly over ``warmup_steps``.
+        weight_decay, adam_betas: AdamW's.
+        grad_clip: clip the global gradient norm to this (``None``: no clipping).
+        ema_decay: decay of the exponential moving average of the weights. With ``ema_warmup`` the decay at
+            step k is ``min(ema_decay, (1 + k) / (10 + k))``, so short runs are not dominated by the
+            initial weights.
+        mixed_precision: ``"auto"`` (bf16 autocast on GPUs that support it, else fp16 with a grad scaler;
+            off on the CPU), ``"no"``, ``"bf16"`` or ``"fp16"`` (GPU only).
+        log_every: steps per ``log.csv`` row (and progress-bar update).
+        checkpoint_every: steps between checkpoints (0: only at the end); the last step always writes one.
+        influence_from_step: start the per-sample running average of influence weights at this step
+            (the first steps, with an untrained model, say little about which samples are outliers).
+        risk_free: train with the risk-free loss of :mod:`robust_diffusion.risk` (DESIGN section 6) on a
+            dataset with a per-sample ``risk`` tensor (the known noise std, e.g. ``contaminate(kind="gaussian")``):
+            each sample's timestep is drawn on its stability interval, noised by ``risk_noising`` and scored by
+            ``risk_free_loss`` with ``loss_fn`` (a :class:`~robust_diffusion.RobustDiffusionLoss`). Samples with
+            risk 0 train exactly as without it.
+        seed: seeds the data order, the diffusion noise and torch's global RNG (one stream per rank), each
+            through :func:`derive_seed`.
+        num_workers: DataLoader worker processes.
+        progress: show a tqdm progress bar (rank 0).
+    """
+
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    adam_betas: Tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    grad_clip: Optional[float] = 1.0
+    ema_decay: float = 0.999
+    ema_warmup: bool = True
+    mixed_precision: str = "auto"
+    log_every: int = 50
+    checkpoint_every: int = 0
+    influence_from_step: int = 0
+    risk_free: bool = False
+    seed: int = 0
+    num_workers: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "log_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_steps", "checkpoint_every", "influence_from_step", "num_workers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"TrainConfig.{name} must be a non-negative integer, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be positive, got {self.lr!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"TrainConfig.ema_decay must lie in [0, 1), got {self.ema_decay!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"TrainConfig.grad_clip must be positive or None, got {self.grad_clip!r}")
+        if self.mixed_precision not in _MIXED_PRECISION:
+            raise ValueError(f"TrainConfig.mixed_precision must be one of {_MIXED_PRECISION}, "
+                             f"got {self.mixed_precision!r}")
+        self.adam_betas = tuple(float(b) for b in self.adam_betas)
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+def init_distributed(device: Optional[Union[str, torch.device]] = None) -> Tuple[int, int, torch.device]:
+    """Join the process group torchrun describes (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``), if any.
+
+    Returns ``(rank, world_size, device)``. The backend is nccl when the device is a GPU, gloo otherwise;
+    each rank of a GPU run takes ``cuda:LOCAL_RANK``. Without torchrun's variables (or with one process)
+    nothing is initialised and ``(0, 1, device)`` comes back.
+    """
+    device = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return 0, 1, device
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _distributed() -> Tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+# ---------------------------------------------------------------------------------------------- files
+def atomic_save(obj: Any, path: PathLike) -> None:
+    """``torch.save`` that never leaves a torn file: write a temporary file in the same directory, fsync it,
+    ``os.replace`` it over ``path`` (atomic on POSIX) and fsync the directory so the rename is durable."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def read_log(path: PathLike) -> List[Dict[str, float]]:
+    """The rows of a ``log.csv`` as dicts of floats (empty cells become NaN)."""
+    with open(path, newline="") as f:
+        return [{k: (float(v) if v != "" else math.nan) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+class Trainer:
+    """DDPM training of ``model`` on ``dataset`` with ``loss_fn``; see the module docstring.
+
+    Args:
+        model: called as ``model(x_t, t)`` and returning the prediction of ``schedule``'s prediction type.
+        loss_fn: ``loss_fn(model_output, target, t) -> scalar``, e.g. a
+            :class:`~robust_diffusion.RobustDiffusionLoss` (its buffers are checkpointed, its
+            ``last_influence`` is logged; other callables count as influence 1).
+        dataset: a map-style dataset whose items are an image tensor or a tuple starting with one (e.g. a
+            :class:`~robust_diffusion.data.ContaminatedDataset`). If it has an ``is_contaminated`` [N] bool
+            tensor, the influence weights are logged separately for clean and contaminated samples.
+        schedule: the noise schedule (default: linear, T = 1000).
+        config: a :class:`TrainConfig`.
+        out_dir: where the checkpoint and the log go (``None``: write nothing).
+        device: defaults to the model's device.
+        prediction_type: defaults to the schedule's.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor], dataset: Dataset,
+                 schedule: Optional[NoiseSchedule] = None, config: Optional[TrainConfig] = None,
+                 out_dir: Optional[PathLike] = None, device: Optional[Union[str, torch.device]] = None,
+                 prediction_type: Optional[str] = None):
+        self.config = config = config or TrainConfig()
+        self.rank, self.world_size = _distributed()
+        if config.batch_size % self.world_size:
+            raise ValueError(f"batch_size {config.batch_size} must be divisible by the number of data-parallel "
+                             f"ranks ({self.world_size})")
+        self.local_batch = config.batch_size // self.world_size
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.schedule = schedule or NoiseSchedule.linear()
+        self.prediction_type = canonical_prediction_type(prediction_type or self.schedule.prediction_type)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.is_main = self.rank == 0
+
+        self.autocast_dtype = self._autocast_dtype(config.mixed_precision)
+        self.model = model.to(self.device)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            self.network = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        else:
+            self.network = self.model
+        self.loss_fn = loss_fn.to(self.device) if isinstance(loss_fn, nn.Module) else loss_fn
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, betas=config.adam_betas,
+                                           weight_decay=config.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
+
+        self.dataset = dataset
+        self.num_samples = len(dataset)
+        self.sampler = DistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True,
+                                          seed=derive_seed(config.seed, "data order"), drop_last=True)
+        self.batches_per_epoch = len(self.sampler) // self.local_batch
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"the dataset has {self.num_samples} samples, fewer than one global batch of "
+                             f"{config.batch_size}")
+        flags = getattr(dataset, "is_contaminated", None)
+        self.is_contaminated = torch.as_tensor(flags).to(self.device, torch.bool) if flags is not None else None
+        self.risk = self._check_risk(dataset) if config.risk_free else None
+
+        # Every rank holds the same noise generator (the noise of the global batch); torch's global RNG
+        # (dropout) gets one stream per rank.
+        self.noise_generator = torch.Generator(device=self.device).manual_seed(derive_seed(config.seed, "noise"))
+        torch.manual_seed(derive_seed(config.seed, f"rank {self.rank}"))
+
+        self.step = 0
+        self.train_time = 0.0  # seconds spent in train() over all (resumed) sessions
+        self.influence_sum = torch.zeros(self.num_samples, dtype=torch.float64, device=self.device)
+        self.influence_count = torch.zeros(self.num_samples, dtype=torch.float64, device=self.device)
+        self._reset_interval()
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def checkpoint_path(self) -> Optional[Path]:
+        return self.out_dir / CHECKPOINT_NAME if self.out_dir is not None else None
+
+    @property
+    def log_path(self) -> Optional[Path]:
+        return self.out_dir / LOG_NAME if self.out_dir is not None else None
+
+    def train(self) -> "Trainer":
+        """Train until ``config.steps`` (from the current step: call :meth:`resume` first to continue)."""
+        config = self.config
+        bar = None
+        if config.progress and self.is_main:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=config.steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True)
+        self.model.train()
+        session_start, interval_start = time.perf_counter(), time.perf_counter()
+        time_before = self.train_time
+        while self.step < config.steps:
+            epoch, position = divmod(self.step, self.batches_per_epoch)
+            self.sampler.set_epoch(epoch)
+            order = list(self.sampler)
+            batches = [order[i * self.local_batch:(i + 1) * self.local_batch]
+                       for i in range(position, self.batches_per_epoch)]
+            batches = batches[:config.steps - self.step]
+            # Its own generator: a DataLoader otherwise draws its worker seed from torch's global RNG, and
+            # a resumed run (one more loader, mid-epoch) would then diverge from an uninterrupted one.
+            loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=config.num_workers,
+                                pin_memory=self.device.type == "cuda",
+                                generator=torch.Generator().manual_seed(
+                                    derive_seed(config.seed, f"loader {epoch} {self.rank}")))
+            for indices, batch in zip(batches, loader):
+                images = batch[0] if isinstance(batch, (tuple, list)) else batch
+                self._train_step(images.to(self.device, non_blocking=True),
+                                 torch.as_tensor(indices, device=self.device))
+                self.step += 1
+                self.train_time = time_before + time.perf_counter() - session_start
+                if self.step % config.log_every == 0 or self.step == config.steps:
+                    row = self._log_row(epoch, time.perf_counter() - interval_start)
+                    interval_start = time.perf_counter()
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{row['loss']:.4f}", w_clean=_fmt(row["influence_clean"]),
+                                        w_cont=_fmt(row["influence_contaminated"]))
+                if bar is not None:
+                    bar.update(1)
+                if (config.checkpoint_every and self.step % config.checkpoint_every == 0) or self.step == config.steps:
+                    self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+        return self
+
+    def average_influence(self) -> Tuple[Tensor, Tensor]:
+        """Per training sample: the mean influence weight over the steps it was drawn in (NaN if never,
+        counting from ``config.influence_from_step``) and how many times it was drawn; float64, CPU."""
+        count = self.influence_count.cpu()
+        mean = self.influence_sum.cpu() / count
+        return torch.where(count > 0, mean, torch.full_like(mean, math.nan)), count
+
+    def save_checkpoint(self, path: Optional[PathLike] = None) -> None:
+        """Write the full training state (every rank must call it: RNG states are gathered from all)."""
+        rng = _rng_state(self.device)
+        if self.world_size > 1:
+            states: List[Any] = [None] * self.world_size
+            dist.all_gather_object(states, rng)
+        else:
+            states = [rng]
+        path = Path(path) if path is not None else self.checkpoint_path
+        if self.is_main and path is not None:
+            state = {
+                "step": self.step,
+                "epoch": self.step // self.batches_per_epoch,
+                "batch_in_epoch": self.step % self.batches_per_epoch,
+                "world_size": self.world_size,
+                "batch_size": self.config.batch_size,
+                "num_samples": self.num_samples,
+                "config": asdict(self.config),
+                "model": self.model.state_dict(),
+                "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "loss_fn": self.loss_fn.state_dict() if isinstance(self.loss_fn, nn.Module) else None,
+                "rng": states,
+                "noise_generator": self.noise_generator.get_state(),
+                "influence_sum": self.influence_sum.cpu(),
+                "influence_count": self.influence_count.cpu(),
+                "interval": {k: v.cpu() if isinstance(v, Tensor) else v for k, v in self._interval.items()},
+                "train_time": self.train_time,
+            }
+            atomic_save(state, path)
+        if self.world_size > 1:
+            dist.barrier()
+
+    def resume(self, path: Optional[PathLike] = None) -> bool:
+        """Load the checkpoint at ``path`` (default ``out_dir/checkpoint.pt``) if it exists; returns whether it
+        did. Log rows written after that checkpoint (by a run that died later) are dropped from ``log.csv``."""
+        path = Path(path) if path is not None else self.checkpoint_path
+        if path is None or not path.is_file():
+            return False
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        for key, mine in (("batch_size", self.config.batch_size), ("num_samples", self.num_samples)):
+            if state[key] != mine:
+                raise ValueError(f"cannot resume from {path}: it was written with {key}={state[key]}, "
+                                 f"this run has {mine}")
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        if isinstance(self.loss_fn, nn.Module) and state["loss_fn"] is not None:
+            self.loss_fn.load_state_dict(state["loss_fn"])
+        self.noise_generator.set_state(state["noise_generator"])
+        if state["world_size"] == self.world_size:
+            _set_rng_state(state["rng"][self.rank], self.device)
+        else:
+            warnings.warn(f"{path} was written by {state['world_size']} rank(s), this run has {self.world_size}: "
+                          f"the data order and diffusion noise continue exactly, dropout streams are reseeded")
+            torch.manual_seed(derive_seed(self.config.seed, f"rank {self.rank} step {state['step']}"))
+        self.influence_sum = state["influence_sum"].to(self.device)
+        self.influence_count = state["influence_count"].to(self.device)
+        self._interval = {k: v.to(self.device) if isinstance(v, Tensor) else v
+                          for k, v in state["interval"].items()}
+        self.step = state["step"]
+        self.train_time = state["train_time"]
+        if self.is_main and self.log_path is not None and self.log_path.is_file():
+            rows = [row for row in _read_rows(self.log_path) if int(row["step"]) <= self.step]
+            _write_rows(self.log_path, rows)
+        return True
+
+    # ------------------------------------------------------------------ one step
+    def _autocast_dtype(self, mode: str) -> Optional[torch.dtype]:
+        if self.device.type != "cuda":
+            if mode in ("bf16", "fp16"):
+                raise ValueError(f"mixed_precision={mode!r} needs a CUDA device, the trainer runs on {self.device}")
+            return None
+        if mode == "auto":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+
+    def _train_step(self, x0: Tensor, indices: Tensor) -> None:
+        config = self.config
+        # Timesteps and noise of the global batch; this rank's samples are rows rank, rank + W, ... (the
+        # DistributedSampler interleaving), so every world size sees the same (sample, t, noise) triples.
+        # t uniform on [lower, T): lower = 0, or each sample's stability bound t_min(r) for the risk-free loss
+        # (0 where r = 0, so risk-free training on clean samples is bit-identical to standard training).
+        steps = self.schedule.num_timesteps
+        u = torch.rand(config.batch_size, device=self.device, dtype=torch.float64,
+                       generator=self.noise_generator)[self.rank::self.world_size]
+        if self.risk is None:
+            t = torch.floor(u * steps).long()
+        else:
+            from .risk import timestep_lower_bound
+            lower = timestep_lower_bound(self.schedule, self.risk[indices])
+            t = (lower + torch.floor(u * (steps - lower)).long()).clamp(max=steps - 1)
+        noise_all = torch.randn((config.batch_size, *x0.shape[1:]), device=self.device, dtype=x0.dtype,
+                                generator=self.noise_generator)
+        noise = noise_all[self.rank::self.world_size]
+        if self.risk is None:
+            x_t = self.schedule.q_sample(x0, t, noise)
+            target = self.schedule.training_target(x0, noise, t, self.prediction_type)
+        else:
+            from .risk import risk_noising
+            noising = risk_noising(x0, self.risk[indices], t, noise, schedule=self.schedule,
+                                   prediction_type=self.prediction_type)
+            x_t = noising.noisy
+
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate(self.step)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            output = self.network(x_t, t)
+        if self.risk is None:
+            loss = self.loss_fn(output.float(), target, t)
+        else:
+            from .risk import risk_free_loss
+            loss = risk_free_loss(output.float(), noising, t, loss=self.loss_fn, schedule=self.schedule)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        if config.grad_clip is not None:
+            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        else:
+            grad_norm = torch.linalg.vector_norm(torch.stack([
+                p.grad.detach().norm() for p in self.model.parameters() if p.grad is not None]))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self._update_ema()
+
+        influence = getattr(self.loss_fn, "last_influence", None)
+        influence = (influence.detach().to(torch.float64) if isinstance(influence, Tensor)
+                     else torch.ones(t.shape[0], dtype=torch.float64, device=self.device))
+        penalty = getattr(self.loss_fn, "last_penalty", None)
+        penalty = (penalty.detach().to(torch.float64) if isinstance(penalty, Tensor)
+                   else torch.full((t.shape[0],), math.nan, dtype=torch.float64, device=self.device))
+        self._record(loss.detach(), grad_norm.detach(), indices, influence, penalty)
+
+    def _check_risk(self, dataset: Dataset) -> Tensor:
+        from .risk import usable_samples
+        from .robust_loss import RobustDiffusionLoss
+
+        risk = getattr(dataset, "risk", None)
+        if risk is None:
+            raise ValueError("risk_free=True needs a dataset with a per-sample `risk` tensor (the known noise std), "
+                             "e.g. contaminate(images, p, kind='gaussian')")
+        if not isinstance(self.loss_fn, RobustDiffusionLoss):
+            raise ValueError("risk_free=True needs a RobustDiffusionLoss as loss_fn (risk_free_loss wraps it)")
+        risk = torch.as_tensor(risk).to(self.device, torch.float32)
+        unusable = int((~usable_samples(self.schedule, risk)).sum())
+        if unusable:
+            raise ValueError(f"{unusable} training samples have a risk too large for the schedule (no timestep "
+                             f"where their noise is below the diffusion noise); drop them first "
+                             f"(robust_diffusion.risk.usable_samples)")
+        return risk
+
+    def learning_rate(self, step: int) -> float:
+        """Linear warm-up to ``lr`` over ``warmup_steps``, then constant."""
+        warmup = self.config.warmup_steps
+        return self.config.lr * min(1.0, (step + 1) / warmup) if warmup else self.config.lr
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = self.config.ema_decay
+        if self.config.ema_warmup:
+            decay = min(decay, (1 + self.step) / (10 + self.step))
+        ema_params = list(self.ema.parameters())
+        torch._foreach_lerp_(ema_params, [p.detach() for p in self.model.parameters()], 1.0 - decay)
+        for ema_buffer, buffer in zip(self.ema.buffers(), self.model.buffers()):
+            ema_buffer.copy_(buffer)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _reset_interval(self) -> None:
+        zero = lambda: torch.zeros((), dtype=torch.float64, device=self.device)  # noqa: E731
+        self._interval = {"steps": 0, "loss": zero(), "penalty": zero(), "grad_norm": zero(), "samples": 0,
+                          "w_all": zero(), "n_all": zero(), "w_clean": zero(), "n_clean": zero(),
+                          "w_cont": zero(), "n_cont": zero()}
+
+    def _record(self, loss: Tensor, grad_norm: Tensor, indices: Tensor, influence: Tensor, penalty: Tensor) -> None:
+        """Accumulate the step into the log interval and the per-sample influence averages (on the device,
+        no host sync). Indices, influence weights and penalties are gathered from every rank so that all
+        ranks hold the complete, identical statistics."""
+        if self.world_size > 1:
+            local = torch.stack([indices.to(torch.float64), influence, penalty])
+            gathered = [torch.empty_like(local) for _ in range(self.world_size)]
+            dist.all_gather(gathered, local)
+            stacked = torch.cat(gathered, dim=1)
+            indices, influence, penalty = stacked[0].to(torch.int64), stacked[1], stacked[2]
+        interval = self._interval
+        interval["steps"] += 1
+        interval["samples"] += indices.numel()
+        interval["loss"] += loss.to(torch.float64)
+        interval["penalty"] += penalty.mean()
+        interval["grad_norm"] += grad_norm.to(torch.float64)
+        interval["w_all"] += influence.sum()
+        interval["n_all"] += influence.numel()
+        if self.is_contaminated is not None:
+            contaminated = self.is_contaminated[indices]
+            interval["w_cont"] += (influence * contaminated).sum()
+            interval["n_cont"] += contaminated.sum()
+            interval["w_clean"] += (influence * ~contaminated).sum()
+            interval["n_clean"] += (~contaminated).sum()
+        if self.step >= self.config.influence_from_step:
+            self.influence_sum.index_add_(0, indices, influence)
+            self.influence_count.index_add_(0, indices, torch.ones_like(influence))
+
+    def _log_row(self, epoch: int, seconds: float) -> Dict[str, float]:
+        interval = self._interval
+        loss = interval["loss"]
+        if self.world_size > 1:
+            loss = loss.clone()
+            dist.all_reduce(loss)
+            loss /= self.world_size
+        steps = max(interval["steps"], 1)
+        host = {k: float(v) for k, v in interval.items()}
+
+        def ratio(num: str, den: str) -> float:
+            return host[num] / host[den] if host[den] > 0 else math.nan
+
+        row = {"step": self.step, "epoch": epoch, "lr": self.learning_rate(self.step - 1),
+               "loss": float(loss) / steps, "penalty": host["penalty"] / steps, "grad_norm": host["grad_norm"] / steps,
+               "influence_mean": ratio("w_all", "n_all"), "influence_clean": ratio("w_clean", "n_clean"),
+               "influence_contaminated": ratio("w_cont", "n_cont"),
+               "samples_per_s": host["samples"] / seconds if seconds > 0 else math.nan,
+               "elapsed_s": self.train_time}
+        if self.is_main and self.log_path is not None:
+            new = not self.log_path.is_file()
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+                if new:
+                    writer.writeheader()
+                writer.writerow({k: _cell(row[k]) for k in LOG_COLUMNS})
+        self._reset_interval()
+        return row
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def derive_seed(seed: int, purpose: str) -> int:
+    """An independent 63-bit seed for each purpose. Using ``seed`` itself everywhere would correlate streams:
+    e.g. :func:`~robust_diffusion.data.contaminate` and the data order would draw the same permutation, and
+    every contaminated sample would come first in each epoch."""
+    digest = hashlib.sha256(f"robust_diffusion:{seed}:{purpose}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+def _rng_state(device: torch.device) -> Dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _read_rows(path: Path) -> List[Dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _write_rows(path: Path, rows: Sequence[Dict[str, str]]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _cell(value: float) -> str:
+    if isinstance(value, float) and math.isnan(value):
+        return ""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def _fmt(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.3f}"

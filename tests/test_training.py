@@ -1,0 +1,289 @@
+"""The Trainer and the training CLI: exact resume (also after SIGKILL), DDP equivalence, logging, errors."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import robust_diffusion as rd
+from robust_diffusion import train as cli
+from robust_diffusion.data import FASHION_MNIST_ROOT, contaminate
+from robust_diffusion.training import LOG_COLUMNS, TrainConfig, Trainer, atomic_save, read_log
+
+REPO = Path(__file__).resolve().parents[1]
+HAS_FASHION_MNIST = (FASHION_MNIST_ROOT / "train-images-idx3-ubyte.gz").is_file()
+needs_fashion_mnist = pytest.mark.skipif(not HAS_FASHION_MNIST, reason="dataset-fashion-mnist is not installed")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """In-process training on one thread: CPU tests share the cores, where OpenMP's spinning threads crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "python"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def _micro_model(seed=0):
+    torch.manual_seed(seed)
+    return cli.build_model("micro", 1)
+
+
+def _toy_dataset(n=48, seed=0):
+    images = torch.rand(n, 1, 12, 12, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return contaminate(images, 0.25, "noise", seed=seed)
+
+
+def _trainer(tmp_path, steps, dataset=None, loss="hellinger", **config):
+    dataset = dataset if dataset is not None else _toy_dataset()
+    schedule = rd.NoiseSchedule.linear(100)
+    settings = dict(steps=steps, batch_size=8, lr=1e-3, log_every=2, checkpoint_every=3, progress=False)
+    settings.update(config)
+    return Trainer(_micro_model(), rd.RobustDiffusionLoss(loss, schedule), dataset, schedule,
+                   TrainConfig(**settings), out_dir=tmp_path)
+
+
+def _assert_states_equal(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+# ---------------------------------------------------------------------------------------------- in process
+def test_resume_is_exact_in_process(tmp_path):
+    reference = _trainer(tmp_path / "full", steps=7).train()
+    first = _trainer(tmp_path / "split", steps=3).train()  # stops at step 3 with a checkpoint
+    resumed = _trainer(tmp_path / "split", steps=7)
+    assert resumed.resume()
+    assert resumed.step == first.step == 3
+    resumed.train()
+    _assert_states_equal(reference.model.state_dict(), resumed.model.state_dict())
+    _assert_states_equal(reference.ema.state_dict(), resumed.ema.state_dict())
+    _assert_states_equal(reference.loss_fn.state_dict(), resumed.loss_fn.state_dict())
+    assert torch.equal(reference.influence_sum, resumed.influence_sum)
+    full_log, split_log = read_log(reference.log_path), read_log(resumed.log_path)
+    assert [r["step"] for r in full_log] == [2, 4, 6, 7]
+    assert [r["step"] for r in split_log] == [2, 3, 4, 6, 7]  # the first session's last step logs too
+    for a, b in zip(full_log[-2:], split_log[-2:]):  # everything but timing is identical
+        for column in ("loss", "grad_norm", "influence_clean", "influence_contaminated"):
+            assert a[column] == b[column] or (math.isnan(a[column]) and math.isnan(b[column])), column
+
+
+def test_log_and_influence_statistics(tmp_path):
+    dataset = _toy_dataset()
+    trainer = _trainer(tmp_path, steps=12, dataset=dataset, checkpoint_every=0).train()
+    rows = read_log(trainer.log_path)
+    assert list(rows[0]) == list(LOG_COLUMNS)
+    assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 12]
+    assert all(0 < r["influence_mean"] <= 1 and r["loss"] > 0 and r["penalty"] > 0 for r in rows)
+    mean, count = trainer.average_influence()
+    # 12 steps x 8 samples over 48 samples (drop_last epochs of 6 batches): each seen exactly twice.
+    assert torch.equal(count, torch.full((48,), 2.0, dtype=torch.float64))
+    assert ((mean > 0) & (mean <= 1)).all()
+    assert (tmp_path / "checkpoint.pt").is_file()  # the last step always writes one
+
+
+def test_data_order_is_independent_of_contamination_choice():
+    dataset = _toy_dataset(n=200)
+    schedule = rd.NoiseSchedule.linear(100)
+    trainer = Trainer(_micro_model(), rd.RobustDiffusionLoss("kl", schedule), dataset, schedule,
+                      TrainConfig(steps=1, batch_size=50, progress=False))
+    order = torch.tensor(list(trainer.sampler))
+    per_batch = dataset.is_contaminated[order].view(4, 50).sum(1)
+    assert per_batch.min() > 0 and per_batch.max() < 50  # the same seed must not give the same permutation
+
+
+def test_plain_dataset_and_plain_loss(tmp_path):
+    images = torch.rand(16, 1, 12, 12) * 2 - 1
+    schedule = rd.NoiseSchedule.linear(50)
+    def mse(output, target, t):  # any callable loss_fn(output, target, t)
+        return torch.nn.functional.mse_loss(output, target)
+
+    trainer = Trainer(_micro_model(), mse, TensorDataset(images), schedule,
+                      TrainConfig(steps=2, batch_size=8, log_every=1, progress=False), out_dir=tmp_path)
+    trainer.train()
+    rows = read_log(trainer.log_path)
+    assert rows[-1]["influence_mean"] == 1.0 and math.isnan(rows[-1]["influence_contaminated"])
+    assert math.isnan(rows[-1]["penalty"])  # only a RobustDiffusionLoss reports per-sample penalties
+
+
+def test_risk_free_training(tmp_path):
+    images = torch.rand(32, 1, 12, 12, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    # Risk 0 everywhere: the risk-free loss is the standard one, bit for bit.
+    clean = contaminate(images, 0.25, "noise", seed=0)
+    standard = _trainer(tmp_path / "a", steps=3, dataset=clean, checkpoint_every=0).train()
+    risk_free = _trainer(tmp_path / "b", steps=3, dataset=clean, checkpoint_every=0, risk_free=True).train()
+    _assert_states_equal(standard.model.state_dict(), risk_free.model.state_dict())
+    # Known Gaussian noise: trains, influence weights logged for clean and noisy samples.
+    noisy = contaminate(images, 0.25, "gaussian", seed=0, noise_std=0.3)
+    trainer = _trainer(tmp_path / "c", steps=4, dataset=noisy, risk_free=True).train()
+    row = read_log(trainer.log_path)[-1]
+    assert 0 < row["influence_clean"] <= 1 and 0 < row["influence_contaminated"] <= 1
+    with pytest.raises(ValueError, match="needs a dataset with a per-sample `risk` tensor"):
+        _trainer(tmp_path / "d", steps=1, dataset=TensorDataset(images), risk_free=True)
+
+
+def test_atomic_save_replaces_and_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    atomic_save({"a": torch.ones(3)}, path)
+    atomic_save({"a": torch.zeros(3)}, path)
+    assert torch.equal(torch.load(path)["a"], torch.zeros(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_config_and_trainer_errors():
+    with pytest.raises(ValueError, match="TrainConfig.steps must be a positive integer, got 0"):
+        TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="mixed_precision must be one of"):
+        TrainConfig(mixed_precision="fp8")
+    schedule = rd.NoiseSchedule.linear(50)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        Trainer(_micro_model(), torch.nn.functional.mse_loss, TensorDataset(torch.zeros(8, 1, 8, 8)), schedule,
+                TrainConfig(batch_size=4, mixed_precision="bf16"), device="cpu")
+    with pytest.raises(ValueError, match="fewer than one global batch of 16"):
+        Trainer(_micro_model(), torch.nn.functional.mse_loss, TensorDataset(torch.zeros(8, 1, 8, 8)), schedule,
+                TrainConfig(batch_size=16))
+
+
+def test_resume_rejects_a_different_batch_size(tmp_path):
+    _trainer(tmp_path, steps=3).train()
+    other = _trainer(tmp_path, steps=6, batch_size=4)
+    with pytest.raises(ValueError, match="written with batch_size=8, this run has 4"):
+        other.resume()
+
+
+# ---------------------------------------------------------------------------------------------- CLI errors
+@pytest.mark.parametrize("argv, message", [
+    (["--data-root", "/nonexistent/fashion"], "Fashion-MNIST directory not found: /nonexistent/fashion"),
+    (["--contamination", "1.5"], "contamination must be a fraction in [0, 1), got 1.5"),
+    (["--contamination", "-0.1"], "contamination must be a fraction in [0, 1), got -0.1"),
+    (["--loss", "mse"], "unknown loss 'mse' in 'mse'; expected one of kl, hellinger, ned"),
+    (["--loss", "ned+snr"], "unknown or repeated suffix 'snr' in loss 'ned+snr'"),
+    (["--loss", "ned+debias+min_snr"], "unknown or repeated suffix 'min_snr' in loss 'ned+debias+min_snr'"),
+    (["--scale", "big"], "scale must be 'adaptive', 'vlb' or a non-negative number, got 'big'"),
+    (["--dataset", "cifar10"], "CIFAR-10 needs --data-root"),
+])
+def test_cli_errors_are_clear(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--out", str(tmp_path), "--steps", "1"] + argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_api_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Fashion-MNIST directory not found"):
+        cli.load_experiment_data("fashion-mnist", 0.3, root=tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="Fashion-MNIST file not found"):
+        cli.load_experiment_data("fashion-mnist", 0.3, root=tmp_path)  # exists, but holds no IDX files
+    with pytest.raises(ValueError, match=r"contamination must be a fraction in \[0, 1\), got 1"):
+        cli.load_experiment_data("fashion-mnist", 1)
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'; expected one of fashion-mnist, cifar10"):
+        cli.load_experiment_data("mnist", 0.3)
+    with pytest.raises(ValueError, match="unknown contamination kind 'salt'"):
+        cli.load_experiment_data("fashion-mnist", 0.3, "salt")
+    with pytest.raises(ValueError, match="unknown loss 'l2'"):
+        cli.build_loss("l2", rd.NoiseSchedule.linear())
+    assert cli.parse_loss_spec("ned+debias") == ("ned", "debias", False)
+    assert cli.parse_loss_spec("kl+risk_free+debias").name == "kl+debias+risk_free"
+    assert cli.build_loss("ned+debias", rd.NoiseSchedule.linear()).uses_weighting
+
+
+@needs_fashion_mnist
+def test_experiment_data_kinds():
+    data = cli.load_experiment_data("fashion-mnist", 0.25, "dataset", num_train=400)
+    assert data.image_shape == (1, 28, 28) and data.train.num_contaminated == 100
+    held_out = set(cli._HELD_OUT_CLASSES)
+    assert not held_out & set(data.train_labels.tolist()) and not held_out & set(data.test_labels.tolist())
+    noisy = cli.load_experiment_data("fashion-mnist", 0.1, "gaussian", num_train=100, image_size=32)
+    assert noisy.image_shape == (1, 32, 32) and noisy.train.risk.max() == 0.5
+
+
+# ---------------------------------------------------------------------------------------------- subprocesses
+def _cli_args(out, steps, extra=()):
+    return ["--out", str(out), "--model", "micro", "--num-train", "96", "--batch-size", "8", "--steps", str(steps),
+            "--lr", "1e-3", "--log-every", "5", "--checkpoint-every", "5", "--threads", "1", "--no-progress",
+            *extra]
+
+
+@needs_fashion_mnist
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+    steps = 60
+    command = [sys.executable, "-m", "robust_diffusion.train"]
+    subprocess.run(command + _cli_args(tmp_path / "reference", steps), env=_env(), check=True,
+                   capture_output=True, timeout=600)
+
+    out = tmp_path / "killed"
+    process = subprocess.Popen(command + _cli_args(out, steps), env=_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    checkpoint = out / "checkpoint.pt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    state = torch.load(checkpoint, weights_only=False)  # never torn: it loads
+    killed_at = state["step"]
+    assert 5 <= killed_at < steps and killed_at % 5 == 0
+
+    resumed = subprocess.run(command + _cli_args(out, steps, ["--resume"]), env=_env(), capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {checkpoint} at step {killed_at}" in resumed.stdout
+
+    final, expected = torch.load(checkpoint, weights_only=False), torch.load(
+        tmp_path / "reference" / "checkpoint.pt", weights_only=False)
+    assert final["step"] == expected["step"] == steps
+    for key in ("model", "ema", "loss_fn"):
+        _assert_states_equal(final[key], expected[key])
+    for group_a, group_b in zip(final["optimizer"]["state"].values(), expected["optimizer"]["state"].values()):
+        _assert_states_equal(group_a, group_b)
+    assert torch.equal(final["influence_sum"], expected["influence_sum"])
+    log = read_log(out / "log.csv")
+    assert [r["step"] for r in log] == list(range(5, steps + 1, 5))  # no lost or duplicated rows
+    assert [r["loss"] for r in log] == [r["loss"] for r in read_log(tmp_path / "reference" / "log.csv")]
+
+
+@needs_fashion_mnist
+@pytest.mark.slow
+def test_two_process_ddp_matches_single_process(tmp_path):
+    # A fixed scale: the adaptive scale's per-bucket medians are averaged over ranks, not global medians.
+    extra = ["--loss", "hellinger", "--scale", "1.0", "--checkpoint-every", "0"]
+    steps = "6"
+    single = subprocess.run([sys.executable, "-m", "robust_diffusion.train",
+                             *_cli_args(tmp_path / "single", steps, extra)],
+                            env=_env(), capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "robust_diffusion.train", *_cli_args(tmp_path / "ddp", steps, extra)],
+                         env=_env(), capture_output=True, text=True, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "2 process(es)" in ddp.stdout
+    a = torch.load(tmp_path / "single" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=False)
+    assert b["world_size"] == 2 and a["world_size"] == 1
+    for key in a["model"]:
+        torch.testing.assert_close(b["model"][key], a["model"][key], rtol=1e-5, atol=1e-6, msg=key)
+    # Every rank's influence weights reach the statistics: the same samples were seen the same number of times.
+    assert torch.equal(a["influence_count"], b["influence_count"])
+    torch.testing.assert_close(b["influence_sum"], a["influence_sum"], rtol=1e-5, atol=1e-6)
+    rows_a, rows_b = read_log(tmp_path / "single" / "log.csv"), read_log(tmp_path / "ddp" / "log.csv")
+    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
+    for ra, rb in zip(rows_a, rows_b):
+        for column in ("loss", "penalty", "influence_clean", "influence_contaminated"):
+            assert ra[column] == pytest.approx(rb[column], rel=1e-4), column
