@@ -12,6 +12,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+def subprocess_pythonpath():
+    """What a test's subprocess needs on PYTHONPATH to import the robust_diffusion under test: the source tree
+    when it holds an in-place build (python setup.py build_ext --inplace), else nothing (the installed package)."""
+    source = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python")
+    built = any(name.startswith("_C") and name.endswith(".so")
+                for name in os.listdir(os.path.join(source, "robust_diffusion")))
+    return [source] if built else []
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: compiles or trains; still part of CI")
 

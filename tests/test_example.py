@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import subprocess_pythonpath
+
 import robust_diffusion as rd
 from robust_diffusion import train as cli
 from robust_diffusion.data import FASHION_MNIST_ROOT
@@ -38,7 +40,7 @@ def _one_thread():
 
 def _env(**extra):
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "python"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONPATH"] = os.pathsep.join(subprocess_pythonpath() + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.setdefault("OMP_NUM_THREADS", "1")
     env["MPLBACKEND"] = "Agg"
     env.update(extra)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import subprocess_pythonpath
 from torch.utils.data import TensorDataset
 
 import robust_diffusion as rd
@@ -33,7 +35,7 @@ def _one_thread():
 
 def _env():
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "python"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONPATH"] = os.pathsep.join(subprocess_pythonpath() + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
 
