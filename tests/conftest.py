@@ -12,6 +12,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+@pytest.fixture
+def one_thread():
+    """In-process work on one thread: CPU tests share the cores, where OpenMP's spinning threads crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def subprocess_pythonpath():
     """What a test's subprocess needs on PYTHONPATH to import the robust_diffusion under test: the source tree
     when it holds an in-place build (python setup.py build_ext --inplace), else nothing (the installed package)."""

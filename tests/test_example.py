@@ -29,13 +29,7 @@ needs_fashion_mnist = pytest.mark.skipif(not HAS_FASHION_MNIST, reason="dataset-
 SMOKE_LOSSES = ["kl", "hellinger", "ned", "huber", "clipped_mse", "ned+debias"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """In-process work on one thread: CPU tests share the cores, where OpenMP's spinning threads crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _env(**extra):
