@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-export DEBIAN_FRONTEND=noninteractive MAX_JOBS="${MAX_JOBS:-2}"
+export PIP_ROOT_USER_ACTION=ignore DEBIAN_FRONTEND=noninteractive MAX_JOBS="${MAX_JOBS:-2}"
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends dataset-fashion-mnist g++ >/dev/null
