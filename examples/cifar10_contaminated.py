@@ -363,7 +363,7 @@ print("\n".join(table))
 
 # %%
 names = list(trained)
-fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.6), squeeze=False)
+fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 4.0), squeeze=False)
 for ax, name in zip(axes[0], names):
     ax.imshow(image_grid(trained[name]["samples"][:36]), cmap="gray", vmin=0, vmax=1)
     row = next(r for r in results if r["loss"] == name)
