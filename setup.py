@@ -11,6 +11,7 @@ MAX_JOBS are honoured.
 
 import glob
 import os
+import platform
 import sys
 
 from setuptools import setup
@@ -42,8 +43,41 @@ def _build_cuda() -> bool:
     return torch.version.cuda is not None and CUDA_HOME is not None and bool(_sources("cuda/*.cu"))
 
 
+# The CPU kernels are compiled once per instruction set (csrc/cpu/isa/loss_kernel_<isa>.cpp, as in ATen);
+# these are the flags of each file that needs its own. cpu/loss_kernel.cpp picks the build at run time.
+ISA_FLAGS = {"_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"]} if platform.machine().lower() in ("x86_64", "amd64") else {}
+
+
+class BuildExtensionPerISA(BuildExtension):
+    """torch's BuildExtension, with the per-instruction-set flags above added to those files alone."""
+
+    def build_extension(self, ext):
+        compile_all = self.compiler.compile  # torch's (ninja) compile, set up by BuildExtension
+
+        def compile_by_isa(sources, *args, extra_postargs=None, **kwargs):
+            groups = {}
+            for source in sources:
+                suffix = next((s for s in ISA_FLAGS if source.endswith(s)), None)
+                groups.setdefault(suffix, []).append(source)
+            objects = []
+            for suffix, group in groups.items():
+                postargs = extra_postargs
+                if suffix is not None:
+                    postargs = dict(extra_postargs) if isinstance(extra_postargs, dict) else \
+                        {"cxx": list(extra_postargs or [])}
+                    postargs["cxx"] = list(postargs.get("cxx", [])) + ISA_FLAGS[suffix]
+                objects += compile_all(group, *args, extra_postargs=postargs, **kwargs)
+            return objects
+
+        self.compiler.compile = compile_by_isa
+        try:
+            super().build_extension(ext)
+        finally:
+            self.compiler.compile = compile_all
+
+
 def extension():
-    sources = _sources("*.cpp", "cpu/*.cpp", "autograd/*.cpp", "python/*.cpp")
+    sources = _sources("*.cpp", "cpu/*.cpp", "cpu/isa/*.cpp", "autograd/*.cpp", "python/*.cpp")
     cxx_flags = ["-O3", "-fno-math-errno"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if _build_cuda():
@@ -60,5 +94,5 @@ def extension():
 
 setup(
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtensionPerISA.with_options(use_ninja=True)},
 )

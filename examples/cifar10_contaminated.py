@@ -133,6 +133,11 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--out", default="outputs/contaminated")
+    parser.add_argument("--eval-cache", default=None,
+                        help="where the evaluation networks are cached (default: <out>/cache); share it between "
+                             "runs so that every run is judged by the same networks")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--no-export", action="store_true", help="skip the TorchScript / torch.export step")
     parser.add_argument("--export-loss", default=None,
                         help="whose EMA model to export (default: ned if trained, else the last loss)")
     parser.add_argument("--resume", action="store_true", help="reuse finished or interrupted runs in --out")
@@ -144,7 +149,7 @@ def parse_args(argv=None):
     if (args.dataset, args.preset) not in PRESETS:
         parser.error(f"there is no {args.preset!r} preset for {args.dataset}")
     settings = dict(PRESETS[(args.dataset, args.preset)])
-    for key in ("steps", "batch_size", "num_train", "samples", "ddim_steps"):
+    for key in ("steps", "batch_size", "num_train", "samples", "ddim_steps", "threads"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     try:
@@ -197,8 +202,9 @@ def image_grid(images, columns=None):
     return grid.squeeze(-1) if c == 1 else grid
 
 
-fig, axes = plt.subplots(1, 2, figsize=(8, 4))
-for ax, flag, title in ((axes[0], False, "clean training images"), (axes[1], True, "contaminated training images")):
+panels = [(False, "clean training images")] + ([(True, "contaminated training images")] if is_contaminated.any() else [])
+fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
+for ax, (flag, title) in zip(axes[0], panels):
     ax.imshow(image_grid(train_set.images[is_contaminated == flag][:36]), cmap="gray", vmin=0, vmax=1)
     ax.set_title(title)
     ax.axis("off")
@@ -210,10 +216,13 @@ plt.show() if IN_JUPYTER else plt.close(fig)
 # ## Evaluation networks
 #
 # A small CNN trained on clean images provides the feature space of the Frechet distance; a second one,
-# trained to tell clean from contaminated training images, judges how many generated samples look like the
-# contaminant. Both are cached in `--out`.
+# trained to tell clean images from the contaminant, judges how many generated samples look like the
+# contaminant. Both are fixed in advance (seed 0, independent of `--seed` and `--contamination`), so runs
+# that share `--eval-cache` are judged by the same networks.
 
 # %%
+EVAL_SEED = 0
+eval_cache = Path(args.eval_cache) if args.eval_cache else OUT / "cache"
 t0 = time.perf_counter()
 # The classifier learns from clean training images (the uncontaminated originals of the same split, with
 # the held-out classes of --kind dataset removed), possibly beyond the diffusion model's subset.
@@ -222,29 +231,30 @@ clean = load_experiment_data(args.dataset, 0.0, args.kind, root=args.data_root, 
 cls_images, cls_labels = clean.train.images, clean.train_labels
 classifier = metrics.train_classifier(
     cls_images, cls_labels, test_images=data.test_images, test_labels=data.test_labels,
-    epochs=settings["classifier_epochs"], seed=args.seed, cache_path=OUT / "cache" / "classifier.pt",
+    epochs=settings["classifier_epochs"], seed=EVAL_SEED, cache_path=eval_cache / "classifier.pt",
     device=args.device, progress=not IN_JUPYTER)
-n_det = min(settings["detector_train"], len(train_set))
+# The detector learns from its own half-contaminated draw of this kind of contaminant.
+half = load_experiment_data(args.dataset, 0.5, args.kind, root=args.data_root, image_size=settings["image_size"],
+                            num_train=settings["detector_train"], seed=EVAL_SEED)
+n_det = len(half.train)
 split = n_det - n_det // 5  # the last fifth of the detector's images measure its accuracy
 detector = metrics.train_contaminant_detector(
-    train_set.images[:split], is_contaminated[:split], test_images=train_set.images[split:n_det],
-    test_labels=is_contaminated[split:n_det], epochs=3, seed=args.seed,
-    cache_path=OUT / "cache" / f"detector_{args.kind}_{args.contamination}.pt", device=args.device,
-    progress=not IN_JUPYTER) if args.contamination > 0 else None
+    half.train.images[:split], half.train.is_contaminated[:split].cpu(), test_images=half.train.images[split:],
+    test_labels=half.train.is_contaminated[split:].cpu(), epochs=3, seed=EVAL_SEED,
+    cache_path=eval_cache / f"detector_{args.kind}.pt", device=args.device, progress=not IN_JUPYTER)
 reference = data.test_images[:settings["reference"]]
 reference_features = metrics.extract_features(classifier.model, reference)
 eval_seconds = time.perf_counter() - t0
 print(f"feature classifier: FeatureClassifier (0.16M-parameter CNN, {cls_images.shape[0]} clean images, "
       f"{settings['classifier_epochs']} epoch(s)), test accuracy {classifier.test_accuracy:.3f}")
-if detector is not None:
-    print(f"contaminant detector: held-out accuracy {detector.test_accuracy:.3f}")
+print(f"contaminant detector ({args.kind}): held-out accuracy {detector.test_accuracy:.3f}")
 print(f"({eval_seconds:.0f} s)")
 
 
 def evaluate_images(images):
     """Frechet distance to the clean test images and contaminant fraction of a set of images."""
     fd = metrics.frechet_distance(metrics.extract_features(classifier.model, images), reference_features)
-    fraction = metrics.contaminant_fraction(detector.model, images) if detector is not None else math.nan
+    fraction = metrics.contaminant_fraction(detector.model, images)
     return fd, fraction
 
 
@@ -346,8 +356,8 @@ header = [f"# Robust DDPM training on contaminated data", "",
           f"- sampling: DDIM, {settings['ddim_steps']} steps, eta 0, {n_samples} samples per loss",
           f"- Frechet distance: FeatureClassifier features (128-d, test accuracy {accuracy}) against "
           f"{reference.shape[0]} clean test images",
-          f"- contaminant fraction: FeatureClassifier trained to tell clean from contaminated training images"
-          + (f" (held-out accuracy {detector.test_accuracy:.3f})" if detector is not None else ""),
+          f"- contaminant fraction: FeatureClassifier trained to tell clean images from `{args.kind}` contaminants "
+          f"(held-out accuracy {detector.test_accuracy:.3f})",
           f"- AUROC: average influence weight of each training sample (steps >= {influence_from}) as a detector "
           f"of the contaminated ones; influence columns: mean of those averages over clean / contaminated samples",
           "- final_penalty: mean per-sample denoising penalty R_b (squared error; Huber penalty for huber) over "
@@ -416,10 +426,12 @@ plt.show() if IN_JUPYTER else plt.close(fig)
 export_name = args.export_loss or ("ned" if "ned" in trained else names[-1])
 if export_name not in trained:
     raise ValueError(f"--export-loss {export_name!r} was not trained; trained: {', '.join(names)}")
-example = (torch.randn(2, *image_shape, device=args.device), torch.tensor([10, 500], device=args.device))
-paths = export_model(trained[export_name]["trainer"].ema, OUT / "export" / export_name, example, schedule=schedule)
-for kind, path in paths.items():
-    print(f"{kind}: {path}")
+if not args.no_export:
+    example = (torch.randn(2, *image_shape, device=args.device), torch.tensor([10, 500], device=args.device))
+    paths = export_model(trained[export_name]["trainer"].ema, OUT / "export" / export_name, example,
+                         schedule=schedule)
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
 total = time.perf_counter() - START
 (OUT / "wall_time.txt").write_text(f"{total:.1f}\n")
 print(f"total wall time {total / 60:.1f} min; results in {OUT}/results.md")

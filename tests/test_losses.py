@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import robust_diffusion as rd
+from conftest import subprocess_pythonpath
 from loss_reference import CASE_IDS, loss_cases, reference
 
 OPS = torch.ops.robust_diffusion
@@ -269,6 +273,43 @@ def test_bitwise_deterministic_across_runs_and_threads(device):
     again = run()
     for a, b in ((first, again), (first, single)):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def cpu_results(dtype_name: str):
+    """Forward outputs and input gradients of every case on CPU inputs with SIMD blocks, chunks and tails."""
+    dtype = getattr(torch, dtype_name)
+    results = {}
+    for shape in [(5, 3, 11, 13), (3, 40001)]:
+        x, y, scale, weight = make_inputs(shape, seed=21, dtype=dtype)
+        for case_id in CASE_IDS:
+            a = x.clone().requires_grad_()
+            loss, penalty, influence = call(case_for(case_id, shape[0]), a, y, scale.float(), weight.float(),
+                                            reduction="none")
+            loss.sum().backward()
+            results[(shape, case_id)] = (loss.detach(), penalty, influence, a.grad)
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_cpu_instruction_sets_agree(dtype_name, tmp_path):
+    """The portable CPU build (ATEN_CPU_CAPABILITY=default) gives what the build this CPU runs gives."""
+    out = tmp_path / "default.pt"
+    script = (f"import torch, test_losses as t; assert torch.ops.robust_diffusion.cpu_instruction_set() == 'default'; "
+              f"torch.save(t.cpu_results({dtype_name!r}), {str(out)!r})")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env["PYTHONPATH"] = os.pathsep.join(subprocess_pythonpath() + [tests, env.get("PYTHONPATH", "")])
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
+    portable, native = torch.load(out), cpu_results(dtype_name)
+    # Lanes are summed in a different order, so the two agree to float32 rounding; bfloat16 gradients
+    # are rounded once more on the way out (one bfloat16 ulp).
+    grad_tol = dict(rtol=1e-5, atol=1e-7) if dtype_name == "float32" else dict(rtol=8e-3, atol=1e-6)
+    for key, (loss, penalty, influence, grad) in native.items():
+        other = portable[key]
+        for name, a, b in zip(("loss", "penalty", "influence"), (loss, penalty, influence), other[:3]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=lambda m: f"{key} {name}: {m}")
+        torch.testing.assert_close(grad, other[3], **grad_tol, msg=lambda m: f"{key} grad: {m}")
 
 
 # --------------------------------------------------------------------------- the Python API

@@ -1,190 +1,68 @@
-// CPU kernels for every loss: a fused per-sample reduction (forward) and an elementwise backward,
-// templated on the penalty e(r) (math/penalties.h); the per-sample transform is math/transforms.h.
-//
-// Determinism: each sample is cut into fixed chunks of kChunk elements whatever the thread count;
-// a chunk is summed with SIMD accumulators in a fixed order, and chunk sums are added in order in
-// double. The result is bitwise reproducible run to run and across thread counts.
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
+// The CPU loss operators: one kernel build per instruction set (cpu/isa/*.cpp, all from the skeleton in
+// cpu/loss_kernel.h), chosen once at run time the way ATen chooses its own: the best one this CPU runs
+// that ATen would also use (so ATEN_CPU_CAPABILITY=default selects the portable build, e.g. in tests).
+// AVX-512 CPUs get the AVX2 build: the losses are memory-bound, so wider vectors would buy little.
+#include <ATen/Version.h>
 #include <torch/library.h>
 
-#include <vector>
-
-#include "../kernel_dispatch.h"
 #include "../loss_ops.h"
 
 namespace robust_diffusion {
-namespace math {
+namespace cpu {
 
-// SIMD versions of the operations the penalties use (the scalar ones are in penalties.h).
-template <typename S>
-struct VecOps<at::vec::Vectorized<S>> {
-  using V = at::vec::Vectorized<S>;
-  static V abs(const V& x) { return x.abs(); }
-  static V min(const V& a, const V& b) { return at::vec::minimum(a, b); }
-  static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
-  static V sqrt(const V& x) { return x.sqrt(); }
-  static V where_abs_less(const V& r, const V& bound, const V& x) { return V::blendv(V(S(0)), x, r.abs() < bound); }
-};
-
-}  // namespace math
+#define RD_DECLARE_CPU_KERNELS(ISA)                                                                          \
+  namespace ISA {                                                                                          \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward(const LossSpec& spec, const LossInputs& in); \
+  at::Tensor loss_backward(const LossSpec& spec, const LossInputs& in, const at::Tensor& grad_per_sample,   \
+                           const at::Tensor& influence);                                                   \
+  }
+RD_DECLARE_CPU_KERNELS(DEFAULT)
+#if defined(__x86_64__) || defined(_M_X64)
+RD_DECLARE_CPU_KERNELS(AVX2)
+#endif
+#undef RD_DECLARE_CPU_KERNELS
 
 namespace {
 
-using at::vec::Vectorized;
+struct CpuKernels {
+  const char* instruction_set;
+  ForwardKernel forward;
+  BackwardKernel backward;
+};
 
-constexpr int64_t kChunk = 16384;  // elements per task; fixed so results do not depend on threads
-
-// Two compute-type vectors (2 * Vectorized<acc_t>::size() elements) from memory of type T.
-template <typename acc_t, typename T>
-inline void load2(const T* p, Vectorized<acc_t>& a, Vectorized<acc_t>& b) {
-  if constexpr (std::is_same_v<acc_t, T>) {
-    a = Vectorized<acc_t>::loadu(p);
-    b = Vectorized<acc_t>::loadu(p + Vectorized<acc_t>::size());
-  } else {
-    at::vec::load_to_float<T>(p, a, b);
+CpuKernels select_kernels() {
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+  const std::string aten = at::get_cpu_capability();  // "DEFAULT", "AVX2", "AVX512", honours ATEN_CPU_CAPABILITY
+  if ((aten == "AVX2" || aten == "AVX512") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c")) {
+    return {"avx2", &AVX2::loss_forward, &AVX2::loss_backward};
   }
+#endif
+  return {"default", &DEFAULT::loss_forward, &DEFAULT::loss_backward};
 }
 
-template <typename acc_t, typename T>
-inline void store2(T* p, const Vectorized<acc_t>& a, const Vectorized<acc_t>& b) {
-  if constexpr (std::is_same_v<acc_t, T>) {
-    a.store(p);
-    b.store(p + Vectorized<acc_t>::size());
-  } else {
-    at::vec::convert_from_float<T>(a, b).store(p);
-  }
+const CpuKernels& kernels() {
+  static const CpuKernels selected = select_kernels();
+  return selected;
 }
 
-template <typename acc_t>
-constexpr int64_t kBlock = 2 * Vectorized<acc_t>::size();
-
-template <typename Penalty, typename acc_t>
-Penalty penalty_for_sample(const LossSpec& spec, const acc_t* c, int64_t b) {
-  return Penalty::make(spec.penalty_param, c != nullptr ? static_cast<double>(c[b]) : 0.0);
-}
-
-// Sum of e(input - target) over [begin, end): SIMD accumulators, then a scalar tail, in a fixed order.
-template <typename acc_t, typename in_t, typename tgt_t, typename Penalty>
-double chunk_penalty_sum(const Penalty& e, const in_t* x, const tgt_t* y, int64_t begin, int64_t end) {
-  using Vec = Vectorized<acc_t>;
-  Vec acc0(acc_t(0)), acc1(acc_t(0));
-  int64_t i = begin;
-  for (; i + kBlock<acc_t> <= end; i += kBlock<acc_t>) {
-    Vec x0, x1, y0, y1;
-    load2<acc_t>(x + i, x0, x1);
-    load2<acc_t>(y + i, y0, y1);
-    acc0 += e.template value<Vec>(x0 - y0);
-    acc1 += e.template value<Vec>(x1 - y1);
-  }
-  acc_t lanes[Vec::size()];
-  (acc0 + acc1).store(lanes);
-  acc_t sum = acc_t(0);
-  for (int64_t l = 0; l < Vec::size(); ++l) sum += lanes[l];
-  for (; i < end; ++i) sum += e.value(static_cast<acc_t>(x[i]) - static_cast<acc_t>(y[i]));
-  return static_cast<double>(sum);
-}
-
-template <typename Penalty, typename acc_t, typename in_t, typename tgt_t>
-void forward_kernel(const LossSpec& spec, const LossInputs& in, at::Tensor& loss, at::Tensor& penalty,
-                    at::Tensor& influence) {
-  const int64_t B = in.batch, D = in.numel_per_sample;
-  const int64_t chunks = (D + kChunk - 1) / kChunk;
-  const in_t* x = in.input.const_data_ptr<in_t>();
-  const tgt_t* y = in.target.const_data_ptr<tgt_t>();
-  const acc_t* c = in.c.defined() ? in.c.const_data_ptr<acc_t>() : nullptr;
-
-  std::vector<double> partial(B * chunks);
-  at::parallel_for(0, B * chunks, 1, [&](int64_t task_begin, int64_t task_end) {
-    for (int64_t task = task_begin; task < task_end; ++task) {
-      const int64_t b = task / chunks, k = task % chunks;
-      const Penalty e = penalty_for_sample<Penalty>(spec, c, b);
-      const int64_t offset = b * D;
-      partial[task] = chunk_penalty_sum<acc_t>(e, x + offset, y + offset, k * kChunk, std::min(D, (k + 1) * kChunk));
-    }
-  });
-
-  const acc_t* scale = in.scale.const_data_ptr<acc_t>();
-  const acc_t* weight = in.weight.defined() ? in.weight.const_data_ptr<acc_t>() : nullptr;
-  acc_t* penalty_out = penalty.mutable_data_ptr<acc_t>();
-  acc_t* influence_out = influence.mutable_data_ptr<acc_t>();
-  acc_t* loss_out = loss.mutable_data_ptr<acc_t>();
-  double total = 0.0;
-  for (int64_t b = 0; b < B; ++b) {
-    double sum = 0.0;
-    for (int64_t k = 0; k < chunks; ++k) sum += partial[b * chunks + k];
-    const math::SampleForward s = math::sample_forward(spec.transform, spec.transform_param, sum, D,
-                                                       spec.mean_over_elements, scale[b],
-                                                       weight != nullptr ? static_cast<double>(weight[b]) : 1.0);
-    penalty_out[b] = static_cast<acc_t>(s.penalty);
-    influence_out[b] = static_cast<acc_t>(s.influence);
-    if (spec.reduction == Reduction::None) {
-      loss_out[b] = static_cast<acc_t>(s.loss);
-    } else {
-      total += s.loss;
-    }
-  }
-  if (spec.reduction != Reduction::None) {
-    loss_out[0] = static_cast<acc_t>(spec.reduction == Reduction::Mean ? total / static_cast<double>(B) : total);
-  }
-}
-
-template <typename Penalty, typename acc_t, typename in_t, typename tgt_t>
-void backward_kernel(const LossSpec& spec, const LossInputs& in, const at::Tensor& grad_per_sample,
-                     const at::Tensor& influence, at::Tensor& grad_input) {
-  using Vec = Vectorized<acc_t>;
-  const int64_t B = in.batch, D = in.numel_per_sample;
-  const int64_t chunks = (D + kChunk - 1) / kChunk;
-  const in_t* x = in.input.const_data_ptr<in_t>();
-  const tgt_t* y = in.target.const_data_ptr<tgt_t>();
-  in_t* out = grad_input.mutable_data_ptr<in_t>();
-  const acc_t* c = in.c.defined() ? in.c.const_data_ptr<acc_t>() : nullptr;
-  const acc_t* g = grad_per_sample.const_data_ptr<acc_t>();
-  const acc_t* w = influence.const_data_ptr<acc_t>();
-  const acc_t* scale = in.scale.const_data_ptr<acc_t>();
-  const acc_t* weight = in.weight.defined() ? in.weight.const_data_ptr<acc_t>() : nullptr;
-
-  at::parallel_for(0, B * chunks, 1, [&](int64_t task_begin, int64_t task_end) {
-    for (int64_t task = task_begin; task < task_end; ++task) {
-      const int64_t b = task / chunks, k = task % chunks;
-      const Penalty e = penalty_for_sample<Penalty>(spec, c, b);
-      const acc_t coef = static_cast<acc_t>(math::sample_grad_coefficient(
-          g[b], weight != nullptr ? static_cast<double>(weight[b]) : 1.0, w[b], scale[b], D,
-          spec.mean_over_elements));
-      const int64_t end = b * D + std::min(D, (k + 1) * kChunk);
-      int64_t i = b * D + k * kChunk;
-      const Vec coef_v(coef);
-      for (; i + kBlock<acc_t> <= end; i += kBlock<acc_t>) {
-        Vec x0, x1, y0, y1;
-        load2<acc_t>(x + i, x0, x1);
-        load2<acc_t>(y + i, y0, y1);
-        store2<acc_t>(out + i, coef_v * e.template grad<Vec>(x0 - y0), coef_v * e.template grad<Vec>(x1 - y1));
-      }
-      for (; i < end; ++i) {
-        out[i] = static_cast<in_t>(coef * e.grad(static_cast<acc_t>(x[i]) - static_cast<acc_t>(y[i])));
-      }
-    }
-  });
-}
+std::string instruction_set() { return kernels().instruction_set; }
 
 }  // namespace
+}  // namespace cpu
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cpu(const LossSpec& spec, const LossInputs& in) {
-  auto [loss, penalty, influence] = allocate_outputs(spec, in);
-  dispatch_loss_kernel(spec, in, [&]<typename Penalty, typename acc_t, typename in_t, typename tgt_t>() {
-    forward_kernel<Penalty, acc_t, in_t, tgt_t>(spec, in, loss, penalty, influence);
-  });
-  return {loss, penalty, influence};
+  return cpu::kernels().forward(spec, in);
 }
 
 at::Tensor loss_backward_cpu(const LossSpec& spec, const LossInputs& in, const at::Tensor& grad_per_sample,
                              const at::Tensor& influence) {
-  at::Tensor grad_input = at::empty_like(in.input, at::MemoryFormat::Contiguous);
-  dispatch_loss_kernel(spec, in, [&]<typename Penalty, typename acc_t, typename in_t, typename tgt_t>() {
-    backward_kernel<Penalty, acc_t, in_t, tgt_t>(spec, in, grad_per_sample, influence, grad_input);
-  });
-  return grad_input;
+  return cpu::kernels().backward(spec, in, grad_per_sample, influence);
+}
+
+TORCH_LIBRARY_FRAGMENT(robust_diffusion, m) {
+  // Which CPU kernel build runs here ("avx2" or "default"); for benchmarks and tests.
+  m.def("cpu_instruction_set() -> str", &cpu::instruction_set);
 }
 
 TORCH_LIBRARY_IMPL(robust_diffusion, CPU, m) { register_loss_kernels<&loss_forward_cpu, &loss_backward_cpu>(m); }

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .training import atomic_save
+
 __all__ = [
     "FeatureClassifier",
     "TrainedClassifier",
@@ -125,10 +127,9 @@ def train_classifier(images: Tensor, labels: Tensor, *, test_images: Optional[Te
             torch.manual_seed(seed)
             model = FeatureClassifier(images.shape[1], num_classes).to(device)
             _fit(model, images, labels, epochs, batch_size, lr, seed, class_balanced, device, progress)
-        if cache_path is not None:
-            cache_path.parent.mkdir(parents=True, exist_ok=True)
+        if cache_path is not None:  # atomically: parallel runs may share the cache
             state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            torch.save({"settings": settings, "state_dict": state}, cache_path)
+            atomic_save({"settings": settings, "state_dict": state}, cache_path)
     model.eval()
     accuracy = None
     if test_images is not None and test_labels is not None:

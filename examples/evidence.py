@@ -1,0 +1,203 @@
+"""The evidence grid of docs/RESULTS.md: every (cell, seed) of a protocol fixed before any result was seen,
+run with examples/cifar10_contaminated.py, then aggregated into the tables of docs/RESULTS.md.
+
+    python examples/evidence.py                      # run what is missing (resumable), then write the tables
+    python examples/evidence.py --jobs 2 --threads 1 # two single-thread runs at a time (a 2-core CPU)
+    python examples/evidence.py --only clean noise-0.3 --seeds 0
+    python examples/evidence.py --report-only        # tables from the runs on disk, nothing trained
+
+A (cell, seed) is done when its folder under --out holds results.csv; unfinished ones are run again (the
+example resumes interrupted trainings). The tables mark cells that are not done yet instead of leaving
+them out. Every run shares one cache of evaluation networks, so all are judged by the same ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "cifar10_contaminated.py"
+RESULTS_MD = ROOT / "docs" / "RESULTS.md"
+BEGIN, END = "<!-- evidence-tables:begin -->", "<!-- evidence-tables:end -->"
+
+BASELINES = ["kl", "hellinger", "ned", "alpha", "huber", "pseudo_huber", "clipped_mse"]
+DIVERGENCES = ["hellinger", "ned", "alpha"]
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str
+    contamination: float
+    kind: str
+    losses: tuple
+    scale: str = "adaptive"
+    question: str = ""
+
+
+# The protocol, in the order it is run (the first cells answer the main questions).
+CELLS = [
+    Cell("noise-0.3", 0.3, "noise", tuple(BASELINES), question="robustness to noise images"),
+    Cell("gaussian-0.3", 0.3, "gaussian", tuple(BASELINES + ["kl+risk_free", "ned+risk_free"]),
+         question="robustness to known-std Gaussian noise; risk-free loss vs standard"),
+    Cell("clean", 0.0, "noise", tuple(BASELINES + ["kl+debias", "ned+debias"]),
+         question="the cost on clean data; constant vs debias weighting"),
+    Cell("noise-0.3-scale1", 0.3, "noise", tuple(DIVERGENCES), scale="1.0", question="fixed scale 1 vs adaptive"),
+    Cell("gaussian-0.3-scale1", 0.3, "gaussian", tuple(DIVERGENCES), scale="1.0",
+         question="fixed scale 1 vs adaptive"),
+    Cell("noise-0.3-vlb", 0.3, "noise", tuple(DIVERGENCES), scale="vlb", question="DDPM's lambda_t scale vs adaptive"),
+    Cell("gaussian-0.3-vlb", 0.3, "gaussian", tuple(DIVERGENCES), scale="vlb",
+         question="DDPM's lambda_t scale vs adaptive"),
+    Cell("noise-0.1", 0.1, "noise", tuple(BASELINES), question="robustness at a lower contamination"),
+    Cell("gaussian-0.1", 0.1, "gaussian", tuple(BASELINES), question="robustness at a lower contamination"),
+]
+SEEDS = (0, 1)
+
+
+def run_dir(out: Path, cell: Cell, seed: int) -> Path:
+    return out / cell.name / f"seed{seed}"
+
+
+def command(cell: Cell, seed: int, out: Path, preset: str, threads: int | None) -> list:
+    cmd = [sys.executable, str(EXAMPLE), "--dataset", "fashion-mnist", "--preset", preset,
+           "--contamination", str(cell.contamination), "--kind", cell.kind, "--losses", *cell.losses,
+           "--scale", cell.scale, "--seed", str(seed), "--out", str(run_dir(out, cell, seed)),
+           "--eval-cache", str(out / "eval_cache"), "--resume", "--no-export"]
+    return cmd + (["--threads", str(threads)] if threads else [])
+
+
+def run_one(cell: Cell, seed: int, args) -> tuple:
+    folder = run_dir(args.out, cell, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(folder / "log.txt", "w") as log:
+        code = subprocess.call(command(cell, seed, args.out, args.preset, args.threads), stdout=log,
+                               stderr=subprocess.STDOUT, cwd=ROOT, env=dict(os.environ, TQDM_DISABLE="1"))
+    minutes = (time.perf_counter() - t0) / 60
+    print(f"{cell.name} seed {seed}: {'done' if code == 0 else f'FAILED (exit {code}, see {folder}/log.txt)'} "
+          f"in {minutes:.1f} min", flush=True)
+    return cell.name, seed, code, minutes
+
+
+def read_rows(out: Path) -> dict:
+    """{(cell, loss): {seed: row}} of every finished run."""
+    rows = {}
+    for cell in CELLS:
+        for seed in SEEDS:
+            path = run_dir(out, cell, seed) / "results.csv"
+            if path.is_file():
+                with open(path) as f:
+                    for row in csv.DictReader(f):
+                        rows.setdefault((cell.name, row["loss"]), {})[seed] = row
+    return rows
+
+
+def stat(values: list) -> str:
+    """Mean over seeds, with the seeds' values when there are several."""
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.3g}"
+    return f"{statistics.mean(values):.3g} ({', '.join(f'{v:.3g}' for v in values)})"
+
+
+def number(row: dict, key: str) -> float:
+    value = row.get(key, "")
+    return float(value) if value not in ("", None) else math.nan
+
+
+def tables(out: Path) -> str:
+    rows = read_rows(out)
+    lines = []
+    for cell in CELLS:
+        done = [seed for seed in SEEDS if (run_dir(out, cell, seed) / "results.csv").is_file()]
+        scale = "" if cell.scale == "adaptive" else f", scale {cell.scale}"
+        lines += [f"### {cell.name}: p = {cell.contamination}, {cell.kind}{scale} ({cell.question})", ""]
+        if not done:
+            lines += ["Not run yet.", ""]
+            continue
+        lines += [f"Seeds done: {', '.join(map(str, done))} of {', '.join(map(str, SEEDS))}. Mean over seeds "
+                  "(each seed's value in brackets). FD: Frechet distance in the evaluation classifier's "
+                  "features (lower is better); vs KL: relative FD change against `kl` of the same seeds.", "",
+                  "| loss | FD | vs KL | contaminant fraction | influence AUROC | train s |",
+                  "|---|---|---|---|---|---|"]
+        kl = rows.get((cell.name, "kl"), {})
+        for loss in list(cell.losses) + ["data: clean training images", "data: contaminated training set"]:
+            by_seed = rows.get((cell.name, loss), {})
+            if not by_seed:
+                lines.append(f"| {loss} | not run | | | | |")
+                continue
+            seeds = sorted(by_seed)
+            fd = [number(by_seed[s], "frechet_distance") for s in seeds]
+            rel = [number(by_seed[s], "frechet_distance") / number(kl[s], "frechet_distance") - 1
+                   for s in seeds if s in kl] if loss != "kl" and not loss.startswith("data") else []
+            rel_text = (f"{100 * statistics.mean(rel):+.0f}%" if rel else "")
+            lines.append(f"| {loss} | {stat(fd)} | {rel_text} | "
+                         f"{stat([number(by_seed[s], 'contaminant_fraction') for s in seeds])} | "
+                         f"{stat([number(by_seed[s], 'auroc') for s in seeds])} | "
+                         f"{stat([number(by_seed[s], 'train_s') for s in seeds])} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(out: Path, wall_minutes: float | None) -> None:
+    body = tables(out)
+    where = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
+    took = f"; this invocation ran {wall_minutes:.0f} min" if wall_minutes is not None else ""
+    stamp = (f"Tables written by `python examples/evidence.py` on {datetime.date.today().isoformat()} "
+             f"({platform.machine()} CPU, {os.cpu_count()} cores) from the runs in `{where}`{took}.\n\n")
+    text = RESULTS_MD.read_text() if RESULTS_MD.is_file() else f"# Results\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{RESULTS_MD} lacks the markers {BEGIN} / {END} that delimit the generated tables")
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    RESULTS_MD.write_text(f"{head}{BEGIN}\n{stamp}{body}\n{END}{tail}")
+    print(f"tables written to {RESULTS_MD}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "evidence")
+    parser.add_argument("--preset", default="quick", help="the example's preset (quick: this protocol)")
+    parser.add_argument("--only", nargs="+", default=None, help="cell names to run (default: all, in order)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    args.out = args.out.resolve()
+    names = {cell.name for cell in CELLS}
+    unknown = sorted(set(args.only or []) - names)
+    if unknown:
+        parser.error(f"unknown cell(s) {unknown}; cells: {', '.join(c.name for c in CELLS)}")
+    bad_seeds = sorted(set(args.seeds) - set(SEEDS))
+    if bad_seeds:
+        parser.error(f"seeds {bad_seeds} are not in the protocol's {list(SEEDS)}")
+
+    t0 = time.perf_counter()
+    if not args.report_only:
+        todo = [(cell, seed) for cell in CELLS if args.only is None or cell.name in args.only
+                for seed in args.seeds if not (run_dir(args.out, cell, seed) / "results.csv").is_file()]
+        print(f"{len(todo)} run(s) to do: {', '.join(f'{c.name}/seed{s}' for c, s in todo)}", flush=True)
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            finished = list(pool.map(lambda job: run_one(*job, args), todo))
+        failed = [f"{name}/seed{seed}" for name, seed, code, _ in finished if code != 0]
+        if failed:
+            print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    write_report(args.out, None if args.report_only else (time.perf_counter() - t0) / 60)
+
+
+if __name__ == "__main__":
+    main()
