@@ -68,6 +68,14 @@ class Timer:
         return statistics.median(times)
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def copy_bandwidth(device: torch.device, timer: Timer) -> float:
     """Bytes per second of a large device-to-device copy, counting bytes read plus bytes written."""
     numel = (256 << 20) // 4 if device.type == "cuda" else (64 << 20) // 4
@@ -99,7 +107,7 @@ def main() -> None:
     repeat = args.repeat or (50 if device.type == "cuda" else 10)
     bandwidth = copy_bandwidth(device, timer)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+        f"{cpu_model()}, {torch.get_num_threads()} threads, {torch.ops.robust_diffusion.cpu_instruction_set()} kernels"
     compiled = torch.compile(hellinger_composite, dynamic=False) if not args.no_compile else None
 
     rows = []

@@ -152,19 +152,19 @@ def tables(out: Path) -> str:
     return "\n".join(lines)
 
 
-def write_report(out: Path, wall_minutes: float | None) -> None:
+def write_report(out: Path, wall_minutes: float | None, path: Path = RESULTS_MD) -> None:
     body = tables(out)
     where = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
     took = f"; this invocation ran {wall_minutes:.0f} min" if wall_minutes is not None else ""
     stamp = (f"Tables written by `python examples/evidence.py` on {datetime.date.today().isoformat()} "
              f"({platform.machine()} CPU, {os.cpu_count()} cores) from the runs in `{where}`{took}.\n\n")
-    text = RESULTS_MD.read_text() if RESULTS_MD.is_file() else f"# Results\n\n{BEGIN}\n{END}\n"
+    text = path.read_text() if path.is_file() else f"# Results\n\n{BEGIN}\n{END}\n"
     if BEGIN not in text or END not in text:
-        raise SystemExit(f"{RESULTS_MD} lacks the markers {BEGIN} / {END} that delimit the generated tables")
+        raise SystemExit(f"{path} lacks the markers {BEGIN} / {END} that delimit the generated tables")
     head, rest = text.split(BEGIN, 1)
     tail = rest.split(END, 1)[1]
-    RESULTS_MD.write_text(f"{head}{BEGIN}\n{stamp}{body}\n{END}{tail}")
-    print(f"tables written to {RESULTS_MD}")
+    path.write_text(f"{head}{BEGIN}\n{stamp}{body}\n{END}{tail}")
+    print(f"tables written to {path}")
 
 
 def main() -> None:

@@ -262,3 +262,34 @@ TEST_CASE("double backward raises a clear error", "[errors]") {
   const Tensor grad = torch::autograd::grad({loss}, {input}, {}, /*retain_graph=*/true, /*create_graph=*/true)[0];
   CHECK_THROWS_WITH(grad.sum().backward(), Contains("double backward"));
 }
+
+TEST_CASE("risk_noising adds only the missing noise and is the standard noising at zero risk", "[risk]") {
+  const auto op = find_op("risk_noising");
+  CHECK(op.hasKernelForDispatchKey(c10::DispatchKey::CPU));
+  CHECK(op.hasKernelForDispatchKey(c10::DispatchKey::Autograd));
+  at::manual_seed(4);
+  const auto options = at::TensorOptions().dtype(at::kDouble);
+  const Tensor sample = at::randn({3, 2, 5}, options), noise = at::randn({3, 2, 5}, options);
+  const Tensor alpha = at::tensor({0.9, 0.6, 0.3}, options), sigma = at::sqrt(1 - alpha * alpha);
+  const Tensor a = alpha.view({-1, 1, 1}), s = sigma.view({-1, 1, 1});
+  const auto call = [&](const Tensor& risk, const std::string& prediction_type) {
+    return call_boxed("risk_noising", {sample, risk, noise, alpha, sigma, prediction_type, "gaussian"});
+  };
+
+  // Per-element risk inside every sample's stability interval (alpha r < sigma).
+  const Tensor risk = at::rand({3, 2, 5}, options) * 0.3;
+  const Tensor v = at::sqrt(s * s - a * a * risk * risk);  // x_t = alpha x~ + v eta has the clean variance
+  const auto eps = call(risk, "epsilon");
+  CHECK(close(eps[0].toTensor(), a * sample + v * noise));
+  CHECK(close(eps[1].toTensor(), s / v * noise));
+  CHECK(close(eps[2].toTensor(), v));
+  CHECK(close(call(risk, "sample")[1].toTensor(), sample - a * risk * risk / v * noise));
+
+  // Zero risk: the clean process and its targets, bit for bit.
+  const auto clean = call(at::zeros({3}, options), "epsilon");
+  CHECK(at::equal(clean[0].toTensor(), a * sample + s * noise));
+  CHECK(at::equal(clean[1].toTensor(), noise));
+
+  // A negative risk is an error that names the argument.
+  CHECK_THROWS_WITH(call(at::full({3}, -0.1, options), "epsilon"), Contains("risk"));
+}

@@ -1,0 +1,81 @@
+"""examples/evidence.py: the protocol's cells and commands, and the tables it writes into docs/RESULTS.md."""
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def evidence():
+    spec = importlib.util.spec_from_file_location("evidence", REPO / "examples" / "evidence.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["evidence"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("evidence", None)
+
+
+def write_results(folder: Path, rows):
+    folder.mkdir(parents=True)
+    with open(folder / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["loss", "frechet_distance", "contaminant_fraction", "auroc", "train_s"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_protocol_covers_the_issue(evidence):
+    cells = {cell.name: cell for cell in evidence.CELLS}
+    assert len(cells) == len(evidence.CELLS)  # names are unique
+    assert {(c.contamination, c.kind) for c in evidence.CELLS} >= {
+        (0.0, "noise"), (0.1, "noise"), (0.3, "noise"), (0.1, "gaussian"), (0.3, "gaussian")}
+    for name in ("noise-0.3", "gaussian-0.3", "clean", "noise-0.1", "gaussian-0.1"):
+        assert set(evidence.BASELINES) <= set(cells[name].losses)
+    assert {"kl+debias", "ned+debias"} <= set(cells["clean"].losses)
+    assert {"kl+risk_free", "ned+risk_free"} <= set(cells["gaussian-0.3"].losses)
+    assert {c.scale for c in evidence.CELLS} == {"adaptive", "1.0", "vlb"}
+    assert len(evidence.SEEDS) >= 2
+
+
+def test_command_runs_the_example_with_the_cell(evidence, tmp_path):
+    cell = next(c for c in evidence.CELLS if c.name == "gaussian-0.3-vlb")
+    cmd = evidence.command(cell, 1, tmp_path, "quick", threads=1)
+    assert cmd[1] == str(evidence.EXAMPLE)
+    joined = " ".join(cmd)
+    for part in ("--contamination 0.3", "--kind gaussian", "--scale vlb", "--seed 1", "--threads 1", "--resume",
+                 f"--out {tmp_path / 'gaussian-0.3-vlb' / 'seed1'}", f"--eval-cache {tmp_path / 'eval_cache'}"):
+        assert part in joined
+    assert cmd[cmd.index("--losses") + 1:cmd.index("--scale")] == list(cell.losses)
+
+
+def test_tables_aggregate_seeds_and_mark_missing_cells(evidence, tmp_path):
+    write_results(tmp_path / "noise-0.3" / "seed0", [
+        {"loss": "kl", "frechet_distance": 80, "contaminant_fraction": 0.4, "auroc": 0.5, "train_s": 70},
+        {"loss": "ned", "frechet_distance": 60, "contaminant_fraction": 0.2, "auroc": 0.9, "train_s": 72}])
+    write_results(tmp_path / "noise-0.3" / "seed1", [
+        {"loss": "kl", "frechet_distance": 100, "contaminant_fraction": 0.5, "auroc": 0.5, "train_s": 70},
+        {"loss": "ned", "frechet_distance": 90, "contaminant_fraction": 0.3, "auroc": 0.8, "train_s": 71}])
+    text = evidence.tables(tmp_path)
+    section = text.split("### noise-0.3:")[1].split("###")[0]
+    assert "Seeds done: 0, 1" in section
+    assert "| kl | 90 (80, 100) |  | 0.45 (0.4, 0.5) |" in section
+    # FD change against KL, seed by seed: -25% and -10%, mean -18% (rounded)
+    assert "| ned | 75 (60, 90) | -18% | 0.25 (0.2, 0.3) | 0.85 (0.9, 0.8) |" in section
+    assert "| hellinger | not run |" in section
+    assert "### clean: p = 0.0, noise" in text and "Not run yet." in text.split("### clean")[1].split("###")[0]
+
+
+def test_report_replaces_only_the_marked_section(evidence, tmp_path):
+    results_md = tmp_path / "RESULTS.md"
+    results_md.write_text(f"# Title\n\nhand-written protocol\n\n{evidence.BEGIN}\nold tables\n{evidence.END}\n\nafter\n")
+    evidence.write_report(tmp_path / "runs", 3.0, path=results_md)
+    text = results_md.read_text()
+    assert text.startswith("# Title\n\nhand-written protocol\n\n") and text.endswith("\n\nafter\n")
+    assert "old tables" not in text and "Not run yet." in text and "this invocation ran 3 min" in text
+    results_md.write_text("# no markers\n")
+    with pytest.raises(SystemExit, match="markers"):
+        evidence.write_report(tmp_path / "runs", None, path=results_md)
