@@ -104,7 +104,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     timer = Timer(device)
-    repeat = args.repeat or (50 if device.type == "cuda" else 10)
+    repeat = args.repeat or 50
     bandwidth = copy_bandwidth(device, timer)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{cpu_model()}, {torch.get_num_threads()} threads, {torch.ops.robust_diffusion.cpu_instruction_set()} kernels"
@@ -126,7 +126,7 @@ def main() -> None:
             for label, fn in (("ours", ours), ("eager", hellinger_composite), ("compile", compiled), ("mse", mse)):
                 if fn is None:
                     continue
-                times[label] = timer(step(fn, inputs, [0]), warmup=3 if device.type == "cpu" else 10, repeat=repeat)
+                times[label] = timer(step(fn, inputs, [0]), warmup=10, repeat=repeat)
             floor_ms = 5 * numel * dtype.itemsize / bandwidth * 1e3
             rows.append((shape, dtype_name, times, floor_ms))
             print(f"{str(shape):22s} {dtype_name:8s} " + "  ".join(f"{k} {v:8.3f} ms" for k, v in times.items())
