@@ -124,6 +124,15 @@ def number(row: dict, key: str) -> float:
     return float(value) if value not in ("", None) else math.nan
 
 
+def kl_cell(cell: Cell) -> Cell:
+    """The cell whose `kl` runs a cell is compared with: its own, else the adaptive-scale cell with the same
+    data and budget (the scale cells train only divergences)."""
+    if "kl" in cell.losses:
+        return cell
+    return next(c for c in CELLS if "kl" in c.losses and (c.contamination, c.kind, c.steps) ==
+                (cell.contamination, cell.kind, cell.steps))
+
+
 def tables(out: Path) -> str:
     rows = read_rows(out)
     lines = []
@@ -137,11 +146,13 @@ def tables(out: Path) -> str:
             continue
         lines += [f"Seeds done: {', '.join(map(str, done))} of {', '.join(map(str, SEEDS))}. Mean over seeds "
                   "(each seed's value in brackets). FD: Frechet distance in the evaluation classifier's "
-                  "features (lower is better); vs KL: relative FD change against `kl` of the same seeds.", "",
+                  f"features (lower is better); vs KL: relative FD change against `kl` of the same seeds"
+                  f"{'' if kl_cell(cell) is cell else f' in `{kl_cell(cell).name}`'}.", "",
                   "| loss | FD | vs KL | contaminant fraction | influence AUROC | train s |",
                   "|---|---|---|---|---|---|"]
-        kl = rows.get((cell.name, "kl"), {})
-        for loss in list(cell.losses) + ["data: clean training images", "data: contaminated training set"]:
+        kl = rows.get((kl_cell(cell).name, "kl"), {})
+        data_rows = ["data: clean training images", "data: contaminated training set"] if "kl" in cell.losses else []
+        for loss in list(cell.losses) + data_rows:
             by_seed = rows.get((cell.name, loss), {})
             if not by_seed:
                 lines.append(f"| {loss} | not run | | | | |")

@@ -59,13 +59,19 @@ def test_tables_aggregate_seeds_and_mark_missing_cells(evidence, tmp_path):
     write_results(tmp_path / "noise-0.3" / "seed1", [
         {"loss": "kl", "frechet_distance": 100, "contaminant_fraction": 0.5, "auroc": 0.5, "train_s": 70},
         {"loss": "ned", "frechet_distance": 90, "contaminant_fraction": 0.3, "auroc": 0.8, "train_s": 71}])
+    write_results(tmp_path / "noise-0.3-scale1" / "seed0", [
+        {"loss": "ned", "frechet_distance": 100, "contaminant_fraction": 0.5, "auroc": 0.7, "train_s": 70}])
     text = evidence.tables(tmp_path)
+    # the scale cells train no KL: they are compared with the KL of the adaptive cell on the same data
+    scale_section = text.split("### noise-0.3-scale1:")[1].split("###")[0]
+    assert "in `noise-0.3`" in scale_section and "| ned | 100 | +25% |" in scale_section
     section = text.split("### noise-0.3:")[1].split("###")[0]
     assert "Seeds done: 0, 1" in section
     assert "| kl | 90 (80, 100) |  | 0.45 (0.4, 0.5) |" in section
     # FD change against KL, seed by seed: -25% and -10%, mean -18% (rounded)
     assert "| ned | 75 (60, 90) | -18% | 0.25 (0.2, 0.3) | 0.85 (0.9, 0.8) |" in section
     assert "| hellinger | not run |" in section
+    assert "| data: clean training images |" not in text.split("### noise-0.3-scale1")[1].split("###")[0]
     assert "### clean: p = 0.0, noise" in text and "Not run yet." in text.split("### clean")[1].split("###")[0]
 
 

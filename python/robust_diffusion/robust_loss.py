@@ -9,6 +9,11 @@ An outlier is then "``temperature`` times worse than a typical sample at this no
 the data dimension, dataset or schedule; the median tolerates up to 50% contamination per bucket.
 The estimate used for a batch is the one from the batches before it (the update follows the loss),
 so a step's gradient never depends on its own outliers' penalties through the scale.
+
+Why adaptive is the default (docs/RESULTS.md, Fashion-MNIST with 30% noise-image or Gaussian-noise
+contamination, two seeds): for Hellinger, NED and alpha it gave a lower Frechet distance and a lower
+fraction of contaminant-like samples than a fixed scale of 1 and than ``"vlb"`` on both kinds, and its
+influence weights flag contaminated samples with AUROC 0.87-0.93 (fixed scale 1: 0.69-0.71; vlb: 0.60-0.63).
 """
 
 from typing import Dict, Optional, Union
@@ -35,8 +40,8 @@ class RobustDiffusionLoss(nn.Module):
     Args:
         loss: one of :data:`LOSSES` (an f-divergence of ``DIVERGENCES`` or a baseline).
         schedule: the :class:`NoiseSchedule` the timesteps refer to (default: linear, T = 1000).
-        scale: ``"adaptive"`` (default), ``"vlb"`` (DDPM's lambda_t, converted to the prediction type's
-            error) or a float (a fixed t-independent scale of R_b).
+        scale: ``"adaptive"`` (default, for the evidence in the module docstring), ``"vlb"`` (DDPM's
+            lambda_t, converted to the prediction type's error) or a float (a fixed t-independent scale of R_b).
         temperature: the adaptive scale's tau: a sample whose penalty is ``temperature`` times the typical
             one at its noise level gets delta = 1.
         num_buckets: timestep buckets of the adaptive scale (equal ranges of t).
