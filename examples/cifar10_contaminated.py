@@ -248,6 +248,10 @@ eval_seconds = time.perf_counter() - t0
 print(f"feature classifier: FeatureClassifier (0.16M-parameter CNN, {cls_images.shape[0]} clean images, "
       f"{settings['classifier_epochs']} epoch(s)), test accuracy {classifier.test_accuracy:.3f}")
 print(f"contaminant detector ({args.kind}): held-out accuracy {detector.test_accuracy:.3f}")
+# The standard Inception FID as well, when torchmetrics and the Inception weights are already on disk.
+INCEPTION = metrics.inception_weights_available()
+print("Inception FID:", "on" if INCEPTION else "off (needs torchmetrics, torch-fidelity and the Inception weights "
+      "in torch.hub's cache; nothing is downloaded)")
 print(f"({eval_seconds:.0f} s)")
 
 
@@ -321,6 +325,7 @@ for spec in args.specs:
            "influence_clean": mean_influence[seen & ~is_contaminated].mean().item(),
            "influence_contaminated": mean_influence[seen & is_contaminated].mean().item(),
            "auroc": auroc, "frechet_distance": fd, "contaminant_fraction": fraction,
+           "inception_fid": metrics.inception_fid(samples, reference, device=args.device) if INCEPTION else None,
            "train_s": train_seconds, "sample_s": sample_seconds}
     results.append(row)
     trained[spec.name] = dict(trainer=trainer, samples=samples, mean_influence=mean_influence, seen=seen, log=log)
@@ -333,7 +338,7 @@ for spec in args.specs:
 
 # %%
 COLUMNS = ["loss", "weighting", "settings", "steps", "final_penalty", "influence_clean", "influence_contaminated",
-           "auroc", "frechet_distance", "contaminant_fraction", "train_s", "sample_s"]
+           "auroc", "frechet_distance", "contaminant_fraction", "inception_fid", "train_s", "sample_s"]
 
 
 def fmt(value):

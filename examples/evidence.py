@@ -64,6 +64,8 @@ CELLS = [
     # main comparison at six times the training budget.
     Cell("noise-0.3-1500steps", 0.3, "noise", ("kl", "ned", "pseudo_huber"), steps=1500,
          question="the main comparison at 6x the budget"),
+    Cell("gaussian-0.3-1500steps", 0.3, "gaussian", ("kl", "ned", "pseudo_huber"), steps=1500,
+         question="the main comparison at 6x the budget"),
     Cell("noise-0.1", 0.1, "noise", tuple(BASELINES), question="robustness at a lower contamination"),
     Cell("gaussian-0.1", 0.1, "gaussian", tuple(BASELINES), question="robustness at a lower contamination"),
 ]

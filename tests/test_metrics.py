@@ -200,3 +200,13 @@ def test_contaminant_detector_errors():
         contaminant_fraction(FeatureClassifier(1, 10), torch.zeros(2, 1, 8, 8))
     with pytest.raises(ValueError, match=r"images must be \[N, C, H, W\] and labels \[N\]"):
         train_classifier(torch.zeros(4, 8, 8), torch.zeros(4, dtype=torch.long))
+
+
+def test_inception_fid_never_downloads(tmp_path, monkeypatch):
+    """Without the Inception weights in torch.hub's cache there is no Inception FID, and no download."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url",
+                        lambda *a, **k: pytest.fail("inception_fid tried to download weights"))
+    images = torch.rand(4, 1, 28, 28) * 2 - 1
+    assert not metrics.inception_weights_available()
+    assert metrics.inception_fid(images, images) is None

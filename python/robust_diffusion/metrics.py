@@ -9,6 +9,8 @@
   It works for every contamination kind alike, noise, noisy images or another dataset.
 - :func:`auroc`: area under the ROC curve with ties, e.g. of ``-mean_influence_weight`` as a detector of the
   contaminated training samples.
+- :func:`inception_fid`: the standard Inception-v3 FID (torchmetrics), only when its weights are already on
+  disk (:func:`inception_weights_available`); nothing is ever downloaded.
 - :func:`sliced_wasserstein` and :func:`mmd_rbf` for 2-D toy distributions.
 """
 
@@ -34,6 +36,8 @@ __all__ = [
     "extract_features",
     "frechet_distance",
     "frechet_distance_from_moments",
+    "inception_fid",
+    "inception_weights_available",
     "mmd_rbf",
     "sliced_wasserstein",
     "train_classifier",
@@ -348,3 +352,35 @@ def mmd_rbf(x: Tensor, y: Tensor, bandwidths: Sequence[float] = (0.1, 0.2, 0.5, 
     within_x = (k_xx.sum() - k_xx.diagonal().sum()) / (n * (n - 1))
     within_y = (k_yy.sum() - k_yy.diagonal().sum()) / (m * (m - 1))
     return (within_x + within_y - 2.0 * k_xy.mean()).item()
+
+
+#: torch-fidelity's Inception-v3 weights (the ones torchmetrics' FID uses), as torch.hub caches them.
+INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
+
+
+def inception_weights_available() -> bool:
+    """Whether :func:`inception_fid` can run offline: torchmetrics and torch-fidelity are installed and the
+    Inception weights are already in torch.hub's cache (``<torch.hub.get_dir()>/checkpoints``)."""
+    try:
+        import torch_fidelity  # noqa: F401
+        import torchmetrics.image.fid  # noqa: F401
+    except ImportError:
+        return False
+    return (Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS).is_file()
+
+
+def inception_fid(generated: Tensor, reference: Tensor, *, batch_size: int = 100,
+                  device: Optional[Union[str, torch.device]] = None) -> Optional[float]:
+    """The Inception-v3 FID (torchmetrics' ``FrechetInceptionDistance``, 2048 features) between ``generated``
+    and ``reference`` images in [-1, 1] (grey images are repeated to 3 channels), or None when the weights
+    are not available locally (:func:`inception_weights_available`): it never downloads them."""
+    if not inception_weights_available():
+        return None
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    metric = FrechetInceptionDistance(feature=2048, normalize=True).to(device or "cpu")
+    for images, real in ((reference, True), (generated, False)):
+        for chunk in images.split(batch_size):
+            chunk = chunk.to(metric.device).float().clamp(-1, 1).add(1).div(2)
+            metric.update(chunk.expand(-1, 3, -1, -1) if chunk.shape[1] == 1 else chunk, real=real)
+    return float(metric.compute())
