@@ -36,10 +36,11 @@
 #
 # * the **Frechet distance** between generated and clean test images in the feature space of a small CNN
 #   trained on the clean data (`robust_diffusion.metrics.FeatureClassifier`; no Inception weights needed);
-# * the **fraction of contaminant-like samples**, judged by the same CNN architecture trained to tell clean from
-#   contaminated training images;
+# * the **fraction of contaminant-like samples**, judged by the same CNN architecture trained to tell clean images
+#   from this kind of contaminant;
 # * the **AUROC** of a training sample's average influence weight as a detector of contaminated samples
-#   (0.5 = no information; plain MSE gives every sample weight 1).
+#   (0.5 = no information; plain MSE gives every sample weight 1);
+# * the standard **Inception FID** too, when torchmetrics and the Inception weights are already on disk.
 #
 # Run it as a script (`python examples/cifar10_contaminated.py --dataset fashion-mnist --preset quick`) or as a
 # notebook (`jupytext --to notebook examples/cifar10_contaminated.py`). In a notebook, command-line options can
