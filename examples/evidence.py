@@ -45,6 +45,7 @@ class Cell:
     scale: str = "adaptive"
     question: str = ""
     steps: int | None = None  # training steps per loss (default: the preset's)
+    temperature: float = 1.0  # the adaptive scale's tau
 
 
 # The protocol, in the order it is run (the first cells answer the main questions).
@@ -68,6 +69,24 @@ CELLS = [
          question="the main comparison at 6x the budget"),
     Cell("noise-0.1", 0.1, "noise", tuple(BASELINES), question="robustness at a lower contamination"),
     Cell("gaussian-0.1", 0.1, "gaussian", tuple(BASELINES), question="robustness at a lower contamination"),
+    # Added after all cells above had run. Every loss above, KL included, trains at the adaptive scale, which
+    # for KL means MSE divided by the running median penalty of the sample's noise level: a timestep
+    # reweighting, not the standard MSE. The `-mse` cells train the standard MSE (kl at scale 1 is
+    # F.mse_loss) on the same data; the `tau` cells ask whether a lower temperature (contaminants weigh
+    # less) halves the contaminant fraction on noise images, where tau = 1 did not; `clean-1500steps` asks
+    # whether the clean-data cost of the 250-step cells shrinks with the budget that made NED pay off.
+    Cell("noise-0.3-mse", 0.3, "noise", ("kl",), scale="1.0", question="standard MSE: kl at scale 1"),
+    Cell("gaussian-0.3-mse", 0.3, "gaussian", ("kl",), scale="1.0", question="standard MSE: kl at scale 1"),
+    Cell("clean-mse", 0.0, "noise", ("kl",), scale="1.0", question="standard MSE: kl at scale 1"),
+    Cell("noise-0.3-tau0.5", 0.3, "noise", ("hellinger", "ned"), temperature=0.5,
+         question="adaptive scale with temperature 0.5 instead of 1"),
+    Cell("noise-0.3-tau0.25", 0.3, "noise", ("hellinger", "ned"), temperature=0.25,
+         question="adaptive scale with temperature 0.25 instead of 1"),
+    Cell("noise-0.3-1500steps-mse", 0.3, "noise", ("kl",), scale="1.0", steps=1500,
+         question="standard MSE at 6x the budget"),
+    Cell("gaussian-0.3-1500steps-mse", 0.3, "gaussian", ("kl",), scale="1.0", steps=1500,
+         question="standard MSE at 6x the budget"),
+    Cell("clean-1500steps", 0.0, "noise", ("kl", "ned"), steps=1500, question="the cost on clean data at 6x the budget"),
 ]
 SEEDS = (0, 1)
 
@@ -82,6 +101,7 @@ def command(cell: Cell, seed: int, out: Path, preset: str, threads: int | None) 
            "--scale", cell.scale, "--seed", str(seed), "--out", str(run_dir(out, cell, seed)),
            "--eval-cache", str(out / "eval_cache"), "--resume", "--no-export"]
     cmd += ["--steps", str(cell.steps)] if cell.steps else []
+    cmd += ["--temperature", str(cell.temperature)] if cell.temperature != 1.0 else []
     return cmd + (["--threads", str(threads)] if threads else [])
 
 
@@ -127,26 +147,39 @@ def number(row: dict, key: str) -> float:
 
 
 def kl_cell(cell: Cell) -> Cell:
-    """The cell whose `kl` runs a cell is compared with: its own, else the adaptive-scale cell with the same
-    data and budget (the scale cells train only divergences)."""
-    if "kl" in cell.losses:
-        return cell
-    return next(c for c in CELLS if "kl" in c.losses and (c.contamination, c.kind, c.steps) ==
-                (cell.contamination, cell.kind, cell.steps))
+    """The cell whose `kl` runs a cell is compared with: the adaptive-scale, temperature-1 cell with the same
+    data and budget that trains `kl` (itself, when it is one)."""
+    return next(c for c in CELLS if "kl" in c.losses and c.scale == "adaptive" and c.temperature == 1.0
+                and (c.contamination, c.kind, c.steps) == (cell.contamination, cell.kind, cell.steps))
 
 
-def tables(out: Path) -> str:
+def sections(block: str) -> dict:
+    """{cell name: its section's text} of a generated tables block."""
+    parts = block.split("\n### ")[1:]
+    return {part.split(":", 1)[0]: "### " + part.rstrip("\n") + "\n" for part in parts}
+
+
+def tables(out: Path, kept: dict | None = None) -> str:
+    """The tables of every cell from its runs in `out`; a cell with no runs there keeps its section from
+    `kept` (the previous tables) when that has numbers, so results survive the run folders."""
     rows = read_rows(out)
+    kept = kept or {}
     lines = []
     for cell in CELLS:
         done = [seed for seed in SEEDS if (run_dir(out, cell, seed) / "results.csv").is_file()]
+        if not done and cell.name in kept and "Not run yet." not in kept[cell.name]:
+            lines += kept[cell.name].split("\n")
+            continue
         scale = "" if cell.scale == "adaptive" else f", scale {cell.scale}"
         steps = f", {cell.steps} steps" if cell.steps else ""
-        lines += [f"### {cell.name}: p = {cell.contamination}, {cell.kind}{scale}{steps} ({cell.question})", ""]
+        temperature = f", temperature {cell.temperature}" if cell.temperature != 1.0 else ""
+        lines += [f"### {cell.name}: p = {cell.contamination}, {cell.kind}{scale}{temperature}{steps} "
+                  f"({cell.question})", ""]
         if not done:
             lines += ["Not run yet.", ""]
             continue
-        lines += [f"Seeds done: {', '.join(map(str, done))} of {', '.join(map(str, SEEDS))}. Mean over seeds "
+        lines += [f"Seeds done: {', '.join(map(str, done))} of {', '.join(map(str, SEEDS))}, tabulated "
+                  f"{datetime.date.today().isoformat()} ({platform.machine()} CPU, {os.cpu_count()} cores). Mean over seeds "
                   "(each seed's value in brackets). FD: Frechet distance in the evaluation classifier's "
                   f"features (lower is better); vs KL: relative FD change against `kl` of the same seeds"
                   f"{'' if kl_cell(cell) is cell else f' in `{kl_cell(cell).name}`'}.", "",
@@ -162,7 +195,7 @@ def tables(out: Path) -> str:
             seeds = sorted(by_seed)
             fd = [number(by_seed[s], "frechet_distance") for s in seeds]
             rel = [number(by_seed[s], "frechet_distance") / number(kl[s], "frechet_distance") - 1
-                   for s in seeds if s in kl] if loss != "kl" and not loss.startswith("data") else []
+                   for s in seeds if s in kl] if not loss.startswith("data") and (loss, cell) != ("kl", kl_cell(cell)) else []
             rel_text = (f"{100 * statistics.mean(rel):+.0f}%" if rel else "")
             lines.append(f"| {loss} | {stat(fd)} | {rel_text} | "
                          f"{stat([number(by_seed[s], 'contaminant_fraction') for s in seeds])} | "
@@ -173,16 +206,17 @@ def tables(out: Path) -> str:
 
 
 def write_report(out: Path, wall_minutes: float | None, path: Path = RESULTS_MD) -> None:
-    body = tables(out)
-    where = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
-    took = f"; this invocation ran {wall_minutes:.0f} min" if wall_minutes is not None else ""
-    stamp = (f"Tables written by `python examples/evidence.py` on {datetime.date.today().isoformat()} "
-             f"({platform.machine()} CPU, {os.cpu_count()} cores) from the runs in `{where}`{took}.\n\n")
     text = path.read_text() if path.is_file() else f"# Results\n\n{BEGIN}\n{END}\n"
     if BEGIN not in text or END not in text:
         raise SystemExit(f"{path} lacks the markers {BEGIN} / {END} that delimit the generated tables")
     head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
+    previous, tail = rest.split(END, 1)
+    body = tables(out, kept=sections(previous))
+    where = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
+    took = f"; this invocation ran {wall_minutes:.0f} min" if wall_minutes is not None else ""
+    stamp = (f"Tables written by `python examples/evidence.py` on {datetime.date.today().isoformat()} from the "
+             f"runs in `{where}`{took}; a cell with no runs there keeps its table from the previous version of "
+             "this file (each table says when it was tabulated).\n\n")
     path.write_text(f"{head}{BEGIN}\n{stamp}{body}\n{END}{tail}")
     print(f"tables written to {path}")
 

@@ -50,6 +50,10 @@ def test_command_runs_the_example_with_the_cell(evidence, tmp_path):
                  f"--out {tmp_path / 'gaussian-0.3-vlb' / 'seed1'}", f"--eval-cache {tmp_path / 'eval_cache'}"):
         assert part in joined
     assert cmd[cmd.index("--losses") + 1:cmd.index("--scale")] == list(cell.losses)
+    assert "--temperature" not in cmd  # tau = 1 is the example's default
+    cold = next(c for c in evidence.CELLS if c.temperature != 1.0)
+    cmd = evidence.command(cold, 0, tmp_path, "quick", threads=None)
+    assert cmd[cmd.index("--temperature") + 1] == str(cold.temperature)
 
 
 def test_tables_aggregate_seeds_and_mark_missing_cells(evidence, tmp_path):
@@ -85,3 +89,21 @@ def test_report_replaces_only_the_marked_section(evidence, tmp_path):
     results_md.write_text("# no markers\n")
     with pytest.raises(SystemExit, match="markers"):
         evidence.write_report(tmp_path / "runs", None, path=results_md)
+
+
+def test_report_keeps_tables_of_cells_without_runs(evidence, tmp_path):
+    results_md = tmp_path / "RESULTS.md"
+    kept = ("### clean: p = 0.0, noise (old question)\n\nSeeds done: 0, 1 of 0, 1, tabulated 2026-01-01.\n\n"
+            "| loss | FD |\n|---|---|\n| kl | 36.8 |\n")
+    stale = "### noise-0.3: p = 0.3, noise (old)\n\nSeeds done: 0 of 0, 1.\n\n| kl | 999 |\n"
+    results_md.write_text(f"# T\n\n{evidence.BEGIN}\nold stamp\n\n{kept}\n{stale}\n{evidence.END}\n")
+    write_results(tmp_path / "runs" / "noise-0.3" / "seed0", [
+        {"loss": "kl", "frechet_distance": 80, "contaminant_fraction": 0.4, "auroc": 0.5, "train_s": 70}])
+    evidence.write_report(tmp_path / "runs", None, path=results_md)
+    text = results_md.read_text()
+    assert kept in text and "old stamp" not in text  # no runs on disk: its table stays, verbatim
+    noise = text.split("### noise-0.3:")[1].split("###")[0]
+    assert "| kl | 80 |" in noise and "999" not in noise  # runs on disk replace the old table
+    assert "Not run yet." in text.split("### gaussian-0.3:")[1].split("###")[0]
+    evidence.write_report(tmp_path / "runs", None, path=results_md)
+    assert results_md.read_text() == text  # rewriting is idempotent
