@@ -155,7 +155,7 @@ def kl_cell(cell: Cell) -> Cell:
 
 def sections(block: str) -> dict:
     """{cell name: its section's text} of a generated tables block."""
-    parts = block.split("\n### ")[1:]
+    parts = ("\n" + block).split("\n### ")[1:]
     return {part.split(":", 1)[0]: "### " + part.rstrip("\n") + "\n" for part in parts}
 
 
@@ -205,7 +205,81 @@ def tables(out: Path, kept: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-def write_report(out: Path, wall_minutes: float | None, path: Path = RESULTS_MD) -> None:
+# The cells the summary figure shows, one panel each; a panel also shows the standard-MSE cell of its data.
+FIGURE_CELLS = ["noise-0.3", "gaussian-0.3", "clean", "noise-0.1", "gaussian-0.1", "noise-0.3-1500steps",
+                "gaussian-0.3-1500steps", "clean-1500steps"]
+
+
+def parse_rows(section: str) -> dict:
+    """{loss: {"fd": [per-seed values], "contaminant": [...]}} of one generated table section."""
+    def values(cell: str) -> list:
+        cell = cell.strip()
+        if not cell:
+            return []
+        if "(" in cell:  # "mean (seed0, seed1)"
+            return [float(v) for v in cell.split("(", 1)[1].rstrip(")").split(",")]
+        return [float(cell)]
+
+    rows = {}
+    for line in section.splitlines():
+        parts = [p.strip() for p in line.strip().strip("|").split("|")]
+        if len(parts) < 4 or parts[0] in ("loss", "") or parts[0].startswith(("---", "data:")) or parts[1] == "not run":
+            continue
+        rows[parts[0]] = {"fd": values(parts[1]), "contaminant": values(parts[3])}
+    return rows
+
+
+def summary_figure(block: str, path: Path) -> bool:
+    """Bars of the mean over seeds (dots: each seed) of FD and contaminant fraction per loss, one panel per
+    cell of FIGURE_CELLS, read from the generated tables `block`; the standard MSE shows as `mse`."""
+    found = sections(block)
+    panels = []
+    for name in FIGURE_CELLS:
+        rows = parse_rows(found.get(name, ""))
+        cell = next(c for c in CELLS if c.name == name)
+        for other in CELLS:
+            if other is not cell and other.scale == "1.0" and other.losses == ("kl",) and kl_cell(other) is cell:
+                rows.update({"mse": r for r in parse_rows(found.get(other.name, "")).values()})
+        if rows:
+            panels.append((name, rows))
+    if not panels:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = min(4, len(panels))
+    grid_rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(2 * grid_rows, columns, figsize=(4.2 * columns, 5.2 * grid_rows), squeeze=False)
+    for index, (name, rows) in enumerate(panels):
+        top = 2 * (index // columns)
+        for ax, key, label in ((axes[top][index % columns], "fd", "Frechet distance"),
+                               (axes[top + 1][index % columns], "contaminant", "contaminant fraction")):
+            losses = list(rows)
+            means = [sum(rows[l][key]) / len(rows[l][key]) if rows[l][key] else float("nan") for l in losses]
+            base = [l.split("+")[0] for l in losses]
+            colors = ["tab:gray" if b in ("kl", "mse") else "tab:blue" if b in DIVERGENCES else "tab:orange" for b in base]
+            ax.bar(range(len(losses)), means, color=colors, alpha=0.7)
+            for i, loss in enumerate(losses):
+                ax.plot([i] * len(rows[loss][key]), rows[loss][key], "k.", markersize=4)
+            ax.set_xticks(range(len(losses)), losses, rotation=60, ha="right", fontsize=7)
+            ax.set_ylabel(label, fontsize=8)
+            if key == "fd":
+                ax.set_title(name, fontsize=9)
+    for index in range(len(panels), grid_rows * columns):
+        for ax in (axes[2 * (index // columns)][index % columns], axes[2 * (index // columns) + 1][index % columns]):
+            ax.axis("off")
+    fig.suptitle("Mean over seeds (bars) and each seed (dots); grey: KL (adaptive scale) and the standard MSE, "
+                 "blue: divergences, orange: baselines; +debias / +risk_free coloured by their loss", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(out: Path, wall_minutes: float | None, path: Path = RESULTS_MD,
+                 figure: Path | None = None) -> None:
     text = path.read_text() if path.is_file() else f"# Results\n\n{BEGIN}\n{END}\n"
     if BEGIN not in text or END not in text:
         raise SystemExit(f"{path} lacks the markers {BEGIN} / {END} that delimit the generated tables")
@@ -219,6 +293,9 @@ def write_report(out: Path, wall_minutes: float | None, path: Path = RESULTS_MD)
              "this file (each table says when it was tabulated).\n\n")
     path.write_text(f"{head}{BEGIN}\n{stamp}{body}\n{END}{tail}")
     print(f"tables written to {path}")
+    figure = figure or path.parent / "figures" / "evidence_summary.png"
+    if summary_figure(body, figure):
+        print(f"summary figure written to {figure}")
 
 
 def main() -> None:

@@ -107,3 +107,19 @@ def test_report_keeps_tables_of_cells_without_runs(evidence, tmp_path):
     assert "Not run yet." in text.split("### gaussian-0.3:")[1].split("###")[0]
     evidence.write_report(tmp_path / "runs", None, path=results_md)
     assert results_md.read_text() == text  # rewriting is idempotent
+
+
+def test_summary_figure_reads_the_generated_tables(evidence, tmp_path):
+    write_results(tmp_path / "runs" / "noise-0.3" / "seed0", [
+        {"loss": "kl", "frechet_distance": 80, "contaminant_fraction": 0.4, "auroc": 0.5, "train_s": 70},
+        {"loss": "ned", "frechet_distance": 60, "contaminant_fraction": 0.2, "auroc": 0.9, "train_s": 72}])
+    write_results(tmp_path / "runs" / "noise-0.3" / "seed1", [
+        {"loss": "kl", "frechet_distance": 100, "contaminant_fraction": 0.5, "auroc": 0.5, "train_s": 70}])
+    block = evidence.tables(tmp_path / "runs")
+    rows = evidence.parse_rows(evidence.sections(block)["noise-0.3"])
+    assert rows["kl"] == {"fd": [80.0, 100.0], "contaminant": [0.4, 0.5]}
+    assert rows["ned"] == {"fd": [60.0], "contaminant": [0.2]}
+    assert "hellinger" not in rows and not any(name.startswith("data") for name in rows)  # not run; data rows
+    figure = tmp_path / "summary.png"
+    assert evidence.summary_figure(block, figure) and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not evidence.summary_figure(evidence.tables(tmp_path / "none"), tmp_path / "empty.png")
