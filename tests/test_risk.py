@@ -141,6 +141,35 @@ def test_risk_free_loss_at_zero_risk_equals_the_standard_loss_bitwise(loss):
     assert torch.equal(got, want) and torch.equal(got_grad, want_grad)
 
 
+@pytest.mark.parametrize("schedule", [rd.NoiseSchedule.linear(), rd.NoiseSchedule.cosine(7),
+                                      rd.NoiseSchedule.linear(1, beta_start=0.5, beta_end=0.5)],
+                         ids=["linear1000", "cosine7", "T1"])
+@pytest.mark.parametrize("batch", [1, 5, 4096])
+def test_zero_risk_sampler_draws_the_standard_timesteps_bitwise(schedule, batch):
+    """Same generator, r = 0: risk.sample_timesteps and NoiseSchedule.sample_timesteps give the same stream."""
+    for seed in (0, 1, 12345):
+        g_risk, g_standard = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        for risk in (torch.zeros(batch), torch.zeros(batch, 3, 2)):  # per sample and per element
+            got = rk.sample_timesteps(schedule, risk, generator=g_risk)
+            want = schedule.sample_timesteps(batch, generator=g_standard)
+            assert got.dtype == want.dtype == torch.int64 and torch.equal(got, want)
+        # and the generators are left in the same state
+        assert torch.equal(g_risk.get_state(), g_standard.get_state())
+    t = schedule.sample_timesteps(batch, generator=torch.Generator().manual_seed(3))
+    assert t.shape == (batch,) and int(t.min()) >= 0 and int(t.max()) < schedule.num_timesteps
+
+
+def test_standard_sampler_is_floor_of_a_float64_uniform():
+    """The trainer's draw (floor(u T), u ~ U[0, 1) in float64) is NoiseSchedule.sample_timesteps's, and it is
+    uniform: every step of a short schedule is hit about equally often."""
+    schedule = rd.NoiseSchedule.cosine(7)
+    u = torch.rand(70_000, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    t = schedule.sample_timesteps(70_000, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(t, torch.floor(u * 7).long())
+    counts = torch.bincount(t, minlength=7).double()
+    assert counts.numel() == 7 and ((counts - 10_000).abs() < 5 * math.sqrt(10_000 * 6 / 7)).all()
+
+
 # --------------------------------------------------------------------------- Monte-Carlo marginals
 def test_gaussian_risk_noising_matches_the_clean_marginal():
     """x0 ~ N(m, s^2), x~ = x0 + r n with per-sample r: x_t has the clean mean and variance; naive noising of x~
@@ -230,6 +259,41 @@ def test_v_prediction_target_is_consistent_with_epsilon_and_sample():
     torch.testing.assert_close(outs["sample"].target, (outs["sample"].noisy - s * outs["epsilon"].target) / a)
 
 
+# --------------------------------------------------------------------------- process coefficients, closed forms
+def test_ve_coefficients_against_the_closed_form():
+    """VE: alpha = 1 and sigma = sqrt(sigma_t^2 - sigma_min^2), sigma_t = sigma_min (sigma_max / sigma_min)^t."""
+    sigma_min, sigma_max = 0.02, 80.0
+    times = [1e-5, 0.1, 0.37, 0.5, 0.9, 1.0]
+    schedule = rk.VESchedule(sigma_min, sigma_max)
+    alpha, sigma = rk.process_coefficients(schedule, torch.tensor(times, dtype=torch.float64), dtype=torch.float64)
+    assert alpha is None
+    want = [math.sqrt((sigma_min * (sigma_max / sigma_min) ** t) ** 2 - sigma_min ** 2) for t in times]
+    torch.testing.assert_close(sigma, torch.tensor(want, dtype=torch.float64), rtol=1e-10, atol=0)
+    assert sigma[-1].item() == pytest.approx(math.sqrt(80.0 ** 2 - 0.02 ** 2), rel=1e-12)  # t = 1: sigma_max
+
+
+def test_continuous_vp_coefficients_against_the_integrated_beta():
+    """VP SDE: alpha = exp(-B(t) / 2), sigma = sqrt(1 - exp(-B(t))) with B(t) the integral of beta(s) from 0 to t,
+    here integrated numerically (the trapezoid rule is exact for the linear beta)."""
+    beta_min, beta_max = 0.1, 20.0
+    times = [1e-3, 0.05, 0.259, 0.5, 0.8, 1.0]
+    alpha, sigma = rk.process_coefficients(rk.ContinuousVPSchedule(beta_min, beta_max),
+                                           torch.tensor(times, dtype=torch.float64), dtype=torch.float64)
+    for t, a, s in zip(times, alpha.tolist(), sigma.tolist()):
+        grid = torch.linspace(0.0, t, 2001, dtype=torch.float64)
+        integrated = torch.trapezoid(beta_min + (beta_max - beta_min) * grid, grid).item()
+        assert a == pytest.approx(math.exp(-integrated / 2), rel=1e-10)
+        assert s == pytest.approx(math.sqrt(1.0 - math.exp(-integrated)), rel=1e-10)
+    # t = 1 with the defaults: B = 0.1 + 19.9 / 2 = 10.05
+    assert alpha[-1].item() == pytest.approx(math.exp(-10.05 / 2), rel=1e-12)
+
+
+def test_edm_coefficients_are_sigma_itself():
+    sigmas = torch.tensor([0.002, 0.5, 80.0], dtype=torch.float64)
+    alpha, sigma = rk.process_coefficients(rk.EDMSchedule(), sigmas, dtype=torch.float64)
+    assert alpha is None and torch.equal(sigma, sigmas)
+
+
 # --------------------------------------------------------------------------- stability interval and samplers
 def test_continuous_vp_t_min_for_unit_risk():
     bound = rk.timestep_lower_bound(rk.ContinuousVPSchedule(0.1, 20.0), torch.tensor([1.0, 0.0]))
@@ -300,6 +364,18 @@ def test_cauchy_uses_the_optimal_coefficient():
     assert (out.noise_std > 0).all()
 
 
+def test_cauchy_variance_factor_values():
+    """c_D = (D + 2) / (D + 5), checked as numbers: D = 1 -> 3/6, D = 3 -> 5/8, D = 3072 (3x32x32) -> 3074/3077."""
+    assert rk.cauchy_variance_factor(1) == 0.5
+    assert rk.cauchy_variance_factor(3) == 0.625
+    assert rk.cauchy_variance_factor(12) == pytest.approx(0.8235294117647058, rel=1e-15)
+    assert rk.cauchy_variance_factor(3072) == pytest.approx(0.9990250243743907, rel=1e-15)
+    # the operator applies it: a [1, 3072] sample with r = 1 has v^2 = sigma^2 - alpha^2 * 3074 / 3077
+    alpha, sigma = torch.tensor([0.6]), torch.tensor([0.8])
+    _, _, v = OP(torch.zeros(1, 3072), torch.ones(1), torch.zeros(1, 3072), alpha, sigma, "epsilon", "cauchy")
+    assert v.item() ** 2 == pytest.approx(0.64 - 0.36 * 0.9990250243743907, rel=1e-5)
+
+
 def test_too_large_risk_is_reported_not_dropped():
     schedule = rd.NoiseSchedule.linear()
     risk = torch.tensor([0.5, 300.0, 0.0, 1000.0])
@@ -311,6 +387,26 @@ def test_too_large_risk_is_reported_not_dropped():
     with pytest.raises(ValueError, match="1 of 2 samples"):
         rk.sample_timesteps(rk.EDMSchedule(sigma_max=80.0), torch.tensor([80.0, 1.0]))
     assert torch.isfinite(rk.sample_timesteps(rk.EDMSchedule(), torch.tensor([1e4]))).all()  # unbounded EDM
+
+
+@pytest.mark.parametrize("function", [rk.timestep_lower_bound, rk.usable_samples, rk.sample_timesteps],
+                         ids=lambda f: f.__name__)
+@pytest.mark.parametrize("risk, found", [
+    (torch.tensor([0.1, -0.5]), "a minimum of -0.5"),
+    (torch.tensor([[0.3, -0.1], [0.0, 0.2]]), "a minimum of -0.1"),  # negative, though not the sample's largest
+    (torch.tensor([0.1, float("nan")]), "NaN"),
+    (torch.tensor([[0.1, float("nan")], [0.0, 0.0]]), "NaN"),
+    (torch.tensor([0.1, float("inf")]), "inf"),
+    (torch.tensor([-float("inf"), 0.1]), "a minimum of -inf"),
+])
+@pytest.mark.parametrize("schedule", [rd.NoiseSchedule.linear(), rk.ContinuousVPSchedule(), rk.EDMSchedule()],
+                         ids=["discrete", "vp", "edm"])
+def test_bound_functions_refuse_negative_nan_and_infinite_risk(function, risk, found, schedule):
+    """The bound squares the risk: a negative one must be refused, not treated as its absolute value."""
+    with pytest.raises(ValueError, match=rf"{function.__name__}: risk must be non-negative and finite \(the std of "
+                                         rf"each sample's known perturbation\), got {found}"):
+        function(schedule, risk)
+    function(schedule, risk.abs().nan_to_num(0.0, posinf=0.0))  # the valid version passes
 
 
 # --------------------------------------------------------------------------- the risk-free loss
@@ -328,6 +424,35 @@ def test_variance_weight_is_the_per_element_v_over_sigma_squared():
     # in epsilon space the weighted residual is (v / sigma) eps_hat - eta: bounded however small v is
     torch.testing.assert_close(rk.risk_free_loss(prediction, out, t, schedule=schedule, loss="kl", reduction="none"),
                                ((gain * prediction - eta) ** 2).mean((1, 2)))
+
+
+@pytest.mark.parametrize("variance_weight", [True, False])
+@pytest.mark.parametrize("loss", ["kl", "hellinger"])
+def test_risk_free_loss_refuses_samples_outside_their_stability_interval(variance_weight, loss):
+    """At t = 10 of the linear schedule r = 1 has v = 0: the sample used to get weight 0 (a silent drop)."""
+    schedule = rd.NoiseSchedule.linear()
+    x, eta = torch.randn(2, 3, generator=torch.Generator().manual_seed(0)), torch.ones(2, 3)
+    out = rk.risk_noising(x, torch.tensor([0.0, 1.0]), torch.tensor([10, 10]), eta, schedule=schedule)
+    assert out.noise_std[1].item() == 0.0
+    message = (r"risk_free_loss: 1 of 2 samples are outside their stability interval \(noise std v = 0 .*"
+               r"robust_diffusion\.risk\.sample_timesteps .*robust_diffusion\.risk\.usable_samples")
+    for reduction in ("none", "mean"):
+        with pytest.raises(ValueError, match=message):
+            rk.risk_free_loss(torch.zeros(2, 3), out, torch.tensor([10, 10]), loss=loss, schedule=schedule,
+                              variance_weight=variance_weight, reduction=reduction)
+    # per-element risk: one risky element outside its interval makes its sample count (2 of 3 here)
+    risk = torch.zeros(3, 4)
+    risk[0, 1], risk[2, 3], risk[1, 0] = 1.0, 5.0, 0.01
+    out = rk.risk_noising(torch.randn(3, 4), risk, torch.tensor([10, 10, 10]), schedule=schedule)
+    with pytest.raises(ValueError, match="risk_free_loss: 2 of 3 samples are outside their stability interval"):
+        rk.risk_free_loss(torch.zeros(3, 4), out, torch.tensor([10, 10, 10]), schedule=schedule,
+                          variance_weight=variance_weight)
+    # the same samples at timesteps from their intervals train normally, and the loss keeps every sample
+    t = rk.sample_timesteps(schedule, risk, generator=torch.Generator().manual_seed(1))
+    out = rk.risk_noising(torch.randn(3, 4), risk, t, schedule=schedule)
+    per_sample = rk.risk_free_loss(torch.zeros(3, 4), out, t, schedule=schedule, variance_weight=variance_weight,
+                                   reduction="none")
+    assert torch.isfinite(per_sample).all() and (per_sample > 0).all()
 
 
 def test_risk_free_loss_combines_with_divergences_weighting_and_the_module():
@@ -369,6 +494,25 @@ def test_continuous_process_training_step():
     assert torch.isfinite(loss)
 
 
+@pytest.mark.parametrize("schedule", [rk.ContinuousVPSchedule(), rk.VESchedule(), rk.EDMSchedule()], ids=repr)
+def test_continuous_processes_take_timestep_weights_as_weight(schedule):
+    """loss_weights tabulates a discrete schedule: continuous processes get a clear error naming weight=, and
+    per-sample weights computed from their log-SNR go through weight=."""
+    risk = torch.tensor([0.0, 0.3, 0.6])
+    t = rk.sample_timesteps(schedule, risk, generator=torch.Generator().manual_seed(8))
+    out = rk.risk_noising(torch.randn(3, 5), risk, t, schedule=schedule)
+    prediction = torch.randn(3, 5)
+    with pytest.raises(ValueError, match=r"risk_free_loss: weighting='min_snr' needs a discrete NoiseSchedule .*"
+                                         r"compute per-sample weights \(e\.g\. from schedule\.log_snr\(t\)\) and "
+                                         r"pass them as weight="):
+        rk.risk_free_loss(prediction, out, t, schedule=schedule, weighting="min_snr")
+    min_snr = torch.clamp(torch.exp(schedule.log_snr(t)), max=5.0).float()  # epsilon-space min-SNR-5 / SNR
+    weight = min_snr / torch.exp(schedule.log_snr(t)).float()
+    gain = (out.noise_std / out.clean_std).reshape(3, 1)
+    got = rk.risk_free_loss(prediction, out, t, schedule=schedule, weight=weight, reduction="none")
+    torch.testing.assert_close(got, weight * ((gain * prediction - gain * out.target) ** 2).mean(1))
+
+
 # --------------------------------------------------------------------------- registration
 @pytest.mark.parametrize("per_element", [True, False])
 @pytest.mark.parametrize("vp", [True, False])
@@ -399,6 +543,42 @@ def test_torch_compile_traces_through_the_fake_kernel():
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     for a, b in zip(compiled(x, risk, t, eta), step(x, risk, t, eta)):
         assert torch.equal(a, b)
+
+
+def test_torch_compile_dynamic_shapes():
+    """dynamic=True: one graph for every batch size and sample shape, same values as eager."""
+    torch._dynamo.reset()
+    schedule = rd.NoiseSchedule.linear()
+
+    def step(x, risk, t, eta):
+        out = rk.risk_noising(x * 1.0, risk, t, eta, schedule=schedule, prediction_type="sample")
+        return out.noisy + 1.0, out.target, out.noise_std
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=True)
+    g = torch.Generator().manual_seed(15)
+    for shape in ((4, 3), (7, 3), (5, 2, 9), (1, 3)):
+        x, eta = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+        risk = 0.3 * torch.rand(shape, generator=g)
+        t = rk.sample_timesteps(schedule, risk, generator=g)
+        for a, b in zip(compiled(x, risk, t, eta), step(x, risk, t, eta)):
+            assert a.shape == b.shape and torch.equal(a, b)
+
+
+def test_torch_compile_risk_free_loss_keeps_the_stability_check():
+    """Inside a graph the count cannot be read without a host copy: an asynchronous assert refuses instead."""
+    torch._dynamo.reset()
+    schedule = rd.NoiseSchedule.linear()
+
+    def step(prediction, x, risk, t, eta):
+        out = rk.risk_noising(x, risk, t, eta, schedule=schedule)
+        return rk.risk_free_loss(prediction, out, t, schedule=schedule, reduction="none")
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    x, eta, prediction = torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 3)
+    risk, t = torch.tensor([0.0, 0.1, 0.2, 0.3]), torch.tensor([500, 600, 700, 800])
+    assert torch.equal(compiled(prediction, x, risk, t, eta), step(prediction, x, risk, t, eta))
+    with pytest.raises(RuntimeError, match="risk_free_loss: samples outside their stability interval"):
+        compiled(prediction, x, torch.tensor([0.0, 1.0, 0.0, 0.0]), torch.full((4,), 10), eta)
 
 
 def test_torchscript():
@@ -470,6 +650,18 @@ def test_python_api_errors():
         rk.risk_noising(torch.ones(2, 3), 0.1, torch.full((2,), 1.5), schedule=rk.VESchedule())
     with pytest.raises(ValueError, match=r"t must lie in \[0, 1000\)"):
         rk.risk_noising(torch.ones(2, 3), 0.1, torch.tensor([0, 1000]))
+    with pytest.raises(ValueError, match=r"^risk_noising: t must lie in \[0, 1000\) \(the step indices of this "
+                                         r"NoiseSchedule, T = 1000\), got values in \[0, 1000\]$"):
+        rk.risk_noising(torch.ones(2, 3), 0.1, torch.tensor([0, 1000]))
+    with pytest.raises(ValueError, match=r"^process_coefficients: t must lie in \[0, 7\) .*T = 7\), got values in "
+                                         r"\[-1, 2\]$"):
+        rk.process_coefficients(rd.NoiseSchedule.cosine(7), torch.tensor([-1, 2]))
+    with pytest.raises(ValueError, match=r"^NoiseSchedule\.q_sample: t must lie in \[0, 1000\)"):
+        rd.NoiseSchedule.linear().q_sample(torch.ones(1, 2), torch.tensor([1000]))
+    with pytest.raises(ValueError, match=r"^risk_noising: t must lie in \[0, 1\] for a continuous schedule"):
+        rk.risk_noising(torch.ones(2, 3), 0.1, torch.full((2,), 1.5), schedule=rk.ContinuousVPSchedule())
+    with pytest.raises(TypeError, match=r"^risk_noising: t must hold integer timesteps"):
+        rk.risk_noising(torch.ones(2, 3), 0.1, torch.full((2,), 0.5))
     out = rk.risk_noising(torch.ones(2, 3), 0.1, torch.tensor([500, 600]))
     with pytest.raises(ValueError, match=r"input must have the target's shape \(2, 3\)"):
         rk.risk_free_loss(torch.ones(2, 4), out)

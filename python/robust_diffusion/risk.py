@@ -32,7 +32,9 @@ amplification ``sigma / v`` by ``1 / sqrt(m)``. :func:`sample_timesteps` draws e
 own interval (EDM: from the log-normal training distribution truncated to it); :func:`timestep_lower_bound` and
 :func:`usable_samples` expose the bound. A sample whose interval is empty (risk too large for the schedule) is
 never dropped silently: :func:`sample_timesteps` raises, saying how many and the largest risk; filter them first
-with :func:`usable_samples` if that is what you want.
+with :func:`usable_samples` if that is what you want. Likewise :func:`risk_free_loss` raises, saying how many,
+for samples noised at a ``t`` outside their interval (``v = 0``: an infinite target). Negative, NaN or infinite
+risk is refused everywhere (the bound squares the risk, which would hide its sign).
 
 **The variance weight.** The risk-free targets blow up as ``v -> 0`` at the start of the interval: the
 epsilon target has variance ``(sigma / v)^2``. :func:`risk_free_loss` therefore weights each element's squared
@@ -52,7 +54,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Dict, NamedTuple, Optional, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -122,8 +124,8 @@ class ContinuousVPSchedule:
     def _sample_above(self, lower: Tensor, generator: Optional[torch.Generator]) -> Tensor:
         return _uniform_above(lower.clamp(min=self.eps), generator)
 
-    def _check_t(self, t: Tensor) -> None:
-        _check_unit_time(t)
+    def _check_t(self, t: Tensor, caller: str) -> None:
+        _check_unit_time(t, caller)
 
     def __repr__(self) -> str:
         return f"ContinuousVPSchedule(beta_min={self.beta_min}, beta_max={self.beta_max}, eps={self.eps})"
@@ -162,8 +164,8 @@ class VESchedule:
     def _sample_above(self, lower: Tensor, generator: Optional[torch.Generator]) -> Tensor:
         return _uniform_above(lower.clamp(min=self.eps), generator)
 
-    def _check_t(self, t: Tensor) -> None:
-        _check_unit_time(t)
+    def _check_t(self, t: Tensor, caller: str) -> None:
+        _check_unit_time(t, caller)
 
     def __repr__(self) -> str:
         return f"VESchedule(sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, eps={self.eps})"
@@ -216,11 +218,12 @@ class EDMSchedule:
         # sigma = inf only where the tail underflows (bounds beyond ~1e19): take the bound's neighbour there
         return torch.where(torch.isfinite(sigma), torch.maximum(sigma, just_above), just_above)
 
-    def _check_t(self, sigma: Tensor) -> None:
+    def _check_t(self, sigma: Tensor, caller: str) -> None:
         if not sigma.dtype.is_floating_point:
-            raise TypeError(f"t must hold floating-point noise levels sigma for EDMSchedule, got dtype {sigma.dtype}")
+            raise TypeError(f"{caller}: t must hold floating-point noise levels sigma for EDMSchedule, got dtype "
+                            f"{sigma.dtype}")
         if sigma.device.type == "cpu" and sigma.numel() and not bool((sigma > 0).all()):
-            raise ValueError("t must hold positive noise levels sigma for EDMSchedule")
+            raise ValueError(f"{caller}: t must hold positive noise levels sigma for EDMSchedule")
 
     def __repr__(self) -> str:
         return f"EDMSchedule(p_mean={self.p_mean}, p_std={self.p_std}, sigma_max={self.sigma_max})"
@@ -236,11 +239,12 @@ def _uniform_above(lower: Tensor, generator: Optional[torch.Generator]) -> Tenso
     return 1.0 - u * (1.0 - lower)
 
 
-def _check_unit_time(t: Tensor) -> None:
+def _check_unit_time(t: Tensor, caller: str) -> None:
     if not t.dtype.is_floating_point:
-        raise TypeError(f"t must hold floating-point times in [0, 1] for a continuous schedule, got dtype {t.dtype}")
+        raise TypeError(f"{caller}: t must hold floating-point times in [0, 1] for a continuous schedule, got dtype "
+                        f"{t.dtype}")
     if t.device.type == "cpu" and t.numel() and not bool(((t >= 0) & (t <= 1)).all()):
-        raise ValueError(f"t must lie in [0, 1] for a continuous schedule, got values in "
+        raise ValueError(f"{caller}: t must lie in [0, 1] for a continuous schedule, got values in "
                          f"[{t.min().item():.4g}, {t.max().item():.4g}]")
 
 
@@ -260,13 +264,18 @@ def process_coefficients(schedule: Process, t: Tensor, dtype: torch.dtype = torc
     ``t``'s device, computed in float64 and cast to ``dtype``); ``alpha`` is ``None`` (= 1) for VE and EDM. For a
     :class:`NoiseSchedule` these are exactly the values :meth:`NoiseSchedule.q_sample` uses."""
     _check_process(schedule)
+    return _coefficients(schedule, t, dtype, "process_coefficients")
+
+
+def _coefficients(schedule: Process, t: Tensor, dtype: torch.dtype, caller: str) -> Tuple[Optional[Tensor], Tensor]:
+    """:func:`process_coefficients`, with ``caller`` (the public function) named in the errors about ``t``."""
     if isinstance(schedule, NoiseSchedule):
-        return (schedule.gather("sqrt_alphas_cumprod", t, dtype=dtype),
-                schedule.gather("sqrt_one_minus_alphas_cumprod", t, dtype=dtype))
+        return (schedule.gather("sqrt_alphas_cumprod", t, dtype=dtype, caller=caller),
+                schedule.gather("sqrt_one_minus_alphas_cumprod", t, dtype=dtype, caller=caller))
     if not isinstance(t, Tensor) or t.dim() != 1:
-        raise ValueError(f"t must be a 1-D tensor with one time per sample, got "
+        raise ValueError(f"{caller}: t must be a 1-D tensor with one time per sample, got "
                          f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
-    schedule._check_t(t)
+    schedule._check_t(t, caller)
     alpha, sigma = schedule.coefficients(t)
     return (None if alpha is None else alpha.to(dtype)), sigma.to(dtype)
 
@@ -281,6 +290,35 @@ class _RiskBound(NamedTuple):
     q: Tensor        # c max_j r_j^2 / (1 - margin) per sample, float64: stable iff SNR_t q < 1
     largest: Tensor  # max_j r_j per sample, float64
     c: float         # the perturbation's variance factor
+    invalid: Tensor  # int64 scalar: samples with a negative, NaN or infinite risk (the square would hide the sign)
+
+
+def _host_counts(*counts: Tensor) -> List[int]:
+    """The scalar counts a check needs, copied to the host together: one sync per call on an accelerator (a few
+    bytes; the messages need the numbers, and a device-side assert would leave a CUDA context unusable)."""
+    return torch.stack([c.to(torch.int64) for c in counts]).tolist()
+
+
+def _raise_invalid_risk(caller: str, risk: Tensor) -> None:
+    risk = risk.detach()
+    if bool(torch.isnan(risk).any()):
+        found = "NaN"
+    elif bool((risk < 0).any()):
+        found = f"a minimum of {risk.min().item():.6g}"
+    else:
+        found = "inf"
+    raise ValueError(f"{caller}: risk must be non-negative and finite (the std of each sample's known "
+                     f"perturbation), got {found}")
+
+
+def _checked_risk_bound(caller: str, risk: Tensor, perturbation: str, margin: float,
+                        numel_per_sample: Optional[int]) -> _RiskBound:
+    """:func:`_risk_bound` with its risk check done (one sync per call on an accelerator)."""
+    rb = _risk_bound(risk, perturbation, margin, numel_per_sample)
+    (invalid,) = _host_counts(rb.invalid)
+    if invalid:
+        _raise_invalid_risk(caller, risk)
+    return rb
 
 
 def _risk_bound(risk: Tensor, perturbation: str, margin: float, numel_per_sample: Optional[int]) -> _RiskBound:
@@ -299,8 +337,12 @@ def _risk_bound(risk: Tensor, perturbation: str, margin: float, numel_per_sample
             raise ValueError("a per-sample risk [B] with perturbation='cauchy' needs numel_per_sample (the D of c_D)")
         c = cauchy_variance_factor(numel_per_sample)
     flat = risk.detach().double().flatten(1) if risk.dim() > 1 else risk.detach().double()[:, None]
-    largest = flat.amax(dim=1) if flat.shape[1] > 0 else flat.new_zeros(flat.shape[0])
-    return _RiskBound(c * largest.square() / (1.0 - margin), largest, c)
+    if flat.shape[1] > 0:
+        largest, smallest = flat.amax(dim=1), flat.amin(dim=1)  # both propagate NaN
+    else:
+        largest = smallest = flat.new_zeros(flat.shape[0])
+    invalid = (~((smallest >= 0) & torch.isfinite(largest))).sum()
+    return _RiskBound(c * largest.square() / (1.0 - margin), largest, c, invalid)
 
 
 _LOG_SNR_CACHE: "weakref.WeakKeyDictionary[NoiseSchedule, Dict[torch.device, Tensor]]" = weakref.WeakKeyDictionary()
@@ -340,17 +382,21 @@ def timestep_lower_bound(schedule: Process, risk: Tensor, *, perturbation: str =
 
     ``risk``: ``[B]`` or ``[B, ...]`` (per element: the sample's maximum counts). ``margin`` in ``[0, 1)``:
     require ``v^2 > margin * sigma_t^2``. ``numel_per_sample``: D for a Cauchy perturbation with a ``[B]`` risk.
+    Negative, NaN or infinite risk raises ``ValueError`` (one host sync per call on an accelerator).
     """
     _check_process(schedule)
-    return _lower_bound(schedule, _risk_bound(risk, perturbation, margin, numel_per_sample).q)
+    rb = _checked_risk_bound("timestep_lower_bound", risk, perturbation, margin, numel_per_sample)
+    return _lower_bound(schedule, rb.q)
 
 
 def usable_samples(schedule: Process, risk: Tensor, *, perturbation: str = "gaussian", margin: float = 0.0,
                    numel_per_sample: Optional[int] = None) -> Tensor:
     """Boolean ``[B]``: which samples have a non-empty stability interval on ``schedule`` (arguments as in
-    :func:`timestep_lower_bound`). Use it to drop unusable samples explicitly before :func:`sample_timesteps`."""
+    :func:`timestep_lower_bound`). Use it to drop unusable samples explicitly before :func:`sample_timesteps`.
+    Negative, NaN or infinite risk raises ``ValueError`` (one host sync per call on an accelerator)."""
     _check_process(schedule)
-    return _usable(schedule, _lower_bound(schedule, _risk_bound(risk, perturbation, margin, numel_per_sample).q))
+    rb = _checked_risk_bound("usable_samples", risk, perturbation, margin, numel_per_sample)
+    return _usable(schedule, _lower_bound(schedule, rb.q))
 
 
 def sample_timesteps(schedule: Process, risk: Tensor, *, perturbation: str = "gaussian", margin: float = 0.0,
@@ -362,19 +408,17 @@ def sample_timesteps(schedule: Process, risk: Tensor, *, perturbation: str = "ga
     - :class:`EDMSchedule`: sigma (float64) from the log-normal training distribution truncated to ``sigma > t_min(r)``.
 
     Raises ``ValueError`` naming how many samples have an empty interval and the largest risk (one host sync
-    per call; negative or NaN risk is refused too). Arguments as in :func:`timestep_lower_bound`; ``generator``
-    (on ``risk``'s device) makes the draw reproducible.
+    per call; negative, NaN or infinite risk is refused too). Arguments as in :func:`timestep_lower_bound`;
+    ``generator`` (on ``risk``'s device) makes the draw reproducible. At ``r = 0`` the draw is
+    :meth:`NoiseSchedule.sample_timesteps`'s bit for bit (the same ``floor(u T)`` from the same generator).
     """
     _check_process(schedule)
     rb = _risk_bound(risk, perturbation, margin, numel_per_sample)
     bound = _lower_bound(schedule, rb.q)
     usable = _usable(schedule, bound)
-    invalid_risk = ~(risk.detach() >= 0).all() if risk.numel() else torch.zeros((), dtype=torch.bool)
-    invalid_risk, empty = torch.stack([invalid_risk.to(usable.device).long(), (~usable).sum()]).tolist()
+    invalid_risk, empty = _host_counts(rb.invalid, (~usable).sum())
     if invalid_risk:
-        found = "NaN" if bool(torch.isnan(risk).any()) else f"a minimum of {risk.min().item():.6g}"
-        raise ValueError(f"risk must be non-negative (the std of each sample's known perturbation) and not NaN, "
-                         f"got {found}")
+        _raise_invalid_risk("sample_timesteps", risk)
     if empty:
         _raise_empty_intervals(schedule, empty, rb, perturbation, margin)
     if isinstance(schedule, NoiseSchedule):
@@ -393,10 +437,11 @@ def _raise_empty_intervals(schedule: Process, count: int, rb: _RiskBound, pertur
     admissible = math.sqrt(largest_q * (1.0 - margin) / rb.c)
     factor = "" if perturbation == "gaussian" else f" (c = c_D = {rb.c:.6g} for perturbation='cauchy')"
     raise ValueError(
-        f"risk too large: {count} of {rb.q.numel()} samples have no usable timestep on {schedule!r} (largest risk "
-        f"{rb.largest.max().item():.6g}; the stability interval SNR_t c r^2 < 1 - margin{factor} is empty for "
-        f"r >= {admissible:.6g} with margin={margin}). Drop them explicitly (robust_diffusion.risk.usable_samples), "
-        f"lower the margin, or use a schedule that reaches a lower SNR.")
+        f"sample_timesteps: risk too large: {count} of {rb.q.numel()} samples have no usable timestep on "
+        f"{schedule!r} (largest risk {rb.largest.max().item():.6g}; the stability interval "
+        f"SNR_t c r^2 < 1 - margin{factor} is empty for r >= {admissible:.6g} with margin={margin}). Drop them "
+        f"explicitly (robust_diffusion.risk.usable_samples), lower the margin, or use a schedule that reaches a "
+        f"lower SNR.")
 
 
 # ---------------------------------------------------------------------------------------------- noising
@@ -450,9 +495,9 @@ def risk_noising(sample: Tensor, risk: Union[Tensor, float], t: Tensor, noise: O
             raise TypeError(f"risk must be a tensor or a float, got {type(risk).__name__}")
         risk = torch.full((sample.shape[0],), float(risk), device=sample.device)
     if not isinstance(t, Tensor) or t.dim() != 1 or t.shape[0] != sample.shape[0]:
-        raise ValueError(f"t must be a 1-D tensor with one timestep per sample ({sample.shape[0]}), got "
-                         f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
-    alpha, sigma = process_coefficients(schedule, t, dtype=torch.promote_types(sample.dtype, torch.float32))
+        raise ValueError(f"risk_noising: t must be a 1-D tensor with one timestep per sample ({sample.shape[0]}), "
+                         f"got {tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    alpha, sigma = _coefficients(schedule, t, torch.promote_types(sample.dtype, torch.float32), "risk_noising")
     noisy, target, noise_std = torch.ops.robust_diffusion.risk_noising(sample, risk, noise, alpha, sigma, kind,
                                                                        perturbation)
     return RiskNoising(noisy, target, noise_std, sigma, kind)
@@ -464,6 +509,27 @@ def _variance_gain(noising: RiskNoising, like: Tensor) -> Tensor:
     sigma = noising.clean_std.to(v.dtype).reshape(-1, *([1] * (v.dim() - 1)))
     gain = torch.where(v >= sigma, torch.ones_like(v), v / sigma)
     return gain.reshape(gain.shape + (1,) * (like.dim() - gain.dim()))
+
+
+def _check_inside_stability_intervals(noising: RiskNoising) -> None:
+    """Refuse samples noised outside their stability interval: there ``v = 0 < sigma`` and the risk-free target is
+    infinite (the variance weight would be 0, which used to drop the sample silently)."""
+    v = noising.noise_std
+    sigma = noising.clean_std.to(v.dtype).reshape(-1, *([1] * (v.dim() - 1)))
+    outside = (v == 0) & (sigma > 0)  # v = sigma exactly where r = 0, so clean samples never count
+    outside = outside.flatten(1).any(dim=1) if outside.dim() > 1 else outside
+    advice = ("draw t with robust_diffusion.risk.sample_timesteps (each sample on its own interval), or drop the "
+              "samples first with robust_diffusion.risk.usable_samples")
+    if torch.compiler.is_compiling():  # no host copy inside a graph: an asynchronous assert instead (no count)
+        torch._assert_async(~outside.any(), f"risk_free_loss: samples outside their stability interval; {advice}")
+        return
+    # One host sync per call on an accelerator (a scalar): the message needs the count.
+    (count,) = _host_counts(outside.sum())
+    if count:
+        raise ValueError(
+            f"risk_free_loss: {count} of {outside.numel()} samples are outside their stability interval (noise std "
+            f"v = 0 at their timestep: the risk is too large for that t, so the risk-free target is infinite); "
+            f"{advice}")
 
 
 _FUNCTIONAL_BASELINES = {"huber": huber_loss, "pseudo_huber": pseudo_huber_loss, "clipped_mse": clipped_mse_loss}
@@ -481,16 +547,21 @@ def risk_free_loss(input: Tensor, noising: RiskNoising, t: Optional[Tensor] = No
         input: the model's prediction at ``noising.noisy``, in ``noising.prediction_type`` space.
         noising: the :func:`risk_noising` result of this batch.
         t: the batch's timesteps (needed for ``weighting``, ``scale="vlb"``, pseudo-Huber ``c_schedule`` and a
-            :class:`RobustDiffusionLoss`).
+            :class:`RobustDiffusionLoss`). Every sample must lie inside its stability interval (``v > 0``):
+            samples noised outside it raise ``ValueError`` (one host sync per call on an accelerator) rather than
+            being dropped or giving an infinite loss; draw ``t`` with :func:`sample_timesteps`.
         loss: a name of :data:`robust_diffusion.LOSSES` (``"kl"`` = MSE, ``"hellinger"``, ``"ned"``, ...;
             ``**loss_params`` go to it), or a configured :class:`RobustDiffusionLoss` module (adaptive scale,
             weighting and prediction type are then its own).
         schedule: the process of ``t`` (default: linear :class:`NoiseSchedule`).
         variance_weight: weight each element's squared error by ``(v / sigma)^2`` (the module docstring says
             why; default). At ``r = 0`` the weight is exactly 1, so clean data gives the standard loss bit for bit.
-        weighting: a timestep weighting scheme of :func:`robust_diffusion.loss_weights` (discrete schedules;
-            ``weighting_params`` and ``terminal`` passed on). For the score parameterisation the epsilon-space
-            weight times ``sigma_t^2`` is used. For continuous processes pass ``weight`` instead.
+        weighting: a timestep weighting scheme of :func:`robust_diffusion.loss_weights` (``weighting_params`` and
+            ``terminal`` passed on). For the score parameterisation the epsilon-space weight times ``sigma_t^2``
+            is used. Only for a discrete :class:`NoiseSchedule`: :func:`~robust_diffusion.loss_weights` tabulates
+            the schemes over its T steps, and continuous processes (:class:`ContinuousVPSchedule`,
+            :class:`VESchedule`, :class:`EDMSchedule`) raise ``ValueError``; for them compute the per-sample
+            weights yourself (e.g. from ``schedule.log_snr(t)``) and pass them as ``weight``.
         weight: an extra per-sample weight ``[B]``.
         scale, dim_reduction, reduction: as in the functional losses.
     """
@@ -500,10 +571,11 @@ def risk_free_loss(input: Tensor, noising: RiskNoising, t: Optional[Tensor] = No
     if not isinstance(input, Tensor) or input.shape != target.shape:
         raise ValueError(f"input must have the target's shape {tuple(target.shape)}, got "
                          f"{tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__}")
+    _check_inside_stability_intervals(noising)
     if variance_weight:
         gain = _variance_gain(noising, input)
         input = input * gain
-        target = torch.where(gain > 0, target * gain, torch.zeros_like(gain))  # v = 0: weight 0, no inf * 0
+        target = target * gain
 
     if isinstance(loss, nn.Module):
         if not isinstance(loss, RobustDiffusionLoss):
@@ -523,9 +595,12 @@ def risk_free_loss(input: Tensor, noising: RiskNoising, t: Optional[Tensor] = No
     schedule = default_schedule() if schedule is None else schedule
     discrete = isinstance(schedule, NoiseSchedule)
     if weighting != "constant":
-        if not discrete or t is None:
-            raise ValueError("weighting needs a NoiseSchedule and the timesteps t; for continuous processes pass "
-                             "per-sample weights as weight=")
+        if not discrete:
+            raise ValueError(f"risk_free_loss: weighting={weighting!r} needs a discrete NoiseSchedule (loss_weights "
+                             f"tabulates the schemes over its steps), not {schedule!r}; for a continuous process "
+                             f"compute per-sample weights (e.g. from schedule.log_snr(t)) and pass them as weight=")
+        if t is None:
+            raise ValueError(f"risk_free_loss: weighting={weighting!r} needs the timesteps t")
         kind = "epsilon" if noising.prediction_type == "score" else noising.prediction_type
         timestep_weight = loss_weights(schedule, t, weighting, kind, terminal=terminal, **(weighting_params or {}))
         if noising.prediction_type == "score":  # MSE_score = MSE_eps / sigma^2

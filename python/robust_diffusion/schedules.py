@@ -169,12 +169,14 @@ class NoiseSchedule:
         return ratio / (2.0 * alphas)
 
     # ------------------------------------------------------------------ per-sample lookups
-    def gather(self, name: str, t: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    def gather(self, name: str, t: Tensor, dtype: torch.dtype = torch.float32, *, caller: Optional[str] = None
+               ) -> Tensor:
         """``getattr(self, name)[t]`` on ``t``'s device, cast to ``dtype`` after the float64 lookup.
 
         The table is copied to each device once and cached, so a training step has no host round-trip.
+        ``caller`` names the public function in the error messages of :meth:`check_timesteps`.
         """
-        t = self.check_timesteps(t)
+        t = self.check_timesteps(t, caller=caller)
         key = (name, t.device, dtype)
         table = self._device_cache.get(key)
         if table is None:
@@ -182,34 +184,42 @@ class NoiseSchedule:
             self._device_cache[key] = table
         return table[t]
 
-    def check_timesteps(self, t: Tensor, argument: str = "t") -> Tensor:
+    def check_timesteps(self, t: Tensor, argument: str = "t", *, caller: Optional[str] = None) -> Tensor:
         """Validate integer timesteps in [0, T). The range check needs no sync: on CPU it raises at
-        once; on an accelerator it is an asynchronous device assertion."""
+        once; on an accelerator it is an asynchronous device assertion. Messages name ``argument`` and,
+        when given, the public function ``caller`` that received it (``"hellinger_loss: t must ..."``)."""
+        where = f"{caller}: {argument}" if caller else argument
         if not isinstance(t, Tensor):
-            raise TypeError(f"{argument} must be a tensor of integer timesteps, got {type(t).__name__}")
+            raise TypeError(f"{where} must be a tensor of integer timesteps, got {type(t).__name__}")
         if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-            raise TypeError(f"{argument} must hold integer timesteps (int32/int64), got dtype {t.dtype}")
+            raise TypeError(f"{where} must hold integer timesteps (int32/int64), got dtype {t.dtype}")
         if t.dim() != 1:
-            raise ValueError(f"{argument} must be a 1-D tensor of per-sample timesteps, got shape {tuple(t.shape)}")
+            raise ValueError(f"{where} must be a 1-D tensor of per-sample timesteps, got shape {tuple(t.shape)}")
         if t.numel() == 0 or torch.compiler.is_compiling():  # compiled graphs keep the indexing bounds check
             return t
+        steps = self.num_timesteps
+        expected = f"{where} must lie in [0, {steps}) (the step indices of this NoiseSchedule, T = {steps})"
         if t.device.type == "cpu":
-            if int(t.min()) < 0 or int(t.max()) >= self.num_timesteps:
-                raise ValueError(f"{argument} must lie in [0, {self.num_timesteps}), got values in "
-                                 f"[{int(t.min())}, {int(t.max())}]")
+            if int(t.min()) < 0 or int(t.max()) >= steps:
+                raise ValueError(f"{expected}, got values in [{int(t.min())}, {int(t.max())}]")
         else:
-            torch._assert_async(((t >= 0) & (t < self.num_timesteps)).all(),
-                                f"{argument} must lie in [0, {self.num_timesteps})")
+            torch._assert_async(((t >= 0) & (t < steps)).all(), expected)
         return t
 
-    def _coefficient(self, name: str, t: Tensor, like: Tensor) -> Tensor:
-        coef = self.gather(name, t, dtype=torch.promote_types(like.dtype, torch.float32))
+    def _coefficient(self, name: str, t: Tensor, like: Tensor, caller: str) -> Tensor:
+        coef = self.gather(name, t, dtype=torch.promote_types(like.dtype, torch.float32), caller=caller)
         return coef.reshape(-1, *([1] * (like.dim() - 1)))
 
     # ------------------------------------------------------------------ forward process
     def sample_timesteps(self, batch_size: int, device=None, generator: Optional[torch.Generator] = None) -> Tensor:
-        """Uniform integer timesteps in [0, T)."""
-        return torch.randint(0, self.num_timesteps, (batch_size,), device=device, generator=generator)
+        """Uniform integer timesteps in [0, T) (int64), drawn as ``floor(u T)`` with float64 ``u ~ U[0, 1)``.
+
+        This is the draw of :func:`robust_diffusion.risk.sample_timesteps` (``t_min + floor(u (T - t_min))``)
+        and of the trainer at ``t_min = 0``: with the same generator, clean (r = 0) samples get the same
+        timesteps bit for bit whichever sampler is used.
+        """
+        u = torch.rand(batch_size, device=device, dtype=torch.float64, generator=generator)
+        return torch.floor(u * self.num_timesteps).long()
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Optional[Tensor] = None) -> Tensor:
         """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` (noise drawn if not given)."""
@@ -218,15 +228,15 @@ class NoiseSchedule:
         if noise.shape != x0.shape:
             raise ValueError(f"noise must have the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}")
         _check_batch(x0, t)
-        a = self._coefficient("sqrt_alphas_cumprod", t, x0)
-        s = self._coefficient("sqrt_one_minus_alphas_cumprod", t, x0)
+        a = self._coefficient("sqrt_alphas_cumprod", t, x0, "NoiseSchedule.q_sample")
+        s = self._coefficient("sqrt_one_minus_alphas_cumprod", t, x0, "NoiseSchedule.q_sample")
         return (a * x0 + s * noise).to(x0.dtype)
 
     def velocity(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """The v-prediction target ``v = sqrt(abar) eps - sqrt(1 - abar) x0``."""
         _check_batch(x0, t)
-        a = self._coefficient("sqrt_alphas_cumprod", t, x0)
-        s = self._coefficient("sqrt_one_minus_alphas_cumprod", t, x0)
+        a = self._coefficient("sqrt_alphas_cumprod", t, x0, "NoiseSchedule.velocity")
+        s = self._coefficient("sqrt_one_minus_alphas_cumprod", t, x0, "NoiseSchedule.velocity")
         return (a * noise - s * x0).to(x0.dtype)
 
     def training_target(self, x0: Tensor, noise: Tensor, t: Tensor, prediction_type: Optional[str] = None) -> Tensor:
