@@ -54,37 +54,81 @@ def test_pseudo_huber_matches_diffusers_training_script(form, c_schedule, rescal
     schedule = rd.NoiseSchedule.from_diffusers(scheduler)
     g = torch.Generator().manual_seed(0)
     pred, target = torch.randn(6, 4, 8, 8, generator=g), torch.randn(6, 4, 8, 8, generator=g)
-    t = torch.tensor([0, 1, 250, 500, 998, 999 if not rescale else 997])
+    # t = 999 too under zero terminal SNR: diffusers' snr formula gives sigma = inf there and c exactly huber_c.
+    t = torch.tensor([0, 1, 250, 500, 998, 999])
     ours = rd.pseudo_huber_loss(pred, target, t, c=0.1, c_schedule=c_schedule, form=form, schedule=schedule,
                                 reduction="none")
     for b in range(6):
         c = diffusers_huber_c(scheduler, int(t[b]), 0.1, c_schedule)
+        assert math.isfinite(c)
         expected = diffusers_conditional_loss(pred[b:b + 1], target[b:b + 1], form, c)
         assert ours[b].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_min_snr_loss_matches_diffusers_training_script(prediction_type):
+def diffusers_min_snr_loss(scheduler, pred, target, timesteps, snr_gamma, reduction="mean"):
     """examples/text_to_image/train_text_to_image.py, the snr_gamma branch."""
     from diffusers.training_utils import compute_snr
 
+    snr = compute_snr(scheduler, timesteps)
+    mse_loss_weights = torch.stack([snr, snr_gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
+    if scheduler.config.prediction_type == "epsilon":
+        mse_loss_weights = mse_loss_weights / snr
+    elif scheduler.config.prediction_type == "v_prediction":
+        mse_loss_weights = mse_loss_weights / (snr + 1)
+    loss = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none")
+    loss = loss.mean(dim=list(range(1, len(loss.shape)))) * mse_loss_weights
+    return loss.mean() if reduction == "mean" else loss
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_loss_matches_diffusers_training_script(prediction_type):
     scheduler = DDPMScheduler(prediction_type=prediction_type)
     schedule = rd.NoiseSchedule.from_diffusers(scheduler)
     g = torch.Generator().manual_seed(1)
     pred, target = torch.randn(8, 4, 8, 8, generator=g), torch.randn(8, 4, 8, 8, generator=g)
     timesteps = torch.randint(0, 1000, (8,), generator=g)
     snr_gamma = 5.0
-    snr = compute_snr(scheduler, timesteps)
-    mse_loss_weights = torch.stack([snr, snr_gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
-    if prediction_type == "epsilon":
-        mse_loss_weights = mse_loss_weights / snr
-    else:
-        mse_loss_weights = mse_loss_weights / (snr + 1)
-    loss = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none")
-    loss = loss.mean(dim=list(range(1, len(loss.shape)))) * mse_loss_weights
-    expected = loss.mean()
+    expected = diffusers_min_snr_loss(scheduler, pred, target, timesteps, snr_gamma)
 
     weights = rd.loss_weights(schedule, timesteps, "min_snr", gamma=snr_gamma)
     assert rd.kl_loss(pred, target, weight=weights).item() == pytest.approx(expected.item(), rel=1e-6)
     module = rd.RobustDiffusionLoss("kl", schedule, scale=1.0, weighting="min_snr", weighting_params={"gamma": 5.0})
     assert module(pred, target, timesteps).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_loss_matches_diffusers_training_script_at_zero_terminal_snr(prediction_type):
+    """DDPMScheduler(rescale_betas_zero_snr=True), with t = 999 (abar = 0, SNR = 0) in the batch.
+
+    What diffusers' formula gives at t = 999: v-prediction min(0, gamma) / (0 + 1) = 0, finite; epsilon
+    min(0, gamma) / 0 = NaN, which makes its whole batch loss NaN. Ours (terminal="clamp") takes the weight of
+    the smallest finite log-SNR, t = 998: in v-space min(SNR, gamma) / (SNR + 1) = SNR_998 = 4.2e-9 instead of 0,
+    a difference far below the 1e-6 tolerance, so the v loss matches diffusers' with t = 999 included; in
+    epsilon space min(1, gamma / SNR_998) = 1 (the plain MSE) instead of NaN.
+    """
+    scheduler = DDPMScheduler(prediction_type=prediction_type, rescale_betas_zero_snr=True)
+    schedule = rd.NoiseSchedule.from_diffusers(scheduler)
+    assert schedule.alphas_cumprod[-1] == 0
+    g = torch.Generator().manual_seed(2)
+    pred, target = torch.randn(8, 4, 8, 8, generator=g), torch.randn(8, 4, 8, 8, generator=g)
+    timesteps = torch.tensor([999, 0, 1, 250, 500, 900, 998, 999])
+    snr_gamma = 5.0
+    theirs = diffusers_min_snr_loss(scheduler, pred, target, timesteps, snr_gamma, reduction="none")
+    module = rd.RobustDiffusionLoss("kl", schedule, scale=1.0, weighting="min_snr",
+                                    weighting_params={"gamma": snr_gamma}, reduction="none")
+    ours = module(pred, target, timesteps)
+    assert torch.isfinite(ours).all()
+    terminal = timesteps == 999
+    torch.testing.assert_close(ours[~terminal], theirs[~terminal], rtol=1e-6, atol=0)
+    mse = (pred - target).pow(2).flatten(1).mean(1)
+    if prediction_type == "v_prediction":
+        assert (theirs[terminal] == 0).all()
+        assert (ours[terminal] > 0).all() and (ours[terminal] < 1e-8 * mse[terminal]).all()
+        mean = rd.RobustDiffusionLoss("kl", schedule, scale=1.0, weighting="min_snr",
+                                      weighting_params={"gamma": snr_gamma})
+        expected = diffusers_min_snr_loss(scheduler, pred, target, timesteps, snr_gamma)
+        assert torch.isfinite(expected)
+        assert mean(pred, target, timesteps).item() == pytest.approx(expected.item(), rel=1e-6)
+    else:
+        assert theirs[terminal].isnan().all()
+        torch.testing.assert_close(ours[terminal], mse[terminal], rtol=1e-6, atol=0)

@@ -160,3 +160,137 @@ def test_torch_compile_fullgraph_with_adaptive_state():
         (g_expected,) = torch.autograd.grad(expected, x)
         (g_got,) = torch.autograd.grad(got, x)
         torch.testing.assert_close(g_got, g_expected)
+
+
+def test_scripted_module_keeps_loaded_state_on_its_first_call():
+    """TorchScript does not run _load_from_state_dict, so the host flag says "not seeded"; the first call
+    must still keep the loaded buckets (changing them only by the usual EMA update), like the eager module."""
+    trained = rd.RobustDiffusionLoss("ned", num_buckets=4)
+    for seed in range(3):
+        trained(*batch(seed=seed))
+    state = trained.state_dict()
+    x, y, t = batch(seed=7)
+    y = y * 10.0  # a batch whose own medians (what re-seeding would write) are far from the loaded state
+
+    eager = rd.RobustDiffusionLoss("ned", num_buckets=4)
+    eager.load_state_dict(state)
+    scripted = torch.jit.script(rd.RobustDiffusionLoss("ned", num_buckets=4))
+    # A scripted module lists the non-persistent constant tables among its state keys; they are rebuilt
+    # by the constructor, not loaded.
+    result = scripted.load_state_dict(state, strict=False)
+    assert sorted(result.missing_keys) == ["huber_c", "timestep_weight", "vlb_scale"] and not result.unexpected_keys
+    torch.testing.assert_close(scripted(x, y, t), eager(x, y, t))
+    torch.testing.assert_close(scripted.bucket_penalty, eager.bucket_penalty, rtol=1e-6, atol=0)
+    reseeded = rd.RobustDiffusionLoss("ned", num_buckets=4)
+    reseeded(x, y, t)
+    assert not torch.allclose(scripted.bucket_penalty, reseeded.bucket_penalty, rtol=0.5)
+
+    frozen = torch.jit.script(rd.RobustDiffusionLoss("ned", num_buckets=4))
+    frozen.load_state_dict(state, strict=False)
+    frozen.eval()  # no EMA update: the first call must leave the loaded state bit for bit
+    eager.load_state_dict(state)
+    eager.eval()
+    torch.testing.assert_close(frozen(x, y, t), eager(x, y, t))
+    assert torch.equal(frozen.bucket_penalty, state["bucket_penalty"]) and bool(frozen.initialized)
+
+
+def test_a_fresh_scripted_module_still_seeds_from_its_first_batch():
+    x, y, t = batch(seed=4)
+    eager = rd.RobustDiffusionLoss("hellinger", num_buckets=3)
+    scripted = torch.jit.script(rd.RobustDiffusionLoss("hellinger", num_buckets=3))
+    torch.testing.assert_close(scripted(x, y, t), eager(x, y, t))
+    torch.testing.assert_close(scripted.bucket_penalty, eager.bucket_penalty, rtol=1e-6, atol=0)
+    assert not torch.equal(scripted.bucket_penalty, torch.ones(3))
+
+
+def test_prediction_types_give_one_loss_for_one_model_error():
+    """One model error seen in epsilon, x0 and v space (converted explicitly in float64): with the vlb
+    scale and min-SNR weighting (both converted to the prediction type) every space gives the same loss."""
+    schedule = rd.NoiseSchedule.linear()
+    g = torch.Generator().manual_seed(0)
+    t = torch.tensor([0, 1, 10, 99, 250, 499, 750, 998, 999])
+    shape = (len(t), 3, 4, 4)
+    x0 = torch.randn(shape, dtype=torch.float64, generator=g)
+    eps = torch.randn(shape, dtype=torch.float64, generator=g)
+    abar = schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
+    a, s = abar.sqrt(), (1.0 - abar).sqrt()
+    vlb = schedule.vlb_weight[t]
+    # error sizes that put delta = vlb * MSE_eps between about 0.2 and 3, where Hellinger's transform bends
+    size = (torch.linspace(0.3, 3.0, len(t), dtype=torch.float64) / vlb).sqrt().view(-1, 1, 1, 1)
+    eps_hat = eps + size * torch.randn(shape, dtype=torch.float64, generator=g)
+    x_t = a * x0 + s * eps
+    x0_hat = (x_t - s * eps_hat) / a
+    v, v_hat = a * eps - s * x0, a * eps_hat - s * x0_hat
+    pairs = {"epsilon": (eps_hat, eps), "sample": (x0_hat, x0), "v_prediction": (v_hat, v)}
+
+    losses = {}
+    for kind, (prediction, target) in pairs.items():
+        module = rd.RobustDiffusionLoss("hellinger", schedule, scale="vlb", weighting="min_snr",
+                                        prediction_type=kind, reduction="none")
+        losses[kind] = module(prediction.float(), target.float(), t)
+
+    # The epsilon-space loss against the formula: min(1, 5 / SNR) * 4 (1 - exp(-delta / 4)).
+    snr = schedule.snr[t]
+    delta = vlb * (eps_hat - eps).pow(2).flatten(1).mean(1)
+    assert 0.1 < delta.min() and delta.max() < 4
+    expected = torch.clamp(5.0 / snr, max=1.0) * 4.0 * (1.0 - torch.exp(-delta / 4.0))
+    torch.testing.assert_close(losses["epsilon"].double(), expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(losses["sample"], losses["epsilon"], rtol=1e-5, atol=0)
+    torch.testing.assert_close(losses["v_prediction"], losses["epsilon"], rtol=1e-5, atol=0)
+
+
+def test_normalize_weights_divides_the_timestep_weights_by_their_mean():
+    schedule = rd.NoiseSchedule.linear()
+    x, y, t = batch()
+    plain = rd.RobustDiffusionLoss("kl", schedule, scale=1.0, weighting="debias", reduction="none")
+    normalized = rd.RobustDiffusionLoss("kl", schedule, scale=1.0, weighting="debias", reduction="none",
+                                        normalize_weights=True)
+    mean_weight = rd.weight_table(schedule, "debias").mean()
+    assert 17 < mean_weight < 18.5  # DESIGN section 5: the debias weights average 17.8 on this schedule
+    torch.testing.assert_close(normalized(x, y, t), plain(x, y, t) / mean_weight.float(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(normalized.timestep_weight.double().mean(), torch.tensor(1.0, dtype=torch.float64),
+                               rtol=1e-6, atol=0)
+    torch.testing.assert_close(normalized.timestep_weight,
+                               rd.loss_weights(schedule, torch.arange(1000), "debias", normalize=True), rtol=0, atol=0)
+    # The default leaves the weights as they are.
+    torch.testing.assert_close(plain.timestep_weight, rd.weight_table(schedule, "debias").float(), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="normalize must be a bool"):
+        rd.RobustDiffusionLoss("kl", weighting="debias", normalize_weights="yes")
+
+
+def test_timestep_weights_saturate_at_the_float32_range():
+    """p2 with a tiny k and a large gamma exceeds float32 at high noise: the module's weights saturate
+    (as loss_weights does) instead of becoming inf."""
+    schedule = rd.NoiseSchedule.linear()
+    params = {"k": 1e-6, "gamma": 10.0}
+    float32_max = torch.finfo(torch.float32).max
+    assert rd.weight_table(schedule, "p2", **params).max() > float32_max  # float64 holds it, float32 does not
+    module = rd.RobustDiffusionLoss("kl", schedule, scale=1.0, weighting="p2", weighting_params=params)
+    assert torch.isfinite(module.timestep_weight).all()
+    assert module.timestep_weight.max() == float32_max
+    torch.testing.assert_close(module.timestep_weight, rd.loss_weights(schedule, torch.arange(1000), "p2", **params),
+                               rtol=0, atol=0)
+    x, y, _ = batch()
+    assert torch.isfinite(module(x, y, torch.full((16,), 10))).all()
+
+
+def test_compile_fullgraph_from_a_cold_table_cache():
+    """The functional losses with per-sample c and weights, compiled with fullgraph=True when no table is
+    cached yet: the table build is traced instead of breaking the graph."""
+    from robust_diffusion import weighting
+
+    schedule = rd.NoiseSchedule.linear(zero_terminal_snr=True)
+
+    def step(x, y, t):
+        return rd.pseudo_huber_loss(x, y, t, c=0.2, c_schedule="snr", schedule=schedule,
+                                    weight=rd.loss_weights(schedule, t, "min_snr", "v"))
+
+    batches = [batch(seed=seed) for seed in range(2)]
+    weighting._TABLES.clear()
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="aot_eager")
+    got = [compiled(*b) for b in batches]
+    assert len(weighting._TABLES[schedule]) >= 2, "the traced build fills the cache like an eager call"
+    weighting._TABLES.clear()
+    for b, value in zip(batches, got):
+        torch.testing.assert_close(value, step(*b), rtol=1e-6, atol=0)

@@ -151,21 +151,30 @@ def diffusers():
     return pytest.importorskip("diffusers")
 
 
-def edge_schedules(diffusers):
-    """Schedules with +inf log-SNR (abar rounded to 1 in fp16/bf16) or -inf (zero terminal SNR)."""
-    DDPMScheduler = diffusers.DDPMScheduler
+EDGE_SCHEDULES = ["fp16", "bf16", "zero-snr", "diffusers-fp16", "diffusers-bf16", "diffusers-zero-snr"]
+
+
+def edge_schedule(name):
+    """Schedules with +inf log-SNR (abar rounded to 1 in fp16/bf16) or -inf (zero terminal SNR): our own
+    linear schedule (no diffusers needed) and, where diffusers is installed, DDPMScheduler's."""
+    if name.startswith("diffusers-"):
+        DDPMScheduler = pytest.importorskip("diffusers").DDPMScheduler
+        return {
+            "diffusers-fp16": lambda: NoiseSchedule.from_alphas_cumprod(DDPMScheduler().alphas_cumprod.half()),
+            "diffusers-bf16": lambda: NoiseSchedule.from_alphas_cumprod(DDPMScheduler().alphas_cumprod.bfloat16()),
+            "diffusers-zero-snr": lambda: NoiseSchedule.from_diffusers(DDPMScheduler(rescale_betas_zero_snr=True)),
+        }[name]()
     return {
-        "fp16": NoiseSchedule.from_alphas_cumprod(DDPMScheduler().alphas_cumprod.half()),
-        "bf16": NoiseSchedule.from_alphas_cumprod(DDPMScheduler().alphas_cumprod.bfloat16()),
-        "diffusers-zero-snr": NoiseSchedule.from_diffusers(DDPMScheduler(rescale_betas_zero_snr=True)),
-        "zero-snr": NoiseSchedule.linear(zero_terminal_snr=True),
-    }
+        "fp16": lambda: NoiseSchedule.from_alphas_cumprod(NoiseSchedule.linear().alphas_cumprod.half()),
+        "bf16": lambda: NoiseSchedule.from_alphas_cumprod(NoiseSchedule.linear().alphas_cumprod.bfloat16()),
+        "zero-snr": lambda: NoiseSchedule.linear(zero_terminal_snr=True),
+    }[name]()
 
 
 @pytest.mark.parametrize("terminal", ["clamp", "one"])
-@pytest.mark.parametrize("name", ["fp16", "bf16", "diffusers-zero-snr", "zero-snr"])
-def test_non_finite_log_snr_gives_finite_weights(diffusers, name, terminal):
-    schedule = edge_schedules(diffusers)[name]
+@pytest.mark.parametrize("name", EDGE_SCHEDULES)
+def test_non_finite_log_snr_gives_finite_weights(name, terminal):
+    schedule = edge_schedule(name)
     lam = schedule.log_snr
     nonfinite = ~torch.isfinite(lam)
     assert nonfinite.any() and not lam.isnan().any()
@@ -263,6 +272,67 @@ def test_tables_are_built_once_and_keyed_by_every_argument(monkeypatch):
     table = weight_table(schedule, "min_snr")
     table.fill_(-1.0)  # a copy: the cache is unaffected
     torch.testing.assert_close(loss_weights(schedule, t, "min_snr"), first, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------- torch.compile
+COLD_CACHE_CALLS = {
+    "pseudo_huber_c-snr": lambda schedule, t: pseudo_huber_c(schedule, t),
+    "pseudo_huber_c-exponential": lambda schedule, t: pseudo_huber_c(schedule, t, 0.3, "exponential"),
+    "min_snr": lambda schedule, t: loss_weights(schedule, t, "min_snr"),
+    "debias-v-normalized": lambda schedule, t: loss_weights(schedule, t, "debias", "v", normalize=True),
+    "p2-x0-one-fp16": lambda schedule, t: loss_weights(schedule, t, "p2", "x0", terminal="one", dtype=torch.float16,
+                                                       k=0.5, gamma=0.5),
+}
+
+
+@pytest.mark.parametrize("name, backend", [("linear", "eager"), ("zero-snr", "eager"), ("fp16", "eager"),
+                                           ("zero-snr", "aot_eager")])
+@pytest.mark.parametrize("call", COLD_CACHE_CALLS)
+def test_compile_fullgraph_from_a_cold_table_cache(call, name, backend):
+    """fullgraph=True with no table cached yet: the table build is traced (no graph break, no host sync),
+    gives the eager values and fills the cache, which later calls index."""
+    schedule = NoiseSchedule.linear() if name == "linear" else edge_schedule(name)
+    fn = COLD_CACHE_CALLS[call]
+    inputs = [torch.tensor([0, 5, 500, 998, 999]), torch.tensor([999, 3, 3]), torch.tensor([17])]
+    weighting._TABLES.clear()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: fn(schedule, t), fullgraph=True, dynamic=True, backend=backend)
+    got = [compiled(t) for t in inputs]
+    assert weighting._TABLES.get(schedule), "the traced build fills the cache like an eager call"
+    weighting._TABLES.clear()
+    for t, value in zip(inputs, got):
+        expected = fn(schedule, t)
+        assert value.dtype == expected.dtype and torch.isfinite(value).all()
+        torch.testing.assert_close(value, expected, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_compile_inductor_from_a_cold_table_cache():
+    schedule = NoiseSchedule.linear(zero_terminal_snr=True)
+    t = torch.tensor([0, 5, 500, 999])
+
+    def fn(t):
+        return loss_weights(schedule, t, "min_snr", "v", normalize=True) * pseudo_huber_c(schedule, t)
+
+    weighting._TABLES.clear()
+    torch._dynamo.reset()
+    got = torch.compile(fn, fullgraph=True, dynamic=True)(t)
+    weighting._TABLES.clear()
+    torch.testing.assert_close(got, fn(t), rtol=1e-6, atol=0)
+
+
+def test_compiled_cold_build_still_refuses_weights_beyond_float64():
+    schedule = NoiseSchedule.linear()
+    t = torch.tensor([0, 999])
+    with pytest.raises(ValueError, match="gives weights outside the float64 range"):
+        loss_weights(schedule, t, "p2", k=1e-300, gamma=1000.0)
+    weighting._TABLES.clear()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: loss_weights(schedule, t, "p2", k=1e-300, gamma=1000.0), fullgraph=True,
+                             dynamic=True, backend="eager")
+    with pytest.raises(RuntimeError, match="timestep weights outside the float64 range"):
+        compiled(t)
+    assert not weighting._TABLES.get(schedule), "a refused table is not cached"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

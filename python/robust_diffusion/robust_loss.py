@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .functional import DIVERGENCES, default_schedule
 from .schedules import NoiseSchedule, canonical_prediction_type
-from .weighting import pseudo_huber_c, weight_table
+from .weighting import loss_weights, pseudo_huber_c
 
 __all__ = ["RobustDiffusionLoss", "LOSSES"]
 
@@ -37,17 +37,39 @@ _LOSS_PARAMS = {"alpha": {"alpha": 0.25}, "huber": {"delta": 1.0},
 class RobustDiffusionLoss(nn.Module):
     """A robust denoising loss for a diffusion training step.
 
+    Every loss is ``weight_b * phi(scale_b * R_b)`` (DESIGN section 2). For the losses without a per-sample
+    transform (``phi`` the identity: ``kl``, ``huber``, ``pseudo_huber``, ``clipped_mse`` with ``mode="element"``)
+    the scale only multiplies the loss, so the default ``scale="adaptive"`` makes them a per-noise-level
+    normalisation of the loss, ``R_b / (temperature * m_k(t_b))`` (e.g. the MSE divided by tau times the running
+    median penalty of the sample's noise level), not the plain loss. Pass ``scale=1.0`` for the plain MSE or
+    diffusers' pseudo-Huber loss.
+
+    Data parallel: when ``torch.distributed`` is initialised, each bucket's median is averaged over the ranks of
+    the default process group that saw the bucket (one all-reduce per update), so every rank keeps the same
+    adaptive state. A TorchScript-ed module skips that all-reduce (TorchScript cannot call
+    ``torch.distributed``): each rank then keeps its own running scale.
+
     Args:
         loss: one of :data:`LOSSES` (an f-divergence of ``DIVERGENCES`` or a baseline).
         schedule: the :class:`NoiseSchedule` the timesteps refer to (default: linear, T = 1000).
         scale: ``"adaptive"`` (default, for the evidence in the module docstring), ``"vlb"`` (DDPM's
             lambda_t, converted to the prediction type's error) or a float (a fixed t-independent scale of R_b).
+            For ``kl``, ``huber``, ``pseudo_huber`` and ``clipped_mse`` with ``mode="element"``, ``"adaptive"``
+            divides the loss by ``temperature`` times the running median penalty of the sample's noise level
+            (a per-noise-level normalisation, not the plain loss): use ``scale=1.0`` for plain MSE or
+            diffusers' pseudo-Huber.
         temperature: the adaptive scale's tau: a sample whose penalty is ``temperature`` times the typical
             one at its noise level gets delta = 1.
         num_buckets: timestep buckets of the adaptive scale (equal ranges of t).
         momentum: EMA momentum of the per-bucket medians.
         weighting: a timestep weighting scheme of :func:`robust_diffusion.loss_weights` (default constant),
-            with ``weighting_params`` and ``terminal`` passed on.
+            with ``weighting_params`` and ``terminal`` passed on. With a fixed or adaptive scale the weights
+            are converted to ``prediction_type`` (``w_x0 MSE_x0 == w_eps MSE_eps``). With ``scale="vlb"`` the
+            scale already turns the error of any prediction type into the same mismatch delta (DDPM's
+            lambda_t times the epsilon error), so the epsilon-space weights apply: one model error gives one
+            loss whatever the prediction type.
+        normalize_weights: divide the timestep weights by their mean over all T steps (``loss_weights``'
+            ``normalize``), so their average under uniform timestep sampling is 1.
         prediction_type: what the model predicts (``epsilon``, ``sample``, ``v_prediction``); default the
             schedule's.
         dim_reduction: ``"mean"`` (default) or ``"sum"`` of the penalty over a sample's elements.
@@ -67,8 +89,9 @@ class RobustDiffusionLoss(nn.Module):
     def __init__(self, loss: str = "hellinger", schedule: Optional[NoiseSchedule] = None, *,
                  scale: Union[str, float] = "adaptive", temperature: float = 1.0, num_buckets: int = 10,
                  momentum: float = 0.9, weighting: str = "constant", weighting_params: Optional[Dict[str, float]] = None,
-                 terminal: str = "clamp", prediction_type: Optional[str] = None, dim_reduction: str = "mean",
-                 reduction: str = "mean", normalize_influence: bool = False, **loss_params):
+                 terminal: str = "clamp", normalize_weights: bool = False, prediction_type: Optional[str] = None,
+                 dim_reduction: str = "mean", reduction: str = "mean", normalize_influence: bool = False,
+                 **loss_params):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -114,10 +137,13 @@ class RobustDiffusionLoss(nn.Module):
         self.last_influence = None
         self.last_penalty = None
 
-        # Per-timestep constants, as float32 buffers indexed by t (no host round-trip per step).
+        # Per-timestep constants, as float32 buffers indexed by t (no host round-trip per step). The weights
+        # come through loss_weights, which saturates at the float32 range (never inf).
         steps = torch.arange(schedule.num_timesteps)
-        self.register_buffer("timestep_weight", weight_table(
-            schedule, weighting, kind, terminal=terminal, **(weighting_params or {})).float(), persistent=False)
+        weight_kind = "epsilon" if self.scale_mode == "vlb" else kind  # vlb_scale converts the error itself
+        self.register_buffer("timestep_weight", loss_weights(
+            schedule, steps, weighting, weight_kind, terminal=terminal, normalize=normalize_weights,
+            **(weighting_params or {})), persistent=False)
         self.register_buffer("vlb_scale", _vlb_scale(schedule, kind), persistent=False)
         c_b = (pseudo_huber_c(schedule, steps, params["c"], params["c_schedule"]) if loss == "pseudo_huber"
                else torch.ones(schedule.num_timesteps))
@@ -196,12 +222,15 @@ class RobustDiffusionLoss(nn.Module):
 
     def _seed(self, input: Tensor, target: Tensor, t: Tensor, c: Tensor) -> None:
         """First call: seed every bucket from this batch (its own median where it has samples, the
-        batch median elsewhere), at the cost of one extra pass over the batch, once."""
+        batch median elsewhere), at the cost of one extra pass over the batch, once. State that is
+        already initialised (loaded into a TorchScript module, where ``_load_from_state_dict`` does not
+        run and so cannot set the host flag) is kept, with no host sync to find out."""
         with torch.no_grad():
             penalty = self._call(input.detach(), target.detach(), torch.ones_like(c), None, c, "none")[1]
             medians = self._bucket_medians(penalty, t)
             fallback = torch.nanmedian(medians)  # a non-empty batch fills at least one bucket
-            self.bucket_penalty.copy_(torch.where(torch.isnan(medians), fallback, medians).clamp_min(1e-12))
+            seeded = torch.where(torch.isnan(medians), fallback, medians).clamp_min(1e-12)
+            self.bucket_penalty.copy_(torch.where(self.initialized, self.bucket_penalty, seeded))
             self.initialized.fill_(True)
         self._seeded = True
 

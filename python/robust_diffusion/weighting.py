@@ -31,6 +31,10 @@ Weights are looked up from a table of T values computed once per (schedule, sche
 prediction type, terminal policy, normalisation) and copied once per device and dtype: a training
 step only indexes a cached device tensor (no host round-trip, no float64 work). Weights and ``c``
 are constants with respect to the model: no gradient flows through them.
+
+The table build is plain tensor code without host syncs, so ``torch.compile(fullgraph=True)`` traces
+it when a compiled step meets a cold cache; the table that step computes is cached as in eager mode,
+and later traces index it as a constant.
 """
 
 from __future__ import annotations
@@ -213,8 +217,9 @@ def _device_table(schedule: NoiseSchedule, key: tuple, device: torch.device, dty
     return table
 
 
-@torch.compiler.disable  # host-side float64 work, once per key: never traced into a compiled step
 def _build_table(schedule: NoiseSchedule, key: tuple) -> Tensor:
+    """The float64 CPU table of a key. No host sync (no ``.item()``, no data-dependent branch), so a
+    compiled step that finds the cache cold traces it instead of breaking the graph."""
     if key[0] == "huber_c":
         return _huber_c_table(schedule, *key[1:])
     return _weights_table(schedule, *key[1:])
@@ -224,7 +229,7 @@ def _weights_table(schedule: NoiseSchedule, scheme: str, params: Tuple[Tuple[str
                    terminal: str, normalize: bool) -> Tensor:
     lam = schedule.log_snr
     finite = torch.isfinite(lam)
-    lam = lam.clamp(*_clamp_range(lam[finite]))
+    lam = torch.clamp(lam, *_clamp_range(lam, finite))
     log_w = _SCHEMES[scheme].log_weight(lam, dict(params))
     if kind == "sample":
         log_w = log_w + lam
@@ -235,19 +240,23 @@ def _weights_table(schedule: NoiseSchedule, scheme: str, params: Tuple[Tuple[str
         weights = torch.where(finite, weights, torch.ones_like(weights))
     if normalize:
         weights = weights / weights.mean()
-    if not torch.isfinite(weights).all():
+    all_finite = torch.isfinite(weights).all()
+    if torch.compiler.is_compiling():  # a traced build checks in the graph: no data-dependent branch
+        torch._assert_async(all_finite, "timestep weights outside the float64 range on this schedule; "
+                                        "choose less extreme weighting parameters")
+    elif not all_finite:
         raise ValueError(f"scheme {scheme!r} with parameters {dict(params)} gives weights outside the float64 "
                          f"range on this schedule (normalize={normalize}); choose less extreme parameters")
     return weights
 
 
-def _clamp_range(finite_lam: Tensor) -> Tuple[float, float]:
-    """The schedule's finite log-SNR range, within [-LOG_SNR_BOUND, LOG_SNR_BOUND]."""
-    if finite_lam.numel() == 0:
-        return -LOG_SNR_BOUND, LOG_SNR_BOUND
-    low = min(max(finite_lam.min().item(), -LOG_SNR_BOUND), LOG_SNR_BOUND)
-    high = min(max(finite_lam.max().item(), -LOG_SNR_BOUND), LOG_SNR_BOUND)
-    return low, high
+def _clamp_range(lam: Tensor, finite: Tensor) -> Tuple[Tensor, Tensor]:
+    """The schedule's finite log-SNR range, within [-LOG_SNR_BOUND, LOG_SNR_BOUND], as 0-dim tensors
+    (no host sync); the whole bound when no step is finite."""
+    any_finite = finite.any()
+    low = torch.where(any_finite, lam.masked_fill(~finite, math.inf).amin(), -LOG_SNR_BOUND)
+    high = torch.where(any_finite, lam.masked_fill(~finite, -math.inf).amax(), LOG_SNR_BOUND)
+    return low.clamp(-LOG_SNR_BOUND, LOG_SNR_BOUND), high.clamp(-LOG_SNR_BOUND, LOG_SNR_BOUND)
 
 
 def _huber_c_table(schedule: NoiseSchedule, c_schedule: str, c: float) -> Tensor:
