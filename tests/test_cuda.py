@@ -121,3 +121,23 @@ def test_cuda_robust_loss_module():
     t = torch.randint(0, 1000, (16,), device="cuda")
     module(x, y, t).backward()
     assert module.bucket_penalty.is_cuda and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("argument", ["target", "scale", "weight", "c"])
+@pytest.mark.parametrize("input_device, other_device", [("cpu", "cuda"), ("cuda", "cpu")])
+def test_cuda_cpu_device_mismatch_names_the_argument(argument, input_device, other_device):
+    """One argument on the other device: a clear error naming it, from the CPU or the CUDA kernel, with or
+    without autograd."""
+    case = case_for("pseudo_huber-huber", 3)
+    args = {"target": torch.randn(3, 4), "scale": torch.rand(3), "weight": torch.rand(3) + 0.5,
+            "c": case.params[0].float()}
+    args = {name: value.to(other_device if name == argument else input_device) for name, value in args.items()}
+    x = torch.randn(3, 4, device=input_device)
+    for requires_grad in (False, True):
+        with pytest.raises(ValueError, match=rf"pseudo_huber_loss: {argument} must be on input's device "
+                                             rf"\({input_device}(:0)?\), got {other_device}"):
+            OPS.pseudo_huber_loss(x.clone().requires_grad_(requires_grad), args["target"], args["scale"],
+                                  args["weight"], "mean", "mean", args["c"], "huber")
+    if argument == "target":  # through the Python API too
+        with pytest.raises(ValueError, match=r"hellinger_loss: target must be on input's device"):
+            rd.hellinger_loss(x, args["target"])

@@ -24,7 +24,32 @@ adaptive and because it keeps ``kl_loss == F.mse_loss``; for robust training use
 ``dim_reduction="sum"``); a float is a temperature 1 / (2 tau); a [B] tensor is used as is. The adaptive
 per-timestep scale lives in :class:`robust_diffusion.RobustDiffusionLoss` (it needs running state).
 
-Non-finite inputs follow PyTorch's convention: NaN/inf propagate to the loss and gradients.
+Non-finite inputs
+-----------------
+They are not checked (that would cost a pass over the data and a host sync): the formulas are evaluated as
+they stand, as PyTorch's own losses do, and a bad element only affects its own sample; every other sample's
+loss, influence weight and gradient stay as they were. For sample b (measured, and tested in
+tests/test_losses.py):
+
+- NaN in input or target: the sample's loss, penalty R_b, influence w_b and its whole input gradient are NaN,
+  so a "mean" or "sum" batch loss is NaN. Exception: ``clipped_mse_loss(mode="element")`` currently clamps a
+  NaN residual to tau (the sample's loss counts tau^2 for it; its gradient there is 0).
+- A residual of +-inf makes R_b = inf, so delta_b = scale_b R_b = inf (NaN if scale_b = 0). Then:
+
+  - ``kl_loss``: loss inf; gradient +-inf at that element, finite at the sample's others.
+  - ``huber_loss``: loss inf; gradient finite everywhere (+-delta weight_b scale_b at the element, / D for
+    ``dim_reduction="mean"``), as ``F.huber_loss``.
+  - ``pseudo_huber_loss``: loss inf; gradient NaN at the element (r / sqrt(r^2 + c^2) = inf / inf), finite at
+    the sample's others.
+  - the bounded divergences (``hellinger``, ``ned``, ``alpha``, ``js``, ``lecam``, ``tv``) and
+    ``clipped_mse_loss(mode="sample")``: a *finite* loss, weight_b times sup phi (4, e - 1, 1 / kappa,
+    4 ln 2, 2, 1; tau), and w_b = 0: the sample's other elements get gradient 0 and the inf element NaN
+    (0 * inf). The batch loss stays finite, but the NaN reaches every parameter gradient through backward.
+  - ``chi2_loss``: delta saturates at 44: finite loss weight_b (exp(88) - 1) / 2, w_b = exp(88); gradient
+    +-inf at the element and finite (huge) at the sample's others.
+  - ``clipped_mse_loss(mode="element")``: the residual is clamped to +-tau: finite loss, gradient 0 there.
+
+Filter non-finite samples (e.g. with ``torch.isfinite``) before the loss if they can occur.
 """
 
 from __future__ import annotations
@@ -193,7 +218,9 @@ def chi2_loss(input: Tensor, target: Tensor, t: Optional[Tensor] = None, *, sche
               scale: Scale = 1.0, dim_reduction: str = "mean", weight: Optional[Tensor] = None,
               reduction: str = "mean") -> Tensor:
     """Pearson chi^2 / 2: phi = (exp(2 delta) - 1) / 2, w = exp(2 delta). Anti-robust (it amplifies
-    outliers), for comparison only. delta saturates at 44 so float32 outputs stay finite."""
+    outliers), for comparison only. delta saturates at 44 so the float32 loss and influence outputs stay
+    finite (beyond it phi = (exp(88) - 1) / 2 and w = exp(88)); the gradient, w times the MSE gradient, can
+    still overflow float32 there (to +-inf)."""
     return _divergence("chi2_loss", input, target, t, schedule, scale, dim_reduction, weight, reduction)
 
 
@@ -255,9 +282,16 @@ def divergence_loss(divergence: str, input: Tensor, target: Tensor, t: Optional[
 
 def influence_weights(input: Tensor, target: Tensor, t: Optional[Tensor] = None, *, divergence: str = "hellinger",
                       schedule: Optional[NoiseSchedule] = None, scale: Scale = 1.0, dim_reduction: str = "mean",
+                      weight: Optional[Tensor] = None, reduction: str = "mean",
                       alpha: Optional[float] = None) -> Tensor:
     """The per-sample influence weight w(scale_b R_b) [B] that ``<divergence>_loss`` applies to each
-    sample's gradient (1 = full weight, 0 = ignored). Same arguments as the losses; no gradient."""
+    sample's gradient (1 = full weight, 0 = ignored), float32 (float64 for float64 inputs); no gradient.
+
+    It takes the arguments of the losses, so a loss call's keyword arguments can be passed on unchanged.
+    ``weight`` and ``reduction`` are validated as there but do not change w: the weight multiplies the
+    sample's loss after phi, and the batch reduction comes after that, so the result is always the
+    per-sample vector of w(delta_b). ``alpha`` is required for ``divergence="alpha"`` (and only for it).
+    """
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     if (alpha is None) != (divergence != "alpha"):
@@ -265,4 +299,4 @@ def influence_weights(input: Tensor, target: Tensor, t: Optional[Tensor] = None,
     params = (float(alpha),) if divergence == "alpha" else ()
     with torch.no_grad():
         return _loss_call(f"{divergence}_loss", input.detach(), target.detach(), t, schedule, scale, dim_reduction,
-                          None, "none", *params)[2]
+                          weight, reduction, *params)[2]

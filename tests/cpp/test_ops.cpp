@@ -7,17 +7,22 @@
 
 #include <catch2/catch.hpp>
 
+#include <cmath>
 #include <functional>
 #include <optional>
 #include <sstream>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
+
+#include "math/tabulated_divergences.h"
 
 namespace {
 
 using at::Tensor;
 using Catch::Matchers::Contains;
+namespace rdm = robust_diffusion::math;
 
 const std::vector<std::string> kLosses = {"kl_loss",    "hellinger_loss",    "ned_loss",        "alpha_loss",
                                           "js_loss",    "lecam_loss",        "tv_loss",         "chi2_loss",
@@ -48,13 +53,39 @@ Tensor reduce_samples(const Tensor& per_sample, const std::string& reduction) {
   return per_sample;
 }
 
-// One loss as a reference: its elementwise penalty e(r) and per-sample transform phi(delta).
+// One loss as a reference: its elementwise penalty e(r) and per-sample transform phi(delta); for the tabulated
+// divergences also its influence weight w(delta) = phi'(delta), checked against the operator's influence output.
 struct LossCase {
   std::string name;
   std::vector<c10::IValue> params;
   std::function<Tensor(const Tensor& r)> penalty;
   std::function<Tensor(const Tensor& delta)> phi;
+  std::function<Tensor(const Tensor& delta)> w = nullptr;
 };
+
+// NED, JS and Le Cam have no closed form: their reference is the torch-free math header (csrc/math), evaluated
+// per sample on the host.
+using TabulatedPhiW = void (*)(double, double*, double*);
+
+std::pair<Tensor, Tensor> tabulated_phi_w(TabulatedPhiW phi_w, const Tensor& delta) {
+  const Tensor d = delta.detach().to(at::kDouble).contiguous();
+  Tensor phi = at::empty_like(d), w = at::empty_like(d);
+  for (int64_t b = 0; b < d.numel(); ++b)
+    phi_w(d.data_ptr<double>()[b], phi.data_ptr<double>() + b, w.data_ptr<double>() + b);
+  return {phi, w};
+}
+
+// phi(delta) with derivative w(delta) for autograd: the value phi, plus w (delta - delta) that only differentiates.
+std::function<Tensor(const Tensor&)> tabulated_phi(TabulatedPhiW phi_w) {
+  return [phi_w](const Tensor& delta) {
+    const auto [phi, w] = tabulated_phi_w(phi_w, delta);
+    return phi + w * (delta - delta.detach());
+  };
+}
+
+std::function<Tensor(const Tensor&)> tabulated_w(TabulatedPhiW phi_w) {
+  return [phi_w](const Tensor& delta) { return tabulated_phi_w(phi_w, delta).second; };
+}
 
 // pseudo_huber_loss's c, one per sample of the default batch of 3.
 Tensor pseudo_huber_c() { return at::tensor({0.3, 0.05, 0.8}, at::kDouble); }
@@ -69,6 +100,9 @@ std::vector<LossCase> loss_cases() {
       {"kl_loss", {}, square, identity},
       {"hellinger_loss", {}, square, alpha_phi(0.25)},
       {"alpha_loss", {0.3}, square, alpha_phi(0.3 * 0.7)},
+      {"ned_loss", {}, square, tabulated_phi(rdm::ned_phi_w), tabulated_w(rdm::ned_phi_w)},
+      {"js_loss", {}, square, tabulated_phi(rdm::js_phi_w), tabulated_w(rdm::js_phi_w)},
+      {"lecam_loss", {}, square, tabulated_phi(rdm::lecam_phi_w), tabulated_w(rdm::lecam_phi_w)},
       {"tv_loss", {}, square, [](const Tensor& d) { return at::erf(at::sqrt(d) / 2); }},
       {"chi2_loss", {}, square, [](const Tensor& d) { return at::expm1(2 * d) / 2; }},
       {"huber_loss",
@@ -165,9 +199,9 @@ TEST_CASE("forward and backward match LibTorch references", "[ops]") {
     const Tensor input = in.input.clone().requires_grad_(), target = in.target.clone().requires_grad_();
     const Tensor ref_input = in.input.clone().requires_grad_(), ref_target = in.target.clone().requires_grad_();
 
-    const Tensor out =
-        call_boxed(loss.name, loss_args(input, target, in.scale, weight, dim_reduction, reduction, loss.params))[0]
-            .toTensor();
+    const auto outputs =
+        call_boxed(loss.name, loss_args(input, target, in.scale, weight, dim_reduction, reduction, loss.params));
+    const Tensor out = outputs[0].toTensor();
     const Tensor expected = reference_loss(loss, ref_input, ref_target, in.scale, weight, dim_reduction, reduction);
     REQUIRE(close(out, expected));
 
@@ -176,6 +210,54 @@ TEST_CASE("forward and backward match LibTorch references", "[ops]") {
     (expected * grad_out).sum().backward();
     CHECK(close(input.grad(), ref_input.grad()));
     CHECK(close(target.grad(), ref_target.grad()));
+
+    if (loss.w) {
+      // The influence output is the header's w(scale_b R_b), and the gradient is w times the scaled MSE
+      // gradient (DESIGN section 2): g_b weight_b w_b scale_b 2 r (/ D for dim_reduction = "mean").
+      const Tensor r = (in.input - in.target).flatten(1);
+      const int64_t batch = r.size(0), numel = r.size(1);
+      const Tensor penalty = dim_reduction == "mean" ? r.square().mean(1) : r.square().sum(1);
+      const Tensor w = loss.w(in.scale * penalty);
+      CHECK(close(outputs[1].toTensor(), penalty));
+      CHECK(close(outputs[2].toTensor(), w));
+      CHECK(w.min().item<double>() < 0.99);  // the weights act: not every sample at w ~ 1
+      Tensor g = reduction == "none" ? grad_out : grad_out.expand({batch}) / (reduction == "mean" ? batch : 1);
+      Tensor coefficient = g * w * in.scale * (dim_reduction == "mean" ? 1.0 / numel : 1.0);
+      if (weight) coefficient = coefficient * *weight;
+      const Tensor grad = (coefficient.view({-1, 1}) * 2 * r).view_as(in.input);
+      CHECK(close(input.grad(), grad));
+      CHECK(close(target.grad(), -grad));
+    }
+  }
+}
+
+TEST_CASE("ned_loss, js_loss and lecam_loss reproduce DESIGN's test vectors", "[ops]") {
+  // One sample per delta with the single non-zero residual sqrt(delta), scale 1, dim_reduction = "sum": R = delta,
+  // the per-sample loss is phi(delta) and the influence w(delta). DESIGN section 3, as printed; Le Cam's w at
+  // delta = 1 and 8 corrected by one unit in the last digit (see test_divergence_tables.cpp).
+  struct Vector {
+    const char* name;
+    double delta, phi, w;
+  };
+  const Vector vectors[] = {
+      {"ned_loss", 0.5, 0.392925, 0.621273},    {"ned_loss", 1, 0.654038, 0.441514},
+      {"ned_loss", 2, 0.994903, 0.263583},      {"ned_loss", 8, 1.61095, 0.0316206},
+      {"ned_loss", 32, 1.71813, 4.00098e-5},    {"js_loss", 0.5, 0.445686, 0.795946},
+      {"js_loss", 1, 0.805382, 0.649887},       {"js_loss", 2, 1.34732, 0.449600},
+      {"js_loss", 8, 2.53088, 0.0685974},       {"js_loss", 32, 2.77221, 9.82187e-5},
+      {"lecam_loss", 0.5, 0.408109, 0.676392},  {"lecam_loss", 1, 0.700227, 0.506055},
+      {"lecam_loss", 2, 1.100801, 0.316555},    {"lecam_loss", 8, 1.862805, 0.0401664},
+  };
+  for (const auto& v : vectors) {
+    INFO(v.name << " delta = " << v.delta);
+    const Tensor input = at::zeros({1, 3}, at::kDouble);
+    input[0][0].fill_(std::sqrt(v.delta));
+    const auto out = call_boxed(v.name, loss_args(input, at::zeros_like(input), at::ones({1}, at::kDouble),
+                                                  std::nullopt, "sum", "none"));
+    const double phi = out[0].toTensor().item<double>(), w = out[2].toTensor().item<double>();
+    // Six or seven printed digits: half a unit in the last place is at most 4e-6 relative.
+    CHECK(std::fabs(phi - v.phi) <= 4e-6 * v.phi);
+    CHECK(std::fabs(w - v.w) <= 4e-6 * v.w);
   }
 }
 
