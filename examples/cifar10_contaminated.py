@@ -114,10 +114,12 @@ PRESETS = {
 DEFAULT_LOSSES = ["kl", "hellinger", "ned", "huber", "clipped_mse"]
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description="Train one DDPM per loss on contaminated data and compare them.")
     parser.add_argument("--dataset", choices=DATASETS, default="fashion-mnist")
     parser.add_argument("--data-root", default=None, help="dataset directory (required for CIFAR-10)")
+    parser.add_argument("--download", action="store_true",
+                        help="CIFAR-10: download it into --data-root if it is not there (needs network)")
     parser.add_argument("--contamination", type=float, default=0.3, help="contaminated fraction p in [0, 1)")
     parser.add_argument("--kind", choices=CONTAMINATION_KINDS, default="noise")
     parser.add_argument("--losses", nargs="+", default=DEFAULT_LOSSES,
@@ -141,7 +143,17 @@ def parse_args(argv=None):
     parser.add_argument("--no-export", action="store_true", help="skip the TorchScript / torch.export step")
     parser.add_argument("--export-loss", default=None,
                         help="whose EMA model to export (default: ned if trained, else the last loss)")
-    parser.add_argument("--resume", action="store_true", help="reuse finished or interrupted runs in --out")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse finished runs in --out and continue interrupted ones from their last checkpoint "
+                             "(each run writes one every tenth of its steps)")
+    return parser
+
+
+PARSER = build_parser()
+
+
+def parse_args(argv=None):
+    parser = PARSER
     if argv is None:
         # A Jupyter kernel's own argv (-f kernel.json) is not ours; options come from RD_EXAMPLE_ARGS there.
         argv = [] if IN_JUPYTER else sys.argv[1:]
@@ -181,8 +193,20 @@ print("settings:", {k: v for k, v in settings.items() if k != "model_overrides"}
 # The contaminated training set keeps the ground truth: which samples were replaced.
 
 # %%
-data = load_experiment_data(args.dataset, args.contamination, args.kind, root=args.data_root,
-                            num_train=settings["num_train"], image_size=settings["image_size"], seed=args.seed)
+def load_data(contamination, **options):
+    """``load_experiment_data`` of this run's dataset, kind, --data-root and --download; a missing or unreadable
+    dataset stops the example with a usage error (exit code 2), as a bad option does."""
+    try:
+        return load_experiment_data(args.dataset, contamination, args.kind, root=args.data_root,
+                                    download=args.download, **options)
+    except (ValueError, OSError, ImportError, RuntimeError) as error:
+        hint = (" (or pass --download to fetch it)"
+                if args.dataset == "cifar10" and not args.download and isinstance(error, FileNotFoundError) else "")
+        PARSER.error(f"{error}{hint}")
+
+
+data = load_data(args.contamination, num_train=settings["num_train"], image_size=settings["image_size"],
+                 seed=args.seed)
 train_set = data.train
 print(data.description)
 image_shape = data.image_shape
@@ -227,16 +251,14 @@ eval_cache = Path(args.eval_cache) if args.eval_cache else OUT / "cache"
 t0 = time.perf_counter()
 # The classifier learns from clean training images (the uncontaminated originals of the same split, with
 # the held-out classes of --kind dataset removed), possibly beyond the diffusion model's subset.
-clean = load_experiment_data(args.dataset, 0.0, args.kind, root=args.data_root, image_size=settings["image_size"],
-                             num_train=settings["classifier_train"])
+clean = load_data(0.0, image_size=settings["image_size"], num_train=settings["classifier_train"])
 cls_images, cls_labels = clean.train.images, clean.train_labels
 classifier = metrics.train_classifier(
     cls_images, cls_labels, test_images=data.test_images, test_labels=data.test_labels,
     epochs=settings["classifier_epochs"], seed=EVAL_SEED, cache_path=eval_cache / "classifier.pt",
     device=args.device, progress=not IN_JUPYTER)
 # The detector learns from its own half-contaminated draw of this kind of contaminant.
-half = load_experiment_data(args.dataset, 0.5, args.kind, root=args.data_root, image_size=settings["image_size"],
-                            num_train=settings["detector_train"], seed=EVAL_SEED)
+half = load_data(0.5, image_size=settings["image_size"], num_train=settings["detector_train"], seed=EVAL_SEED)
 n_det = len(half.train)
 split = n_det - n_det // 5  # the last fifth of the detector's images measure its accuracy
 detector = metrics.train_contaminant_detector(
@@ -281,13 +303,16 @@ for name, images in (("data: clean training images", train_set.images[~is_contam
 #
 # Every loss trains the same network from the same initial weights on the same batches with the same
 # diffusion noise, so the differences come from the loss alone. The `Trainer` logs the mean influence weight
-# of clean and contaminated samples and keeps each training sample's average weight.
+# of clean and contaminated samples and keeps each training sample's average weight. Each run writes a checkpoint
+# every tenth of its steps into `<out>/runs/<loss>`: `--resume` continues an interrupted run from there (exactly,
+# on the CPU) and reuses a finished one.
 
 # %%
 schedule = rd.NoiseSchedule.linear()
 SAMPLE_CHUNK = 500
 results, trained = [], {}
 influence_from = settings["steps"] // 5  # the first steps, with an untrained model, say little about outliers
+checkpoint_every = max(1, settings["steps"] // 10)  # what --resume continues from; saving changes no result
 for spec in args.specs:
     run_dir = OUT / "runs" / spec.name
     if not args.resume and run_dir.exists():
@@ -297,12 +322,14 @@ for spec in args.specs:
     loss_fn = build_loss(spec, schedule, scale=args.scale, temperature=args.temperature)
     config = TrainConfig(steps=settings["steps"], batch_size=settings["batch_size"], lr=settings["lr"],
                          warmup_steps=settings["warmup_steps"], ema_decay=settings["ema_decay"],
-                         log_every=max(1, settings["steps"] // 30), checkpoint_every=0,
+                         log_every=max(1, settings["steps"] // 30), checkpoint_every=checkpoint_every,
                          influence_from_step=influence_from, risk_free=spec.risk_free, seed=args.seed,
                          progress=not IN_JUPYTER)
     trainer = Trainer(model, loss_fn, train_set, schedule, config, out_dir=run_dir, device=args.device)
     if args.resume and trainer.resume():
         print(f"{spec.name}: resumed at step {trainer.step}")
+    elif trainer.log_path.is_file():
+        trainer.log_path.unlink()  # left by a run killed before its first checkpoint: start a fresh log
     print(f"--- {spec.name} ({loss_settings(loss_fn)}): {sum(p.numel() for p in model.parameters()):,} parameters")
     t0 = time.perf_counter()
     trainer.train()

@@ -3,14 +3,16 @@
 import gzip
 import os
 import pickle
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
 
+from robust_diffusion import data
 from robust_diffusion.data import (CONTAMINATION_KINDS, FASHION_MNIST_ROOT, ContaminatedDataset, contaminate,
-                                   load_cifar10, load_fashion_mnist, read_idx, to_unit_range)
+                                   fashion_mnist_root, load_cifar10, load_fashion_mnist, read_idx, to_unit_range)
 
 FASHION_TEST_IMAGES = FASHION_MNIST_ROOT / "t10k-images-idx3-ubyte.gz"
 needs_fashion_mnist = pytest.mark.skipif(not FASHION_TEST_IMAGES.is_file(),
@@ -88,6 +90,60 @@ def test_load_fashion_mnist_bad_arguments(tmp_path):
     assert load_fashion_mnist("test", root=tmp_path).images.shape == (2, 1, 32, 32)
     with pytest.raises(ValueError, match="pad_to must be an integer >= 28"):
         load_fashion_mnist("test", root=tmp_path, pad_to=20)
+
+
+def _fake_fashion_mnist(root, n=3):
+    root.mkdir(parents=True)
+    for prefix in ("train", "t10k"):
+        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", np.full((n, 28, 28), 255, np.uint8), 0x08, True)
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n, dtype=np.uint8), 0x08, True)
+
+
+def _fake_dpkg(monkeypatch, stdout="", returncode=0, error=None):
+    """Replace subprocess.run for robust_diffusion.data; returns the list of commands it was called with."""
+    calls = []
+
+    def run(command, **kwargs):
+        calls.append(list(command))
+        if error is not None:
+            raise error
+        return subprocess.CompletedProcess(command, returncode, stdout=stdout, stderr="")
+
+    monkeypatch.setattr(data.subprocess, "run", run)
+    return calls
+
+
+def test_fashion_mnist_found_through_dpkg_when_the_default_path_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "FASHION_MNIST_ROOT", tmp_path / "usr" / "share" / "datasets" / "fashion-mnist")
+    elsewhere = tmp_path / "opt" / "fashion"
+    _fake_fashion_mnist(elsewhere)
+    listing = "\n".join(["/.", "/usr/share/doc/dataset-fashion-mnist", str(elsewhere)] +
+                         [str(path) for path in sorted(elsewhere.iterdir())]) + "\n"
+    calls = _fake_dpkg(monkeypatch, stdout=listing)
+    assert fashion_mnist_root() == elsewhere
+    assert calls == [["dpkg", "-L", "dataset-fashion-mnist"]]
+    images, labels = load_fashion_mnist("test", pad_to=None)  # root=None: the default goes through dpkg too
+    assert images.shape == (3, 1, 28, 28) and (images == 1.0).all() and labels.tolist() == [0, 1, 2]
+
+
+def test_fashion_mnist_default_path_does_not_ask_dpkg(tmp_path, monkeypatch):
+    root = tmp_path / "fashion"
+    _fake_fashion_mnist(root)
+    monkeypatch.setattr(data, "FASHION_MNIST_ROOT", root)
+    calls = _fake_dpkg(monkeypatch, error=AssertionError("dpkg must not run when the default path has the files"))
+    assert fashion_mnist_root() == root and calls == []
+
+
+@pytest.mark.parametrize("dpkg", [dict(error=FileNotFoundError("dpkg")),  # not a Debian system
+                                  dict(returncode=1, stdout=""),  # package not installed
+                                  dict(stdout="/.\n/usr/share/doc/dataset-fashion-mnist\n")])  # no IDX files listed
+def test_fashion_mnist_without_the_package_says_how_to_install(tmp_path, monkeypatch, dpkg):
+    default = tmp_path / "missing"
+    monkeypatch.setattr(data, "FASHION_MNIST_ROOT", default)
+    calls = _fake_dpkg(monkeypatch, **dpkg)
+    assert fashion_mnist_root() == default and len(calls) == 1
+    with pytest.raises(FileNotFoundError, match=r"apt-get install dataset-fashion-mnist"):
+        load_fashion_mnist("train")
 
 
 # ---------------------------------------------------------------------------------------------- CIFAR-10

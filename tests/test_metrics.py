@@ -1,6 +1,8 @@
 """Tests for robust_diffusion.metrics: Frechet distance, AUROC, sliced Wasserstein, MMD, classifiers."""
 
 import itertools
+import sys
+import types
 
 import pytest
 import torch
@@ -202,11 +204,78 @@ def test_contaminant_detector_errors():
         train_classifier(torch.zeros(4, 8, 8), torch.zeros(4, dtype=torch.long))
 
 
-def test_inception_fid_never_downloads(tmp_path, monkeypatch):
-    """Without the Inception weights in torch.hub's cache there is no Inception FID, and no download."""
+class _FakeFrechetInceptionDistance:
+    """Stands in for torchmetrics' FrechetInceptionDistance: records what inception_fid feeds it."""
+
+    instances = []
+
+    def __init__(self, **kwargs):
+        self.kwargs, self.updates, self.device = kwargs, [], torch.device("cpu")
+        self.instances.append(self)
+
+    def to(self, device):
+        self.device = torch.device(device)
+        return self
+
+    def update(self, images, real):
+        self.updates.append((tuple(images.shape), float(images.min()), float(images.max()), real))
+
+    def compute(self):
+        return torch.tensor(1.25)
+
+
+@pytest.fixture
+def inception_packages(tmp_path, monkeypatch):
+    """Stub torchmetrics and torch-fidelity (whether or not they are installed), point torch.hub's cache at an
+    empty directory and make any download fail the test; returns the directory the weights would be in."""
+    _FakeFrechetInceptionDistance.instances = []
+    fid = types.ModuleType("torchmetrics.image.fid")
+    fid.FrechetInceptionDistance = _FakeFrechetInceptionDistance
+    image = types.ModuleType("torchmetrics.image")
+    image.fid = fid
+    torchmetrics = types.ModuleType("torchmetrics")
+    torchmetrics.image = image
+    for name, module in (("torchmetrics", torchmetrics), ("torchmetrics.image", image),
+                         ("torchmetrics.image.fid", fid), ("torch_fidelity", types.ModuleType("torch_fidelity"))):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url",
+                        lambda *a, **k: pytest.fail("inception_fid tried to download weights"))
+    return tmp_path / "hub" / "checkpoints"
+
+
+def test_inception_fid_never_downloads(tmp_path, monkeypatch, inception_packages):
+    """Without the Inception weights in torch.hub's cache there is no Inception FID, and no download, even with
+    torchmetrics and torch-fidelity installed (stubbed here, so the weights check itself runs)."""
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url",
                         lambda *a, **k: pytest.fail("inception_fid tried to download weights"))
     images = torch.rand(4, 1, 28, 28) * 2 - 1
     assert not metrics.inception_weights_available()
     assert metrics.inception_fid(images, images) is None
+    assert _FakeFrechetInceptionDistance.instances == []  # the metric (which would download) is never built
+
+
+def test_inception_fid_with_local_weights(inception_packages):
+    inception_packages.mkdir(parents=True)
+    (inception_packages / metrics.INCEPTION_WEIGHTS).write_bytes(b"weights")
+    assert metrics.inception_weights_available()
+    generated, reference = torch.rand(5, 1, 8, 8) * 2 - 1, torch.full((3, 1, 8, 8), -1.0)
+    assert metrics.inception_fid(generated, reference, batch_size=2) == 1.25
+    [metric] = _FakeFrechetInceptionDistance.instances
+    assert metric.kwargs == {"feature": 2048, "normalize": True}
+    # Reference first (real), then the generated images, in chunks, as 3-channel images in [0, 1].
+    assert [(shape, real) for shape, _, _, real in metric.updates] == [
+        ((2, 3, 8, 8), True), ((1, 3, 8, 8), True), ((2, 3, 8, 8), False), ((2, 3, 8, 8), False),
+        ((1, 3, 8, 8), False)]
+    assert all(0.0 <= low <= high <= 1.0 for _, low, high, _ in metric.updates)
+    assert metric.updates[0][1:3] == (0.0, 0.0)  # -1 maps to 0
+
+
+@pytest.mark.parametrize("missing", ["torch_fidelity", "torchmetrics.image.fid"])
+def test_inception_fid_needs_both_packages(inception_packages, monkeypatch, missing):
+    inception_packages.mkdir(parents=True)
+    (inception_packages / metrics.INCEPTION_WEIGHTS).write_bytes(b"weights")
+    monkeypatch.setitem(sys.modules, missing, None)  # makes the import fail
+    assert not metrics.inception_weights_available()
+    assert metrics.inception_fid(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8)) is None

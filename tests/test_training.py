@@ -16,11 +16,11 @@ from torch.utils.data import TensorDataset
 
 import robust_diffusion as rd
 from robust_diffusion import train as cli
-from robust_diffusion.data import FASHION_MNIST_ROOT, contaminate
+from robust_diffusion.data import contaminate, fashion_mnist_root
 from robust_diffusion.training import LOG_COLUMNS, TrainConfig, Trainer, atomic_save, read_log
 
 REPO = Path(__file__).resolve().parents[1]
-HAS_FASHION_MNIST = (FASHION_MNIST_ROOT / "train-images-idx3-ubyte.gz").is_file()
+HAS_FASHION_MNIST = (fashion_mnist_root() / "train-images-idx3-ubyte.gz").is_file()
 needs_fashion_mnist = pytest.mark.skipif(not HAS_FASHION_MNIST, reason="dataset-fashion-mnist is not installed")
 
 
@@ -139,6 +139,38 @@ def test_atomic_save_replaces_and_leaves_no_temporary_file(tmp_path):
     atomic_save({"a": torch.zeros(3)}, path)
     assert torch.equal(torch.load(path)["a"], torch.zeros(3))
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_resume_removes_the_temporary_file_of_a_killed_checkpoint_write(tmp_path):
+    """SIGKILL in the middle of atomic_save skips its cleanup: the half-written temporary file stays next to the
+    intact checkpoint until resume() deletes it (and only it: a live writer's temporary file is kept)."""
+    first = _trainer(tmp_path, steps=3).train()
+    checkpoint = first.checkpoint_path
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time, torch\n"
+        "from robust_diffusion import training\n"
+        "def slow_save(obj, f):\n"
+        "    f.write(b'half a checkpoint'); f.flush(); print('writing', flush=True); time.sleep(600)\n"
+        "torch.save = slow_save\n"
+        f"training.atomic_save({{'step': 99}}, {str(checkpoint)!r})\n")],
+        env=_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "writing"
+    finally:
+        writer.kill()
+        writer.wait()
+    stale = tmp_path / f".checkpoint.pt.tmp{writer.pid}"
+    assert stale.read_bytes() == b"half a checkpoint"
+    live = tmp_path / ".checkpoint.pt.tmp1"  # pid 1 always runs
+    live.write_bytes(b"")
+    stale_log = tmp_path / ".log.csv.tmp999999999"  # no such process
+    stale_log.write_text("step\n")
+    resumed = _trainer(tmp_path, steps=6)
+    assert resumed.resume() and resumed.step == 3  # the intact checkpoint, not the torn write
+    assert not stale.exists() and not stale_log.exists() and live.exists()
+    live.unlink()
+    resumed.train()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "log.csv"]
 
 
 def test_config_and_trainer_errors():

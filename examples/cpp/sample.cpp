@@ -2,7 +2,7 @@
 //
 //   rd_sample --model out/model.torchscript.pt --schedule out/model.schedule.txt --out samples \
 //             [--num-samples 16] [--steps 50] [--sampler ddim|ddpm] [--eta 0] [--seed 0] [--device cpu|cuda]
-//             [--batch-size N] [--no-clip]
+//             [--batch-size N] [--no-clip] [--format png|netpbm]
 //
 // Inputs, both written by robust_diffusion.export.export_model:
 //   * the TorchScript model, called as model(x_t [B,C,H,W] float32, t [B] int64) -> prediction;
@@ -15,16 +15,19 @@
 // posterior) or ancestral DDPM with the "fixed_small" posterior variance, x0 clamped to [-1, 1] by default.
 // The noise is drawn on the CPU from a seeded generator (reproducible whatever the device).
 //
-// Output: sample_0000.pgm ... (grayscale, P5) or .ppm (RGB, P6), pixel = round((x + 1) * 127.5), and
-// grid.pgm / grid.ppm with all samples.
+// Output: sample_0000.png ... (8-bit greyscale or RGB PNG), pixel = round((x + 1) * 127.5), and grid.png with
+// all samples. --format netpbm writes PGM (grey, P5) / PPM (RGB, P6) instead. The PNG writer needs no library:
+// the image data go into stored (uncompressed) deflate blocks, with the CRC-32 and Adler-32 computed here.
 
 #include <torch/script.h>
 
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -49,13 +52,14 @@ struct Options {
   uint64_t seed = 0;
   std::string device = "cpu";
   bool clip = true;
+  std::string format = "png";
 };
 
 [[noreturn]] void usage_error(const std::string& message) {
   if (!message.empty()) std::cerr << "rd_sample: " << message << "\n";
   std::cerr << "usage: rd_sample --model MODEL.torchscript.pt --schedule MODEL.schedule.txt [--out DIR]\n"
                "                 [--num-samples N] [--batch-size N] [--steps S] [--sampler ddim|ddpm] [--eta E]\n"
-               "                 [--seed S] [--device cpu|cuda] [--no-clip]\n";
+               "                 [--seed S] [--device cpu|cuda] [--no-clip] [--format png|netpbm]\n";
   std::exit(message.empty() ? 0 : 2);
 }
 
@@ -90,6 +94,7 @@ Options parse_args(int argc, char** argv) {
     else if (flag == "--seed") options.seed = static_cast<uint64_t>(parse_int(flag, value, 0));
     else if (flag == "--sampler") options.sampler = value;
     else if (flag == "--device") options.device = value;
+    else if (flag == "--format") options.format = value;
     else if (flag == "--eta") {
       try {
         options.eta = std::stod(value);
@@ -104,6 +109,7 @@ Options parse_args(int argc, char** argv) {
   if (options.model.empty()) usage_error("--model is required");
   if (options.schedule.empty()) usage_error("--schedule is required");
   if (options.sampler != "ddim" && options.sampler != "ddpm") usage_error("--sampler must be ddim or ddpm");
+  if (options.format != "png" && options.format != "netpbm") usage_error("--format must be png or netpbm");
   return options;
 }
 
@@ -217,28 +223,114 @@ std::vector<uint8_t> to_bytes(const at::Tensor& image) {
   return std::vector<uint8_t>(data, data + pixels.numel());
 }
 
-void write_netpbm(const std::filesystem::path& path, const std::vector<uint8_t>& bytes, int64_t channels,
-                  int64_t height, int64_t width) {
+struct Image {
+  std::vector<uint8_t> bytes;  // row-major, channels interleaved
+  int64_t channels, height, width;
+};
+
+void write_netpbm(const std::filesystem::path& path, const Image& image) {
   std::ofstream file(path, std::ios::binary);
   if (!file) throw std::runtime_error("cannot write " + path.string());
-  file << (channels == 1 ? "P5" : "P6") << "\n" << width << " " << height << "\n255\n";
-  file.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+  file << (image.channels == 1 ? "P5" : "P6") << "\n" << image.width << " " << image.height << "\n255\n";
+  file.write(reinterpret_cast<const char*>(image.bytes.data()), static_cast<std::streamsize>(image.bytes.size()));
+  if (!file) throw std::runtime_error("cannot write " + path.string());
+}
+
+// CRC-32 (ISO 3309, reflected polynomial 0xEDB88320) of PNG chunks, continued from `crc`.
+uint32_t crc32(const uint8_t* data, size_t size, uint32_t crc = 0) {
+  static const auto table = [] {
+    std::array<uint32_t, 256> t{};
+    for (uint32_t n = 0; n < 256; ++n) {
+      uint32_t c = n;
+      for (int k = 0; k < 8; ++k) c = (c & 1u) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+      t[n] = c;
+    }
+    return t;
+  }();
+  crc = ~crc;
+  for (size_t i = 0; i < size; ++i) crc = table[(crc ^ data[i]) & 0xFFu] ^ (crc >> 8);
+  return ~crc;
+}
+
+// Adler-32 of the zlib stream's uncompressed data (RFC 1950).
+uint32_t adler32(const std::vector<uint8_t>& data) {
+  uint32_t a = 1, b = 0;
+  for (const uint8_t byte : data) {
+    a = (a + byte) % 65521u;
+    b = (b + a) % 65521u;
+  }
+  return (b << 16) | a;
+}
+
+void put_be32(std::vector<uint8_t>& out, uint32_t value) {
+  for (int shift = 24; shift >= 0; shift -= 8) out.push_back(static_cast<uint8_t>(value >> shift));
+}
+
+void write_chunk(std::ofstream& file, const char type[4], const std::vector<uint8_t>& data) {
+  std::vector<uint8_t> chunk;
+  put_be32(chunk, static_cast<uint32_t>(data.size()));
+  chunk.insert(chunk.end(), type, type + 4);
+  chunk.insert(chunk.end(), data.begin(), data.end());
+  put_be32(chunk, crc32(chunk.data() + 4, chunk.size() - 4));  // over type and data, not the length
+  file.write(reinterpret_cast<const char*>(chunk.data()), static_cast<std::streamsize>(chunk.size()));
+}
+
+// An 8-bit greyscale (colour type 0) or RGB (colour type 2) PNG; each row has filter type 0 (none) and the
+// zlib stream holds stored deflate blocks (BTYPE 00, at most 65535 bytes each), so no compressor is needed.
+void write_png(const std::filesystem::path& path, const Image& image) {
+  const size_t row = static_cast<size_t>(image.width * image.channels);
+  std::vector<uint8_t> raw;
+  raw.reserve((row + 1) * static_cast<size_t>(image.height));
+  for (int64_t y = 0; y < image.height; ++y) {
+    raw.push_back(0);  // filter type: none
+    raw.insert(raw.end(), image.bytes.begin() + y * row, image.bytes.begin() + (y + 1) * row);
+  }
+  std::vector<uint8_t> zlib = {0x78, 0x01};  // deflate, 32 KiB window; (0x78 * 256 + 0x01) % 31 == 0
+  for (size_t start = 0; start < raw.size(); start += 65535) {
+    const size_t size = std::min<size_t>(65535, raw.size() - start);
+    zlib.push_back(start + size == raw.size() ? 1 : 0);  // BFINAL on the last block, BTYPE 00
+    const uint16_t len = static_cast<uint16_t>(size), nlen = static_cast<uint16_t>(~len);
+    for (const uint16_t v : {len, nlen}) {  // little-endian, unlike the rest of PNG
+      zlib.push_back(static_cast<uint8_t>(v & 0xFFu));
+      zlib.push_back(static_cast<uint8_t>(v >> 8));
+    }
+    zlib.insert(zlib.end(), raw.begin() + start, raw.begin() + start + size);
+  }
+  put_be32(zlib, adler32(raw));
+
+  std::vector<uint8_t> header;
+  put_be32(header, static_cast<uint32_t>(image.width));
+  put_be32(header, static_cast<uint32_t>(image.height));
+  header.insert(header.end(), {8, static_cast<uint8_t>(image.channels == 1 ? 0 : 2), 0, 0, 0});
+  std::ofstream file(path, std::ios::binary);
+  if (!file) throw std::runtime_error("cannot write " + path.string());
+  static const uint8_t signature[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1A, '\n'};
+  file.write(reinterpret_cast<const char*>(signature), sizeof(signature));
+  write_chunk(file, "IHDR", header);
+  write_chunk(file, "IDAT", zlib);
+  write_chunk(file, "IEND", {});
+  if (!file) throw std::runtime_error("cannot write " + path.string());
+}
+
+void write_image(const std::filesystem::path& stem, const Image& image, const std::string& format) {
+  if (format == "png") write_png(stem.string() + ".png", image);
+  else write_netpbm(stem.string() + (image.channels == 1 ? ".pgm" : ".ppm"), image);
 }
 
 // All samples in a near-square grid with a 2-pixel black border between them.
-void write_grid(const std::filesystem::path& path, const at::Tensor& samples) {
+Image make_grid(const at::Tensor& samples) {
   const int64_t n = samples.size(0), c = samples.size(1), h = samples.size(2), w = samples.size(3);
   const int64_t columns = static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(n))));
   const int64_t rows = (n + columns - 1) / columns, pad = 2;
   const int64_t grid_h = rows * (h + pad) + pad, grid_w = columns * (w + pad) + pad;
-  std::vector<uint8_t> grid(static_cast<size_t>(grid_h * grid_w * c), 0);
+  Image grid{std::vector<uint8_t>(static_cast<size_t>(grid_h * grid_w * c), 0), c, grid_h, grid_w};
   for (int64_t i = 0; i < n; ++i) {
     const auto bytes = to_bytes(samples[i]);
     const int64_t top = pad + (i / columns) * (h + pad), left = pad + (i % columns) * (w + pad);
     for (int64_t y = 0; y < h; ++y)
-      std::copy_n(bytes.begin() + y * w * c, w * c, grid.begin() + ((top + y) * grid_w + left) * c);
+      std::copy_n(bytes.begin() + y * w * c, w * c, grid.bytes.begin() + ((top + y) * grid_w + left) * c);
   }
-  write_netpbm(path, grid, c, grid_h, grid_w);
+  return grid;
 }
 
 }  // namespace
@@ -292,14 +384,13 @@ int main(int argc, char** argv) {
 
     const std::filesystem::path out(options.out);
     std::filesystem::create_directories(out);
-    const std::string extension = shape[0] == 1 ? ".pgm" : ".ppm";
     if (shape[0] != 1 && shape[0] != 3) throw std::runtime_error("only 1- or 3-channel images can be written");
     for (int64_t i = 0; i < samples.size(0); ++i) {
       char name[32];
       std::snprintf(name, sizeof(name), "sample_%04lld", static_cast<long long>(i));
-      write_netpbm(out / (name + extension), to_bytes(samples[i]), shape[0], shape[1], shape[2]);
+      write_image(out / name, Image{to_bytes(samples[i]), shape[0], shape[1], shape[2]}, options.format);
     }
-    write_grid(out / ("grid" + extension), samples);
+    write_image(out / "grid", make_grid(samples), options.format);
     std::cout << "wrote " << samples.size(0) << " samples (" << options.sampler << ", " << options.steps
               << " steps, " << kind << " prediction) to " << out.string() << "; mean "
               << samples.mean().item<double>() << ", std " << samples.std().item<double>() << std::endl;

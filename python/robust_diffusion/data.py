@@ -3,7 +3,8 @@
 Every loader returns images as float32 in ``[-1, 1]`` with shape ``[N, C, H, W]`` plus int64 class labels,
 the range and layout the diffusion models and samplers in this package expect.
 
-- Fashion-MNIST is read from Debian's ``dataset-fashion-mnist`` package (IDX gz files; works offline).
+- Fashion-MNIST is read from Debian's ``dataset-fashion-mnist`` package (IDX gz files; works offline), found at
+  :data:`FASHION_MNIST_ROOT` or, where the package put them elsewhere, through ``dpkg -L dataset-fashion-mnist``.
 - CIFAR-10 is read through torchvision from a local copy (``download=True`` fetches it where there is network).
 - :func:`contaminate` replaces an exact, seeded fraction of the images by outliers and returns a
   :class:`ContaminatedDataset` that remembers which samples were replaced and their known noise level (risk).
@@ -14,6 +15,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import subprocess
 from pathlib import Path
 from typing import NamedTuple, Optional, Tuple, Union
 
@@ -29,6 +31,7 @@ __all__ = [
     "ContaminatedDataset",
     "LabelledImages",
     "contaminate",
+    "fashion_mnist_root",
     "load_cifar10",
     "load_fashion_mnist",
     "read_idx",
@@ -37,7 +40,8 @@ __all__ = [
 
 PathLike = Union[str, os.PathLike]
 
-FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")  # where Debian's dataset-fashion-mnist puts them
+FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 _FASHION_MNIST_PREFIX = {"train": "train", "test": "t10k"}
@@ -96,20 +100,40 @@ def _fashion_mnist_file(root: Path, name: str) -> Path:
         f"or pass root= pointing at a directory holding {name}.gz")
 
 
+def fashion_mnist_root() -> Path:
+    """The directory of the Fashion-MNIST IDX files: :data:`FASHION_MNIST_ROOT` when it holds them, else the
+    directory that ``dpkg -L dataset-fashion-mnist`` lists for ``train-images-idx3-ubyte.gz`` (a package
+    version that installs elsewhere), else :data:`FASHION_MNIST_ROOT` (whose missing files the loader reports)."""
+    marker = "train-images-idx3-ubyte.gz"
+    if (FASHION_MNIST_ROOT / marker).is_file():
+        return FASHION_MNIST_ROOT
+    try:
+        listing = subprocess.run(["dpkg", "-L", FASHION_MNIST_PACKAGE], capture_output=True, text=True,
+                                 timeout=30)
+    except (OSError, subprocess.SubprocessError):  # no dpkg (not Debian), or it hung
+        return FASHION_MNIST_ROOT
+    if listing.returncode == 0:
+        for line in listing.stdout.splitlines():
+            path = Path(line.strip())
+            if path.name == marker and path.is_file():
+                return path.parent
+    return FASHION_MNIST_ROOT
+
+
 def load_fashion_mnist(split: str = "train", root: Optional[PathLike] = None,
                        pad_to: Optional[int] = 32) -> LabelledImages:
     """Load Fashion-MNIST as ``[N, 1, H, W]`` float32 images in ``[-1, 1]`` and int64 labels.
 
     Args:
         split: ``"train"`` (60000 images) or ``"test"`` (10000 images).
-        root: directory with the IDX files; defaults to Debian's ``/usr/share/datasets/fashion-mnist``.
+        root: directory with the IDX files; defaults to Debian's (:func:`fashion_mnist_root`).
         pad_to: pad the 28x28 images symmetrically with the background value -1 to this size.
             The default 32 lets a UNet halve the resolution three times without odd sizes
             (32 -> 16 -> 8 -> 4) and matches CIFAR-10; ``None`` keeps 28x28.
     """
     if split not in _FASHION_MNIST_PREFIX:
         raise ValueError(f"split must be one of {sorted(_FASHION_MNIST_PREFIX)}, got {split!r}")
-    root = FASHION_MNIST_ROOT if root is None else Path(root)
+    root = fashion_mnist_root() if root is None else Path(root)
     prefix = _FASHION_MNIST_PREFIX[split]
     images = read_idx(_fashion_mnist_file(root, f"{prefix}-images-idx3-ubyte"))
     labels = read_idx(_fashion_mnist_file(root, f"{prefix}-labels-idx1-ubyte"))

@@ -10,8 +10,11 @@ What a run writes into ``out_dir``:
   running medians), the RNG states of every rank (torch CPU/CUDA, Python, NumPy, the shared diffusion-noise
   generator), the data position, the step, the per-sample influence sums and the log accumulators. It is
   written atomically (temporary file in the same directory, fsync, ``os.replace``), so a run killed at any
-  moment leaves either the previous or the new checkpoint, never a torn one, and resuming from it continues
-  bit for bit as if the run had not been interrupted.
+  moment leaves either the previous or the new checkpoint, never a torn one (a temporary file left by a kill
+  during the write is removed by :meth:`Trainer.resume`). Resuming from it continues exactly where the
+  checkpoint left off: on the CPU bit for bit as if the run had not been interrupted; on a GPU bit for bit only
+  with deterministic kernels (``torch.use_deterministic_algorithms(True)``, cuDNN benchmarking off), otherwise
+  up to the run-to-run float differences that an uninterrupted GPU run shows too.
 - ``log.csv``: one row per ``log_every`` steps: loss, mean per-sample penalty R_b (the squared error for the
   divergence losses: unlike the loss, it does not depend on the scale, so it shows the model learning under the
   adaptive scale too), learning rate, gradient norm, throughput and the mean influence weight of all / clean /
@@ -167,7 +170,7 @@ def atomic_save(obj: Any, path: PathLike) -> None:
     ``os.replace`` it over ``path`` (atomic on POSIX) and fsync the directory so the rename is durable."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = _temporary_path(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
@@ -182,6 +185,38 @@ def atomic_save(obj: Any, path: PathLike) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def _temporary_path(path: Path) -> Path:
+    """Where :func:`atomic_save` (and the log rewrite) stage ``path``: a hidden file named after this process."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def _remove_stale_temporaries(path: PathLike) -> List[Path]:
+    """Delete the temporary files that writers of ``path`` killed mid-write (SIGKILL skips the cleanup in
+    :func:`atomic_save`) left next to it: ``.<name>.tmp<pid>`` of processes that no longer run. Returns them."""
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.tmp*"):
+        pid = tmp.name[len(f".{path.name}.tmp"):]
+        if not pid.isdigit() or (int(pid) != os.getpid() and _process_alive(int(pid))):
+            continue  # not ours, or a live writer's: leave it
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
 
 
 def read_log(path: PathLike) -> List[Dict[str, float]]:
@@ -357,8 +392,13 @@ class Trainer:
 
     def resume(self, path: Optional[PathLike] = None) -> bool:
         """Load the checkpoint at ``path`` (default ``out_dir/checkpoint.pt``) if it exists; returns whether it
-        did. Log rows written after that checkpoint (by a run that died later) are dropped from ``log.csv``."""
+        did. Log rows written after that checkpoint (by a run that died later) are dropped from ``log.csv``, and
+        temporary files of a checkpoint or log write that was killed midway are deleted."""
         path = Path(path) if path is not None else self.checkpoint_path
+        if self.is_main and path is not None:
+            _remove_stale_temporaries(path)
+            if self.log_path is not None:
+                _remove_stale_temporaries(self.log_path)
         if path is None or not path.is_file():
             return False
         state = torch.load(path, map_location="cpu", weights_only=False)
@@ -585,7 +625,7 @@ def _read_rows(path: Path) -> List[Dict[str, str]]:
 
 
 def _write_rows(path: Path, rows: Sequence[Dict[str, str]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = _temporary_path(path)
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
         writer.writeheader()
