@@ -194,13 +194,7 @@ def test_nan_propagates():
     assert torch.isnan(x.grad[1]).all() and torch.isfinite(x.grad[[0, 2]]).all()
 
 
-# NaN residuals propagate in every loss but one: the element-mode clamp of clipped_mse_loss maps NaN to tau
-# (csrc/math/penalties.h, ClampedSquarePenalty: min(|r|, tau) drops the NaN); documented in functional.py.
-NAN_CASES = [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason="the element clamp maps NaN to tau"))
-             if c == "clipped-element" else c for c in CASE_IDS]
-
-
-@pytest.mark.parametrize("case_id", NAN_CASES)
+@pytest.mark.parametrize("case_id", CASE_IDS)
 def test_nan_propagates_in_every_loss(case_id):
     x, y, scale, weight = make_inputs((3, 4), seed=9)
     y[1, 2] = float("nan")  # in the target this time: the residual is NaN all the same

@@ -19,8 +19,9 @@ struct VecOps;  // abs, min, max, sqrt, where_abs_less(r, bound, x) = |r| < boun
 template <typename S>
 struct ScalarOps {
   RD_HOST_DEVICE static S abs(S x) { return std::fabs(x); }
-  RD_HOST_DEVICE static S min(S a, S b) { return a < b ? a : b; }
-  RD_HOST_DEVICE static S max(S a, S b) { return a > b ? a : b; }
+  // NaN-propagating, as at::vec::minimum / maximum (the SIMD path) and torch.minimum / maximum are.
+  RD_HOST_DEVICE static S min(S a, S b) { return (a < b || a != a) ? a : b; }
+  RD_HOST_DEVICE static S max(S a, S b) { return (a > b || a != a) ? a : b; }
   RD_HOST_DEVICE static S sqrt(S x) { return std::sqrt(x); }
   RD_HOST_DEVICE static S where_abs_less(S r, S bound, S x) { return std::fabs(r) < bound ? x : S(0); }
 };

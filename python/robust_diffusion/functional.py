@@ -32,8 +32,7 @@ loss, influence weight and gradient stay as they were. For sample b (measured, a
 tests/test_losses.py):
 
 - NaN in input or target: the sample's loss, penalty R_b, influence w_b and its whole input gradient are NaN,
-  so a "mean" or "sum" batch loss is NaN. Exception: ``clipped_mse_loss(mode="element")`` currently clamps a
-  NaN residual to tau (the sample's loss counts tau^2 for it; its gradient there is 0).
+  so a "mean" or "sum" batch loss is NaN.
 - A residual of +-inf makes R_b = inf, so delta_b = scale_b R_b = inf (NaN if scale_b = 0). Then:
 
   - ``kl_loss``: loss inf; gradient +-inf at that element, finite at the sample's others.
