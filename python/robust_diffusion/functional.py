@@ -118,7 +118,7 @@ def _resolve_scale(name: str, scale: Scale, t: Optional[Tensor], schedule: Optio
                              f"got {scale!r} (the adaptive scale needs running state: use RobustDiffusionLoss)")
         if t is None:
             raise ValueError(f"{name}: scale='vlb' needs the timesteps t")
-        return (schedule or default_schedule()).gather("vlb_weight", t)
+        return (schedule or default_schedule()).gather("vlb_weight", t, caller=name)
     if not isinstance(scale, Tensor) and not (isinstance(scale, (int, float)) and scale >= 0):
         raise ValueError(f"{name}: scale must be non-negative, got {scale!r}")
     return _per_sample(name, "scale", scale, batch, device)
@@ -133,7 +133,7 @@ def _loss_call(op_name: str, input: Tensor, target: Tensor, t: Optional[Tensor],
         if not isinstance(t, Tensor) or t.dim() != 1 or t.shape[0] != batch:
             shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
             raise ValueError(f"{op_name}: t must be a 1-D tensor with one timestep per sample ({batch}), got {shape}")
-        (schedule or default_schedule()).check_timesteps(t)
+        (schedule or default_schedule()).check_timesteps(t, caller=op_name)
     scale_b = _resolve_scale(op_name, scale, t, schedule, batch, input.device)
     if weight is not None:
         weight = _per_sample(op_name, "weight", weight, batch, input.device)

@@ -285,6 +285,11 @@ class Trainer:
         flags = getattr(dataset, "is_contaminated", None)
         self.is_contaminated = torch.as_tensor(flags).to(self.device, torch.bool) if flags is not None else None
         self.risk = self._check_risk(dataset) if config.risk_free else None
+        # Each sample's stability bound t_min(r), computed once: a step indexes it (no per-step validation sync).
+        self.risk_lower = None
+        if self.risk is not None:
+            from .risk import timestep_lower_bound
+            self.risk_lower = timestep_lower_bound(self.schedule, self.risk)
 
         # Every rank holds the same noise generator (the noise of the global batch); torch's global RNG
         # (dropout) gets one stream per rank.
@@ -452,8 +457,7 @@ class Trainer:
         if self.risk is None:
             t = torch.floor(u * steps).long()
         else:
-            from .risk import timestep_lower_bound
-            lower = timestep_lower_bound(self.schedule, self.risk[indices])
+            lower = self.risk_lower[indices]
             t = (lower + torch.floor(u * (steps - lower)).long()).clamp(max=steps - 1)
         noise_all = torch.randn((config.batch_size, *x0.shape[1:]), device=self.device, dtype=x0.dtype,
                                 generator=self.noise_generator)

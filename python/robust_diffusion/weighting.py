@@ -136,7 +136,7 @@ def loss_weights(schedule: NoiseSchedule, t: Tensor, scheme: str = "constant",
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     key = _weight_key(schedule, scheme, prediction_type, terminal, normalize, params)
-    t = schedule.check_timesteps(t)
+    t = schedule.check_timesteps(t, caller="loss_weights")
     return _device_table(schedule, key, t.device, dtype)[t]
 
 
@@ -165,7 +165,7 @@ def pseudo_huber_c(schedule: NoiseSchedule, t: Tensor, c: float = 0.1, c_schedul
     c = _check_number("c", c)
     if not c > 0:
         raise ValueError(f"c must be > 0, got {c!r}")
-    t = schedule.check_timesteps(t)
+    t = schedule.check_timesteps(t, caller="pseudo_huber_c")
     return _device_table(schedule, ("huber_c", c_schedule, c), t.device, torch.float32)[t]
 
 
