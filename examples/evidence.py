@@ -87,6 +87,7 @@ CELLS = [
     Cell("gaussian-0.3-1500steps-mse", 0.3, "gaussian", ("kl",), scale="1.0", steps=1500,
          question="standard MSE at 6x the budget"),
     Cell("clean-1500steps", 0.0, "noise", ("kl", "ned"), steps=1500, question="the cost on clean data at 6x the budget"),
+    Cell("clean-1500steps-mse", 0.0, "noise", ("kl",), scale="1.0", steps=1500, question="standard MSE at 6x the budget"),
 ]
 SEEDS = (0, 1)
 
