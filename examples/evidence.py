@@ -160,6 +160,15 @@ def sections(block: str) -> dict:
     return {part.split(":", 1)[0]: "### " + part.rstrip("\n") + "\n" for part in parts}
 
 
+def kept_kl(section: str) -> dict:
+    """{seed: {"frechet_distance": value}} of the `kl` row of a kept table (3 significant digits), so cells
+    run later are still compared with the KL runs whose folders are gone."""
+    done = next((line for line in section.splitlines() if line.startswith("Seeds done: ")), "")
+    seeds = [int(s) for s in done[len("Seeds done: "):].split(" of ")[0].split(",") if s.strip()] if done else []
+    values = parse_rows(section).get("kl", {}).get("fd", [])
+    return {seed: {"frechet_distance": str(v)} for seed, v in zip(seeds, values)} if len(values) == len(seeds) else {}
+
+
 def tables(out: Path, kept: dict | None = None) -> str:
     """The tables of every cell from its runs in `out`; a cell with no runs there keeps its section from
     `kept` (the previous tables) when that has numbers, so results survive the run folders."""
@@ -186,7 +195,7 @@ def tables(out: Path, kept: dict | None = None) -> str:
                   f"{'' if kl_cell(cell) is cell else f' in `{kl_cell(cell).name}`'}.", "",
                   "| loss | FD | vs KL | contaminant fraction | influence AUROC | train s |",
                   "|---|---|---|---|---|---|"]
-        kl = rows.get((kl_cell(cell).name, "kl"), {})
+        kl = rows.get((kl_cell(cell).name, "kl"), {}) or kept_kl(kept.get(kl_cell(cell).name, ""))
         data_rows = ["data: clean training images", "data: contaminated training set"] if "kl" in cell.losses else []
         for loss in list(cell.losses) + data_rows:
             by_seed = rows.get((cell.name, loss), {})

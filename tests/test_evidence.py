@@ -123,3 +123,15 @@ def test_summary_figure_reads_the_generated_tables(evidence, tmp_path):
     figure = tmp_path / "summary.png"
     assert evidence.summary_figure(block, figure) and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not evidence.summary_figure(evidence.tables(tmp_path / "none"), tmp_path / "empty.png")
+
+
+def test_later_cells_compare_with_the_kept_kl_table(evidence, tmp_path):
+    kept = {"noise-0.3": "### noise-0.3: p = 0.3, noise (q)\n\nSeeds done: 0, 1 of 0, 1, tabulated 2026-01-01.\n\n"
+                         "| loss | FD | vs KL | contaminant fraction | influence AUROC | train s |\n|---|---|---|---|---|---|\n"
+                         "| kl | 90 (80, 100) |  | 0.45 (0.4, 0.5) | 0.5 (0.5, 0.5) | 70 (70, 70) |\n"}
+    assert evidence.kept_kl(kept["noise-0.3"]) == {0: {"frechet_distance": "80.0"}, 1: {"frechet_distance": "100.0"}}
+    assert evidence.kept_kl("") == {}
+    write_results(tmp_path / "noise-0.3-mse" / "seed0", [
+        {"loss": "kl", "frechet_distance": 100, "contaminant_fraction": 0.5, "auroc": 0.5, "train_s": 70}])
+    section = evidence.tables(tmp_path, kept=kept).split("### noise-0.3-mse:")[1].split("###")[0]
+    assert "| kl | 100 | +25% |" in section  # the standard MSE against the adaptive-scale KL of seed 0 (80)
