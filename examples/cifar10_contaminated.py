@@ -22,7 +22,8 @@
 #
 # | loss | what it does to a sample with a large denoising error |
 # |---|---|
-# | `kl` | plain MSE: full weight, whatever the error |
+# | `mse` | the standard MSE (`kl` at scale 1): full weight, whatever the error |
+# | `kl` | full weight too; the MSE at the adaptive scale, divided by the typical error at its noise level |
 # | `hellinger` | per-sample influence weight `exp(-delta/4)` |
 # | `ned` | negative exponential disparity: weight falls fastest |
 # | `huber` | per-element Huber: caps each pixel's gradient, not the sample's |
@@ -111,7 +112,7 @@ PRESETS = {
         lr=2e-4, warmup_steps=5000, ema_decay=0.9999, samples=10000, ddim_steps=100, reference=10000,
         classifier_train=None, classifier_epochs=10, detector_train=20000, threads=None),
 }
-DEFAULT_LOSSES = ["kl", "hellinger", "ned", "huber", "clipped_mse"]
+DEFAULT_LOSSES = ["mse", "kl", "hellinger", "ned", "huber", "clipped_mse"]
 
 
 def build_parser():

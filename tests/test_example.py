@@ -323,7 +323,7 @@ def test_example_resume_continues_an_interrupted_run(tmp_path):
 
 # Each case starts an interpreter that imports torch (seconds): the CLI tests in test_training.py cover the rest.
 @pytest.mark.parametrize("argv, message", [
-    (["--losses", "kl", "mse"], "unknown loss 'mse' in 'mse'"),
+    (["--losses", "kl", "l2"], "unknown loss 'l2' in 'l2'"),
     (["--contamination", "1.2"], "contamination must be a fraction in [0, 1), got 1.2"),
 ])
 def test_example_argument_errors(tmp_path, argv, message):

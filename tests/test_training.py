@@ -173,6 +173,17 @@ def test_resume_removes_the_temporary_file_of_a_killed_checkpoint_write(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "log.csv"]
 
 
+def test_mse_is_the_standard_mse_and_kl_the_adaptive_one():
+    schedule = rd.NoiseSchedule.linear()
+    x, y = torch.randn(6, 1, 5, 5), torch.randn(6, 1, 5, 5)
+    t = torch.tensor([0, 100, 300, 500, 700, 999])
+    mse = cli.build_loss("mse", schedule, scale="adaptive", temperature=0.5)  # scale arguments do not apply to it
+    assert mse.loss == "kl" and mse.scale_mode == "fixed" and mse.fixed_scale == 1.0
+    torch.testing.assert_close(mse(x, y, t), torch.nn.functional.mse_loss(x, y))
+    assert cli.build_loss("kl", schedule).scale_mode == "adaptive"
+    assert cli.build_loss("mse+debias", schedule).uses_weighting
+
+
 def test_config_and_trainer_errors():
     with pytest.raises(ValueError, match="TrainConfig.steps must be a positive integer, got 0"):
         TrainConfig(steps=0)
@@ -199,7 +210,7 @@ def test_resume_rejects_a_different_batch_size(tmp_path):
     (["--data-root", "/nonexistent/fashion"], "Fashion-MNIST directory not found: /nonexistent/fashion"),
     (["--contamination", "1.5"], "contamination must be a fraction in [0, 1), got 1.5"),
     (["--contamination", "-0.1"], "contamination must be a fraction in [0, 1), got -0.1"),
-    (["--loss", "mse"], "unknown loss 'mse' in 'mse'; expected one of kl, hellinger, ned"),
+    (["--loss", "l2"], "unknown loss 'l2' in 'l2'; expected one of mse, kl, hellinger, ned"),
     (["--loss", "ned+snr"], "unknown or repeated suffix 'snr' in loss 'ned+snr'"),
     (["--loss", "ned+debias+min_snr"], "unknown or repeated suffix 'min_snr' in loss 'ned+debias+min_snr'"),
     (["--scale", "big"], "scale must be 'adaptive', 'vlb' or a non-negative number, got 'big'"),

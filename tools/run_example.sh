@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's main job: train the same small diffusion model on Fashion-MNIST with 30% of the training
-# images replaced by noise, once per loss (MSE/KL, Hellinger, NED, Huber, clipped MSE), then sample,
-# evaluate and write tables and figures to outputs/contaminated/. About 15 minutes on 2 CPU cores.
+# images replaced by noise, once per loss (standard MSE, KL = MSE at the adaptive scale, Hellinger, NED,
+# Huber, clipped MSE), then sample, evaluate and write tables and figures to outputs/contaminated/.
+# About 15 minutes on 2 CPU cores.
 # Installs what it needs: Debian's dataset-fashion-mnist package, torch, and this package.
 # Extra arguments go to the example, e.g. `bash tools/run_example.sh --contamination 0.1`.
 set -euo pipefail

@@ -14,6 +14,11 @@ Why adaptive is the default (docs/RESULTS.md, Fashion-MNIST with 30% noise-image
 contamination, two seeds): for Hellinger, NED and alpha it gave a lower Frechet distance and a lower
 fraction of contaminant-like samples than a fixed scale of 1 and than ``"vlb"`` on both kinds, and its
 influence weights flag contaminated samples with AUROC 0.87-0.93 (fixed scale 1: 0.69-0.71; vlb: 0.60-0.63).
+The normalisation by m_k is also a timestep weighting: even with every influence weight 1 (``"kl"``) it
+trained better models than the standard MSE (``scale=1.0``) there, on clean data too (the standard MSE's
+Frechet distance was 10-50% higher at 250 steps, 56-191% higher at 1500), and NED at the adaptive scale had
+a 14-73% lower Frechet distance than the standard MSE. ``RobustDiffusionLoss("kl", scale=1.0)`` is
+``F.mse_loss``.
 """
 
 from typing import Dict, Optional, Union

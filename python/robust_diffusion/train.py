@@ -38,7 +38,9 @@ DATASETS = ("fashion-mnist", "cifar10")
 #: Timestep weightings a loss name may carry as a suffix: ``ned+debias``.
 LOSS_WEIGHTINGS = ("debias", "min_snr", "p2", "soft_min_snr", "sigmoid", "edm")
 #: Extra losses besides :data:`robust_diffusion.LOSSES`: the risk-free loss when ``robust_diffusion.risk`` exists.
-LOSS_NAMES = LOSSES
+#: ``mse`` is the standard MSE whatever the scale: ``kl`` at a fixed scale of 1 (``F.mse_loss``), the baseline
+#: users know; ``kl`` at the adaptive scale is the MSE normalised per noise level (RobustDiffusionLoss docs).
+LOSS_NAMES = ("mse",) + LOSSES
 #: Baseline parameters used with the adaptive scale, where delta = 1 is a median sample: clipped MSE drops
 #: samples whose penalty exceeds 3 times the median at their noise level.
 BASELINE_PARAMS = {"clipped_mse": {"tau": 3.0, "mode": "sample"}, "huber": {"delta": 1.0}}
@@ -211,6 +213,8 @@ def build_loss(spec: Union[str, LossSpec], schedule: NoiseSchedule, *, scale: Un
     """The :class:`~robust_diffusion.RobustDiffusionLoss` for a loss name such as ``"hellinger"`` or
     ``"ned+debias"``, with :data:`BASELINE_PARAMS` for the baselines."""
     spec = parse_loss_spec(spec) if isinstance(spec, str) else spec
+    if spec.loss == "mse":
+        return RobustDiffusionLoss("kl", schedule, scale=1.0, weighting=spec.weighting)
     params = dict(BASELINE_PARAMS.get(spec.loss, {}))
     return RobustDiffusionLoss(spec.loss, schedule, scale=parse_scale(scale), temperature=temperature,
                                weighting=spec.weighting, **params)
