@@ -24,6 +24,14 @@ adaptive and because it keeps ``kl_loss == F.mse_loss``; for robust training use
 ``dim_reduction="sum"``); a float is a temperature 1 / (2 tau); a [B] tensor is used as is. The adaptive
 per-timestep scale lives in :class:`robust_diffusion.RobustDiffusionLoss` (it needs running state).
 
+Dtypes
+------
+``input`` and ``target`` are float32, float64, float16 or bfloat16 (anything else raises, naming the
+argument). The same dtype, or a float16/bfloat16 input with a float32 target (an autocast model output
+against float32 noise), is read as it is; any other mix is promoted as ``torch.promote_types`` says, as
+``F.mse_loss`` does. Accumulation is float32 (float64 for float64 data); per-sample outputs are float32
+(float64 for float64 data); the input gradient has the input's dtype.
+
 Non-finite inputs
 -----------------
 They are not checked (that would cost a pass over the data and a host sync): the formulas are evaluated as
