@@ -247,15 +247,21 @@ def parse_rows(section: str) -> dict:
 
 def summary_figure(block: str, path: Path) -> bool:
     """Bars of the mean over seeds (dots: each seed) of FD and contaminant fraction per loss, one panel per
-    cell of FIGURE_CELLS, read from the generated tables `block`; the standard MSE shows as `mse`."""
+    cell of FIGURE_CELLS, read from the generated tables `block`; the standard MSE shows as `mse`, the same data
+    at another temperature as `<loss> tau <temperature>`."""
     found = sections(block)
     panels = []
     for name in FIGURE_CELLS:
         rows = parse_rows(found.get(name, ""))
         cell = next(c for c in CELLS if c.name == name)
         for other in CELLS:
-            if other is not cell and other.scale == "1.0" and other.losses == ("kl",) and kl_cell(other) is cell:
+            if other is cell or kl_cell(other) is not cell:
+                continue
+            if other.scale == "1.0" and other.losses == ("kl",):
                 rows.update({"mse": r for r in parse_rows(found.get(other.name, "")).values()})
+            elif other.scale == "adaptive" and other.temperature != 1.0:
+                rows.update({f"{loss} tau {other.temperature:g}": r
+                             for loss, r in parse_rows(found.get(other.name, "")).items()})
         if rows:
             panels.append((name, rows))
     if not panels:
@@ -273,7 +279,7 @@ def summary_figure(block: str, path: Path) -> bool:
                                (axes[top + 1][index % columns], "contaminant", "contaminant fraction")):
             losses = list(rows)
             means = [sum(rows[l][key]) / len(rows[l][key]) if rows[l][key] else float("nan") for l in losses]
-            base = [l.split("+")[0] for l in losses]
+            base = [l.split("+")[0].split(" ")[0] for l in losses]
             colors = ["tab:gray" if b in ("kl", "mse") else "tab:blue" if b in DIVERGENCES else "tab:orange" for b in base]
             ax.bar(range(len(losses)), means, color=colors, alpha=0.7)
             for i, loss in enumerate(losses):
