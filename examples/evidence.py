@@ -94,6 +94,8 @@ CELLS = [
          question="temperature 0.25 at 6x the budget"),
     Cell("gaussian-0.3-1500steps-tau0.25", 0.3, "gaussian", ("ned",), steps=1500, temperature=0.25,
          question="temperature 0.25 at 6x the budget"),
+    Cell("clean-1500steps-tau0.25", 0.0, "noise", ("ned",), steps=1500, temperature=0.25,
+         question="temperature 0.25 at 6x the budget, on clean data"),
 ]
 SEEDS = (0, 1)
 
