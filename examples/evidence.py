@@ -96,6 +96,26 @@ CELLS = [
          question="temperature 0.25 at 6x the budget"),
     Cell("clean-1500steps-tau0.25", 0.0, "noise", ("ned",), steps=1500, temperature=0.25,
          question="temperature 0.25 at 6x the budget, on clean data"),
+    # Added after the cells above had run, with the rule that decides the default temperature written down
+    # first (docs/RESULTS.md, protocol; `temperature_rule` below applies it): temperature 0.25 where it was
+    # still untested, i.e. at 250 steps on Gaussian noise and clean data, and for Hellinger at 1500 steps
+    # (which had not run at 1500 steps at all, so temperature 1 as well).
+    Cell("gaussian-0.3-tau0.25", 0.3, "gaussian", ("hellinger", "ned"), temperature=0.25,
+         question="adaptive scale with temperature 0.25 instead of 1"),
+    Cell("clean-tau0.25", 0.0, "noise", ("hellinger", "ned"), temperature=0.25,
+         question="adaptive scale with temperature 0.25 instead of 1, on clean data"),
+    Cell("noise-0.3-1500steps-hellinger", 0.3, "noise", ("hellinger",), steps=1500,
+         question="Hellinger at 6x the budget"),
+    Cell("noise-0.3-1500steps-hellinger-tau0.25", 0.3, "noise", ("hellinger",), steps=1500, temperature=0.25,
+         question="Hellinger, temperature 0.25 at 6x the budget"),
+    Cell("gaussian-0.3-1500steps-hellinger", 0.3, "gaussian", ("hellinger",), steps=1500,
+         question="Hellinger at 6x the budget"),
+    Cell("gaussian-0.3-1500steps-hellinger-tau0.25", 0.3, "gaussian", ("hellinger",), steps=1500,
+         temperature=0.25, question="Hellinger, temperature 0.25 at 6x the budget"),
+    Cell("clean-1500steps-hellinger", 0.0, "noise", ("hellinger",), steps=1500,
+         question="Hellinger at 6x the budget, on clean data"),
+    Cell("clean-1500steps-hellinger-tau0.25", 0.0, "noise", ("hellinger",), steps=1500, temperature=0.25,
+         question="Hellinger, temperature 0.25 at 6x the budget, on clean data"),
 ]
 SEEDS = (0, 1)
 
@@ -229,7 +249,8 @@ FIGURE_CELLS = ["noise-0.3", "gaussian-0.3", "clean", "noise-0.1", "gaussian-0.1
 
 
 def parse_rows(section: str) -> dict:
-    """{loss: {"fd": [per-seed values], "contaminant": [...]}} of one generated table section."""
+    """{loss: {"fd": [per-seed values], "contaminant": [...], "fd_mean": the printed mean, "contaminant_mean":
+    ...}} of one generated table section."""
     def values(cell: str) -> list:
         cell = cell.strip()
         if not cell:
@@ -243,8 +264,80 @@ def parse_rows(section: str) -> dict:
         parts = [p.strip() for p in line.strip().strip("|").split("|")]
         if len(parts) < 4 or parts[0] in ("loss", "") or parts[0].startswith(("---", "data:")) or parts[1] == "not run":
             continue
-        rows[parts[0]] = {"fd": values(parts[1]), "contaminant": values(parts[3])}
+        printed = lambda cell: float(cell.split("(")[0]) if cell.strip() else math.nan  # the table's mean
+        rows[parts[0]] = {"fd": values(parts[1]), "contaminant": values(parts[3]),
+                          "fd_mean": printed(parts[1]), "contaminant_mean": printed(parts[3])}
     return rows
+
+
+# The rule, fixed before its last cells ran (docs/RESULTS.md, protocol), that decides whether the
+# divergences' default temperature becomes RULE_TEMPERATURE.
+RULE_LOSSES = ("hellinger", "ned")
+RULE_TEMPERATURE = 0.25
+RULE_CLEAN_FD_TOLERANCE = 0.05  # at p = 0, FD at most 5% higher
+RULE_CONTAMINANT_TOLERANCE = 0.02  # at p > 0, contaminant fraction at most 0.02 higher
+
+
+def temperature_pairs() -> list:
+    """(loss, cell at RULE_TEMPERATURE, the same data, budget and loss at temperature 1) for every pair the
+    temperature rule compares."""
+    pairs = []
+    for cell in CELLS:
+        if cell.scale != "adaptive" or cell.temperature != RULE_TEMPERATURE:
+            continue
+        for loss in (l for l in cell.losses if l in RULE_LOSSES):
+            reference = next(c for c in CELLS if c.scale == "adaptive" and c.temperature == 1.0 and loss in c.losses
+                             and (c.contamination, c.kind, c.steps) == (cell.contamination, cell.kind, cell.steps))
+            pairs.append((loss, cell, reference))
+    return pairs
+
+
+def temperature_rule(block: str) -> str:
+    """The rule's table and verdict, from the generated tables `block` (means over seeds)."""
+    found = sections(block)
+    lines = [f"### Temperature rule: {RULE_TEMPERATURE:g} against 1 for {', '.join(RULE_LOSSES)} "
+             "(the protocol's rule, applied by `temperature_rule`)", "",
+             f"| loss | pair | FD at 1 | FD at {RULE_TEMPERATURE:g} | ratio | contaminant fraction at 1 | "
+             f"at {RULE_TEMPERATURE:g} | holds |", "|---|---|---|---|---|---|---|---|"]
+    ratios, failures, missing = {loss: [] for loss in RULE_LOSSES}, [], []
+    for loss, cell, reference in temperature_pairs():
+        low = parse_rows(found.get(cell.name, "")).get(loss)
+        high = parse_rows(found.get(reference.name, "")).get(loss)
+        if not (low and high and low["fd"] and high["fd"]):
+            missing.append(f"{loss} {cell.name}")
+            lines.append(f"| {loss} | {cell.name} vs {reference.name} | not run | | | | | |")
+            continue
+        ratio = low["fd_mean"] / high["fd_mean"]
+        ratios[loss].append(ratio)
+        if cell.contamination == 0:
+            holds = ratio <= 1 + RULE_CLEAN_FD_TOLERANCE
+            why = f"FD +{100 * (ratio - 1):.0f}% on clean data"
+        else:
+            holds = low["contaminant_mean"] - high["contaminant_mean"] <= RULE_CONTAMINANT_TOLERANCE
+            why = "more contaminant-like samples"
+        if not holds:
+            failures.append(f"{loss} {cell.name}: {why}")
+        lines.append(f"| {loss} | {cell.name} vs {reference.name} | {high['fd_mean']:.3g} | {low['fd_mean']:.3g} | "
+                     f"{ratio:.3f} | {high['contaminant_mean']:.3g} | {low['contaminant_mean']:.3g} | "
+                     f"{'yes' if holds else 'no'} |")
+    lines.append("")
+    for loss, values in ratios.items():
+        if not values:
+            continue
+        wins = sum(r < 1 for r in values)
+        geometric = math.exp(sum(map(math.log, values)) / len(values))
+        lines.append(f"- {loss}: lower FD at {RULE_TEMPERATURE:g} in {wins} of {len(values)} pairs, geometric-mean "
+                     f"FD ratio {geometric:.3f}.")
+        if not (wins > len(values) / 2 and geometric < 1):
+            failures.append(f"{loss}: not better on balance")
+    if missing:
+        verdict = f"undecided: {len(missing)} pair(s) not run yet ({'; '.join(missing)})"
+    elif failures:
+        verdict = f"the default stays 1 ({'; '.join(failures)})"
+    else:
+        verdict = f"every condition holds: the divergences' default temperature becomes {RULE_TEMPERATURE:g}"
+    lines += [f"- Verdict: {verdict}.", ""]
+    return "\n".join(lines)
 
 
 def summary_figure(block: str, path: Path) -> bool:
@@ -261,9 +354,9 @@ def summary_figure(block: str, path: Path) -> bool:
                 continue
             if other.scale == "1.0" and other.losses == ("kl",):
                 rows.update({"mse": r for r in parse_rows(found.get(other.name, "")).values()})
-            elif other.scale == "adaptive" and other.temperature != 1.0:
-                rows.update({f"{loss} tau {other.temperature:g}": r
-                             for loss, r in parse_rows(found.get(other.name, "")).items()})
+            elif other.scale == "adaptive":
+                tau = f" tau {other.temperature:g}" if other.temperature != 1.0 else ""
+                rows.update({f"{loss}{tau}": r for loss, r in parse_rows(found.get(other.name, "")).items()})
         if rows:
             panels.append((name, rows))
     if not panels:
@@ -310,6 +403,7 @@ def write_report(out: Path, wall_minutes: float | None, path: Path = RESULTS_MD,
     head, rest = text.split(BEGIN, 1)
     previous, tail = rest.split(END, 1)
     body = tables(out, kept=sections(previous))
+    body += "\n" + temperature_rule(body)
     where = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
     took = f"; this invocation ran {wall_minutes:.0f} min" if wall_minutes is not None else ""
     stamp = (f"Tables written by `python examples/evidence.py` on {datetime.date.today().isoformat()} from the "
