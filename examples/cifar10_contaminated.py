@@ -53,6 +53,7 @@ import argparse
 import csv
 import math
 import os
+import platform
 import shlex
 import shutil
 import sys
@@ -383,7 +384,10 @@ with open(OUT / "results.csv", "w", newline="") as f:
     for row in rows:
         writer.writerow({k: fmt(row.get(k)) for k in COLUMNS})
 accuracy = f"{classifier.test_accuracy:.3f}"
+machine = (torch.cuda.get_device_name(args.device) if args.device.type == "cuda"
+           else f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s)")
 header = [f"# Robust DDPM training on contaminated data", "",
+          f"- machine: {machine}, torch {torch.__version__}",
           f"- data: {data.description}",
           f"- model: UNet preset `{settings['model']}` {settings['model_overrides'] or ''}, {settings['steps']} steps, "
           f"batch {settings['batch_size']}, AdamW lr {settings['lr']}, EMA {settings['ema_decay']}, seed {args.seed}",

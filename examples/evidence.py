@@ -5,10 +5,12 @@ run with examples/cifar10_contaminated.py, then aggregated into the tables of do
     python examples/evidence.py --jobs 2 --threads 1 # two single-thread runs at a time (a 2-core CPU)
     python examples/evidence.py --only clean noise-0.3 --seeds 0
     python examples/evidence.py --report-only        # tables from the runs on disk, nothing trained
+    python examples/evidence.py --preset full --only noise-0.3 gaussian-0.3   # the larger budget (a GPU)
 
 A (cell, seed) is done when its folder under --out holds results.csv; unfinished ones are run again (the
 example resumes interrupted trainings). The tables mark cells that are not done yet instead of leaving
-them out. Every run shares one cache of evaluation networks, so all are judged by the same ones.
+them out. Every run shares one cache of evaluation networks, so all are judged by the same ones. Each
+table names the machine its runs say they ran on; another preset's tables get their own section.
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "cifar10_contaminated.py"
 RESULTS_MD = ROOT / "docs" / "RESULTS.md"
 BEGIN, END = "<!-- evidence-tables:begin -->", "<!-- evidence-tables:end -->"
+
+
+def markers(preset: str) -> tuple:
+    """The comments that delimit a preset's generated tables in docs/RESULTS.md (quick: the protocol's)."""
+    return (BEGIN, END) if preset == "quick" else (f"<!-- evidence-tables:{preset}:begin -->",
+                                                    f"<!-- evidence-tables:{preset}:end -->")
 
 BASELINES = ["kl", "hellinger", "ned", "alpha", "huber", "pseudo_huber", "clipped_mse"]
 DIVERGENCES = ["hellinger", "ned", "alpha"]
@@ -120,6 +128,22 @@ CELLS = [
 SEEDS = (0, 1)
 
 
+def preset_cells(preset: str) -> list:
+    """The cells a preset runs. A cell's `steps` is a multiple of the quick budget; another preset trains
+    every cell at its own budget, so the cells that only change the steps would repeat their twins."""
+    return list(CELLS) if preset == "quick" else [cell for cell in CELLS if cell.steps is None]
+
+
+def machine(out: Path, cell: Cell, seeds: list) -> str:
+    """The machine the runs of a cell name in their results.md (the current one for runs that predate it)."""
+    for seed in seeds:
+        path = run_dir(out, cell, seed) / "results.md"
+        for line in path.read_text().splitlines() if path.is_file() else []:
+            if line.startswith("- machine: "):
+                return line[len("- machine: "):]
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores"
+
+
 def run_dir(out: Path, cell: Cell, seed: int) -> Path:
     return out / cell.name / f"seed{seed}"
 
@@ -197,13 +221,14 @@ def kept_kl(section: str) -> dict:
     return {seed: {"frechet_distance": str(v)} for seed, v in zip(seeds, values)} if len(values) == len(seeds) else {}
 
 
-def tables(out: Path, kept: dict | None = None) -> str:
-    """The tables of every cell from its runs in `out`; a cell with no runs there keeps its section from
-    `kept` (the previous tables) when that has numbers, so results survive the run folders."""
+def tables(out: Path, kept: dict | None = None, cells: list | None = None) -> str:
+    """The tables of every cell (of `cells`, default all) from its runs in `out`; a cell with no runs there
+    keeps its section from `kept` (the previous tables) when that has numbers, so results survive the run
+    folders."""
     rows = read_rows(out)
     kept = kept or {}
     lines = []
-    for cell in CELLS:
+    for cell in CELLS if cells is None else cells:
         done = [seed for seed in SEEDS if (run_dir(out, cell, seed) / "results.csv").is_file()]
         if not done and cell.name in kept and "Not run yet." not in kept[cell.name]:
             lines += kept[cell.name].split("\n")
@@ -217,7 +242,7 @@ def tables(out: Path, kept: dict | None = None) -> str:
             lines += ["Not run yet.", ""]
             continue
         lines += [f"Seeds done: {', '.join(map(str, done))} of {', '.join(map(str, SEEDS))}, tabulated "
-                  f"{datetime.date.today().isoformat()} ({platform.machine()} CPU, {os.cpu_count()} cores). Mean over seeds "
+                  f"{datetime.date.today().isoformat()} ({machine(out, cell, done)}). Mean over seeds "
                   "(each seed's value in brackets). FD: Frechet distance in the evaluation classifier's "
                   f"features (lower is better); vs KL: relative FD change against `kl` of the same seeds"
                   f"{'' if kl_cell(cell) is cell else f' in `{kl_cell(cell).name}`'}.", "",
@@ -396,48 +421,61 @@ def summary_figure(block: str, path: Path) -> bool:
 
 
 def write_report(out: Path, wall_minutes: float | None, path: Path = RESULTS_MD,
-                 figure: Path | None = None) -> None:
+                 figure: Path | None = None, preset: str = "quick") -> None:
+    """Write the tables of `preset`'s runs in `out` between that preset's markers in `path` (a preset other
+    than the protocol's quick one gets its own section at the end the first time), then the summary figure."""
+    begin, end = markers(preset)
     text = path.read_text() if path.is_file() else f"# Results\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{path} lacks the markers {BEGIN} / {END} that delimit the generated tables")
-    head, rest = text.split(BEGIN, 1)
-    previous, tail = rest.split(END, 1)
-    body = tables(out, kept=sections(previous))
-    body += "\n" + temperature_rule(body)
+    if preset != "quick" and begin not in text and end not in text:
+        text = text.rstrip("\n") + (f"\n\n## Larger budget: `--preset {preset}`\n\nThe protocol's cells at the "
+                                   f"example's `{preset}` preset (`python examples/evidence.py --preset {preset}`)."
+                                   f"\n\n{begin}\n{end}\n")
+    if begin not in text or end not in text:
+        raise SystemExit(f"{path} lacks the markers {begin} / {end} that delimit the generated tables")
+    head, rest = text.split(begin, 1)
+    previous, tail = rest.split(end, 1)
+    body = tables(out, kept=sections(previous), cells=preset_cells(preset))
+    if preset == "quick":  # the rule is the quick protocol's
+        body += "\n" + temperature_rule(body)
     where = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
     took = f"; this invocation ran {wall_minutes:.0f} min" if wall_minutes is not None else ""
     stamp = (f"Tables written by `python examples/evidence.py` on {datetime.date.today().isoformat()} from the "
              f"runs in `{where}`{took}; a cell with no runs there keeps its table from the previous version of "
              "this file (each table says when it was tabulated).\n\n")
-    path.write_text(f"{head}{BEGIN}\n{stamp}{body}\n{END}{tail}")
+    path.write_text(f"{head}{begin}\n{stamp}{body}\n{end}{tail}")
     print(f"tables written to {path}")
-    figure = figure or path.parent / "figures" / "evidence_summary.png"
+    suffix = "" if preset == "quick" else f"_{preset}"
+    figure = figure or path.parent / "figures" / f"evidence_summary{suffix}.png"
     if summary_figure(body, figure):
         print(f"summary figure written to {figure}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "evidence")
-    parser.add_argument("--preset", default="quick", help="the example's preset (quick: this protocol)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="run folders (default outputs/evidence, outputs/evidence-<preset> for another preset)")
+    parser.add_argument("--preset", default="quick", choices=("quick", "full"),
+                        help="the example's preset: quick is the protocol (a 2-core CPU); full, its cells at the "
+                             "larger budget (a GPU), tabulated in their own section")
     parser.add_argument("--only", nargs="+", default=None, help="cell names to run (default: all, in order)")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
-    args.out = args.out.resolve()
-    names = {cell.name for cell in CELLS}
+    args.out = (args.out or ROOT / "outputs" / ("evidence" if args.preset == "quick" else f"evidence-{args.preset}")).resolve()
+    cells = preset_cells(args.preset)
+    names = {cell.name for cell in cells}
     unknown = sorted(set(args.only or []) - names)
     if unknown:
-        parser.error(f"unknown cell(s) {unknown}; cells: {', '.join(c.name for c in CELLS)}")
+        parser.error(f"unknown cell(s) {unknown} for preset {args.preset}; cells: {', '.join(c.name for c in cells)}")
     bad_seeds = sorted(set(args.seeds) - set(SEEDS))
     if bad_seeds:
         parser.error(f"seeds {bad_seeds} are not in the protocol's {list(SEEDS)}")
 
     t0 = time.perf_counter()
     if not args.report_only:
-        todo = [(cell, seed) for cell in CELLS if args.only is None or cell.name in args.only
+        todo = [(cell, seed) for cell in cells if args.only is None or cell.name in args.only
                 for seed in args.seeds if not (run_dir(args.out, cell, seed) / "results.csv").is_file()]
         print(f"{len(todo)} run(s) to do: {', '.join(f'{c.name}/seed{s}' for c, s in todo)}", flush=True)
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
@@ -445,7 +483,7 @@ def main() -> None:
         failed = [f"{name}/seed{seed}" for name, seed, code, _ in finished if code != 0]
         if failed:
             print(f"failed: {', '.join(failed)}", file=sys.stderr)
-    write_report(args.out, None if args.report_only else (time.perf_counter() - t0) / 60)
+    write_report(args.out, None if args.report_only else (time.perf_counter() - t0) / 60, preset=args.preset)
 
 
 if __name__ == "__main__":

@@ -117,8 +117,8 @@ def test_summary_figure_reads_the_generated_tables(evidence, tmp_path):
         {"loss": "kl", "frechet_distance": 100, "contaminant_fraction": 0.5, "auroc": 0.5, "train_s": 70}])
     block = evidence.tables(tmp_path / "runs")
     rows = evidence.parse_rows(evidence.sections(block)["noise-0.3"])
-    assert rows["kl"] == {"fd": [80.0, 100.0], "contaminant": [0.4, 0.5]}
-    assert rows["ned"] == {"fd": [60.0], "contaminant": [0.2]}
+    assert rows["kl"] == {"fd": [80.0, 100.0], "contaminant": [0.4, 0.5], "fd_mean": 90.0, "contaminant_mean": 0.45}
+    assert rows["ned"] == {"fd": [60.0], "contaminant": [0.2], "fd_mean": 60.0, "contaminant_mean": 0.2}
     assert "hellinger" not in rows and not any(name.startswith("data") for name in rows)  # not run; data rows
     figure = tmp_path / "summary.png"
     assert evidence.summary_figure(block, figure) and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -135,3 +135,91 @@ def test_later_cells_compare_with_the_kept_kl_table(evidence, tmp_path):
         {"loss": "kl", "frechet_distance": 100, "contaminant_fraction": 0.5, "auroc": 0.5, "train_s": 70}])
     section = evidence.tables(tmp_path, kept=kept).split("### noise-0.3-mse:")[1].split("###")[0]
     assert "| kl | 100 | +25% |" in section  # the standard MSE against the adaptive-scale KL of seed 0 (80)
+
+
+def test_temperature_rule_pairs_every_divergence_budget_and_data(evidence):
+    pairs = evidence.temperature_pairs()
+    seen = set()
+    for loss, low, high in pairs:
+        assert (low.temperature, high.temperature) == (evidence.RULE_TEMPERATURE, 1.0)
+        assert low.scale == high.scale == "adaptive" and loss in low.losses and loss in high.losses
+        assert (low.contamination, low.kind, low.steps) == (high.contamination, high.kind, high.steps)
+        seen.add((loss, low.contamination, low.kind, low.steps or 250))
+    assert len(seen) == len(pairs) == 12  # the protocol's twelve pairs, none twice
+    assert seen == {(loss, p, kind, steps) for loss in ("hellinger", "ned") for steps in (250, 1500)
+                    for p, kind in ((0.3, "noise"), (0.3, "gaussian"), (0.0, "noise"))}
+
+
+def _rule_runs(evidence, root: Path, fd_ratio, contaminant_delta):
+    """Both seeds of every cell the rule reads: FD 50 and contaminant fraction 0.2 at temperature 1, and
+    at 0.25 the given FD ratio / contaminant difference (callables of (loss, cell))."""
+    for loss, low, high in evidence.temperature_pairs():
+        for cell, fd, contaminant in ((high, 50.0, 0.2),
+                                      (low, 50.0 * fd_ratio(loss, low), 0.2 + contaminant_delta(loss, low))):
+            for seed in evidence.SEEDS:
+                path = evidence.run_dir(root, cell, seed) / "results.csv"
+                rows = []
+                if path.is_file():
+                    with open(path) as f:
+                        rows = list(csv.DictReader(f))
+                    path.unlink()
+                    path.parent.rmdir()
+                rows.append({"loss": loss, "frechet_distance": fd, "contaminant_fraction": contaminant,
+                             "auroc": 0.9, "train_s": 1})
+                write_results(path.parent, rows)
+    return evidence.tables(root)
+
+
+def test_temperature_rule_adopts_only_when_every_condition_holds(evidence, tmp_path):
+    none = lambda loss, cell: 0.0
+    block = _rule_runs(evidence, tmp_path / "all", lambda loss, cell: 0.9, none)
+    assert "default temperature becomes 0.25" in evidence.temperature_rule(block)
+    # Better on balance, but one clean-data pair 6% worse: the 5% clean tolerance decides.
+    worse_clean = lambda loss, cell: 1.06 if (loss, cell.name) == ("ned", "clean-tau0.25") else 0.8
+    verdict = evidence.temperature_rule(_rule_runs(evidence, tmp_path / "clean", worse_clean, none))
+    assert "stays 1" in verdict and "ned clean-tau0.25: FD +6% on clean data" in verdict
+    # A contaminated pair may be worse in FD, not in its contaminant fraction.
+    worse_noise = lambda loss, cell: 1.3 if cell.name == "gaussian-0.3-tau0.25" else 0.9
+    assert "becomes 0.25" in evidence.temperature_rule(_rule_runs(evidence, tmp_path / "fd", worse_noise, none))
+    more = lambda loss, cell: 0.03 if (loss, cell.name) == ("hellinger", "noise-0.3-tau0.25") else -0.1
+    verdict = evidence.temperature_rule(_rule_runs(evidence, tmp_path / "cf", lambda l, c: 0.9, more))
+    assert "stays 1" in verdict and "hellinger noise-0.3-tau0.25: more contaminant-like samples" in verdict
+    # Worse on balance for one loss: half its pairs worse is not "more than half better".
+    split = lambda loss, cell: (1.02 if cell.contamination else 0.99) if loss == "hellinger" else 0.9
+    verdict = evidence.temperature_rule(_rule_runs(evidence, tmp_path / "half", split, none))
+    assert "stays 1 (hellinger: not better on balance)" in verdict
+    # Pairs not run yet leave it undecided.
+    assert "undecided: 12 pair(s) not run yet" in evidence.temperature_rule(evidence.tables(tmp_path / "nothing"))
+
+
+def test_another_preset_tabulates_in_its_own_section_naming_the_device(evidence, tmp_path):
+    results_md = tmp_path / "RESULTS.md"
+    quick = f"# T\n\n{evidence.BEGIN}\nquick tables\n{evidence.END}\n\ntext after\n"
+    results_md.write_text(quick)
+    run = tmp_path / "runs" / "noise-0.3" / "seed0"
+    write_results(run, [{"loss": "kl", "frechet_distance": 20, "contaminant_fraction": 0.3, "auroc": 0.5,
+                         "train_s": 600}])
+    (run / "results.md").write_text("# R\n\n- machine: NVIDIA H200, torch 2.11.0\n- data: ...\n")
+    evidence.write_report(tmp_path / "runs", 12.0, path=results_md, preset="full")
+    text = results_md.read_text()
+    assert text.startswith(quick.rstrip("\n"))  # the protocol's tables are untouched
+    begin, end = evidence.markers("full")
+    full = text.split("## Larger budget: `--preset full`")[1]
+    block = full.split(begin)[1].split(end)[0]
+    noise = block.split("### noise-0.3:")[1].split("###")[0]
+    assert "(NVIDIA H200, torch 2.11.0)" in noise and "| kl | 20 |" in noise
+    assert "1500steps" not in block and "Temperature rule" not in block  # quick-only cells and rule
+    assert "Not run yet." in block.split("### gaussian-0.3:")[1].split("###")[0]
+    assert (tmp_path / "figures" / "evidence_summary_full.png").is_file()
+    evidence.write_report(tmp_path / "runs", 12.0, path=results_md, preset="full")
+    assert results_md.read_text() == text  # found again, not appended twice
+    names = {cell.name for cell in evidence.preset_cells("full")}
+    assert "noise-0.3" in names and not any(cell.steps for cell in evidence.preset_cells("full"))
+    assert evidence.preset_cells("quick") == list(evidence.CELLS)
+
+
+def test_tables_name_the_current_machine_for_runs_that_do_not_say(evidence, tmp_path):
+    write_results(tmp_path / "clean" / "seed1", [
+        {"loss": "kl", "frechet_distance": 30, "contaminant_fraction": 0.0, "auroc": "", "train_s": 70}])
+    section = evidence.tables(tmp_path).split("### clean:")[1].split("###")[0]
+    assert "Seeds done: 1 of 0, 1" in section and " CPU, " in section and "cores)" in section

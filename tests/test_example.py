@@ -4,6 +4,7 @@ import csv
 import importlib.util
 import json
 import os
+import platform
 import runpy
 import shutil
 import struct
@@ -269,7 +270,11 @@ def test_example_end_to_end(smoke_run):
         assert float(row["frechet_distance"]) >= 0 and 0 <= float(row["contaminant_fraction"]) <= 1
         assert 0 <= float(row["auroc"]) <= 1 and "scale=adaptive" in row["settings"]
     assert rows[0]["auroc"] == "0.5"  # plain MSE: every weight is 1
-    assert rows[-1]["loss"] in (out / "results.md").read_text()
+    report = (out / "results.md").read_text()
+    assert rows[-1]["loss"] in report
+    machine = next(line for line in report.splitlines() if line.startswith("- machine: "))  # evidence.py reads it
+    assert machine.startswith(f"- machine: {platform.machine()} CPU, {os.cpu_count()} cores, ")
+    assert machine.endswith(f" thread(s), torch {torch.__version__}")
     assert "| loss | weighting | settings |" in result.stdout  # the table is printed
     for name in ["samples.png", "influence_histograms.png", "loss_curves.png", "training_data.png"] + [
             f"samples_{loss}.png" for loss in SMOKE_LOSSES]:
