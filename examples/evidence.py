@@ -288,12 +288,14 @@ def parse_rows(section: str) -> dict:
             return [float(v) for v in cell.split("(", 1)[1].rstrip(")").split(",")]
         return [float(cell)]
 
+    def printed(cell: str) -> float:  # the table's mean (what a reader sees, not re-rounded seed values)
+        return float(cell.split("(")[0]) if cell.strip() else math.nan
+
     rows = {}
     for line in section.splitlines():
         parts = [p.strip() for p in line.strip().strip("|").split("|")]
         if len(parts) < 4 or parts[0] in ("loss", "") or parts[0].startswith(("---", "data:")) or parts[1] == "not run":
             continue
-        printed = lambda cell: float(cell.split("(")[0]) if cell.strip() else math.nan  # the table's mean
         rows[parts[0]] = {"fd": values(parts[1]), "contaminant": values(parts[3]),
                           "fd_mean": printed(parts[1]), "contaminant_mean": printed(parts[3])}
     return rows
