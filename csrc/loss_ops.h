@@ -41,8 +41,7 @@ struct LossOps<Loss, c10::guts::typelist::typelist<P...>> {
     LossSpec spec = Loss::spec(params...);
     set_reductions(spec, dim_reduction, reduction);
     const LossInputs in = prepare_inputs(spec, input, target, scale, weight);
-    TORCH_CHECK_VALUE(influence.dim() == 1 && influence.size(0) == in.batch, spec.name,
-                      ": influence must have shape [", in.batch, "], got ", influence.sizes());
+    check_backward_arguments(spec, grad_loss, input, influence);
     const at::Tensor grad = kernel(spec, in, per_sample_grad(spec, grad_loss, in),
                                    influence.to(in.compute_dtype).contiguous());
     return grad.to(in.input_dtype);

@@ -11,15 +11,23 @@ bool is_supported_float(at::ScalarType t) {
 }
 
 // A per-sample tensor (scale, weight, c): shape [B], floating, on input's device.
-at::Tensor per_sample(const LossSpec& spec, const char* argument, const at::Tensor& value,
-                      const LossInputs& in, const at::Tensor& input) {
-  TORCH_CHECK_VALUE(value.dim() == 1 && value.size(0) == in.batch, spec.name, ": ", argument,
-                    " must have one value per sample, shape [", in.batch, "], got shape ", value.sizes());
+void check_per_sample(const LossSpec& spec, const char* argument, const at::Tensor& value, const at::Tensor& input) {
+  TORCH_CHECK_VALUE(value.dim() == 1 && value.sym_size(0) == input.sym_size(0), spec.name, ": ", argument,
+                    " must have one value per sample, shape [", input.sym_size(0), "], got shape ",
+                    value.sym_sizes());
   TORCH_CHECK_TYPE(is_supported_float(value.scalar_type()), spec.name, ": ", argument,
                    " must be a floating-point tensor, got ", value.scalar_type());
   TORCH_CHECK_VALUE(value.device() == input.device(), spec.name, ": ", argument, " must be on input's device (",
                     input.device(), "), got ", value.device());
-  return value.to(in.compute_dtype).contiguous();
+}
+
+// The value check of a per-sample tensor, on the CPU only (on an accelerator it would cost a host sync; there a
+// negative or non-finite value gives NaN or inf outputs instead, as documented in functional.py).
+void check_finite_at_least(const LossSpec& spec, const char* argument, const at::Tensor& value, bool positive) {
+  if (!value.device().is_cpu()) return;
+  const bool ok = at::all(at::isfinite(value) & (positive ? value > 0 : value >= 0)).item<bool>();
+  TORCH_CHECK_VALUE(ok, spec.name, ": ", argument, " must be ", positive ? "positive" : "non-negative",
+                    " and finite, got values in [", at::min(value).item<double>(), ", ", at::max(value).item<double>(), "]");
 }
 
 }  // namespace
@@ -40,19 +48,53 @@ void set_reductions(LossSpec& spec, c10::string_view dim_reduction, c10::string_
   }
 }
 
-LossInputs prepare_inputs(const LossSpec& spec, const at::Tensor& input, const at::Tensor& target,
-                          const at::Tensor& scale, const std::optional<at::Tensor>& weight) {
+at::ScalarType compute_dtype_of(at::ScalarType input, at::ScalarType target) {
+  return at::promote_types(input, target) == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_arguments(const LossSpec& spec, const at::Tensor& input, const at::Tensor& target, const at::Tensor& scale,
+                     const std::optional<at::Tensor>& weight) {
   TORCH_CHECK_VALUE(input.dim() >= 1, spec.name, ": input must have a leading batch dimension, got a 0-dim tensor");
-  TORCH_CHECK_VALUE(target.sizes() == input.sizes(), spec.name, ": target must have the shape of input ",
-                    input.sizes(), ", got ", target.sizes());
+  TORCH_CHECK_VALUE(target.sym_sizes() == input.sym_sizes(), spec.name, ": target must have the shape of input ",
+                    input.sym_sizes(), ", got ", target.sym_sizes());
   TORCH_CHECK_VALUE(target.device() == input.device(), spec.name, ": target must be on input's device (",
                     input.device(), "), got ", target.device());
   TORCH_CHECK_TYPE(is_supported_float(input.scalar_type()), spec.name,
                    ": input must be float32, float64, float16 or bfloat16, got ", input.scalar_type());
   TORCH_CHECK_TYPE(is_supported_float(target.scalar_type()), spec.name,
                    ": target must be float32, float64, float16 or bfloat16, got ", target.scalar_type());
-  TORCH_CHECK_VALUE(input.size(0) > 0, spec.name, ": input has an empty batch (size(0) == 0)");
-  TORCH_CHECK_VALUE(input.numel() > 0, spec.name, ": input has samples with no elements, shape ", input.sizes());
+  TORCH_CHECK_VALUE(input.sym_size(0) > 0, spec.name, ": input has an empty batch (size(0) == 0)");
+  TORCH_CHECK_VALUE(input.sym_numel() > 0, spec.name, ": input has samples with no elements, shape ",
+                    input.sym_sizes());
+  check_per_sample(spec, "scale", scale, input);
+  if (weight.has_value() && weight->defined()) check_per_sample(spec, "weight", *weight, input);
+  if (spec.penalty == math::PenaltyKind::PseudoHuber) {
+    TORCH_CHECK_VALUE(spec.c.defined(), spec.name, ": c is required");
+    check_per_sample(spec, "c", spec.c, input);
+  }
+}
+
+void check_backward_arguments(const LossSpec& spec, const at::Tensor& grad_loss, const at::Tensor& input,
+                              const at::Tensor& influence) {
+  TORCH_CHECK_VALUE(grad_loss.device() == input.device(), spec.name, ": grad_loss must be on input's device (",
+                    input.device(), "), got ", grad_loss.device());
+  TORCH_CHECK_VALUE(influence.device() == input.device(), spec.name, ": influence must be on input's device (",
+                    input.device(), "), got ", influence.device());
+  if (spec.reduction == Reduction::None) {
+    TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.sym_size(0) == input.sym_size(0), spec.name,
+                      ": grad_loss must have shape [", input.sym_size(0), "] for reduction='none', got ",
+                      grad_loss.sym_sizes());
+  } else {
+    TORCH_CHECK_VALUE(grad_loss.sym_numel() == 1, spec.name, ": grad_loss must be a scalar, got shape ",
+                      grad_loss.sym_sizes());
+  }
+  TORCH_CHECK_VALUE(influence.dim() == 1 && influence.sym_size(0) == input.sym_size(0), spec.name,
+                    ": influence must have shape [", input.sym_size(0), "], got ", influence.sym_sizes());
+}
+
+LossInputs prepare_inputs(const LossSpec& spec, const at::Tensor& input, const at::Tensor& target,
+                          const at::Tensor& scale, const std::optional<at::Tensor>& weight) {
+  check_arguments(spec, input, target, scale, weight);
 
   LossInputs in;
   in.batch = input.size(0);
@@ -69,32 +111,24 @@ LossInputs prepare_inputs(const LossSpec& spec, const at::Tensor& input, const a
   if (input_read != target_read && !low_with_float_target) input_read = target_read = common;
   in.input = input.to(input_read).contiguous();
   in.target = target.to(target_read).contiguous();
-  in.compute_dtype = common == at::kDouble ? at::kDouble : at::kFloat;
+  in.compute_dtype = compute_dtype_of(input.scalar_type(), target.scalar_type());
 
-  in.scale = per_sample(spec, "scale", scale, in, input);
-  if (weight.has_value() && weight->defined()) in.weight = per_sample(spec, "weight", *weight, in, input);
-  if (spec.penalty == math::PenaltyKind::PseudoHuber) {
-    TORCH_CHECK_VALUE(spec.c.defined(), spec.name, ": c is required");
-    in.c = per_sample(spec, "c", spec.c, in, input);
-    if (in.c.device().is_cpu()) {
-      TORCH_CHECK_VALUE(at::all(in.c > 0).item<bool>(), spec.name, ": c must be positive");
-    }
+  in.scale = scale.to(in.compute_dtype).contiguous();
+  check_finite_at_least(spec, "scale", in.scale, /*positive=*/false);
+  if (weight.has_value() && weight->defined()) {
+    in.weight = weight->to(in.compute_dtype).contiguous();
+    check_finite_at_least(spec, "weight", in.weight, /*positive=*/false);
   }
-  if (in.scale.device().is_cpu()) {  // on an accelerator a negative scale gives NaN instead (no sync)
-    TORCH_CHECK_VALUE(at::all(in.scale >= 0).item<bool>(), spec.name, ": scale must be non-negative");
+  if (spec.penalty == math::PenaltyKind::PseudoHuber) {
+    in.c = spec.c.to(in.compute_dtype).contiguous();
+    check_finite_at_least(spec, "c", in.c, /*positive=*/true);
   }
   return in;
 }
 
 at::Tensor per_sample_grad(const LossSpec& spec, const at::Tensor& grad_loss, const LossInputs& in) {
-  TORCH_CHECK_VALUE(grad_loss.device() == in.input.device(), spec.name, ": grad_loss must be on input's device");
-  at::Tensor g = grad_loss.to(in.compute_dtype);
-  if (spec.reduction == Reduction::None) {
-    TORCH_CHECK_VALUE(g.dim() == 1 && g.size(0) == in.batch, spec.name,
-                      ": grad_loss must have shape [", in.batch, "] for reduction='none', got ", g.sizes());
-    return g.contiguous();
-  }
-  TORCH_CHECK_VALUE(g.numel() == 1, spec.name, ": grad_loss must be a scalar, got shape ", g.sizes());
+  at::Tensor g = grad_loss.to(in.compute_dtype);  // shape and device: check_backward_arguments
+  if (spec.reduction == Reduction::None) return g.contiguous();
   if (spec.reduction == Reduction::Mean) g = g / static_cast<double>(in.batch);
   return g.reshape({1}).expand({in.batch}).contiguous();
 }

@@ -1,4 +1,4 @@
-// What a loss operator computes (DESIGN section 2), independent of the backend:
+// What a loss operator computes (docs/DESIGN.md, Losses), independent of the backend:
 //
 //   R_b = sum_i e(r_bi; c_b)   (or the mean over i)     r = input - target
 //   loss_b = weight_b * phi(scale_b * R_b)
@@ -46,7 +46,21 @@ struct LossInputs {
 // Parses the two reduction arguments every operator takes.
 void set_reductions(LossSpec& spec, c10::string_view dim_reduction, c10::string_view reduction);
 
-// Validates every argument with messages that name it, and harmonises dtypes and layouts.
+// The dtype of the per-sample outputs: float64 if either side is float64, else float32.
+at::ScalarType compute_dtype_of(at::ScalarType input, at::ScalarType target);
+
+// Checks what can be checked without reading data (shapes, dtypes, devices), with messages that name the
+// argument. The one validation of every path: the real kernels call it through prepare_inputs, the Meta
+// kernels (meta_kernels.cpp) that meta tensors, FakeTensorMode, torch.compile and torch.export run call it
+// directly, so every path rejects the same calls with the same message. Symbolic shapes are fine.
+void check_arguments(const LossSpec& spec, const at::Tensor& input, const at::Tensor& target, const at::Tensor& scale,
+                     const std::optional<at::Tensor>& weight);
+// The backward's own arguments: grad_loss (a scalar, or [B] for reduction='none') and influence [B].
+void check_backward_arguments(const LossSpec& spec, const at::Tensor& grad_loss, const at::Tensor& input,
+                              const at::Tensor& influence);
+
+// check_arguments, then the value checks that need data (on the CPU only: elsewhere they would cost a host
+// sync) and the dtype and layout harmonisation of the kernels.
 LossInputs prepare_inputs(const LossSpec& spec, const at::Tensor& input, const at::Tensor& target,
                           const at::Tensor& scale, const std::optional<at::Tensor>& weight);
 

@@ -19,8 +19,6 @@ constexpr const char* kBackwardArgs =
 }  // namespace
 
 TORCH_LIBRARY(robust_diffusion, m) {
-  // Fake (meta) kernels for torch.compile / torch.export live in this Python module.
-  m.set_python_module("robust_diffusion.ops");
   losses::for_each_loss([&](auto loss) {
     using Loss = decltype(loss);
     m.def((std::string(Loss::name) + kForwardArgs + Loss::params + kForwardReturns).c_str());

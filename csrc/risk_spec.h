@@ -1,4 +1,4 @@
-// The risk-sensitive noising operator (DESIGN section 6, math/risk_noising.h), independent of the backend:
+// The risk-sensitive noising operator (docs/DESIGN.md, Risk, math/risk_noising.h), independent of the backend:
 //
 //   risk_noising(sample, risk, noise, alpha, sigma, prediction_type, perturbation) -> (noisy, target, noise_std)
 //
@@ -27,10 +27,21 @@ struct RiskInputs {
   at::ScalarType compute_dtype = at::kFloat;
 };
 
-// Validates every argument with messages that name it.
+// Checks what can be checked without reading data (shapes, dtypes, devices, the two strings), with messages
+// that name the argument: the one validation that the real kernels (through prepare_risk_inputs) and the Meta
+// kernel (meta_kernels.cpp) share. Symbolic shapes are fine.
+void check_risk_arguments(const at::Tensor& sample, const at::Tensor& risk, const at::Tensor& noise,
+                          const std::optional<at::Tensor>& alpha, const at::Tensor& sigma,
+                          c10::string_view prediction_type, c10::string_view perturbation);
+
+// check_risk_arguments, then the value checks (on the CPU only: elsewhere they would cost a host sync) and
+// the layouts of the kernels.
 RiskInputs prepare_risk_inputs(const at::Tensor& sample, const at::Tensor& risk, const at::Tensor& noise,
                                const std::optional<at::Tensor>& alpha, const at::Tensor& sigma,
                                c10::string_view prediction_type, c10::string_view perturbation);
+
+// The compute dtype: float64 for float64 samples, else float32.
+at::ScalarType risk_compute_dtype(at::ScalarType sample);
 
 // (noisy, target, noise_std), empty.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_risk_outputs(const RiskInputs& in);

@@ -167,7 +167,7 @@ def test_target_gradient_only(device):
 
 
 def test_gradient_matches_weighted_mse_gradient():
-    """DESIGN section 3: the divergence gradient is w(delta) times the MSE gradient, per sample."""
+    """docs/DESIGN.md, Divergences: the divergence gradient is w(delta) times the MSE gradient, per sample."""
     x, y, scale, _ = make_inputs((5, 3, 4, 4), seed=7)
     x.requires_grad_()
     loss, _, w = OPS.ned_loss(x, y, scale, None, "mean", "none")
@@ -272,8 +272,8 @@ def test_registered_operators():
         assert "Tensor input, Tensor target, Tensor scale, Tensor? weight" in schema
 
 
-# A meta tensor among CPU arguments makes the dispatcher pick the Meta kernel, i.e. the Python fake kernel
-# (ops.py): it must refuse a device mismatch as the real kernels do, not return uninitialised CPU tensors.
+# A meta tensor among CPU arguments makes the dispatcher pick the Meta kernel (csrc/meta_kernels.cpp): it must
+# refuse a device mismatch as the real kernels do, not return uninitialised CPU tensors.
 @pytest.mark.parametrize("argument", ["target", "scale", "weight", "c"])
 def test_meta_tensor_argument_on_another_device_is_an_error(argument):
     x, y, scale, weight = make_inputs((3, 4), seed=14, dtype=torch.float32)

@@ -1,4 +1,4 @@
-"""Risk-sensitive diffusion (DESIGN section 6): the risk_noising operator against a float64 reference, bit
+"""Risk-sensitive diffusion (docs/DESIGN.md, Risk): the risk_noising operator against a float64 reference, bit
 identity with the standard pipeline at r = 0, Monte-Carlo marginals, the closed-form optimum of the risk-free
 targets, the stability-interval samplers, the risk-free loss, registration and error messages."""
 
@@ -523,14 +523,14 @@ def test_opcheck(per_element, vp, device):
         torch.library.opcheck(OP.default, (x, r, eta, alpha, sigma, kind, "cauchy"))
 
 
-def test_registered_in_a_fragment_with_its_fake_kernel_module():
+def test_registered_in_a_fragment_of_the_library():
     schema = str(OP.default._schema)
     assert schema == ("robust_diffusion::risk_noising(Tensor sample, Tensor risk, Tensor noise, Tensor? alpha, "
                       "Tensor sigma, str prediction_type, str perturbation) -> (Tensor noisy, Tensor target, "
                       "Tensor noise_std)")
 
 
-def test_torch_compile_traces_through_the_fake_kernel():
+def test_torch_compile_traces_through_the_meta_kernel():
     torch._dynamo.reset()
     schedule = rd.NoiseSchedule.linear()
 

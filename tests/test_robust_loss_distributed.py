@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import subprocess_pythonpath
+from robust_diffusion.robust_loss import MAX_UPDATE_RATIO
 
 NUM_BUCKETS = 5  # bucket k holds t in [200 k, 200 k + 200)
 MOMENTUM = 0.5
@@ -38,7 +39,7 @@ WORKER = textwrap.dedent("""
     for x, y, t in torch.load(data):
         module(x, y, t)
         history.append(module.bucket_penalty.clone())
-    torch.save(torch.stack(history), out)
+    torch.save({"history": torch.stack(history), "skipped": int(module.skipped_updates)}, out)
     dist.barrier()
     dist.destroy_process_group()
 """)
@@ -82,15 +83,15 @@ def expected_history(data):
             values = mean[present].sort().values
             fallback = values[(len(values) - 1) // 2]  # torch.nanmedian: the lower middle value
             state = torch.where(present, mean, fallback)
-        state = torch.where(present, MOMENTUM * state + (1 - MOMENTUM) * mean, state)
+        else:  # later statistics are clamped to within MAX_UPDATE_RATIO of the bucket before the EMA
+            bounded = torch.minimum(torch.maximum(mean, state / MAX_UPDATE_RATIO), state * MAX_UPDATE_RATIO)
+            state = torch.where(present, MOMENTUM * state + (1 - MOMENTUM) * bounded, state)
         history.append(state.clone())
     return torch.stack(history)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo")
-def test_two_ranks_keep_identical_buckets_averaged_over_the_ranks_that_saw_them(tmp_path):
-    data = {rank: rank_data(rank) for rank in range(WORLD_SIZE)}
+def run_ranks(tmp_path, data):
+    """Run WORKER on every rank with its batches; returns each rank's saved result."""
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     env = dict(os.environ)
@@ -114,8 +115,18 @@ def test_two_ranks_keep_identical_buckets_averaged_over_the_ranks_that_saw_them(
                 proc.wait()
     for rank, (proc, output) in enumerate(zip(procs, outputs)):
         assert proc.returncode == 0, f"rank {rank} failed:\n{output}"
+    return [torch.load(tmp_path / f"out{rank}.pt") for rank in range(WORLD_SIZE)]
 
-    got = [torch.load(tmp_path / f"out{rank}.pt") for rank in range(WORLD_SIZE)]
+
+needs_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="needs torch.distributed gloo")
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_two_ranks_keep_identical_buckets_averaged_over_the_ranks_that_saw_them(tmp_path):
+    data = {rank: rank_data(rank) for rank in range(WORLD_SIZE)}
+    got = [result["history"] for result in run_ranks(tmp_path, data)]
     assert torch.equal(got[0], got[1]), "the ranks' adaptive states diverged"
     expected = expected_history(data)
     torch.testing.assert_close(got[0].double(), expected, rtol=1e-5, atol=0)
@@ -128,3 +139,24 @@ def test_two_ranks_keep_identical_buckets_averaged_over_the_ranks_that_saw_them(
     torch.testing.assert_close(got[0][0, 3].double(), first[1][3], rtol=1e-5, atol=0)
     torch.testing.assert_close(got[0][0, 1].double(), (first[0][1] + first[1][1]) / 2, rtol=1e-5, atol=0)
     assert got[0][1, 0] == got[0][0, 0], "a bucket no rank saw this step keeps its value"
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_a_non_finite_batch_on_one_rank_leaves_every_rank_with_the_same_state(tmp_path):
+    """Rank 1's second batch overflows: its statistic is refused on every rank (counted once on each), rank 0's
+    is taken in alone, and the ranks' states stay identical and finite."""
+    data = {rank: rank_data(rank) for rank in range(WORLD_SIZE)}
+    x, y, t = data[1][1]
+    data[1][1] = (x, torch.full_like(y, float("inf")), t)
+    results = run_ranks(tmp_path, data)
+    assert torch.equal(results[0]["history"], results[1]["history"]), "the ranks' adaptive states diverged"
+    assert torch.isfinite(results[0]["history"]).all()
+    assert results[0]["skipped"] == results[1]["skipped"] == 1
+    clean_only = {0: data[0], 1: data[1][:1]}
+    state = expected_history({0: data[0][:1], 1: data[1][:1]})[-1]
+    medians = local_medians(*clean_only[0][1])
+    seen = ~medians.isnan()
+    bounded = torch.minimum(torch.maximum(medians, state / MAX_UPDATE_RATIO), state * MAX_UPDATE_RATIO)
+    expected = torch.where(seen, MOMENTUM * state + (1 - MOMENTUM) * bounded, state)
+    torch.testing.assert_close(results[0]["history"][1].double(), expected, rtol=1e-5, atol=0)

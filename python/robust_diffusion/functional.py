@@ -1,6 +1,6 @@
 """The functional API: robust replacements for the MSE denoising loss.
 
-Every loss has one shape (DESIGN section 2). For a batch of B samples with D elements each::
+Every loss has one shape (docs/DESIGN.md, Losses). For a batch of B samples with D elements each::
 
     R_b    = sum_i e(input_bi - target_bi)         (mean over i with dim_reduction="mean")
     loss_b = weight_b * phi(scale_b * R_b)
@@ -57,10 +57,16 @@ tests/test_losses.py):
   - ``clipped_mse_loss(mode="element")``: the residual is clamped to +-tau: finite loss, gradient 0 there.
 
 Filter non-finite samples (e.g. with ``torch.isfinite``) before the loss if they can occur.
+
+Argument values: ``scale`` and ``weight`` must be non-negative and finite, ``c`` positive and finite. That is
+checked on the CPU (a ValueError naming the argument); on an accelerator it would cost a host sync per call, so
+there a bad value gives NaN or inf outputs instead. Shapes, dtypes, devices and the string arguments are checked
+on every device and while tracing (torch.compile, torch.export, meta and fake tensors), with the same messages.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple, Union
 
 import torch
@@ -127,9 +133,18 @@ def _resolve_scale(name: str, scale: Scale, t: Optional[Tensor], schedule: Optio
         if t is None:
             raise ValueError(f"{name}: scale='vlb' needs the timesteps t")
         return (schedule or default_schedule()).gather("vlb_weight", t, caller=name)
-    if not isinstance(scale, Tensor) and not (isinstance(scale, (int, float)) and scale >= 0):
-        raise ValueError(f"{name}: scale must be non-negative, got {scale!r}")
+    if not isinstance(scale, Tensor):
+        scale = _float_param(name, "scale", scale, "a float, a per-sample tensor or 'vlb'")
+        if not 0 <= scale < math.inf:  # also refuses NaN
+            raise ValueError(f"{name}: scale must be non-negative and finite, got {scale!r}")
     return _per_sample(name, "scale", scale, batch, device)
+
+
+def _float_param(name: str, argument: str, value, expected: str = "a float") -> float:
+    """A Python number as a float, or a TypeError that names the argument (not float()'s message)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: {argument} must be {expected}, got {type(value).__name__} {value!r}")
+    return float(value)
 
 
 def _loss_call(op_name: str, input: Tensor, target: Tensor, t: Optional[Tensor], schedule: Optional[NoiseSchedule],
@@ -141,6 +156,8 @@ def _loss_call(op_name: str, input: Tensor, target: Tensor, t: Optional[Tensor],
         if not isinstance(t, Tensor) or t.dim() != 1 or t.shape[0] != batch:
             shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
             raise ValueError(f"{op_name}: t must be a 1-D tensor with one timestep per sample ({batch}), got {shape}")
+        if t.device != input.device:
+            raise ValueError(f"{op_name}: t must be on input's device ({input.device}), got {t.device}")
         (schedule or default_schedule()).check_timesteps(t, caller=op_name)
     scale_b = _resolve_scale(op_name, scale, t, schedule, batch, input.device)
     if weight is not None:
@@ -196,7 +213,7 @@ def alpha_loss(input: Tensor, target: Tensor, t: Optional[Tensor] = None, *, alp
     alpha = 1/2 is exactly Hellinger (the most aggressive member); alpha -> 0 or 1 approaches KL.
     """
     return _divergence("alpha_loss", input, target, t, schedule, scale, dim_reduction, weight, reduction,
-                       float(alpha))
+                       _float_param("alpha_loss", "alpha", alpha, "a float in (0, 1)"))
 
 
 def js_loss(input: Tensor, target: Tensor, t: Optional[Tensor] = None, *, schedule: Optional[NoiseSchedule] = None,
@@ -237,7 +254,7 @@ def huber_loss(input: Tensor, target: Tensor, t: Optional[Tensor] = None, *, del
     """PyTorch's Huber per element (0.5 r^2 for |r| <= delta, else delta (|r| - delta / 2)); with the
     defaults it equals ``F.huber_loss``."""
     return _divergence("huber_loss", input, target, t, schedule, scale, dim_reduction, weight, reduction,
-                       float(delta))
+                       _float_param("huber_loss", "delta", delta))
 
 
 def pseudo_huber_loss(input: Tensor, target: Tensor, t: Optional[Tensor] = None, *, c: Union[float, Tensor] = 0.1,
@@ -266,7 +283,7 @@ def clipped_mse_loss(input: Tensor, target: Tensor, t: Optional[Tensor] = None, 
     """Clipped MSE. ``mode="sample"``: min(MSE_b, tau) per sample (zero gradient above tau);
     ``mode="element"``: each residual clamped to [-tau, tau] before squaring."""
     return _divergence("clipped_mse_loss", input, target, t, schedule, scale, dim_reduction, weight, reduction,
-                       float(tau), mode)
+                       _float_param("clipped_mse_loss", "tau", tau), mode)
 
 
 for _fn in (kl_loss, hellinger_loss, ned_loss, alpha_loss, js_loss, lecam_loss, tv_loss, chi2_loss, huber_loss,
@@ -303,7 +320,7 @@ def influence_weights(input: Tensor, target: Tensor, t: Optional[Tensor] = None,
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     if (alpha is None) != (divergence != "alpha"):
         raise ValueError("influence_weights: alpha is required for divergence='alpha' and only for it")
-    params = (float(alpha),) if divergence == "alpha" else ()
+    params = (_float_param("influence_weights", "alpha", alpha, "a float in (0, 1)"),) if divergence == "alpha" else ()
     with torch.no_grad():
         return _loss_call(f"{divergence}_loss", input.detach(), target.detach(), t, schedule, scale, dim_reduction,
                           weight, reduction, *params)[2]

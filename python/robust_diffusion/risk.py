@@ -1,4 +1,4 @@
-"""Risk-sensitive diffusion [RISK] (DESIGN section 6): train on samples whose perturbation you know.
+"""Risk-sensitive diffusion [RISK] (docs/DESIGN.md, Risk): train on samples whose perturbation you know.
 
 Each training sample ``x~ = x0 + r * n`` carries a *risk* ``r >= 0``: the per-element std of its known
 perturbation ``n`` (Gaussian or Cauchy), given per element (``risk`` with the sample's shape) or per sample
@@ -74,13 +74,6 @@ __all__ = [
 PERTURBATIONS = ("gaussian", "cauchy")
 #: What a model can be trained to predict on risk-annotated data.
 RISK_PREDICTION_TYPES = ("epsilon", "score", "sample", "v_prediction")
-
-
-# ---------------------------------------------------------------------------------------------- fake kernel
-@torch.library.register_fake("robust_diffusion::risk_noising")
-def _risk_noising_fake(sample, risk, noise, alpha, sigma, prediction_type, perturbation):
-    compute = torch.float64 if sample.dtype == torch.float64 else torch.float32
-    return sample.new_empty(sample.shape), sample.new_empty(sample.shape), risk.new_empty(risk.shape, dtype=compute)
 
 
 # ---------------------------------------------------------------------------------------------- processes

@@ -1,6 +1,6 @@
 """RobustDiffusionLoss: one module combining a loss, its scale, a timestep weighting and a prediction type.
 
-The scale decides what "an outlier" means (DESIGN section 3.1). ``scale="adaptive"`` (the default)
+The scale decides what "an outlier" means (docs/DESIGN.md, Scale). ``scale="adaptive"`` (the default)
 sets, per sample, ``delta_b = R_b / (temperature * m_k(t_b))`` where ``m_k`` is a running robust
 estimate of the penalty R of a typical sample at noise level bucket ``k``: an exponential moving
 average of the batch median of R per timestep bucket, kept in buffers (so it is saved in
@@ -9,6 +9,17 @@ An outlier is then "``temperature`` times worse than a typical sample at this no
 the data dimension, dataset or schedule; the median tolerates up to 50% contamination per bucket.
 The estimate used for a batch is the one from the batches before it (the update follows the loss),
 so a step's gradient never depends on its own outliers' penalties through the scale.
+
+The running state is fault tolerant (README "Failure behaviour"): a batch with a non-finite penalty (an fp16
+forward pass that overflowed, a NaN in the data) or whose bucket medians are all below 1e-12 (a zero residual)
+never enters it, and is counted in the ``skipped_updates`` buffer; an accepted bucket median is clamped to
+within a factor :data:`MAX_UPDATE_RATIO` (2) of the bucket's current value before the EMA (counted in
+``limited_updates``), so one absurd batch moves a bucket by at most ``momentum + (1 - momentum) * 2`` (1.1x at
+the default momentum) and the next clean batches bring it back (the excess shrinks by ``momentum`` per batch). The state stays float32 whatever the module's
+dtype (``.half()`` leaves it alone), and ``load_state_dict`` refuses a non-finite or non-positive scale.
+With ``update="step"`` (what :class:`~robust_diffusion.training.Trainer` uses) a forward pass only stages its
+statistic and :meth:`RobustDiffusionLoss.step` commits it after the optimizer step, or drops it when that step
+was skipped (``step(ok=torch.isfinite(grad_norm))``: GradScaler's own test), so a skipped step leaves no trace.
 
 Why adaptive is the default (docs/RESULTS.md, Fashion-MNIST with 30% noise-image or Gaussian-noise
 contamination, two seeds): for Hellinger, NED and alpha it gave a lower Frechet distance and a lower
@@ -21,7 +32,7 @@ a 14-73% lower Frechet distance than the standard MSE. ``RobustDiffusionLoss("kl
 ``F.mse_loss``.
 """
 
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -30,10 +41,16 @@ from .functional import DIVERGENCES, default_schedule
 from .schedules import NoiseSchedule, canonical_prediction_type
 from .weighting import loss_weights, pseudo_huber_c
 
-__all__ = ["RobustDiffusionLoss", "LOSSES"]
+__all__ = ["RobustDiffusionLoss", "LOSSES", "MAX_UPDATE_RATIO", "PENALTY_FLOOR"]
 
 #: Every loss the module accepts.
 LOSSES = DIVERGENCES + ("huber", "pseudo_huber", "clipped_mse")
+#: The adaptive scale takes an accepted bucket median only within this factor of the bucket's current value.
+MAX_UPDATE_RATIO = 2.0
+#: Bucket medians below this carry no scale information (a zero residual) and are not taken in; the state
+#: never goes below it.
+PENALTY_FLOOR = 1e-12
+_UPDATE_MODES = ("forward", "step")
 _LOSS_PARAMS = {"alpha": {"alpha": 0.25}, "huber": {"delta": 1.0},
                 "pseudo_huber": {"c": 0.1, "c_schedule": "snr", "form": "huber"},
                 "clipped_mse": {"tau": 1.0, "mode": "sample"}}
@@ -42,7 +59,7 @@ _LOSS_PARAMS = {"alpha": {"alpha": 0.25}, "huber": {"delta": 1.0},
 class RobustDiffusionLoss(nn.Module):
     """A robust denoising loss for a diffusion training step.
 
-    Every loss is ``weight_b * phi(scale_b * R_b)`` (DESIGN section 2). For the losses without a per-sample
+    Every loss is ``weight_b * phi(scale_b * R_b)`` (docs/DESIGN.md, Losses). For the losses without a per-sample
     transform (``phi`` the identity: ``kl``, ``huber``, ``pseudo_huber``, ``clipped_mse`` with ``mode="element"``)
     the scale only multiplies the loss, so the default ``scale="adaptive"`` makes them a per-noise-level
     normalisation of the loss, ``R_b / (temperature * m_k(t_b))`` (e.g. the MSE divided by tau times the running
@@ -83,22 +100,33 @@ class RobustDiffusionLoss(nn.Module):
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
         normalize_influence: divide the loss by the batch mean influence weight (detached), which keeps
             the effective learning rate when most weights fall below 1.
+        update: when a training batch's statistic enters the adaptive state: ``"forward"`` (default) at the
+            end of the forward pass; ``"step"``: the forward pass stages it and :meth:`step`, called after the
+            optimizer step, commits it (the statistics of several forward passes, as in gradient accumulation,
+            are averaged), or drops it when told the step was skipped.
         **loss_params: ``alpha`` (alpha), ``delta`` (huber), ``c``, ``c_schedule``, ``form`` (pseudo_huber),
             ``tau``, ``mode`` (clipped_mse).
 
     After each call, ``last_influence`` and ``last_penalty`` hold the batch's per-sample influence weights
-    and penalties R_b (detached), for logging.
+    and penalties R_b (detached), for logging. The buffers ``skipped_updates`` (batch statistics the adaptive
+    state refused: non-finite, zero, or from a step reported as skipped) and ``limited_updates`` (bucket updates
+    clamped to :data:`MAX_UPDATE_RATIO`) count faults; the Trainer logs them.
+
+    ``t`` is checked on every call: integer dtype, one per sample, on the input's device, in ``[0, T)`` (on
+    the CPU at once; on an accelerator and under torch.compile by an asynchronous device assertion, no sync).
     """
 
     last_influence: Optional[Tensor]
     last_penalty: Optional[Tensor]
+    staged_medians: Optional[Tensor]
+    staged_skipped: Optional[Tensor]
 
     def __init__(self, loss: str = "hellinger", schedule: Optional[NoiseSchedule] = None, *,
                  scale: Union[str, float] = "adaptive", temperature: float = 1.0, num_buckets: int = 10,
                  momentum: float = 0.9, weighting: str = "constant", weighting_params: Optional[Dict[str, float]] = None,
                  terminal: str = "clamp", normalize_weights: bool = False, prediction_type: Optional[str] = None,
                  dim_reduction: str = "mean", reduction: str = "mean", normalize_influence: bool = False,
-                 **loss_params):
+                 update: str = "forward", **loss_params):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -121,6 +149,8 @@ class RobustDiffusionLoss(nn.Module):
             raise ValueError(f"dim_reduction must be 'sum' or 'mean', got {dim_reduction!r}")
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        if update not in _UPDATE_MODES:
+            raise ValueError(f"update must be one of {_UPDATE_MODES}, got {update!r}")
 
         schedule = schedule or default_schedule()
         kind = canonical_prediction_type(prediction_type or schedule.prediction_type)
@@ -135,6 +165,9 @@ class RobustDiffusionLoss(nn.Module):
         self.dim_reduction = dim_reduction
         self.reduction = reduction
         self.normalize_influence = normalize_influence
+        self.update = update
+        self.max_update_ratio = MAX_UPDATE_RATIO  # attributes, so TorchScript sees them
+        self.penalty_floor = PENALTY_FLOOR
         self.alpha = float(params.get("alpha", 0.25))
         self.delta = float(params.get("delta", 1.0))
         self.form = str(params.get("form", "huber"))
@@ -155,9 +188,15 @@ class RobustDiffusionLoss(nn.Module):
         c_b = (pseudo_huber_c(schedule, steps, params["c"], params["c_schedule"]) if loss == "pseudo_huber"
                else torch.ones(schedule.num_timesteps))
         self.register_buffer("huber_c", c_b.float(), persistent=False)
-        # Adaptive state: the running median penalty per bucket, and whether it has been seeded.
+        # Adaptive state: the running median penalty per bucket, whether it has been seeded, and fault counters.
         self.register_buffer("bucket_penalty", torch.ones(self.num_buckets))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("skipped_updates", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("limited_updates", torch.zeros((), dtype=torch.int64))
+        # update="step": the statistics staged since the last step(): per bucket the sum of medians and their
+        # count, and the refused batches. Not saved (a resumed run redoes the step).
+        self.staged_medians = None
+        self.staged_skipped = None
         self._seeded = False  # host mirror of `initialized`, so no step syncs to read it
 
     def extra_repr(self) -> str:
@@ -165,8 +204,27 @@ class RobustDiffusionLoss(nn.Module):
         return (f"loss={self.loss!r}, scale={scale!r}, temperature={self.temperature}, "
                 f"prediction_type={self.prediction_type!r}, buckets={self.num_buckets}")
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _apply(self, fn, recurse=True):
+        """Device moves apply; dtype casts (``.half()``, ``.to(torch.bfloat16)``) do not: the tables and the
+        adaptive state stay float32, where the 1e-12 floor and the saturated weights are representable."""
+        before = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if old is not None and new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        for counter in ("skipped_updates", "limited_updates"):  # checkpoints written before the counters
+            state_dict.setdefault(prefix + counter, torch.zeros((), dtype=torch.int64))
+        penalty = state_dict.get(prefix + "bucket_penalty")
+        if isinstance(penalty, Tensor) and not bool((torch.isfinite(penalty) & (penalty >= PENALTY_FLOOR)).all()):
+            raise ValueError(f"RobustDiffusionLoss.load_state_dict: {prefix}bucket_penalty must be finite and at "
+                             f"least {PENALTY_FLOOR:g}, got {penalty.tolist()} (a corrupted checkpoint?)")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
         self._seeded = bool(self.initialized)
 
     def buckets(self, t: Tensor) -> Tensor:
@@ -177,29 +235,75 @@ class RobustDiffusionLoss(nn.Module):
         """The loss of a batch: ``input`` the model output, ``target`` what it should predict (both
         [B, ...] in ``prediction_type`` space), ``t`` integer timesteps [B], ``weight`` an optional
         extra per-sample weight [B]."""
-        if t.dim() != 1 or t.shape[0] != input.shape[0]:
-            raise ValueError("t must be a 1-D tensor with one timestep per sample")
+        self._check_call(input, t)
         sample_weight = weight
         if self.uses_weighting:
             timestep_weight = self.timestep_weight[t]
             sample_weight = timestep_weight if weight is None else timestep_weight * weight
         c = self.huber_c[t]
         if self.scale_mode == "adaptive":
+            typical = self.bucket_penalty
             if not self._seeded:
-                self._seed(input, target, t, c)
-            scale = 1.0 / (self.temperature * self.bucket_penalty[self.buckets(t)])
+                typical = self._provisional_penalty(input, target, t, c)
+            scale = 1.0 / (self.temperature * typical[self.buckets(t)])
         elif self.scale_mode == "vlb":
             scale = self.vlb_scale[t]
         else:
             scale = torch.full_like(c, self.fixed_scale)
         loss, penalty, influence = self._call(input, target, scale, sample_weight, c, self.reduction)
         if self.scale_mode == "adaptive" and self.training:
-            self._update(penalty.detach(), t)
+            medians, skipped = self._bucket_medians(penalty.detach(), t)
+            if self.update == "forward":
+                self._take_in(medians, skipped)
+                self._seeded = True
+            else:
+                self._stage(medians, skipped)
         self.last_influence = influence.detach()
         self.last_penalty = penalty.detach()
         if self.normalize_influence:
             loss = loss / influence.detach().mean().clamp_min(1e-12)
         return loss
+
+    @torch.jit.export
+    def step(self, ok: Optional[Tensor] = None) -> None:
+        """``update="step"``: commit the statistics staged by the forward passes since the last call, or, when
+        ``ok`` (a bool tensor, e.g. ``torch.isfinite(grad_norm)``) is False, drop them and count the step as
+        skipped. Call it after the optimizer step; with a GradScaler, pass the same test the scaler uses (any
+        non-finite gradient) so a step it skips leaves no trace. No host sync. Does nothing with
+        ``update="forward"``."""
+        staged, staged_skipped = self.staged_medians, self.staged_skipped
+        if self.update != "step" or staged is None or staged_skipped is None:
+            return
+        with torch.no_grad():
+            total, count = staged[0], staged[1]
+            medians = torch.where(count > 0, total / count.clamp_min(1.0), torch.full_like(total, float("nan")))
+            skipped = staged_skipped
+            if ok is not None:
+                keep = ok.to(device=medians.device, dtype=torch.bool).reshape(())
+                skipped = skipped + (~keep & (count > 0).any()).to(torch.int64)
+                medians = torch.where(keep, medians, torch.full_like(medians, float("nan")))
+            self._take_in(medians, skipped)
+        self.staged_medians = None
+        self.staged_skipped = None
+        self._seeded = True
+
+    def _check_call(self, input: Tensor, t: Tensor) -> None:
+        """The checks of t and of the module's device, with messages that name them (no host sync off the CPU)."""
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"RobustDiffusionLoss: t must hold integer timesteps (int32/int64), got dtype {t.dtype}")
+        if input.dim() < 1 or t.dim() != 1 or t.shape[0] != input.shape[0]:
+            raise ValueError(f"RobustDiffusionLoss: t must be a 1-D tensor with one timestep per sample of input "
+                             f"(shape {list(input.shape)}), got shape {list(t.shape)}")
+        if t.device != input.device:
+            raise ValueError(f"RobustDiffusionLoss: t must be on input's device ({input.device}), got {t.device}")
+        if self.bucket_penalty.device != input.device:
+            raise ValueError(f"RobustDiffusionLoss: the module is on {self.bucket_penalty.device} and input on "
+                             f"{input.device}: move the module with .to('{input.device}')")
+        steps = self.num_timesteps
+        if torch.jit.is_scripting():
+            torch._assert_async(((t >= 0) & (t < steps)).all(), f"RobustDiffusionLoss: t must lie in [0, {steps})")
+        else:
+            _check_timestep_range(t, steps)
 
     def _call(self, input: Tensor, target: Tensor, scale: Tensor, weight: Optional[Tensor], c: Tensor,
               reduction: str):
@@ -227,47 +331,86 @@ class RobustDiffusionLoss(nn.Module):
             return ops.pseudo_huber_loss(input, target, scale, weight, dr, reduction, c, self.form)
         return ops.clipped_mse_loss(input, target, scale, weight, dr, reduction, self.tau, self.mode)
 
-    def _seed(self, input: Tensor, target: Tensor, t: Tensor, c: Tensor) -> None:
-        """First call: seed every bucket from this batch (its own median where it has samples, the
-        batch median elsewhere), at the cost of one extra pass over the batch, once. State that is
-        already initialised (loaded into a TorchScript module, where ``_load_from_state_dict`` does not
-        run and so cannot set the host flag) is kept, with no host sync to find out."""
+    def _provisional_penalty(self, input: Tensor, target: Tensor, t: Tensor, c: Tensor) -> Tensor:
+        """Before the first training batch has been taken in: the state where it is initialised (loaded into a
+        TorchScript module, where ``_load_from_state_dict`` does not run and so cannot set the host flag), else
+        this batch's own bucket medians (the median over buckets where a bucket has none), at the cost of one
+        extra pass over the batch. Changes no state."""
         with torch.no_grad():
             penalty = self._call(input.detach(), target.detach(), torch.ones_like(c), None, c, "none")[1]
-            medians = self._bucket_medians(penalty, t)
-            fallback = torch.nanmedian(medians)  # a non-empty batch fills at least one bucket
-            seeded = torch.where(torch.isnan(medians), fallback, medians).clamp_min(1e-12)
-            self.bucket_penalty.copy_(torch.where(self.initialized, self.bucket_penalty, seeded))
-            self.initialized.fill_(True)
-        self._seeded = True
+            medians, _ = self._bucket_medians(penalty, t)
+            estimate = torch.where(torch.isnan(medians), torch.nanmedian(medians), medians)
+            estimate = torch.where(torch.isnan(estimate), self.bucket_penalty, estimate)
+            return torch.where(self.initialized, self.bucket_penalty, estimate)
 
-    def _update(self, penalty: Tensor, t: Tensor) -> None:
+    def _take_in(self, medians: Tensor, skipped: Tensor) -> None:
+        """Move the state towards a batch statistic (NaN where a bucket has none). The first statistic seeds every
+        bucket (those it lacks with its median over buckets); later ones are clamped to within MAX_UPDATE_RATIO
+        of the bucket's value, then averaged in with the EMA."""
         with torch.no_grad():
-            medians = self._bucket_medians(penalty, t)
+            current = self.bucket_penalty
             present = ~torch.isnan(medians)
-            ema = self.momentum * self.bucket_penalty + (1.0 - self.momentum) * torch.nan_to_num(medians)
-            self.bucket_penalty.copy_(torch.where(present, ema, self.bucket_penalty).clamp_min(1e-12))
+            seed = torch.where(present, medians, torch.nanmedian(medians))
+            seeded = torch.where(torch.isnan(seed), current, seed)
+            bounded = torch.minimum(torch.maximum(medians, current / self.max_update_ratio),
+                                    current * self.max_update_ratio)
+            ema = self.momentum * current + (1.0 - self.momentum) * bounded
+            updated = torch.where(self.initialized, torch.where(present, ema, current), seeded)
+            limited = self.initialized & present & (bounded != medians)
+            self.bucket_penalty.copy_(updated.clamp_min(self.penalty_floor))
+            self.limited_updates.add_(limited.sum())
+            self.skipped_updates.add_(skipped)
+            self.initialized.copy_(self.initialized | present.any())
 
-    def _bucket_medians(self, penalty: Tensor, t: Tensor) -> Tensor:
-        """Median penalty per bucket (NaN for a bucket with no sample), averaged over data-parallel ranks."""
+    def _stage(self, medians: Tensor, skipped: Tensor) -> None:
+        statistic = torch.stack([torch.nan_to_num(medians), (~torch.isnan(medians)).float()])
+        staged, staged_skipped = self.staged_medians, self.staged_skipped
+        self.staged_medians = statistic if staged is None else staged + statistic
+        self.staged_skipped = skipped if staged_skipped is None else staged_skipped + skipped
+
+    def _bucket_medians(self, penalty: Tensor, t: Tensor) -> Tuple[Tensor, Tensor]:
+        """This batch's statistic: the median penalty per bucket (NaN for a bucket with no sample, or when the
+        statistic is refused), averaged over data-parallel ranks, and how many rank-batches were refused
+        (int64). A batch is refused whole when any penalty is non-finite (a forward pass that overflowed, NaN
+        data: GradScaler will skip that step); a bucket median below PENALTY_FLOOR is dropped (no scale
+        information); a batch left with no bucket counts as refused."""
         member = self.buckets(t).unsqueeze(0) == torch.arange(self.num_buckets, device=t.device).unsqueeze(1)
         values = torch.where(member, penalty.float().unsqueeze(0), torch.full_like(member, float("nan"), dtype=torch.float32))
         medians = torch.nanmedian(values, dim=1).values
+        accepted = torch.isfinite(medians) & (medians >= self.penalty_floor) & torch.isfinite(penalty).all()
+        medians = torch.where(accepted, medians, torch.full_like(medians, float("nan")))
+        skipped = (~accepted.any()).to(torch.int64)
         if not torch.jit.is_scripting():
-            medians = _average_over_ranks(medians)
-        return medians
+            medians, skipped = _average_over_ranks(medians, skipped)
+        return medians, skipped
 
 
-def _average_over_ranks(medians: Tensor) -> Tensor:
-    """Mean of each bucket's median over the ranks that saw it, so every rank keeps identical state."""
+def _check_timestep_range(t: Tensor, steps: int) -> None:
+    """t in [0, steps): a ValueError with the values on the CPU in eager mode; an asynchronous device assertion
+    elsewhere (an accelerator, where reading them would sync; torch.compile, where it would break the graph)."""
+    expected = f"RobustDiffusionLoss: t must lie in [0, {steps}) (the step indices of the module's schedule)"
+    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+        low, high = int(t.min()), int(t.max())
+        if low < 0 or high >= steps:
+            raise ValueError(f"{expected}, got values in [{low}, {high}]")
+    elif t.device.type != "meta":
+        torch._assert_async(((t >= 0) & (t < steps)).all(), expected)
+
+
+def _average_over_ranks(medians: Tensor, skipped: Tensor) -> Tuple[Tensor, Tensor]:
+    """Mean of each bucket's median over the ranks that saw it, and the refused rank-batches summed over ranks
+    (one all-reduce), so every rank keeps identical state."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return medians
+        return medians, skipped
     present = ~torch.isnan(medians)
-    stacked = torch.stack([torch.nan_to_num(medians), present.float()])
+    stacked = torch.cat([torch.nan_to_num(medians), present.float(), skipped.float().reshape(1)])
     dist.all_reduce(stacked)
-    return torch.where(stacked[1] > 0, stacked[0] / stacked[1].clamp_min(1), torch.full_like(medians, float("nan")))
+    k = medians.numel()
+    total, count = stacked[:k], stacked[k:2 * k]
+    averaged = torch.where(count > 0, total / count.clamp_min(1), torch.full_like(medians, float("nan")))
+    return averaged, stacked[2 * k].round().to(torch.int64)
 
 
 def _vlb_scale(schedule: NoiseSchedule, prediction_type: str) -> Tensor:

@@ -1,6 +1,6 @@
 """Discrete DDPM / VP noise schedules, computed in float64.
 
-Conventions (DESIGN section 1): T steps indexed 0..T-1 (t = 0 is already slightly noisy),
+Conventions (docs/DESIGN.md, Notation): T steps indexed 0..T-1 (t = 0 is already slightly noisy),
 ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``, ``SNR_t = abar_t / (1 - abar_t)``,
 ``log_snr = log SNR_t``. Everything is kept in float64 on the CPU and computed stably
 (``1 - abar = -expm1(sum log1p(-beta))``); per-sample lookups (:meth:`NoiseSchedule.gather`)
@@ -55,7 +55,7 @@ class NoiseSchedule:
             # Stable products: log abar = sum log1p(-beta); 1 - abar = -expm1(log abar).
             log_abar = torch.cumsum(torch.log1p(-betas), 0)
             self.alphas_cumprod = torch.exp(log_abar)
-            self.one_minus_alphas_cumprod = -torch.expm1(log_abar)
+            self.one_minus_alphas_cumprod = -torch.expm1(log_abar) + 0.0  # + 0.0: -0.0 at beta = 0 becomes +0.0
         else:
             self.alphas_cumprod = _alphas_cumprod
             self.one_minus_alphas_cumprod = 1.0 - _alphas_cumprod
@@ -117,6 +117,11 @@ class NoiseSchedule:
     def _finish(cls, betas: Tensor, zero_terminal_snr: bool, prediction_type: str) -> "NoiseSchedule":
         schedule = cls(betas, prediction_type=prediction_type)
         if zero_terminal_snr:
+            if schedule.num_timesteps < 2 or not schedule.alphas_cumprod[0] > schedule.alphas_cumprod[-1]:
+                raise ValueError(f"zero_terminal_snr needs at least 2 timesteps with alphas_cumprod falling from the "
+                                 f"first to the last (it rescales them onto [0, abar_0]), got T = "
+                                 f"{schedule.num_timesteps}, alphas_cumprod {schedule.alphas_cumprod[0].item():.6g} -> "
+                                 f"{schedule.alphas_cumprod[-1].item():.6g}")
             schedule = cls.from_alphas_cumprod(_rescale_zero_terminal_snr(schedule.alphas_cumprod),
                                                prediction_type=prediction_type)
         return schedule
@@ -156,7 +161,7 @@ class NoiseSchedule:
     def vlb_weight(self) -> Tensor:
         """DDPM's VLB weight lambda_t = beta_t / (2 alpha_t (1 - abar_t)) (sigma_t^2 = beta_t).
 
-        It scales the epsilon mismatch ``delta_t = lambda_t ||eps_hat - eps||^2`` (DESIGN section 3):
+        It scales the epsilon mismatch ``delta_t = lambda_t ||eps_hat - eps||^2`` (docs/DESIGN.md, Divergences):
         0.5 at t = 0, about 0.010 at t = 100 for the linear schedule. beta is capped at 0.999 (the
         iDDPM cap) so zero terminal SNR stays finite, and steps whose ``1 - abar`` rounded to 0 take
         the t = 0 limit ``1 / (2 alpha_t)``.
@@ -186,7 +191,8 @@ class NoiseSchedule:
 
     def check_timesteps(self, t: Tensor, argument: str = "t", *, caller: Optional[str] = None) -> Tensor:
         """Validate integer timesteps in [0, T). The range check needs no sync: on CPU it raises at
-        once; on an accelerator it is an asynchronous device assertion. Messages name ``argument`` and,
+        once; on an accelerator and under torch.compile (where a negative index would silently wrap) it is an
+        asynchronous device assertion. Messages name ``argument`` and,
         when given, the public function ``caller`` that received it (``"hellinger_loss: t must ..."``)."""
         where = f"{caller}: {argument}" if caller else argument
         if not isinstance(t, Tensor):
@@ -195,11 +201,11 @@ class NoiseSchedule:
             raise TypeError(f"{where} must hold integer timesteps (int32/int64), got dtype {t.dtype}")
         if t.dim() != 1:
             raise ValueError(f"{where} must be a 1-D tensor of per-sample timesteps, got shape {tuple(t.shape)}")
-        if t.numel() == 0 or torch.compiler.is_compiling():  # compiled graphs keep the indexing bounds check
+        if t.numel() == 0 or t.device.type == "meta":  # no values to check
             return t
         steps = self.num_timesteps
         expected = f"{where} must lie in [0, {steps}) (the step indices of this NoiseSchedule, T = {steps})"
-        if t.device.type == "cpu":
+        if t.device.type == "cpu" and not torch.compiler.is_compiling():
             if int(t.min()) < 0 or int(t.max()) >= steps:
                 raise ValueError(f"{expected}, got values in [{int(t.min())}, {int(t.max())}]")
         else:
@@ -218,6 +224,9 @@ class NoiseSchedule:
         and of the trainer at ``t_min = 0``: with the same generator, clean (r = 0) samples get the same
         timesteps bit for bit whichever sampler is used.
         """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
+            raise ValueError(f"NoiseSchedule.sample_timesteps: batch_size must be a non-negative integer, "
+                             f"got {batch_size!r}")
         u = torch.rand(batch_size, device=device, dtype=torch.float64, generator=generator)
         return torch.floor(u * self.num_timesteps).long()
 

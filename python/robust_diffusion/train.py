@@ -85,7 +85,7 @@ def load_experiment_data(dataset: str, contamination: float, kind: str = "noise"
                          root: Optional[Union[str, os.PathLike]] = None, num_train: Optional[int] = None,
                          image_size: Optional[int] = None, noise_std: float = 0.5, seed: int = 0,
                          download: bool = False) -> ExperimentData:
-    """Load ``dataset`` and contaminate a fraction ``contamination`` of its training images (DESIGN section 7).
+    """Load ``dataset`` and contaminate a fraction ``contamination`` of its training images (docs/DESIGN.md, Evidence).
 
     Args:
         dataset: ``"fashion-mnist"`` (Debian's ``dataset-fashion-mnist``, offline) or ``"cifar10"``
@@ -234,6 +234,28 @@ def loss_settings(loss_fn: RobustDiffusionLoss) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+def _number(kind, lowest: float, inclusive: bool, what: str):
+    """An argparse type: a number of ``kind`` above ``lowest`` (or equal when ``inclusive``); argparse turns the
+    error into a one-line usage message naming the option."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if not (value >= lowest if inclusive else value > lowest) or value != value or abs(value) == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_int = _number(int, 0, False, "a positive integer")
+_non_negative_int = _number(int, 0, True, "a non-negative integer")
+_positive_float = _number(float, 0.0, False, "a positive number")
+_non_negative_float = _number(float, 0.0, True, "a non-negative number")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m robust_diffusion.train",
                                      description="Train a DDPM with a robust loss on contaminated data.")
@@ -243,31 +265,32 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--download", action="store_true", help="CIFAR-10: download into --data-root")
     data.add_argument("--contamination", type=float, default=0.3, help="contaminated fraction p in [0, 1)")
     data.add_argument("--kind", choices=CONTAMINATION_KINDS, default="noise")
-    data.add_argument("--noise-std", type=float, default=0.5, help="std of --kind gaussian")
-    data.add_argument("--num-train", type=int, default=None, help="use the first N training images")
+    data.add_argument("--noise-std", type=_positive_float, default=0.5, help="std of --kind gaussian")
+    data.add_argument("--num-train", type=_positive_int, default=None, help="use the first N training images")
     data.add_argument("--image-size", type=int, default=None, choices=(28, 32), help="Fashion-MNIST size")
     loss = parser.add_argument_group("loss")
     loss.add_argument("--loss", default="hellinger", help=f"one of {', '.join(LOSS_NAMES)}, optionally "
                       f"+weighting ({', '.join(LOSS_WEIGHTINGS)}) and/or +risk_free (needs --kind gaussian), "
                       f"e.g. ned+debias")
     loss.add_argument("--scale", default="adaptive", help="adaptive, vlb or a number")
-    loss.add_argument("--temperature", type=float, default=1.0, help="the adaptive scale's tau")
+    loss.add_argument("--temperature", type=_positive_float, default=1.0, help="the adaptive scale's tau")
     train = parser.add_argument_group("training")
     train.add_argument("--model", default="tiny", choices=sorted(MODEL_PRESETS))
-    train.add_argument("--base-channels", type=int, default=None, help="override the preset's base channels")
-    train.add_argument("--steps", type=int, default=2000)
-    train.add_argument("--batch-size", type=int, default=64, help="global batch (split over ranks)")
-    train.add_argument("--lr", type=float, default=2e-4)
-    train.add_argument("--warmup-steps", type=int, default=0)
-    train.add_argument("--ema-decay", type=float, default=0.999)
-    train.add_argument("--grad-clip", type=float, default=1.0)
+    train.add_argument("--base-channels", type=_positive_int, default=None, help="override the preset's base channels")
+    train.add_argument("--steps", type=_positive_int, default=2000)
+    train.add_argument("--batch-size", type=_positive_int, default=64, help="global batch (split over ranks)")
+    train.add_argument("--lr", type=_positive_float, default=2e-4)
+    train.add_argument("--warmup-steps", type=_non_negative_int, default=0)
+    train.add_argument("--ema-decay", type=float, default=0.999, help="in [0, 1)")
+    train.add_argument("--grad-clip", type=_non_negative_float, default=1.0,
+                       help="clip the gradient norm to this; 0 turns clipping off")
     train.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "bf16", "fp16"))
-    train.add_argument("--log-every", type=int, default=50)
-    train.add_argument("--checkpoint-every", type=int, default=500)
-    train.add_argument("--num-workers", type=int, default=0)
+    train.add_argument("--log-every", type=_positive_int, default=50)
+    train.add_argument("--checkpoint-every", type=_non_negative_int, default=500)
+    train.add_argument("--num-workers", type=_non_negative_int, default=0)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    train.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    train.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads per process")
     out = parser.add_argument_group("output")
     out.add_argument("--out", required=True, help="output directory")
     out.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt if it exists")
@@ -283,6 +306,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         spec = parse_loss_spec(args.loss)
+        if spec.risk_free and args.kind != "gaussian":
+            raise ValueError(f"--loss {args.loss}: +risk_free needs --kind gaussian (samples with a known noise std); "
+                             f"with --kind {args.kind} every sample's risk is 0 and it would train plain {spec.loss}")
         scale = parse_scale(args.scale)
         data = load_experiment_data(args.dataset, args.contamination, args.kind, root=args.data_root,
                                     num_train=args.num_train, image_size=args.image_size,
@@ -293,24 +319,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              mixed_precision=args.mixed_precision, log_every=args.log_every,
                              checkpoint_every=args.checkpoint_every, risk_free=spec.risk_free, seed=args.seed,
                              num_workers=args.num_workers, progress=not args.no_progress)
+        rank, world_size, device = init_distributed(args.device)
+        out = Path(args.out)
+        schedule = NoiseSchedule.linear()
+        loss_fn = build_loss(spec, schedule, scale=scale, temperature=args.temperature)
+        overrides = {"base_channels": args.base_channels} if args.base_channels else {}
+        torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run of this seed
+        model = build_model(args.model, data.image_shape[0], **overrides)
+        trainer = Trainer(model, loss_fn, data.train, schedule, config, out_dir=out, device=device)
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            print(f"{data.description}; loss {spec.name} ({loss_settings(loss_fn)}); model {args.model} "
+                  f"({sum(p.numel() for p in model.parameters()):,} parameters); {world_size} process(es) on "
+                  f"{device}", flush=True)
+            (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+        resumed = args.resume and trainer.resume()
     except (ValueError, FileNotFoundError, ImportError) as error:
         parser.error(str(error))
-
-    rank, world_size, device = init_distributed(args.device)
-    out = Path(args.out)
-    schedule = NoiseSchedule.linear()
-    loss_fn = build_loss(spec, schedule, scale=scale, temperature=args.temperature)
-    overrides = {"base_channels": args.base_channels} if args.base_channels else {}
-    torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run of this seed
-    model = build_model(args.model, data.image_shape[0], **overrides)
-    trainer = Trainer(model, loss_fn, data.train, schedule, config, out_dir=out, device=device)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        print(f"{data.description}; loss {spec.name} ({loss_settings(loss_fn)}); model {args.model} "
-              f"({sum(p.numel() for p in model.parameters()):,} parameters); {world_size} process(es) on "
-              f"{device}", flush=True)
-        (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
-    if args.resume and trainer.resume():
+    if resumed:
         if rank == 0:
             print(f"resumed from {trainer.checkpoint_path} at step {trainer.step}", flush=True)
     elif rank == 0 and trainer.log_path.is_file():

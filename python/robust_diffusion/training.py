@@ -1,6 +1,6 @@
 """DDPM training with a robust loss: AdamW, EMA, clipping, mixed precision, exact resume, DDP.
 
-:class:`Trainer` runs the standard denoising objective (DESIGN section 1) with any loss callable as
+:class:`Trainer` runs the standard denoising objective (docs/DESIGN.md, Notation) with any loss callable as
 ``loss_fn(model_output, target, t)``, normally a :class:`~robust_diffusion.RobustDiffusionLoss`, whose
 ``last_influence`` (per-sample influence weights) it logs against the dataset's contamination labels.
 
@@ -61,9 +61,12 @@ PathLike = Union[str, os.PathLike]
 
 #: Columns of ``log.csv``. Influence columns are empty when the interval had no sample of that kind.
 LOG_COLUMNS = ("step", "epoch", "lr", "loss", "penalty", "grad_norm", "influence_mean", "influence_clean",
-               "influence_contaminated", "samples_per_s", "elapsed_s")
+               "influence_contaminated", "samples_per_s", "elapsed_s", "scale_skipped", "scale_limited")
 _MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 CHECKPOINT_NAME = "checkpoint.pt"
+_CHECKPOINT_KEYS = frozenset({"step", "batch_size", "num_samples", "model", "ema", "optimizer", "scaler", "loss_fn",
+                              "noise_generator", "world_size", "rng", "influence_sum", "influence_count", "interval",
+                              "train_time"})
 LOG_NAME = "log.csv"
 
 
@@ -86,7 +89,7 @@ class TrainConfig:
         checkpoint_every: steps between checkpoints (0: only at the end); the last step always writes one.
         influence_from_step: start the per-sample running average of influence weights at this step
             (the first steps, with an untrained model, say little about which samples are outliers).
-        risk_free: train with the risk-free loss of :mod:`robust_diffusion.risk` (DESIGN section 6) on a
+        risk_free: train with the risk-free loss of :mod:`robust_diffusion.risk` (docs/DESIGN.md, Risk) on a
             dataset with a per-sample ``risk`` tensor (the known noise std, e.g. ``contaminate(kind="gaussian")``):
             each sample's timestep is drawn on its stability interval, noised by ``risk_noising`` and scored by
             ``risk_free_loss`` with ``loss_fn`` (a :class:`~robust_diffusion.RobustDiffusionLoss`). Samples with
@@ -146,6 +149,9 @@ def init_distributed(device: Optional[Union[str, torch.device]] = None) -> Tuple
     """
     device = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: no CUDA device is available here (torch.cuda.is_available() is "
+                         f"False); use --device cpu")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return 0, 1, device
@@ -270,6 +276,12 @@ class Trainer:
         else:
             self.network = self.model
         self.loss_fn = loss_fn.to(self.device) if isinstance(loss_fn, nn.Module) else loss_fn
+        from .robust_loss import RobustDiffusionLoss
+        if isinstance(self.loss_fn, RobustDiffusionLoss):
+            # The adaptive state takes in a batch only once its optimizer step went through: a step that the
+            # GradScaler skips (non-finite gradients) leaves no trace in it (RobustDiffusionLoss.step).
+            self.loss_fn.update = "step"
+        self._scale_skipped_seen = 0
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, betas=config.adam_betas,
                                            weight_decay=config.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
@@ -406,7 +418,14 @@ class Trainer:
                 _remove_stale_temporaries(self.log_path)
         if path is None or not path.is_file():
             return False
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            if not isinstance(state, dict) or not _CHECKPOINT_KEYS <= state.keys():
+                raise ValueError(f"it lacks {sorted(_CHECKPOINT_KEYS - set(state) if isinstance(state, dict) else _CHECKPOINT_KEYS)}")
+        except Exception as error:  # a truncated, overwritten or foreign file: say which and why, in one line
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise ValueError(f"cannot resume from {path}: it is not a readable checkpoint of this trainer "
+                             f"({type(error).__name__}: {reason}); delete it or pass another --out") from error
         for key, mine in (("batch_size", self.config.batch_size), ("num_samples", self.num_samples)):
             if state[key] != mine:
                 raise ValueError(f"cannot resume from {path}: it was written with {key}={state[key]}, "
@@ -417,6 +436,8 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         if isinstance(self.loss_fn, nn.Module) and state["loss_fn"] is not None:
             self.loss_fn.load_state_dict(state["loss_fn"])
+            skipped = getattr(self.loss_fn, "skipped_updates", None)
+            self._scale_skipped_seen = int(skipped) if isinstance(skipped, Tensor) else 0
         self.noise_generator.set_state(state["noise_generator"])
         if state["world_size"] == self.world_size:
             _set_rng_state(state["rng"][self.rank], self.device)
@@ -491,6 +512,8 @@ class Trainer:
                 p.grad.detach().norm() for p in self.model.parameters() if p.grad is not None]))
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if getattr(self.loss_fn, "update", None) == "step":
+            self.loss_fn.step(torch.isfinite(grad_norm))  # the scaler's own test: it skips non-finite gradients
         self._update_ema()
 
         influence = getattr(self.loss_fn, "last_influence", None)
@@ -535,6 +558,20 @@ class Trainer:
             ema_buffer.copy_(buffer)
 
     # ------------------------------------------------------------------ bookkeeping
+    def _scale_faults(self) -> Dict[str, float]:
+        """The adaptive scale's fault counters (RobustDiffusionLoss), read at log time only, with a warning when
+        a batch statistic was refused since the last row (a non-finite or zero penalty, or a skipped step)."""
+        skipped, limited = (getattr(self.loss_fn, name, None) for name in ("skipped_updates", "limited_updates"))
+        if not isinstance(skipped, Tensor) or not isinstance(limited, Tensor):
+            return {"scale_skipped": math.nan, "scale_limited": math.nan}
+        skipped_now = int(skipped)
+        if skipped_now > self._scale_skipped_seen and self.is_main:
+            warnings.warn(f"step {self.step}: the adaptive scale refused {skipped_now - self._scale_skipped_seen} "
+                          f"batch statistic(s) since the last log row ({skipped_now} in all): non-finite or zero "
+                          f"penalties, or optimizer steps skipped for non-finite gradients", RuntimeWarning)
+        self._scale_skipped_seen = skipped_now
+        return {"scale_skipped": skipped_now, "scale_limited": int(limited)}
+
     def _reset_interval(self) -> None:
         zero = lambda: torch.zeros((), dtype=torch.float64, device=self.device)  # noqa: E731
         self._interval = {"steps": 0, "loss": zero(), "penalty": zero(), "grad_norm": zero(), "samples": 0,
@@ -587,7 +624,7 @@ class Trainer:
                "influence_mean": ratio("w_all", "n_all"), "influence_clean": ratio("w_clean", "n_clean"),
                "influence_contaminated": ratio("w_cont", "n_cont"),
                "samples_per_s": host["samples"] / seconds if seconds > 0 else math.nan,
-               "elapsed_s": self.train_time}
+               "elapsed_s": self.train_time, **self._scale_faults()}
         if self.is_main and self.log_path is not None:
             new = not self.log_path.is_file()
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
