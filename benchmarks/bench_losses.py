@@ -1,5 +1,5 @@
 """Forward + backward time of the fused losses against the same loss written in eager PyTorch, that
-composite under torch.compile, and plain F.mse_loss (DESIGN section 2, issue 3).
+composite under torch.compile, and plain F.mse_loss (docs/DESIGN.md, Losses, issue 3).
 
 The memory floor of one training step's loss is 5N elements moved: the forward reads input and target
 (2N), the backward reads them again and writes the input gradient (3N). ``floor %`` is that traffic

@@ -15,7 +15,7 @@
 # # Robust diffusion training on contaminated data
 #
 # A fraction *p* of the training images is replaced by outliers (Huber's epsilon-contamination,
-# DESIGN section 7): uniform noise images (`--kind noise`), images with heavy Gaussian noise
+# docs/DESIGN.md, Evidence): uniform noise images (`--kind noise`), images with heavy Gaussian noise
 # (`--kind gaussian`) or images of another distribution (`--kind dataset`). We train **the same DDPM**
 # (same initial weights, data order and diffusion noise) with several losses, all through
 # `robust_diffusion.RobustDiffusionLoss`:

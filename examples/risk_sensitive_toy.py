@@ -1,5 +1,5 @@
 """Risk-sensitive diffusion on a 2-D toy: a ring of 8 Gaussians where half the training samples carry known
-Gaussian noise of varying std (DESIGN section 6, [RISK]).
+Gaussian noise of varying std (docs/DESIGN.md, Risk, [RISK]).
 
 Each model is the same small MLP epsilon-predictor trained for the same number of steps and batch size on a
 linear DDPM schedule (T = 1000), then sampled with DDPM ancestral sampling (``--sample-steps``, respaced):

@@ -1,4 +1,4 @@
-"""Float64 references for the f-divergences with no closed form (DESIGN section 3): NED, Jensen-Shannon x4, Le Cam.
+"""Float64 references for the f-divergences with no closed form (docs/DESIGN.md, Divergences): NED, Jensen-Shannon x4, Le Cam.
 
 reference_phi_w(name, delta) -> (phi, w), by scipy quadrature, independent of the C++ tables and of their generator
 (tools/gen_divergence_tables.py, long double Gauss-Legendre). Relative accuracy about 1e-12 for delta in

@@ -83,7 +83,7 @@ def phi_w(case: LossCase, delta: torch.Tensor):
 
 
 def reference(case: LossCase, input, target, scale, weight=None, dim_reduction="mean", reduction="mean"):
-    """(loss, penalty R_b, influence w_b) in float64, following DESIGN section 2."""
+    """(loss, penalty R_b, influence w_b) in float64, following docs/DESIGN.md, Losses."""
     batch = input.shape[0]
     r = (input.double() - target.double()).reshape(batch, -1)
     e = penalty(case, r)

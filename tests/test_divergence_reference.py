@@ -1,11 +1,11 @@
-"""The float64 reference for NED / JS / Le Cam (tests/divergence_reference.py) against DESIGN section 3."""
+"""The float64 reference for NED / JS / Le Cam (tests/divergence_reference.py) against docs/DESIGN.md, Divergences."""
 import math
 
 import pytest
 
 from divergence_reference import SUP, reference_phi_w
 
-# DESIGN section 3, delta -> (phi, w) as printed (correctly rounded, 6-7 significant digits), except Le Cam's w at
+# docs/DESIGN.md, Divergences, delta -> (phi, w) as printed (correctly rounded, 6-7 significant digits), except Le Cam's w at
 # delta = 1 and 8: DESIGN prints 0.506056 and 0.0401665, one unit high in the last digit; this reference, mpmath
 # and the table generator's quadrature all give 0.50605545200 and 0.040166445187.
 DESIGN_VECTORS = {

@@ -1,4 +1,4 @@
-"""DESIGN section 3 through the operators: a sample whose one non-zero residual is sqrt(delta), with target 0,
+"""docs/DESIGN.md, Divergences through the operators: a sample whose one non-zero residual is sqrt(delta), with target 0,
 scale 1 and dim_reduction="sum", has R = delta, so the operators' per-sample loss is phi(delta) and their
 influence output w(delta). Checked against DESIGN's printed test vectors, against the float64 references on a log
 grid of delta that runs past the end of the NED / JS / Le Cam tables (delta = 144) into their analytic tails, and
@@ -27,7 +27,7 @@ CASES = {
 SUP = {"hellinger": 4.0, "ned": float(Decimal(1).exp() - 1), "js": float(4 * Decimal(2).ln()), "tv": 1.0,
        "alpha": 1.0 / (0.25 * 0.75), "lecam": 2.0}
 
-# DESIGN section 3 as printed: delta -> {column: (phi, w)}; TV has no printed w (None).
+# docs/DESIGN.md, Divergences as printed: delta -> {column: (phi, w)}; TV has no printed w (None).
 DESIGN_TABLE = {
     0.01: {"hellinger": ("0.00998751", "0.997503"), "ned": ("0.00994985", "0.989957"),
            "js": ("0.00997508", "0.995025"), "tv": ("0.056372", None), "alpha": ("0.00999063", "0.998127")},

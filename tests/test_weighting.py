@@ -1,4 +1,4 @@
-"""Timestep loss weights and pseudo-Huber c schedules (DESIGN sections 4 and 5)."""
+"""Timestep loss weights and pseudo-Huber c schedules (docs/DESIGN.md, Baselines and Weighting)."""
 
 import math
 
@@ -24,7 +24,7 @@ assert {name for name, _ in SCHEME_PARAMS} == set(WEIGHTING_SCHEMES)
 
 
 def closed_form_eps_weight(scheme, snr, params):
-    """DESIGN section 5's table, written directly in SNR (no log space)."""
+    """docs/DESIGN.md, Weighting's table, written directly in SNR (no log space)."""
     p = params
     return {
         "constant": lambda: torch.ones_like(snr),
@@ -47,7 +47,7 @@ def independent_linear_snr():
 
 
 # ---------------------------------------------------------------------------------- DESIGN reference values
-# DESIGN section 5, linear schedule, T = 1000: t -> (debias w_eps, debias w_v, min_snr5 w_eps, min_snr5 w_v,
+# docs/DESIGN.md, Weighting, linear schedule, T = 1000: t -> (debias w_eps, debias w_v, min_snr5 w_eps, min_snr5 w_v,
 # p2(1,1) w_eps, p2(1,0.5) w_eps), as printed.
 DESIGN_TABLE = {
     0: ("0.0100005", "0.0099995", "5.0005e-4", "5.0e-4", "1.0e-4", "0.0100"),

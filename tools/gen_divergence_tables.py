@@ -2,7 +2,7 @@
 """Generate csrc/math/divergence_tables.h: the phi / w tables of the f-divergences with no closed form.
 
 For two Gaussians sharing a variance the likelihood ratio is L = exp(-delta + sqrt(2 delta) Z), Z ~ N(0, 1), and
-(DESIGN section 3)
+(docs/DESIGN.md, Divergences)
 
     phi(delta) = E f(L),   w(delta) = phi'(delta) = E g(L),   g(u) = u^2 f''(u),   w'(delta) = E[L^2 g''(L)].
 
@@ -182,9 +182,10 @@ def evaluate(table, delta):
     return sup - scale * ps, scale * pw
 
 
-# DESIGN section 3 test vectors, delta -> (phi, w), as printed there (6-7 significant digits, correctly rounded),
-# except Le Cam's w at 1 and 8, which DESIGN prints one unit high in the last digit (0.506056, 0.0401665): the values
-# are 0.50605545200 and 0.040166445187 by this script, by mpmath and by scipy quad in Z.
+# The reference specification's test vectors (docs/DESIGN.md, Divergences), delta -> (phi, w), as printed there
+# (6-7 significant digits, correctly rounded), except Le Cam's w at 1 and 8, which it prints one unit high in the
+# last digit (0.506056, 0.0401665): the values are 0.50605545200 and 0.040166445187 by this script, by mpmath and
+# by scipy quad in Z.
 DESIGN_VECTORS = {
     "ned": {0.01: ("0.00994985", "0.989957"), 0.1: ("0.0949717", "0.900224"), 0.5: ("0.392925", "0.621273"),
             1: ("0.654038", "0.441514"), 2: ("0.994903", "0.263583"), 4: ("1.35239", "0.118464"),

@@ -1,4 +1,4 @@
-// Elementwise penalties e(r; c) and their derivatives e'(r; c) (DESIGN section 2 and 4).
+// Elementwise penalties e(r; c) and their derivatives e'(r; c) (docs/DESIGN.md, Losses and Baselines).
 //
 // Torch-free and written once for every backend: each functor is templated on the value type V,
 // which is a scalar (float/double) on CUDA and in CPU tails, or a SIMD vector on the CPU. The few

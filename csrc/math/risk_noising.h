@@ -1,4 +1,4 @@
-// Risk-sensitive noising (DESIGN section 6), one element at a time; shared by the CPU and CUDA kernels.
+// Risk-sensitive noising (docs/DESIGN.md, Risk), one element at a time; shared by the CPU and CUDA kernels.
 //
 // A training sample x~ = x0 + r n carries the known per-element std r >= 0 of its perturbation n. With
 // the clean forward process x_t = alpha x0 + sigma eta (VP: alpha = sqrt(abar_t), sigma = sqrt(1 - abar_t);

@@ -1,5 +1,5 @@
-// phi(delta) and the influence weight w(delta) = phi'(delta) of the f-divergences with no closed form (DESIGN
-// section 3): NED, Jensen-Shannon x4 and Le Cam, for delta in [0, +inf].
+// phi(delta) and the influence weight w(delta) = phi'(delta) of the f-divergences with no closed form
+// (docs/DESIGN.md, Divergences): NED, Jensen-Shannon x4 and Le Cam, for delta in [0, +inf].
 //
 // Cubic Hermite interpolation in u = sqrt(delta) on [0, 12] of B = -log(1 - phi/sup) / delta and W = log w, then an
 // asymptotic series; max relative error below 1e-8 for phi and w everywhere (method, checks and measured errors:

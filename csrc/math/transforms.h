@@ -1,4 +1,4 @@
-// Per-sample transforms phi(delta) and influence weights w(delta) = phi'(delta) (DESIGN sections 2-4),
+// Per-sample transforms phi(delta) and influence weights w(delta) = phi'(delta) (docs/DESIGN.md, Losses, Divergences and Baselines),
 // and the per-sample arithmetic shared by every backend's forward and backward kernels.
 //
 // Everything here runs once per sample (B values, not N elements), so it is done in double.

@@ -1,4 +1,4 @@
-"""Datasets and Huber epsilon-contamination for the robustness experiments (DESIGN section 7).
+"""Datasets and Huber epsilon-contamination for the robustness experiments (docs/DESIGN.md, Evidence).
 
 Every loader returns images as float32 in ``[-1, 1]`` with shape ``[N, C, H, W]`` plus int64 class labels,
 the range and layout the diffusion models and samplers in this package expect.
@@ -193,7 +193,7 @@ class ContaminatedDataset(Dataset):
 
     Item ``i`` is ``(image, is_contaminated, risk, index)``: the (possibly contaminated) float image,
     a bool scalar tensor, a float32 scalar tensor with the known per-sample noise std (the risk of
-    DESIGN section 6; 0 for clean samples and for outliers whose corruption is not announced), and
+    docs/DESIGN.md, Risk; 0 for clean samples and for outliers whose corruption is not announced), and
     the int index, so a training loop can log per-sample influence weights against the truth.
 
     Build it with :func:`contaminate`. The attributes hold the whole set as tensors:
@@ -243,7 +243,7 @@ def contaminate(images: Tensor, fraction: float, kind: str = "noise", seed: int 
             U(-1, 1), filling the data range; ``"gaussian"`` draws N(0, 0.5^2) clamped to [-1, 1]
             (std 0.5 puts 95% of the mass inside the range). Risk 0: the learner is not told.
         ``"gaussian"``: the real image plus N(0, noise_std^2) noise, not clipped, so the sample is exactly
-            ``x + noise_std * n`` and the risk-sensitive model of DESIGN section 6 holds with
+            ``x + noise_std * n`` and the risk-sensitive model of docs/DESIGN.md, Risk holds with
             ``risk = noise_std``. The default 0.5 (a quarter of the data range, PSNR about 12 dB) is
             heavy corruption that is still an image.
         ``"dataset"``: images drawn from ``contaminant_images`` (another distribution with the same

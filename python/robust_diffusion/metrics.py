@@ -1,4 +1,4 @@
-"""Offline evaluation metrics for the robustness experiments (DESIGN section 7).
+"""Offline evaluation metrics for the robustness experiments (docs/DESIGN.md, Evidence).
 
 - :class:`FeatureClassifier` / :func:`train_classifier`: a small CNN trained on the clean dataset; its
   penultimate layer (128 features) is the feature space of :func:`frechet_distance` (an "FID" that needs no

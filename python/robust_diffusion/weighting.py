@@ -1,4 +1,4 @@
-"""Per-timestep loss weights and pseudo-Huber ``c`` schedules (DESIGN sections 4 and 5).
+"""Per-timestep loss weights and pseudo-Huber ``c`` schedules (docs/DESIGN.md, Baselines and Weighting).
 
 Every weighting scheme is defined once, as an epsilon-space weight ``w_eps(lambda)`` of the log
 signal-to-noise ratio ``lambda = log SNR_t``, and converted to the parameterisation whose loss it
@@ -76,7 +76,7 @@ def _log1p_exp(x: Tensor) -> Tensor:
     return torch.logaddexp(torch.zeros_like(x), x)
 
 
-# DESIGN section 5, as log w_eps(lambda). SNR = exp(lambda).
+# docs/DESIGN.md, Weighting, as log w_eps(lambda). SNR = exp(lambda).
 _SCHEMES: Dict[str, _Scheme] = {
     # 1
     "constant": _Scheme(lambda lam, p: torch.zeros_like(lam)),
@@ -119,7 +119,7 @@ def loss_weights(schedule: NoiseSchedule, t: Tensor, scheme: str = "constant",
     Args:
         schedule: the noise schedule (``NoiseSchedule.from_diffusers(scheduler)`` for diffusers).
         t: integer timesteps in ``[0, T)``, shape ``[B]``.
-        scheme: one of :data:`WEIGHTING_SCHEMES` (DESIGN section 5).
+        scheme: one of :data:`WEIGHTING_SCHEMES` (docs/DESIGN.md, Weighting).
         prediction_type: the parameterisation whose per-sample loss the weight multiplies:
             ``"epsilon"``, ``"sample"`` (x0) or ``"v_prediction"`` (aliases ``eps``, ``x0``, ``v``);
             ``None`` uses the schedule's.

@@ -45,7 +45,7 @@ struct PrintedVector {
   const char* w;
 };
 
-// DESIGN section 3, as printed (correctly rounded), except Le Cam's w at delta = 1 and 8: DESIGN prints 0.506056 and
+// docs/DESIGN.md, Divergences, as printed (correctly rounded), except Le Cam's w at delta = 1 and 8: DESIGN prints 0.506056 and
 // 0.0401665, one unit high in the last digit; mpmath, scipy quad and the generator's quadrature all give
 // 0.50605545200 and 0.040166445187.
 const PrintedVector kDesignVectors[] = {

@@ -213,7 +213,7 @@ TEST_CASE("forward and backward match LibTorch references", "[ops]") {
 
     if (loss.w) {
       // The influence output is the header's w(scale_b R_b), and the gradient is w times the scaled MSE
-      // gradient (DESIGN section 2): g_b weight_b w_b scale_b 2 r (/ D for dim_reduction = "mean").
+      // gradient (docs/DESIGN.md, Losses): g_b weight_b w_b scale_b 2 r (/ D for dim_reduction = "mean").
       const Tensor r = (in.input - in.target).flatten(1);
       const int64_t batch = r.size(0), numel = r.size(1);
       const Tensor penalty = dim_reduction == "mean" ? r.square().mean(1) : r.square().sum(1);
@@ -233,7 +233,7 @@ TEST_CASE("forward and backward match LibTorch references", "[ops]") {
 
 TEST_CASE("ned_loss, js_loss and lecam_loss reproduce DESIGN's test vectors", "[ops]") {
   // One sample per delta with the single non-zero residual sqrt(delta), scale 1, dim_reduction = "sum": R = delta,
-  // the per-sample loss is phi(delta) and the influence w(delta). DESIGN section 3, as printed; Le Cam's w at
+  // the per-sample loss is phi(delta) and the influence w(delta). docs/DESIGN.md, Divergences, as printed; Le Cam's w at
   // delta = 1 and 8 corrected by one unit in the last digit (see test_divergence_tables.cpp).
   struct Vector {
     const char* name;
