@@ -7,7 +7,7 @@
 
 #include <type_traits>
 
-#include "loss_spec.h"
+#include "loss_config.h"
 
 namespace robust_diffusion {
 
@@ -20,7 +20,7 @@ struct PenaltyTag {
 // Calls f.template operator()<Penalty, acc_t, in_t, tgt_t>() where acc_t is the compute type
 // (float, or double for float64), in_t / tgt_t the storage types of input and target.
 template <typename F>
-void dispatch_loss_kernel(const LossSpec& spec, const LossInputs& in, F&& f) {
+void dispatch_loss_kernel(const LossConfig& config, const LossInputs& in, F&& f) {
   const auto run = [&](auto penalty_tag) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.input.scalar_type(), "robust_diffusion_loss", [&] {
       using acc_t = at::opmath_type<scalar_t>;
@@ -33,7 +33,7 @@ void dispatch_loss_kernel(const LossSpec& spec, const LossInputs& in, F&& f) {
       }
     });
   };
-  switch (spec.penalty) {
+  switch (config.penalty) {
     case math::PenaltyKind::Square:
       return run(PenaltyTag<math::SquarePenalty>{});
     case math::PenaltyKind::Huber:

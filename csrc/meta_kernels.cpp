@@ -1,6 +1,6 @@
 // Meta kernels: the output shapes and dtypes of every operator without computing anything. Meta tensors,
 // FakeTensorMode, torch.compile and torch.export run these. Each one runs the same argument checks as the real
-// kernels (check_arguments / check_risk_arguments, and each loss's own Loss::spec), so a bad argument fails
+// kernels (check_arguments / check_risk_arguments, and each loss's own Loss::config), so a bad argument fails
 // while tracing with the message it gets in eager mode, not only when the compiled graph runs. Sizes are
 // symbolic (SymInt) throughout, for dynamic shapes.
 #include <torch/library.h>
@@ -8,8 +8,8 @@
 #include <string>
 #include <tuple>
 
-#include "loss_ops.h"
-#include "risk_spec.h"
+#include "loss_registration.h"
+#include "risk_config.h"
 
 namespace robust_diffusion {
 namespace {
@@ -19,23 +19,23 @@ struct LossMeta;
 
 template <class Loss, class... P>
 struct LossMeta<Loss, c10::guts::typelist::typelist<P...>> {
-  static LossSpec checked_spec(const at::Tensor& input, const at::Tensor& target, const at::Tensor& scale,
+  static LossConfig checked_config(const at::Tensor& input, const at::Tensor& target, const at::Tensor& scale,
                                const std::optional<at::Tensor>& weight, c10::string_view dim_reduction,
                                c10::string_view reduction, P... params) {
-    LossSpec spec = Loss::spec(params...);
-    set_reductions(spec, dim_reduction, reduction);
-    check_arguments(spec, input, target, scale, weight);
-    return spec;
+    LossConfig config = Loss::config(params...);
+    set_reductions(config, dim_reduction, reduction);
+    check_arguments(config, input, target, scale, weight);
+    return config;
   }
 
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
       const at::Tensor& input, const at::Tensor& target, const at::Tensor& scale,
       const std::optional<at::Tensor>& weight, c10::string_view dim_reduction, c10::string_view reduction,
       P... params) {
-    const LossSpec spec = checked_spec(input, target, scale, weight, dim_reduction, reduction, params...);
+    const LossConfig config = checked_config(input, target, scale, weight, dim_reduction, reduction, params...);
     const auto options = input.options().dtype(compute_dtype_of(input.scalar_type(), target.scalar_type()));
     const c10::SymInt batch = input.sym_size(0);
-    at::Tensor loss = spec.reduction == Reduction::None ? at::empty_symint({batch}, options) : at::empty({}, options);
+    at::Tensor loss = config.reduction == Reduction::None ? at::empty_symint({batch}, options) : at::empty({}, options);
     return {loss, at::empty_symint({batch}, options), at::empty_symint({batch}, options)};
   }
 
@@ -43,8 +43,8 @@ struct LossMeta<Loss, c10::guts::typelist::typelist<P...>> {
                              const at::Tensor& scale, const std::optional<at::Tensor>& weight,
                              const at::Tensor& influence, c10::string_view dim_reduction, c10::string_view reduction,
                              P... params) {
-    const LossSpec spec = checked_spec(input, target, scale, weight, dim_reduction, reduction, params...);
-    check_backward_arguments(spec, grad_loss, input, influence);
+    const LossConfig config = checked_config(input, target, scale, weight, dim_reduction, reduction, params...);
+    check_backward_arguments(config, grad_loss, input, influence);
     return at::empty_symint(input.sym_sizes(), input.options());  // contiguous, input's dtype: as the real kernels
   }
 };

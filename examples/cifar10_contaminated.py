@@ -36,7 +36,7 @@
 # Then we sample with DDIM and measure
 #
 # * the **Frechet distance** between generated and clean test images in the feature space of a small CNN
-#   trained on the clean data (`robust_diffusion.metrics.FeatureClassifier`; no Inception weights needed);
+#   trained on the clean data (`robust_diffusion.ddpm.metrics.FeatureClassifier`; no Inception weights needed);
 # * the **fraction of contaminant-like samples**, judged by the same CNN architecture trained to tell clean images
 #   from this kind of contaminant;
 # * the **AUROC** of a training sample's average influence weight as a detector of contaminated samples
@@ -66,13 +66,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 import robust_diffusion as rd  # noqa: E402
-from robust_diffusion import metrics  # noqa: E402
-from robust_diffusion.data import CONTAMINATION_KINDS  # noqa: E402
-from robust_diffusion.export import export_model  # noqa: E402
-from robust_diffusion.sampling import ddim_sample  # noqa: E402
-from robust_diffusion.train import (DATASETS, build_loss, build_model, load_experiment_data,  # noqa: E402
-                                    loss_settings, parse_loss_spec, parse_scale)
-from robust_diffusion.training import TrainConfig, Trainer, read_log  # noqa: E402
+from robust_diffusion.ddpm import metrics  # noqa: E402
+from robust_diffusion.ddpm.data import CONTAMINATION_KINDS  # noqa: E402
+from robust_diffusion.ddpm.export import export_model  # noqa: E402
+from robust_diffusion.ddpm.sampling import ddim_sample  # noqa: E402
+from robust_diffusion.ddpm.cli import (DATASETS, build_loss, build_model, load_experiment_data,  # noqa: E402
+                                    loss_settings, parse_loss_name, parse_scale)
+from robust_diffusion.ddpm.runlog import read_log
+from robust_diffusion.ddpm.trainer import TrainConfig, Trainer  # noqa: E402
 
 IN_JUPYTER = "ipykernel" in sys.modules or sys.argv[0].endswith("ipykernel_launcher.py")
 if not IN_JUPYTER:
@@ -168,7 +169,7 @@ def parse_args(argv=None):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     try:
-        args.specs = [parse_loss_spec(name) for name in args.losses]
+        args.specs = [parse_loss_name(name) for name in args.losses]
         parse_scale(args.scale)
         if not 0.0 <= args.contamination < 1.0:
             raise ValueError(f"contamination must be a fraction in [0, 1), got {args.contamination!r}")

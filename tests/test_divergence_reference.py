@@ -1,23 +1,15 @@
 """The float64 reference for NED / JS / Le Cam (tests/divergence_reference.py) against docs/DESIGN.md, Divergences."""
 import math
+import sys
+from pathlib import Path
 
 import pytest
 
 from divergence_reference import SUP, reference_phi_w
 
-# docs/DESIGN.md, Divergences, delta -> (phi, w) as printed (correctly rounded, 6-7 significant digits), except Le Cam's w at
-# delta = 1 and 8: DESIGN prints 0.506056 and 0.0401665, one unit high in the last digit; this reference, mpmath
-# and the table generator's quadrature all give 0.50605545200 and 0.040166445187.
-DESIGN_VECTORS = {
-    "ned": {0.01: ("0.00994985", "0.989957"), 0.1: ("0.0949717", "0.900224"), 0.5: ("0.392925", "0.621273"),
-            1: ("0.654038", "0.441514"), 2: ("0.994903", "0.263583"), 4: ("1.35239", "0.118464"),
-            8: ("1.61095", "0.0316206"), 16: ("1.70715", "3.06758e-3"), 32: ("1.71813", "4.00098e-5")},
-    "js": {0.01: ("0.00997508", "0.995025"), 0.1: ("0.0975786", "0.952315"), 0.5: ("0.445686", "0.795946"),
-           1: ("0.805382", "0.649887"), 2: ("1.34732", "0.449600"), 4: ("2.00029", "0.231018"),
-           8: ("2.53088", "0.0685974"), 16: ("2.74614", "7.17626e-3"), 32: ("2.77221", "9.82187e-5")},
-    "lecam": {0.5: ("0.408109", "0.676392"), 1: ("0.700227", "0.506055"), 2: ("1.100801", "0.316555"),
-              8: ("1.862805", "0.0401664")},
-}
+# The printed test vectors and their rounding: one definition, in the table generator.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from gen_divergence_tables import DESIGN_VECTORS, half_last_digit  # noqa: E402
 
 # 13 digits from mpmath's tanh-sinh quadrature at 30 digits, delta -> {name: (phi, w)}.
 MPMATH_VALUES = {
@@ -32,12 +24,6 @@ MPMATH_VALUES = {
     1000: {"ned": (1.718281828459, 5.734722619915e-111), "js": (2.77258872224, 1.492409890129e-110),
            "lecam": (2.0, 7.476900618385e-111)},
 }
-
-
-def half_last_digit(printed):
-    """Half a unit in the last digit of a decimal as printed ('3.06758e-3' -> 5e-9)."""
-    mantissa, _, exponent = printed.lower().partition("e")
-    return 0.5 * 10.0 ** (int(exponent or 0) - len(mantissa.partition(".")[2]))
 
 
 @pytest.mark.parametrize("name,delta", [(n, d) for n, vectors in DESIGN_VECTORS.items() for d in vectors])

@@ -21,11 +21,11 @@ import torch
 from conftest import subprocess_pythonpath
 
 import robust_diffusion as rd
-from robust_diffusion import train as cli
-from robust_diffusion.data import fashion_mnist_root
-from robust_diffusion.export import SCHEDULE_FORMAT, export_model, read_schedule_file
-from robust_diffusion.sampling import ddim_sample, ddpm_sample
-from robust_diffusion.training import read_log
+from robust_diffusion.ddpm import cli
+from robust_diffusion.ddpm.data import fashion_mnist_root
+from robust_diffusion.ddpm.export import SCHEDULE_FORMAT, export_model, read_schedule_file
+from robust_diffusion.ddpm.sampling import ddim_sample, ddpm_sample
+from robust_diffusion.ddpm.runlog import read_log
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "cifar10_contaminated.py"

@@ -26,8 +26,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import robust_diffusion as rd
 from conftest import subprocess_pythonpath
-from robust_diffusion import train as cli
-from robust_diffusion.data import fashion_mnist_root
+from robust_diffusion.ddpm import cli
+from robust_diffusion.ddpm.data import fashion_mnist_root
 
 OPS = torch.ops.robust_diffusion
 T = torch.arange(32) * 31  # one timestep per sample, every bucket of the default 10 hit
@@ -439,9 +439,9 @@ _KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     import torch
     import robust_diffusion as rd
-    from robust_diffusion.data import contaminate
-    from robust_diffusion.train import build_model
-    from robust_diffusion.training import TrainConfig, Trainer
+    from robust_diffusion.ddpm.data import contaminate
+    from robust_diffusion.ddpm.cli import build_model
+    from robust_diffusion.ddpm.trainer import TrainConfig, Trainer
 
     out, kill_at = sys.argv[1], int(sys.argv[2])
     torch.set_num_threads(1)

@@ -272,6 +272,21 @@ def test_registered_operators():
         assert "Tensor input, Tensor target, Tensor scale, Tensor? weight" in schema
 
 
+def test_the_python_loss_table_is_the_registered_operator_list():
+    """ops.LOSS_TABLE (from which every Python list of losses is derived) names exactly the operators that
+    csrc/losses.h registers, each with its forward and backward, and its defaults cover the operator's own
+    parameters."""
+    registered = {name.split("::")[1] for name in torch._C._dispatch_get_all_op_names()
+                  if name.startswith("robust_diffusion::") and name.endswith("_loss")}
+    assert registered == set(rd.ops.LOSS_OPS)
+    common = {"input", "target", "scale", "weight", "dim_reduction", "reduction"}
+    for entry in rd.ops.LOSS_TABLE:
+        own = {a.name for a in getattr(OPS, f"{entry.name}_loss").default._schema.arguments} - common
+        assert own <= set(entry.defaults), entry.name
+    assert rd.DIVERGENCES == ("kl", "hellinger", "ned", "alpha", "js", "lecam", "tv", "chi2")
+    assert rd.LOSSES == rd.DIVERGENCES + ("huber", "pseudo_huber", "clipped_mse")
+
+
 # A meta tensor among CPU arguments makes the dispatcher pick the Meta kernel (csrc/meta_kernels.cpp): it must
 # refuse a device mismatch as the real kernels do, not return uninitialised CPU tensors.
 @pytest.mark.parametrize("argument", ["target", "scale", "weight", "c"])

@@ -1,4 +1,4 @@
-"""Tests for robust_diffusion.sampling: step math, exact-oracle samplers, determinism, errors.
+"""Tests for robust_diffusion.ddpm.sampling: step math, exact-oracle samplers, determinism, errors.
 
 The oracles are the exact minimisers of the training loss for simple data: a single point, where
 eps_hat(x_t) = (x_t - sqrt(abar) x*) / sqrt(1 - abar), and a 1-D Gaussian N(mu, s^2), where
@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from robust_diffusion.models import UNet
-from robust_diffusion.sampling import (ddim_sample, ddim_step, ddpm_sample, ddpm_step, inference_timesteps,
+from robust_diffusion.ddpm.models import UNet
+from robust_diffusion.ddpm.sampling import (ddim_sample, ddim_step, ddpm_sample, ddpm_step, inference_timesteps,
                                        predict_x0_and_epsilon)
 from robust_diffusion.schedules import NoiseSchedule
 

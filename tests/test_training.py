@@ -15,9 +15,11 @@ from conftest import subprocess_pythonpath
 from torch.utils.data import TensorDataset
 
 import robust_diffusion as rd
-from robust_diffusion import train as cli
-from robust_diffusion.data import contaminate, fashion_mnist_root
-from robust_diffusion.training import LOG_COLUMNS, TrainConfig, Trainer, atomic_save, read_log
+from robust_diffusion.ddpm import cli
+from robust_diffusion.ddpm.data import contaminate, fashion_mnist_root
+from robust_diffusion.ddpm.checkpoint import atomic_save
+from robust_diffusion.ddpm.runlog import LOG_COLUMNS, read_log
+from robust_diffusion.ddpm.trainer import TrainConfig, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_FASHION_MNIST = (fashion_mnist_root() / "train-images-idx3-ubyte.gz").is_file()
@@ -148,11 +150,11 @@ def test_resume_removes_the_temporary_file_of_a_killed_checkpoint_write(tmp_path
     checkpoint = first.checkpoint_path
     writer = subprocess.Popen([sys.executable, "-c", (
         "import sys, time, torch\n"
-        "from robust_diffusion import training\n"
+        "from robust_diffusion.ddpm import checkpoint\n"
         "def slow_save(obj, f):\n"
         "    f.write(b'half a checkpoint'); f.flush(); print('writing', flush=True); time.sleep(600)\n"
         "torch.save = slow_save\n"
-        f"training.atomic_save({{'step': 99}}, {str(checkpoint)!r})\n")],
+        f"checkpoint.atomic_save({{'step': 99}}, {str(checkpoint)!r})\n")],
         env=_env(), stdout=subprocess.PIPE, text=True)
     try:
         assert writer.stdout.readline().strip() == "writing"
@@ -236,8 +238,8 @@ def test_api_errors_are_clear(tmp_path):
         cli.load_experiment_data("fashion-mnist", 0.3, "salt")
     with pytest.raises(ValueError, match="unknown loss 'l2'"):
         cli.build_loss("l2", rd.NoiseSchedule.linear())
-    assert cli.parse_loss_spec("ned+debias") == ("ned", "debias", False)
-    assert cli.parse_loss_spec("kl+risk_free+debias").name == "kl+debias+risk_free"
+    assert cli.parse_loss_name("ned+debias") == ("ned", "debias", False)
+    assert cli.parse_loss_name("kl+risk_free+debias").name == "kl+debias+risk_free"
     assert cli.build_loss("ned+debias", rd.NoiseSchedule.linear()).uses_weighting
 
 

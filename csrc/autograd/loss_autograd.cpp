@@ -9,7 +9,7 @@
 #include <string>
 #include <utility>
 
-#include "../loss_ops.h"
+#include "../robust_diffusion.h"
 
 namespace robust_diffusion {
 namespace {
@@ -47,28 +47,12 @@ struct LossFunction;
 template <class Loss, class... P>
 struct LossFunction<Loss, c10::guts::typelist::typelist<P...>>
     : public torch::autograd::Function<LossFunction<Loss, c10::guts::typelist::typelist<P...>>> {
-  using ForwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-      const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
-      c10::string_view, P...);
-  using BackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                 const std::optional<at::Tensor>&, const at::Tensor&, c10::string_view,
-                                 c10::string_view, P...);
-
-  static const c10::TypedOperatorHandle<BackwardSig>& backward_op() {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow((std::string("robust_diffusion::") + Loss::name + "_backward").c_str(), "")
-                               .template typed<BackwardSig>();
-    return op;
-  }
-
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target,
                                const at::Tensor& scale, const std::optional<at::Tensor>& weight,
                                c10::string_view dim_reduction, c10::string_view reduction, P... params) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow((std::string("robust_diffusion::") + Loss::name).c_str(), "")
-                               .template typed<ForwardSig>();
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, penalty, influence] = op.call(input, target, scale, weight, dim_reduction, reduction, params...);
+    auto [loss, penalty, influence] =
+        LossOperator<Loss>::forward().call(input, target, scale, weight, dim_reduction, reduction, params...);
     ctx->save_for_backward({input, target, scale, weight.value_or(at::Tensor()), influence});
     ctx->saved_data["dim_reduction"] = std::string(dim_reduction);
     ctx->saved_data["reduction"] = std::string(reduction);
@@ -93,9 +77,10 @@ struct LossFunction<Loss, c10::guts::typelist::typelist<P...>>
   template <size_t... I>
   static at::Tensor call_backward(AutogradContext* ctx, const at::Tensor& grad_loss, const variable_list& saved,
                                   c10::ArrayRef<c10::IValue> params, std::index_sequence<I...>) {
-    return backward_op().call(grad_loss, saved[0], saved[1], saved[2], optional_tensor(saved[3]), saved[4],
-                              ctx->saved_data["dim_reduction"].toStringView(),
-                              ctx->saved_data["reduction"].toStringView(), FromIValue<P>::get(params[I])...);
+    return LossOperator<Loss>::backward().call(grad_loss, saved[0], saved[1], saved[2], optional_tensor(saved[3]),
+                                               saved[4], ctx->saved_data["dim_reduction"].toStringView(),
+                                               ctx->saved_data["reduction"].toStringView(),
+                                               FromIValue<P>::get(params[I])...);
   }
 
   // The autograd kernel of the forward operator.
@@ -120,8 +105,8 @@ struct LossBackwardFunction<Loss, c10::guts::typelist::typelist<P...>>
                                const std::optional<at::Tensor>& weight, const at::Tensor& influence,
                                c10::string_view dim_reduction, c10::string_view reduction, P... params) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    return {LossFunction<Loss>::backward_op().call(grad_loss, input, target, scale, weight, influence, dim_reduction,
-                                                   reduction, params...)};
+    return {LossOperator<Loss>::backward().call(grad_loss, input, target, scale, weight, influence, dim_reduction,
+                                                reduction, params...)};
   }
 
   static variable_list backward(AutogradContext* /*ctx*/, variable_list /*grad_outputs*/) {

@@ -5,15 +5,15 @@
 #include <ATen/Version.h>
 #include <torch/library.h>
 
-#include "../loss_ops.h"
+#include "../loss_registration.h"
 
 namespace robust_diffusion {
 namespace cpu {
 
 #define RD_DECLARE_CPU_KERNELS(ISA)                                                                          \
   namespace ISA {                                                                                          \
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward(const LossSpec& spec, const LossInputs& in); \
-  at::Tensor loss_backward(const LossSpec& spec, const LossInputs& in, const at::Tensor& grad_per_sample,   \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward(const LossConfig& config, const LossInputs& in); \
+  at::Tensor loss_backward(const LossConfig& config, const LossInputs& in, const at::Tensor& grad_per_sample,   \
                            const at::Tensor& influence);                                                   \
   }
 RD_DECLARE_CPU_KERNELS(DEFAULT)
@@ -51,13 +51,13 @@ std::string instruction_set() { return kernels().instruction_set; }
 }  // namespace
 }  // namespace cpu
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cpu(const LossSpec& spec, const LossInputs& in) {
-  return cpu::kernels().forward(spec, in);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cpu(const LossConfig& config, const LossInputs& in) {
+  return cpu::kernels().forward(config, in);
 }
 
-at::Tensor loss_backward_cpu(const LossSpec& spec, const LossInputs& in, const at::Tensor& grad_per_sample,
+at::Tensor loss_backward_cpu(const LossConfig& config, const LossInputs& in, const at::Tensor& grad_per_sample,
                              const at::Tensor& influence) {
-  return cpu::kernels().backward(spec, in, grad_per_sample, influence);
+  return cpu::kernels().backward(config, in, grad_per_sample, influence);
 }
 
 TORCH_LIBRARY_FRAGMENT(robust_diffusion, m) {

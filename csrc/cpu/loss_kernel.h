@@ -21,7 +21,8 @@
 #include <vector>
 
 #include "../kernel_dispatch.h"
-#include "../loss_spec.h"
+#include "chunks.h"
+#include "../loss_config.h"
 
 namespace robust_diffusion {
 namespace math {
@@ -44,8 +45,6 @@ namespace CPU_CAPABILITY {
 namespace {
 
 using at::vec::Vectorized;
-
-constexpr int64_t kChunk = 16384;  // elements per task; fixed so results do not depend on threads
 
 // Two compute-type vectors (2 * Vectorized<acc_t>::size() elements) from memory of type T.
 template <typename acc_t, typename T>
@@ -72,8 +71,8 @@ template <typename acc_t>
 constexpr int64_t kBlock = 2 * Vectorized<acc_t>::size();
 
 template <typename Penalty, typename acc_t>
-Penalty penalty_for_sample(const LossSpec& spec, const acc_t* c, int64_t b) {
-  return Penalty::make(spec.penalty_param, c != nullptr ? static_cast<double>(c[b]) : 0.0);
+Penalty penalty_for_sample(const LossConfig& config, const acc_t* c, int64_t b) {
+  return Penalty::make(config.penalty_param, c != nullptr ? static_cast<double>(c[b]) : 0.0);
 }
 
 // Sum of e(input - target) over [begin, end): SIMD accumulators, then a scalar tail, in a fixed order.
@@ -98,7 +97,7 @@ double chunk_penalty_sum(const Penalty& e, const in_t* x, const tgt_t* y, int64_
 }
 
 template <typename Penalty, typename acc_t, typename in_t, typename tgt_t>
-void forward_kernel(const LossSpec& spec, const LossInputs& in, at::Tensor& loss, at::Tensor& penalty,
+void forward_kernel(const LossConfig& config, const LossInputs& in, at::Tensor& loss, at::Tensor& penalty,
                     at::Tensor& influence) {
   const int64_t B = in.batch, D = in.numel_per_sample;
   const int64_t chunks = (D + kChunk - 1) / kChunk;
@@ -110,7 +109,7 @@ void forward_kernel(const LossSpec& spec, const LossInputs& in, at::Tensor& loss
   at::parallel_for(0, B * chunks, 1, [&](int64_t task_begin, int64_t task_end) {
     for (int64_t task = task_begin; task < task_end; ++task) {
       const int64_t b = task / chunks, k = task % chunks;
-      const Penalty e = penalty_for_sample<Penalty>(spec, c, b);
+      const Penalty e = penalty_for_sample<Penalty>(config, c, b);
       const int64_t offset = b * D;
       partial[task] = chunk_penalty_sum<acc_t>(e, x + offset, y + offset, k * kChunk, std::min(D, (k + 1) * kChunk));
     }
@@ -125,24 +124,24 @@ void forward_kernel(const LossSpec& spec, const LossInputs& in, at::Tensor& loss
   for (int64_t b = 0; b < B; ++b) {
     double sum = 0.0;
     for (int64_t k = 0; k < chunks; ++k) sum += partial[b * chunks + k];
-    const math::SampleForward s = math::sample_forward(spec.transform, spec.transform_param, sum, D,
-                                                       spec.mean_over_elements, scale[b],
+    const math::SampleForward s = math::sample_forward(config.transform, config.transform_param, sum, D,
+                                                       config.mean_over_elements, scale[b],
                                                        weight != nullptr ? static_cast<double>(weight[b]) : 1.0);
     penalty_out[b] = static_cast<acc_t>(s.penalty);
     influence_out[b] = static_cast<acc_t>(s.influence);
-    if (spec.reduction == Reduction::None) {
+    if (config.reduction == Reduction::None) {
       loss_out[b] = static_cast<acc_t>(s.loss);
     } else {
       total += s.loss;
     }
   }
-  if (spec.reduction != Reduction::None) {
-    loss_out[0] = static_cast<acc_t>(spec.reduction == Reduction::Mean ? total / static_cast<double>(B) : total);
+  if (config.reduction != Reduction::None) {
+    loss_out[0] = static_cast<acc_t>(config.reduction == Reduction::Mean ? total / static_cast<double>(B) : total);
   }
 }
 
 template <typename Penalty, typename acc_t, typename in_t, typename tgt_t>
-void backward_kernel(const LossSpec& spec, const LossInputs& in, const at::Tensor& grad_per_sample,
+void backward_kernel(const LossConfig& config, const LossInputs& in, const at::Tensor& grad_per_sample,
                      const at::Tensor& influence, at::Tensor& grad_input) {
   using Vec = Vectorized<acc_t>;
   const int64_t B = in.batch, D = in.numel_per_sample;
@@ -159,10 +158,10 @@ void backward_kernel(const LossSpec& spec, const LossInputs& in, const at::Tenso
   at::parallel_for(0, B * chunks, 1, [&](int64_t task_begin, int64_t task_end) {
     for (int64_t task = task_begin; task < task_end; ++task) {
       const int64_t b = task / chunks, k = task % chunks;
-      const Penalty e = penalty_for_sample<Penalty>(spec, c, b);
+      const Penalty e = penalty_for_sample<Penalty>(config, c, b);
       const acc_t coef = static_cast<acc_t>(math::sample_grad_coefficient(
           g[b], weight != nullptr ? static_cast<double>(weight[b]) : 1.0, w[b], scale[b], D,
-          spec.mean_over_elements));
+          config.mean_over_elements));
       const int64_t end = b * D + std::min(D, (k + 1) * kChunk);
       int64_t i = b * D + k * kChunk;
       const Vec coef_v(coef);
@@ -181,19 +180,19 @@ void backward_kernel(const LossSpec& spec, const LossInputs& in, const at::Tenso
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward(const LossSpec& spec, const LossInputs& in) {
-  auto [loss, penalty, influence] = allocate_outputs(spec, in);
-  dispatch_loss_kernel(spec, in, [&]<typename Penalty, typename acc_t, typename in_t, typename tgt_t>() {
-    forward_kernel<Penalty, acc_t, in_t, tgt_t>(spec, in, loss, penalty, influence);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward(const LossConfig& config, const LossInputs& in) {
+  auto [loss, penalty, influence] = allocate_outputs(config, in);
+  dispatch_loss_kernel(config, in, [&]<typename Penalty, typename acc_t, typename in_t, typename tgt_t>() {
+    forward_kernel<Penalty, acc_t, in_t, tgt_t>(config, in, loss, penalty, influence);
   });
   return {loss, penalty, influence};
 }
 
-at::Tensor loss_backward(const LossSpec& spec, const LossInputs& in, const at::Tensor& grad_per_sample,
+at::Tensor loss_backward(const LossConfig& config, const LossInputs& in, const at::Tensor& grad_per_sample,
                          const at::Tensor& influence) {
   at::Tensor grad_input = at::empty_like(in.input, at::MemoryFormat::Contiguous);
-  dispatch_loss_kernel(spec, in, [&]<typename Penalty, typename acc_t, typename in_t, typename tgt_t>() {
-    backward_kernel<Penalty, acc_t, in_t, tgt_t>(spec, in, grad_per_sample, influence, grad_input);
+  dispatch_loss_kernel(config, in, [&]<typename Penalty, typename acc_t, typename in_t, typename tgt_t>() {
+    backward_kernel<Penalty, acc_t, in_t, tgt_t>(config, in, grad_per_sample, influence, grad_input);
   });
   return grad_input;
 }

@@ -7,12 +7,13 @@
 
 #include <algorithm>
 
-#include "../risk_spec.h"
+#include "../risk_config.h"
+#include "chunks.h"
 
 namespace robust_diffusion {
 namespace {
 
-constexpr int64_t kChunk = 16384;  // elements per task
+using cpu::kChunk;
 
 template <typename scalar_t, typename acc_t>
 void risk_noising_kernel(const RiskInputs& in, at::Tensor& noisy, at::Tensor& target, at::Tensor& noise_std) {

@@ -16,13 +16,14 @@
 #include <cub/block/block_reduce.cuh>
 
 #include "../kernel_dispatch.h"
-#include "../loss_ops.h"
+#include "../loss_registration.h"
+#include "launch.cuh"
 
 namespace robust_diffusion {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int64_t kMinElementsPerBlock = 4096;  // below this a block is mostly launch overhead
+using cuda::kThreads;
+using cuda::segments_per_sample;
 
 // VEC consecutive elements loaded or stored as one (16 bytes for the input's type).
 template <typename T, int VEC>
@@ -161,15 +162,6 @@ __global__ void __launch_bounds__(kThreads) grad_input_kernel(
       });
 }
 
-// Segments per sample: enough blocks to fill the device a few times over, none smaller than
-// kMinElementsPerBlock. A function of (B, D, device) only, so the reduction order is fixed.
-int64_t segments_per_sample(int64_t B, int64_t D) {
-  const int64_t target_blocks = 4 * static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
-  const int64_t wanted = (target_blocks + B - 1) / B;
-  const int64_t most = (D + kMinElementsPerBlock - 1) / kMinElementsPerBlock;
-  return std::max<int64_t>(1, std::min(wanted, most));
-}
-
 template <typename T>
 const T* optional_ptr(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
@@ -177,30 +169,30 @@ const T* optional_ptr(const at::Tensor& t) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cuda(const LossSpec& spec, const LossInputs& in) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cuda(const LossConfig& config, const LossInputs& in) {
   const c10::cuda::CUDAGuard guard(in.input.device());
-  auto [loss, penalty, influence] = allocate_outputs(spec, in);
+  auto [loss, penalty, influence] = allocate_outputs(config, in);
   const int64_t B = in.batch, D = in.numel_per_sample;
   const int64_t segments = segments_per_sample(B, D);
   const int64_t segment = (D + segments - 1) / segments;
   const at::Tensor partial = at::empty({B * segments}, in.input.options().dtype(in.compute_dtype));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  dispatch_loss_kernel(spec, in, [&]<typename Penalty, typename acc_t, typename in_t, typename tgt_t>() {
+  dispatch_loss_kernel(config, in, [&]<typename Penalty, typename acc_t, typename in_t, typename tgt_t>() {
     penalty_partial_sums_kernel<Penalty, acc_t, in_t, tgt_t><<<dim3(B, segments), kThreads, 0, stream>>>(
         in.input.const_data_ptr<in_t>(), in.target.const_data_ptr<tgt_t>(), optional_ptr<acc_t>(in.c),
-        spec.penalty_param, D, segment, partial.mutable_data_ptr<acc_t>());
+        config.penalty_param, D, segment, partial.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     finalize_kernel<acc_t><<<1, kThreads, 0, stream>>>(
-        partial.const_data_ptr<acc_t>(), segments, B, D, spec.transform, spec.transform_param,
-        spec.mean_over_elements, spec.reduction, in.scale.const_data_ptr<acc_t>(), optional_ptr<acc_t>(in.weight),
+        partial.const_data_ptr<acc_t>(), segments, B, D, config.transform, config.transform_param,
+        config.mean_over_elements, config.reduction, in.scale.const_data_ptr<acc_t>(), optional_ptr<acc_t>(in.weight),
         loss.mutable_data_ptr<acc_t>(), penalty.mutable_data_ptr<acc_t>(), influence.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {loss, penalty, influence};
 }
 
-at::Tensor loss_backward_cuda(const LossSpec& spec, const LossInputs& in, const at::Tensor& grad_per_sample,
+at::Tensor loss_backward_cuda(const LossConfig& config, const LossInputs& in, const at::Tensor& grad_per_sample,
                               const at::Tensor& influence) {
   const c10::cuda::CUDAGuard guard(in.input.device());
   at::Tensor grad_input = at::empty_like(in.input, at::MemoryFormat::Contiguous);
@@ -209,11 +201,11 @@ at::Tensor loss_backward_cuda(const LossSpec& spec, const LossInputs& in, const 
   const int64_t segment = (D + segments - 1) / segments;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  dispatch_loss_kernel(spec, in, [&]<typename Penalty, typename acc_t, typename in_t, typename tgt_t>() {
+  dispatch_loss_kernel(config, in, [&]<typename Penalty, typename acc_t, typename in_t, typename tgt_t>() {
     grad_input_kernel<Penalty, acc_t, in_t, tgt_t><<<dim3(B, segments), kThreads, 0, stream>>>(
         in.input.const_data_ptr<in_t>(), in.target.const_data_ptr<tgt_t>(), optional_ptr<acc_t>(in.c),
-        spec.penalty_param, grad_per_sample.const_data_ptr<acc_t>(), influence.const_data_ptr<acc_t>(),
-        in.scale.const_data_ptr<acc_t>(), optional_ptr<acc_t>(in.weight), D, segment, spec.mean_over_elements,
+        config.penalty_param, grad_per_sample.const_data_ptr<acc_t>(), influence.const_data_ptr<acc_t>(),
+        in.scale.const_data_ptr<acc_t>(), optional_ptr<acc_t>(in.weight), D, segment, config.mean_over_elements,
         grad_input.mutable_data_ptr<in_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

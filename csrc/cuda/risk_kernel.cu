@@ -10,13 +10,14 @@
 
 #include <algorithm>
 
-#include "../risk_spec.h"
+#include "../risk_config.h"
+#include "launch.cuh"
 
 namespace robust_diffusion {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int64_t kMinElementsPerBlock = 4096;
+using cuda::kThreads;
+using cuda::segments_per_sample;
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) risk_noising_kernel(
@@ -38,15 +39,6 @@ __global__ void __launch_bounds__(kThreads) risk_noising_kernel(
     target[i] = static_cast<scalar_t>(e.target);
     if (per_element) noise_std[i] = math::risk_noise_std(r, sqrt_c, a, s);
   }
-}
-
-// Segments per sample: enough blocks to fill the device a few times over, none smaller than
-// kMinElementsPerBlock, at most 65535 (the grid's y limit).
-int64_t segments_per_sample(int64_t B, int64_t D) {
-  const int64_t target_blocks = 4 * static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
-  const int64_t wanted = (target_blocks + B - 1) / B;
-  const int64_t most = (D + kMinElementsPerBlock - 1) / kMinElementsPerBlock;
-  return std::max<int64_t>(1, std::min<int64_t>({wanted, most, 65535}));
 }
 
 }  // namespace

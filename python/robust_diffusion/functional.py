@@ -16,12 +16,11 @@ The default scale
 ``scale=1.0`` with ``dim_reduction="mean"``: delta_b is the sample's mean squared error. Then
 :func:`kl_loss` equals ``F.mse_loss`` exactly (the paper's "standard MSE" baseline) and every divergence
 is a drop-in replacement for it whose influence weight falls as a sample's per-element MSE grows. It is
-D- and t-independent and so predictable, but not the most robust choice: in docs/RESULTS.md (Fashion-MNIST,
-30% contamination) its influence weights tell contaminated from clean training samples with AUROC 0.69-0.71,
-against 0.87-0.93 for the adaptive scale of :class:`robust_diffusion.RobustDiffusionLoss`, which also gave
-the lower Frechet distance for every divergence. It stays the default because a stateless function cannot be
-adaptive and because it keeps ``kl_loss == F.mse_loss``; for robust training use the module. ``scale="vlb"`` gives DDPM's exact lambda_t (use it with
-``dim_reduction="sum"``); a float is a temperature 1 / (2 tau); a [B] tensor is used as is. The adaptive
+D- and t-independent and so predictable, but it is not the most robust choice: the adaptive scale of
+:class:`robust_diffusion.RobustDiffusionLoss` flags contaminated samples better and trains better models
+(docs/RESULTS.md). It stays the default because a stateless function cannot keep running statistics and because
+it keeps ``kl_loss == F.mse_loss``; for robust training use the module. ``scale="vlb"`` gives DDPM's exact
+lambda_t (use it with ``dim_reduction="sum"``); a float is a temperature 1 / (2 tau); a [B] tensor is used as is. The adaptive
 per-timestep scale lives in :class:`robust_diffusion.RobustDiffusionLoss` (it needs running state).
 
 Dtypes
@@ -85,7 +84,7 @@ __all__ = [
 Scale = Union[float, str, Tensor]
 
 #: The f-divergences with an operator, by the name :func:`divergence_loss` takes.
-DIVERGENCES = ("kl", "hellinger", "ned", "alpha", "js", "lecam", "tv", "chi2")
+DIVERGENCES = tuple(entry.name for entry in ops.LOSS_TABLE if entry.kind == "divergence")
 _SCALE_PRESETS = ("vlb",)
 
 _DEFAULT_SCHEDULE: Optional[NoiseSchedule] = None
@@ -286,12 +285,10 @@ def clipped_mse_loss(input: Tensor, target: Tensor, t: Optional[Tensor] = None, 
                        _float_param("clipped_mse_loss", "tau", tau), mode)
 
 
-for _fn in (kl_loss, hellinger_loss, ned_loss, alpha_loss, js_loss, lecam_loss, tv_loss, chi2_loss, huber_loss,
-            pseudo_huber_loss, clipped_mse_loss):
-    _fn.__doc__ += _COMMON_DOC
+for _name in ops.LOSS_OPS:  # every loss has its function here, named like its operator
+    globals()[_name].__doc__ += _COMMON_DOC
 
-_DIVERGENCE_FUNCTIONS = {"kl": kl_loss, "hellinger": hellinger_loss, "ned": ned_loss, "alpha": alpha_loss,
-                         "js": js_loss, "lecam": lecam_loss, "tv": tv_loss, "chi2": chi2_loss}
+_DIVERGENCE_FUNCTIONS = {name: globals()[f"{name}_loss"] for name in DIVERGENCES}
 
 
 def divergence_loss(divergence: str, input: Tensor, target: Tensor, t: Optional[Tensor] = None,

@@ -20,12 +20,36 @@ inputs).
 
 from __future__ import annotations
 
+from typing import Any, Dict, NamedTuple
+
 import torch  # noqa: F401  (loads libtorch, which _C links against)
 
 from . import _C  # noqa: F401  (registers the operators)
 
-#: Every loss operator, by its name in ``torch.ops.robust_diffusion``.
-LOSS_OPS = (
-    "kl_loss", "hellinger_loss", "ned_loss", "alpha_loss", "js_loss", "lecam_loss", "tv_loss", "chi2_loss",
-    "huber_loss", "pseudo_huber_loss", "clipped_mse_loss",
+class LossEntry(NamedTuple):
+    """One loss of the library."""
+
+    name: str  #: its short name (``RobustDiffusionLoss("ned")``); the operator is ``<name>_loss``
+    kind: str  #: ``"divergence"`` (an f-divergence, docs/DESIGN.md, Divergences) or ``"baseline"``
+    defaults: Dict[str, Any]  #: the values RobustDiffusionLoss gives its own parameters unless told otherwise
+
+
+#: The losses, in the order of csrc/losses.h (the C++ list that registers the operators; a test checks the two
+#: agree). Everything else on the Python side (DIVERGENCES, LOSSES, LOSS_OPS, the functional API's table, the CLI's
+#: names) is derived from this one table.
+LOSS_TABLE = (
+    LossEntry("kl", "divergence", {}),
+    LossEntry("hellinger", "divergence", {}),
+    LossEntry("ned", "divergence", {}),
+    LossEntry("alpha", "divergence", {"alpha": 0.25}),
+    LossEntry("js", "divergence", {}),
+    LossEntry("lecam", "divergence", {}),
+    LossEntry("tv", "divergence", {}),
+    LossEntry("chi2", "divergence", {}),
+    LossEntry("huber", "baseline", {"delta": 1.0}),
+    LossEntry("pseudo_huber", "baseline", {"c": 0.1, "c_schedule": "snr", "form": "huber"}),
+    LossEntry("clipped_mse", "baseline", {"tau": 1.0, "mode": "sample"}),
 )
+
+#: Every loss operator, by its name in ``torch.ops.robust_diffusion``.
+LOSS_OPS = tuple(f"{entry.name}_loss" for entry in LOSS_TABLE)

@@ -15,21 +15,18 @@ forward pass that overflowed, a NaN in the data) or whose bucket medians are all
 never enters it, and is counted in the ``skipped_updates`` buffer; an accepted bucket median is clamped to
 within a factor :data:`MAX_UPDATE_RATIO` (2) of the bucket's current value before the EMA (counted in
 ``limited_updates``), so one absurd batch moves a bucket by at most ``momentum + (1 - momentum) * 2`` (1.1x at
-the default momentum) and the next clean batches bring it back (the excess shrinks by ``momentum`` per batch). The state stays float32 whatever the module's
-dtype (``.half()`` leaves it alone), and ``load_state_dict`` refuses a non-finite or non-positive scale.
-With ``update="step"`` (what :class:`~robust_diffusion.training.Trainer` uses) a forward pass only stages its
+the default momentum) and the next clean batches bring it back (the excess shrinks by ``momentum`` per batch).
+The state stays float32 whatever the module's dtype (``.half()`` leaves it alone), and ``load_state_dict``
+refuses a non-finite or non-positive scale.
+With ``update="step"`` (what :class:`~robust_diffusion.ddpm.trainer.Trainer` uses) a forward pass only stages its
 statistic and :meth:`RobustDiffusionLoss.step` commits it after the optimizer step, or drops it when that step
 was skipped (``step(ok=torch.isfinite(grad_norm))``: GradScaler's own test), so a skipped step leaves no trace.
 
-Why adaptive is the default (docs/RESULTS.md, Fashion-MNIST with 30% noise-image or Gaussian-noise
-contamination, two seeds): for Hellinger, NED and alpha it gave a lower Frechet distance and a lower
-fraction of contaminant-like samples than a fixed scale of 1 and than ``"vlb"`` on both kinds, and its
-influence weights flag contaminated samples with AUROC 0.87-0.93 (fixed scale 1: 0.69-0.71; vlb: 0.60-0.63).
-The normalisation by m_k is also a timestep weighting: even with every influence weight 1 (``"kl"``) it
-trained better models than the standard MSE (``scale=1.0``) there, on clean data too (the standard MSE's
-Frechet distance was 10-50% higher at 250 steps, 56-191% higher at 1500), and NED at the adaptive scale had
-a 14-73% lower Frechet distance than the standard MSE. ``RobustDiffusionLoss("kl", scale=1.0)`` is
-``F.mse_loss``.
+Why adaptive is the default: on contaminated Fashion-MNIST it gave the bounded divergences lower Frechet
+distances, fewer contaminant-like samples and influence weights that flag the contaminated samples far better
+than a fixed scale or ``"vlb"`` (docs/RESULTS.md has the protocol and the numbers). The normalisation by m_k is
+also a timestep weighting, which helped even with every influence weight 1 (``"kl"``), clean data included.
+``RobustDiffusionLoss("kl", scale=1.0)`` is ``F.mse_loss``.
 """
 
 from typing import Dict, Optional, Tuple, Union
@@ -37,23 +34,21 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .functional import DIVERGENCES, default_schedule
+from .functional import default_schedule
+from .ops import LOSS_TABLE
 from .schedules import NoiseSchedule, canonical_prediction_type
 from .weighting import loss_weights, pseudo_huber_c
 
 __all__ = ["RobustDiffusionLoss", "LOSSES", "MAX_UPDATE_RATIO", "PENALTY_FLOOR"]
 
 #: Every loss the module accepts.
-LOSSES = DIVERGENCES + ("huber", "pseudo_huber", "clipped_mse")
+LOSSES = tuple(entry.name for entry in LOSS_TABLE)
 #: The adaptive scale takes an accepted bucket median only within this factor of the bucket's current value.
 MAX_UPDATE_RATIO = 2.0
 #: Bucket medians below this carry no scale information (a zero residual) and are not taken in; the state
 #: never goes below it.
 PENALTY_FLOOR = 1e-12
 _UPDATE_MODES = ("forward", "step")
-_LOSS_PARAMS = {"alpha": {"alpha": 0.25}, "huber": {"delta": 1.0},
-                "pseudo_huber": {"c": 0.1, "c_schedule": "snr", "form": "huber"},
-                "clipped_mse": {"tau": 1.0, "mode": "sample"}}
 
 
 class RobustDiffusionLoss(nn.Module):
@@ -81,9 +76,8 @@ class RobustDiffusionLoss(nn.Module):
             (a per-noise-level normalisation, not the plain loss): use ``scale=1.0`` for plain MSE or
             diffusers' pseudo-Huber.
         temperature: the adaptive scale's tau: a sample whose penalty is ``temperature`` times the typical
-            one at its noise level gets delta = 1. Default 1, by the rule of docs/RESULTS.md: 0.25 made
-            Hellinger better in 5 of 6 comparisons and NED better on noise images at 1500 steps, but cost NED
-            12-19% in Frechet distance at 250 steps (clean data, Gaussian noise). Try 0.25 with Hellinger.
+            one at its noise level gets delta = 1. Default 1, by the decision rule written in docs/RESULTS.md
+            before its runs; 0.25 is worth trying with Hellinger.
         num_buckets: timestep buckets of the adaptive scale (equal ranges of t).
         momentum: EMA momentum of the per-bucket medians.
         weighting: a timestep weighting scheme of :func:`robust_diffusion.loss_weights` (default constant),
@@ -130,7 +124,7 @@ class RobustDiffusionLoss(nn.Module):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-        params = dict(_LOSS_PARAMS.get(loss, {}))
+        params = dict(LOSS_TABLE[LOSSES.index(loss)].defaults)
         unknown = sorted(set(loss_params) - set(params))
         if unknown:
             raise ValueError(f"unknown parameter(s) {unknown} for loss {loss!r}; it takes {sorted(params) or 'none'}")
@@ -307,6 +301,7 @@ class RobustDiffusionLoss(nn.Module):
 
     def _call(self, input: Tensor, target: Tensor, scale: Tensor, weight: Optional[Tensor], c: Tensor,
               reduction: str):
+        # One explicit branch per operator: TorchScript cannot look an operator up by a name held in a string.
         ops = torch.ops.robust_diffusion
         dr = self.dim_reduction
         if self.loss == "kl":

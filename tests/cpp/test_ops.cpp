@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "math/tabulated_divergences.h"
+#include "robust_diffusion.h"
 
 namespace {
 
@@ -24,9 +25,12 @@ using at::Tensor;
 using Catch::Matchers::Contains;
 namespace rdm = robust_diffusion::math;
 
-const std::vector<std::string> kLosses = {"kl_loss",    "hellinger_loss",    "ned_loss",        "alpha_loss",
-                                          "js_loss",    "lecam_loss",        "tv_loss",         "chi2_loss",
-                                          "huber_loss", "pseudo_huber_loss", "clipped_mse_loss"};
+// Every loss operator's name, from the list that registers them (losses.h).
+const std::vector<std::string> kLosses = [] {
+  std::vector<std::string> names;
+  robust_diffusion::losses::for_each_loss([&](auto loss) { names.emplace_back(decltype(loss)::name); });
+  return names;
+}();
 
 c10::OperatorHandle find_op(const std::string& name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(("robust_diffusion::" + name).c_str(), "");
@@ -273,13 +277,15 @@ TEST_CASE("huber_loss and kl_loss at unit scale are torch's huber_loss and mse_l
   CHECK(close(kl, at::mse_loss(in.input, in.target, at::Reduction::Mean) * 4));
 }
 
-TEST_CASE("hellinger_loss through a typed handle returns the per-sample penalty and influence", "[ops]") {
-  using Signature = std::tuple<Tensor, Tensor, Tensor>(
-      const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&, c10::string_view, c10::string_view);
-  const auto op = find_op("hellinger_loss").typed<Signature>();
+TEST_CASE("hellinger_loss through the typed C++ API returns the per-sample penalty and influence", "[ops]") {
+  namespace rd = robust_diffusion;
   at::manual_seed(2);
   const Inputs in = random_inputs();
-  const auto [loss, penalty, influence] = op.call(in.input, in.target, in.scale, in.weight, "mean", "none");
+  const auto [loss, penalty, influence] = rd::loss<rd::losses::Hellinger>(in.input, in.target, in.scale, in.weight,
+                                                                          "mean", "none");
+  // A loss with its own parameter: alpha = 1/2 is Hellinger.
+  const auto alpha = rd::loss<rd::losses::Alpha>(in.input, in.target, in.scale, in.weight, "mean", "none", 0.5);
+  CHECK(close(std::get<0>(alpha), loss));
 
   const Tensor mse = (in.input - in.target).square().flatten(1).mean(1);
   CHECK(close(penalty, mse));
@@ -366,6 +372,10 @@ TEST_CASE("risk_noising adds only the missing noise and is the standard noising 
   CHECK(close(eps[1].toTensor(), s / v * noise));
   CHECK(close(eps[2].toTensor(), v));
   CHECK(close(call(risk, "sample")[1].toTensor(), sample - a * risk * risk / v * noise));
+
+  // The typed C++ API calls the same operator.
+  const auto typed = robust_diffusion::risk_noising(sample, risk, noise, alpha, sigma, "epsilon", "gaussian");
+  CHECK(at::equal(std::get<0>(typed), eps[0].toTensor()));
 
   // Zero risk: the clean process and its targets, bit for bit.
   const auto clean = call(at::zeros({3}, options), "epsilon");

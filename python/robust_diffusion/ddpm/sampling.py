@@ -28,7 +28,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .schedules import NoiseSchedule, canonical_prediction_type
+from ..schedules import NoiseSchedule, canonical_prediction_type
 
 __all__ = [
     "TIMESTEP_SPACINGS",

@@ -1,17 +1,15 @@
 // Argument validation of risk_noising, shared by the CPU and CUDA backends.
-#include "risk_spec.h"
+#include "risk_config.h"
 
 #include <cmath>
 #include <string>
+
+#include "dtypes.h"
 
 namespace robust_diffusion {
 namespace {
 
 constexpr const char* kName = "risk_noising";
-
-bool is_supported_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
 
 // alpha / sigma: one value per sample on sample's device.
 void check_coefficient(const char* argument, const at::Tensor& value, const at::Tensor& sample) {

@@ -4,9 +4,9 @@
 //   loss_b = weight_b * phi(scale_b * R_b)
 //   out = mean_b / sum_b / none of loss_b
 //
-// Each registered operator (hellinger_loss, huber_loss, ...) turns its own arguments into a LossSpec;
+// Each registered operator (hellinger_loss, huber_loss, ...) turns its own arguments into a LossConfig;
 // the CPU and CUDA backends run the same two kernels (a fused per-sample reduction and an elementwise
-// backward) for every spec.
+// backward) for every config.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -22,7 +22,7 @@ namespace robust_diffusion {
 
 enum class Reduction { Mean, Sum, None };
 
-struct LossSpec {
+struct LossConfig {
   math::PenaltyKind penalty = math::PenaltyKind::Square;
   double penalty_param = 0.0;  // Huber delta, clamp tau, pseudo-Huber form flag
   math::TransformKind transform = math::TransformKind::Identity;
@@ -44,7 +44,7 @@ struct LossInputs {
 };
 
 // Parses the two reduction arguments every operator takes.
-void set_reductions(LossSpec& spec, c10::string_view dim_reduction, c10::string_view reduction);
+void set_reductions(LossConfig& config, c10::string_view dim_reduction, c10::string_view reduction);
 
 // The dtype of the per-sample outputs: float64 if either side is float64, else float32.
 at::ScalarType compute_dtype_of(at::ScalarType input, at::ScalarType target);
@@ -53,31 +53,31 @@ at::ScalarType compute_dtype_of(at::ScalarType input, at::ScalarType target);
 // argument. The one validation of every path: the real kernels call it through prepare_inputs, the Meta
 // kernels (meta_kernels.cpp) that meta tensors, FakeTensorMode, torch.compile and torch.export run call it
 // directly, so every path rejects the same calls with the same message. Symbolic shapes are fine.
-void check_arguments(const LossSpec& spec, const at::Tensor& input, const at::Tensor& target, const at::Tensor& scale,
+void check_arguments(const LossConfig& config, const at::Tensor& input, const at::Tensor& target, const at::Tensor& scale,
                      const std::optional<at::Tensor>& weight);
 // The backward's own arguments: grad_loss (a scalar, or [B] for reduction='none') and influence [B].
-void check_backward_arguments(const LossSpec& spec, const at::Tensor& grad_loss, const at::Tensor& input,
+void check_backward_arguments(const LossConfig& config, const at::Tensor& grad_loss, const at::Tensor& input,
                               const at::Tensor& influence);
 
 // check_arguments, then the value checks that need data (on the CPU only: elsewhere they would cost a host
 // sync) and the dtype and layout harmonisation of the kernels.
-LossInputs prepare_inputs(const LossSpec& spec, const at::Tensor& input, const at::Tensor& target,
+LossInputs prepare_inputs(const LossConfig& config, const at::Tensor& input, const at::Tensor& target,
                           const at::Tensor& scale, const std::optional<at::Tensor>& weight);
 
 // The per-sample gradient scale of the backward: grad_loss as a contiguous [B] tensor in the compute
 // dtype (the upstream gradient of each sample's loss: g / B for "mean", g for "sum", g_b for "none").
-at::Tensor per_sample_grad(const LossSpec& spec, const at::Tensor& grad_loss, const LossInputs& in);
+at::Tensor per_sample_grad(const LossConfig& config, const at::Tensor& grad_loss, const LossInputs& in);
 
 // Allocates the forward outputs: loss ([] or [B]), penalty [B], influence [B], all in the compute dtype.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_outputs(const LossSpec& spec, const LossInputs& in);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_outputs(const LossConfig& config, const LossInputs& in);
 
 // Backends. Forward returns (loss, penalty R_b, influence w_b); backward returns d loss / d input.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cpu(const LossSpec& spec, const LossInputs& in);
-at::Tensor loss_backward_cpu(const LossSpec& spec, const LossInputs& in, const at::Tensor& grad_per_sample,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cpu(const LossConfig& config, const LossInputs& in);
+at::Tensor loss_backward_cpu(const LossConfig& config, const LossInputs& in, const at::Tensor& grad_per_sample,
                              const at::Tensor& influence);
 #ifdef RD_WITH_CUDA
-std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cuda(const LossSpec& spec, const LossInputs& in);
-at::Tensor loss_backward_cuda(const LossSpec& spec, const LossInputs& in, const at::Tensor& grad_per_sample,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cuda(const LossConfig& config, const LossInputs& in);
+at::Tensor loss_backward_cuda(const LossConfig& config, const LossInputs& in, const at::Tensor& grad_per_sample,
                               const at::Tensor& influence);
 #endif
 

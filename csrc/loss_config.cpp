@@ -1,49 +1,47 @@
 // Argument validation and dtype harmonisation shared by every loss operator and backend.
-#include "loss_spec.h"
+#include "loss_config.h"
 
 #include <c10/util/irange.h>
+
+#include "dtypes.h"
 
 namespace robust_diffusion {
 namespace {
 
-bool is_supported_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
 // A per-sample tensor (scale, weight, c): shape [B], floating, on input's device.
-void check_per_sample(const LossSpec& spec, const char* argument, const at::Tensor& value, const at::Tensor& input) {
-  TORCH_CHECK_VALUE(value.dim() == 1 && value.sym_size(0) == input.sym_size(0), spec.name, ": ", argument,
+void check_per_sample(const LossConfig& config, const char* argument, const at::Tensor& value, const at::Tensor& input) {
+  TORCH_CHECK_VALUE(value.dim() == 1 && value.sym_size(0) == input.sym_size(0), config.name, ": ", argument,
                     " must have one value per sample, shape [", input.sym_size(0), "], got shape ",
                     value.sym_sizes());
-  TORCH_CHECK_TYPE(is_supported_float(value.scalar_type()), spec.name, ": ", argument,
+  TORCH_CHECK_TYPE(is_supported_float(value.scalar_type()), config.name, ": ", argument,
                    " must be a floating-point tensor, got ", value.scalar_type());
-  TORCH_CHECK_VALUE(value.device() == input.device(), spec.name, ": ", argument, " must be on input's device (",
+  TORCH_CHECK_VALUE(value.device() == input.device(), config.name, ": ", argument, " must be on input's device (",
                     input.device(), "), got ", value.device());
 }
 
 // The value check of a per-sample tensor, on the CPU only (on an accelerator it would cost a host sync; there a
 // negative or non-finite value gives NaN or inf outputs instead, as documented in functional.py).
-void check_finite_at_least(const LossSpec& spec, const char* argument, const at::Tensor& value, bool positive) {
+void check_finite_at_least(const LossConfig& config, const char* argument, const at::Tensor& value, bool positive) {
   if (!value.device().is_cpu()) return;
   const bool ok = at::all(at::isfinite(value) & (positive ? value > 0 : value >= 0)).item<bool>();
-  TORCH_CHECK_VALUE(ok, spec.name, ": ", argument, " must be ", positive ? "positive" : "non-negative",
+  TORCH_CHECK_VALUE(ok, config.name, ": ", argument, " must be ", positive ? "positive" : "non-negative",
                     " and finite, got values in [", at::min(value).item<double>(), ", ", at::max(value).item<double>(), "]");
 }
 
 }  // namespace
 
-void set_reductions(LossSpec& spec, c10::string_view dim_reduction, c10::string_view reduction) {
-  TORCH_CHECK_VALUE(dim_reduction == "sum" || dim_reduction == "mean", spec.name,
+void set_reductions(LossConfig& config, c10::string_view dim_reduction, c10::string_view reduction) {
+  TORCH_CHECK_VALUE(dim_reduction == "sum" || dim_reduction == "mean", config.name,
                     ": dim_reduction must be 'sum' or 'mean', got '", std::string(dim_reduction), "'");
-  spec.mean_over_elements = dim_reduction == "mean";
+  config.mean_over_elements = dim_reduction == "mean";
   if (reduction == "mean") {
-    spec.reduction = Reduction::Mean;
+    config.reduction = Reduction::Mean;
   } else if (reduction == "sum") {
-    spec.reduction = Reduction::Sum;
+    config.reduction = Reduction::Sum;
   } else if (reduction == "none") {
-    spec.reduction = Reduction::None;
+    config.reduction = Reduction::None;
   } else {
-    TORCH_CHECK_VALUE(false, spec.name, ": reduction must be 'mean', 'sum' or 'none', got '", std::string(reduction),
+    TORCH_CHECK_VALUE(false, config.name, ": reduction must be 'mean', 'sum' or 'none', got '", std::string(reduction),
                       "'");
   }
 }
@@ -52,49 +50,49 @@ at::ScalarType compute_dtype_of(at::ScalarType input, at::ScalarType target) {
   return at::promote_types(input, target) == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-void check_arguments(const LossSpec& spec, const at::Tensor& input, const at::Tensor& target, const at::Tensor& scale,
+void check_arguments(const LossConfig& config, const at::Tensor& input, const at::Tensor& target, const at::Tensor& scale,
                      const std::optional<at::Tensor>& weight) {
-  TORCH_CHECK_VALUE(input.dim() >= 1, spec.name, ": input must have a leading batch dimension, got a 0-dim tensor");
-  TORCH_CHECK_VALUE(target.sym_sizes() == input.sym_sizes(), spec.name, ": target must have the shape of input ",
+  TORCH_CHECK_VALUE(input.dim() >= 1, config.name, ": input must have a leading batch dimension, got a 0-dim tensor");
+  TORCH_CHECK_VALUE(target.sym_sizes() == input.sym_sizes(), config.name, ": target must have the shape of input ",
                     input.sym_sizes(), ", got ", target.sym_sizes());
-  TORCH_CHECK_VALUE(target.device() == input.device(), spec.name, ": target must be on input's device (",
+  TORCH_CHECK_VALUE(target.device() == input.device(), config.name, ": target must be on input's device (",
                     input.device(), "), got ", target.device());
-  TORCH_CHECK_TYPE(is_supported_float(input.scalar_type()), spec.name,
+  TORCH_CHECK_TYPE(is_supported_float(input.scalar_type()), config.name,
                    ": input must be float32, float64, float16 or bfloat16, got ", input.scalar_type());
-  TORCH_CHECK_TYPE(is_supported_float(target.scalar_type()), spec.name,
+  TORCH_CHECK_TYPE(is_supported_float(target.scalar_type()), config.name,
                    ": target must be float32, float64, float16 or bfloat16, got ", target.scalar_type());
-  TORCH_CHECK_VALUE(input.sym_size(0) > 0, spec.name, ": input has an empty batch (size(0) == 0)");
-  TORCH_CHECK_VALUE(input.sym_numel() > 0, spec.name, ": input has samples with no elements, shape ",
+  TORCH_CHECK_VALUE(input.sym_size(0) > 0, config.name, ": input has an empty batch (size(0) == 0)");
+  TORCH_CHECK_VALUE(input.sym_numel() > 0, config.name, ": input has samples with no elements, shape ",
                     input.sym_sizes());
-  check_per_sample(spec, "scale", scale, input);
-  if (weight.has_value() && weight->defined()) check_per_sample(spec, "weight", *weight, input);
-  if (spec.penalty == math::PenaltyKind::PseudoHuber) {
-    TORCH_CHECK_VALUE(spec.c.defined(), spec.name, ": c is required");
-    check_per_sample(spec, "c", spec.c, input);
+  check_per_sample(config, "scale", scale, input);
+  if (weight.has_value() && weight->defined()) check_per_sample(config, "weight", *weight, input);
+  if (config.penalty == math::PenaltyKind::PseudoHuber) {
+    TORCH_CHECK_VALUE(config.c.defined(), config.name, ": c is required");
+    check_per_sample(config, "c", config.c, input);
   }
 }
 
-void check_backward_arguments(const LossSpec& spec, const at::Tensor& grad_loss, const at::Tensor& input,
+void check_backward_arguments(const LossConfig& config, const at::Tensor& grad_loss, const at::Tensor& input,
                               const at::Tensor& influence) {
-  TORCH_CHECK_VALUE(grad_loss.device() == input.device(), spec.name, ": grad_loss must be on input's device (",
+  TORCH_CHECK_VALUE(grad_loss.device() == input.device(), config.name, ": grad_loss must be on input's device (",
                     input.device(), "), got ", grad_loss.device());
-  TORCH_CHECK_VALUE(influence.device() == input.device(), spec.name, ": influence must be on input's device (",
+  TORCH_CHECK_VALUE(influence.device() == input.device(), config.name, ": influence must be on input's device (",
                     input.device(), "), got ", influence.device());
-  if (spec.reduction == Reduction::None) {
-    TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.sym_size(0) == input.sym_size(0), spec.name,
+  if (config.reduction == Reduction::None) {
+    TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.sym_size(0) == input.sym_size(0), config.name,
                       ": grad_loss must have shape [", input.sym_size(0), "] for reduction='none', got ",
                       grad_loss.sym_sizes());
   } else {
-    TORCH_CHECK_VALUE(grad_loss.sym_numel() == 1, spec.name, ": grad_loss must be a scalar, got shape ",
+    TORCH_CHECK_VALUE(grad_loss.sym_numel() == 1, config.name, ": grad_loss must be a scalar, got shape ",
                       grad_loss.sym_sizes());
   }
-  TORCH_CHECK_VALUE(influence.dim() == 1 && influence.sym_size(0) == input.sym_size(0), spec.name,
+  TORCH_CHECK_VALUE(influence.dim() == 1 && influence.sym_size(0) == input.sym_size(0), config.name,
                     ": influence must have shape [", input.sym_size(0), "], got ", influence.sym_sizes());
 }
 
-LossInputs prepare_inputs(const LossSpec& spec, const at::Tensor& input, const at::Tensor& target,
+LossInputs prepare_inputs(const LossConfig& config, const at::Tensor& input, const at::Tensor& target,
                           const at::Tensor& scale, const std::optional<at::Tensor>& weight) {
-  check_arguments(spec, input, target, scale, weight);
+  check_arguments(config, input, target, scale, weight);
 
   LossInputs in;
   in.batch = input.size(0);
@@ -114,28 +112,28 @@ LossInputs prepare_inputs(const LossSpec& spec, const at::Tensor& input, const a
   in.compute_dtype = compute_dtype_of(input.scalar_type(), target.scalar_type());
 
   in.scale = scale.to(in.compute_dtype).contiguous();
-  check_finite_at_least(spec, "scale", in.scale, /*positive=*/false);
+  check_finite_at_least(config, "scale", in.scale, /*positive=*/false);
   if (weight.has_value() && weight->defined()) {
     in.weight = weight->to(in.compute_dtype).contiguous();
-    check_finite_at_least(spec, "weight", in.weight, /*positive=*/false);
+    check_finite_at_least(config, "weight", in.weight, /*positive=*/false);
   }
-  if (spec.penalty == math::PenaltyKind::PseudoHuber) {
-    in.c = spec.c.to(in.compute_dtype).contiguous();
-    check_finite_at_least(spec, "c", in.c, /*positive=*/true);
+  if (config.penalty == math::PenaltyKind::PseudoHuber) {
+    in.c = config.c.to(in.compute_dtype).contiguous();
+    check_finite_at_least(config, "c", in.c, /*positive=*/true);
   }
   return in;
 }
 
-at::Tensor per_sample_grad(const LossSpec& spec, const at::Tensor& grad_loss, const LossInputs& in) {
+at::Tensor per_sample_grad(const LossConfig& config, const at::Tensor& grad_loss, const LossInputs& in) {
   at::Tensor g = grad_loss.to(in.compute_dtype);  // shape and device: check_backward_arguments
-  if (spec.reduction == Reduction::None) return g.contiguous();
-  if (spec.reduction == Reduction::Mean) g = g / static_cast<double>(in.batch);
+  if (config.reduction == Reduction::None) return g.contiguous();
+  if (config.reduction == Reduction::Mean) g = g / static_cast<double>(in.batch);
   return g.reshape({1}).expand({in.batch}).contiguous();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_outputs(const LossSpec& spec, const LossInputs& in) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_outputs(const LossConfig& config, const LossInputs& in) {
   const auto options = in.input.options().dtype(in.compute_dtype);
-  at::Tensor loss = spec.reduction == Reduction::None ? at::empty({in.batch}, options) : at::empty({}, options);
+  at::Tensor loss = config.reduction == Reduction::None ? at::empty({in.batch}, options) : at::empty({}, options);
   return {loss, at::empty({in.batch}, options), at::empty({in.batch}, options)};
 }
 

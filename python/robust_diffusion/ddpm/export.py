@@ -24,7 +24,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .schedules import NoiseSchedule, canonical_prediction_type
+from ..schedules import NoiseSchedule, canonical_prediction_type
 
 __all__ = ["SCHEDULE_FORMAT", "export_model", "read_schedule_file", "script_model", "write_schedule_file"]
 

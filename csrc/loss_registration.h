@@ -1,6 +1,6 @@
 // Turns one loss entry (losses.h) plus one backend's kernels into the functions registered for its
 // forward and backward operators. Every loss takes the same leading arguments; its own parameters
-// (Params...) are deduced from Loss::spec.
+// (Params...) are deduced from Loss::config.
 #pragma once
 
 #include <c10/util/Metaprogramming.h>
@@ -12,11 +12,8 @@
 
 namespace robust_diffusion {
 
-template <class Loss>
-using LossParams = typename c10::guts::infer_function_traits_t<decltype(&Loss::spec)>::parameter_types;
-
-using ForwardKernel = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(const LossSpec&, const LossInputs&);
-using BackwardKernel = at::Tensor (*)(const LossSpec&, const LossInputs&, const at::Tensor&, const at::Tensor&);
+using ForwardKernel = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(const LossConfig&, const LossInputs&);
+using BackwardKernel = at::Tensor (*)(const LossConfig&, const LossInputs&, const at::Tensor&, const at::Tensor&);
 
 template <class Loss, class Params = LossParams<Loss>>
 struct LossOps;
@@ -28,9 +25,9 @@ struct LossOps<Loss, c10::guts::typelist::typelist<P...>> {
       const at::Tensor& input, const at::Tensor& target, const at::Tensor& scale,
       const std::optional<at::Tensor>& weight, c10::string_view dim_reduction, c10::string_view reduction,
       P... params) {
-    LossSpec spec = Loss::spec(params...);
-    set_reductions(spec, dim_reduction, reduction);
-    return kernel(spec, prepare_inputs(spec, input, target, scale, weight));
+    LossConfig config = Loss::config(params...);
+    set_reductions(config, dim_reduction, reduction);
+    return kernel(config, prepare_inputs(config, input, target, scale, weight));
   }
 
   template <BackwardKernel kernel>
@@ -38,11 +35,11 @@ struct LossOps<Loss, c10::guts::typelist::typelist<P...>> {
                              const at::Tensor& scale, const std::optional<at::Tensor>& weight,
                              const at::Tensor& influence, c10::string_view dim_reduction,
                              c10::string_view reduction, P... params) {
-    LossSpec spec = Loss::spec(params...);
-    set_reductions(spec, dim_reduction, reduction);
-    const LossInputs in = prepare_inputs(spec, input, target, scale, weight);
-    check_backward_arguments(spec, grad_loss, input, influence);
-    const at::Tensor grad = kernel(spec, in, per_sample_grad(spec, grad_loss, in),
+    LossConfig config = Loss::config(params...);
+    set_reductions(config, dim_reduction, reduction);
+    const LossInputs in = prepare_inputs(config, input, target, scale, weight);
+    check_backward_arguments(config, grad_loss, input, influence);
+    const at::Tensor grad = kernel(config, in, per_sample_grad(config, grad_loss, in),
                                    influence.to(in.compute_dtype).contiguous());
     return grad.to(in.input_dtype);
   }

@@ -1,4 +1,4 @@
-// The schema of risk_noising (risk_spec.h): a fragment of the robust_diffusion library defined in ops.cpp.
+// The schema of risk_noising (risk_config.h): a fragment of the robust_diffusion library defined in schemas.cpp.
 // CPU and CUDA kernels are in cpu/ and cuda/; autograd/risk_autograd.cpp makes it explicitly
 // non-differentiable; its Meta kernel is in meta_kernels.cpp.
 #include <torch/library.h>

@@ -28,40 +28,37 @@ on W ranks with local batch B / W equals one process with batch B, and the resul
 Exceptions: dropout masks (drawn from each rank's own stream) and the adaptive scale, whose per-bucket medians
 are averaged over ranks rather than taken over the global batch.
 
-Launch data-parallel runs with ``torchrun --nproc_per_node N``; :func:`init_distributed` reads torchrun's
+Launch data-parallel runs with ``torchrun --nproc_per_node N``; :func:`~robust_diffusion.ddpm.distributed.init_distributed` reads torchrun's
 environment and picks gloo on the CPU, nccl on GPUs. Only rank 0 writes logs, checkpoints and progress bars.
 """
 
 from __future__ import annotations
 
 import copy
-import csv
 import hashlib
 import math
 import os
-import random
 import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from .schedules import NoiseSchedule, canonical_prediction_type
+from ..schedules import NoiseSchedule, canonical_prediction_type
+from .checkpoint import atomic_save, remove_stale_temporaries, rng_state, set_rng_state
+from .distributed import rank_and_world_size
+from .runlog import append_row, read_rows, write_rows
 
-__all__ = ["LOG_COLUMNS", "TrainConfig", "Trainer", "atomic_save", "derive_seed", "init_distributed", "read_log"]
+__all__ = ["TrainConfig", "Trainer", "derive_seed"]
 
 PathLike = Union[str, os.PathLike]
 
-#: Columns of ``log.csv``. Influence columns are empty when the interval had no sample of that kind.
-LOG_COLUMNS = ("step", "epoch", "lr", "loss", "penalty", "grad_norm", "influence_mean", "influence_clean",
-               "influence_contaminated", "samples_per_s", "elapsed_s", "scale_skipped", "scale_limited")
 _MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 CHECKPOINT_NAME = "checkpoint.pt"
 _CHECKPOINT_KEYS = frozenset({"step", "batch_size", "num_samples", "model", "ema", "optimizer", "scaler", "loss_fn",
@@ -139,98 +136,6 @@ class TrainConfig:
         self.adam_betas = tuple(float(b) for b in self.adam_betas)
 
 
-# ---------------------------------------------------------------------------------------------- distributed
-def init_distributed(device: Optional[Union[str, torch.device]] = None) -> Tuple[int, int, torch.device]:
-    """Join the process group torchrun describes (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``), if any.
-
-    Returns ``(rank, world_size, device)``. The backend is nccl when the device is a GPU, gloo otherwise;
-    each rank of a GPU run takes ``cuda:LOCAL_RANK``. Without torchrun's variables (or with one process)
-    nothing is initialised and ``(0, 1, device)`` comes back.
-    """
-    device = torch.device(device) if device is not None else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r}: no CUDA device is available here (torch.cuda.is_available() is "
-                         f"False); use --device cpu")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return 0, 1, device
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def _distributed() -> Tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-# ---------------------------------------------------------------------------------------------- files
-def atomic_save(obj: Any, path: PathLike) -> None:
-    """``torch.save`` that never leaves a torn file: write a temporary file in the same directory, fsync it,
-    ``os.replace`` it over ``path`` (atomic on POSIX) and fsync the directory so the rename is durable."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
-def _temporary_path(path: Path) -> Path:
-    """Where :func:`atomic_save` (and the log rewrite) stage ``path``: a hidden file named after this process."""
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
-def _remove_stale_temporaries(path: PathLike) -> List[Path]:
-    """Delete the temporary files that writers of ``path`` killed mid-write (SIGKILL skips the cleanup in
-    :func:`atomic_save`) left next to it: ``.<name>.tmp<pid>`` of processes that no longer run. Returns them."""
-    path = Path(path)
-    removed = []
-    for tmp in path.parent.glob(f".{path.name}.tmp*"):
-        pid = tmp.name[len(f".{path.name}.tmp"):]
-        if not pid.isdigit() or (int(pid) != os.getpid() and _process_alive(int(pid))):
-            continue  # not ours, or a live writer's: leave it
-        try:
-            tmp.unlink()
-            removed.append(tmp)
-        except FileNotFoundError:
-            pass
-    return removed
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
-
-
-def read_log(path: PathLike) -> List[Dict[str, float]]:
-    """The rows of a ``log.csv`` as dicts of floats (empty cells become NaN)."""
-    with open(path, newline="") as f:
-        return [{k: (float(v) if v != "" else math.nan) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
 # ---------------------------------------------------------------------------------------------- trainer
 class Trainer:
     """DDPM training of ``model`` on ``dataset`` with ``loss_fn``; see the module docstring.
@@ -241,7 +146,7 @@ class Trainer:
             :class:`~robust_diffusion.RobustDiffusionLoss` (its buffers are checkpointed, its
             ``last_influence`` is logged; other callables count as influence 1).
         dataset: a map-style dataset whose items are an image tensor or a tuple starting with one (e.g. a
-            :class:`~robust_diffusion.data.ContaminatedDataset`). If it has an ``is_contaminated`` [N] bool
+            :class:`~robust_diffusion.ddpm.data.ContaminatedDataset`). If it has an ``is_contaminated`` [N] bool
             tensor, the influence weights are logged separately for clean and contaminated samples.
         schedule: the noise schedule (default: linear, T = 1000).
         config: a :class:`TrainConfig`.
@@ -255,7 +160,7 @@ class Trainer:
                  out_dir: Optional[PathLike] = None, device: Optional[Union[str, torch.device]] = None,
                  prediction_type: Optional[str] = None):
         self.config = config = config or TrainConfig()
-        self.rank, self.world_size = _distributed()
+        self.rank, self.world_size = rank_and_world_size()
         if config.batch_size % self.world_size:
             raise ValueError(f"batch_size {config.batch_size} must be divisible by the number of data-parallel "
                              f"ranks ({self.world_size})")
@@ -276,7 +181,7 @@ class Trainer:
         else:
             self.network = self.model
         self.loss_fn = loss_fn.to(self.device) if isinstance(loss_fn, nn.Module) else loss_fn
-        from .robust_loss import RobustDiffusionLoss
+        from ..robust_loss import RobustDiffusionLoss
         if isinstance(self.loss_fn, RobustDiffusionLoss):
             # The adaptive state takes in a batch only once its optimizer step went through: a step that the
             # GradScaler skips (non-finite gradients) leaves no trace in it (RobustDiffusionLoss.step).
@@ -300,7 +205,7 @@ class Trainer:
         # Each sample's stability bound t_min(r), computed once: a step indexes it (no per-step validation sync).
         self.risk_lower = None
         if self.risk is not None:
-            from .risk import timestep_lower_bound
+            from ..risk import timestep_lower_bound
             self.risk_lower = timestep_lower_bound(self.schedule, self.risk)
 
         # Every rank holds the same noise generator (the noise of the global batch); torch's global RNG
@@ -375,7 +280,7 @@ class Trainer:
 
     def save_checkpoint(self, path: Optional[PathLike] = None) -> None:
         """Write the full training state (every rank must call it: RNG states are gathered from all)."""
-        rng = _rng_state(self.device)
+        rng = rng_state(self.device)
         if self.world_size > 1:
             states: List[Any] = [None] * self.world_size
             dist.all_gather_object(states, rng)
@@ -413,9 +318,9 @@ class Trainer:
         temporary files of a checkpoint or log write that was killed midway are deleted."""
         path = Path(path) if path is not None else self.checkpoint_path
         if self.is_main and path is not None:
-            _remove_stale_temporaries(path)
+            remove_stale_temporaries(path)
             if self.log_path is not None:
-                _remove_stale_temporaries(self.log_path)
+                remove_stale_temporaries(self.log_path)
         if path is None or not path.is_file():
             return False
         try:
@@ -440,7 +345,7 @@ class Trainer:
             self._scale_skipped_seen = int(skipped) if isinstance(skipped, Tensor) else 0
         self.noise_generator.set_state(state["noise_generator"])
         if state["world_size"] == self.world_size:
-            _set_rng_state(state["rng"][self.rank], self.device)
+            set_rng_state(state["rng"][self.rank], self.device)
         else:
             warnings.warn(f"{path} was written by {state['world_size']} rank(s), this run has {self.world_size}: "
                           f"the data order and diffusion noise continue exactly, dropout streams are reseeded")
@@ -452,8 +357,8 @@ class Trainer:
         self.step = state["step"]
         self.train_time = state["train_time"]
         if self.is_main and self.log_path is not None and self.log_path.is_file():
-            rows = [row for row in _read_rows(self.log_path) if int(row["step"]) <= self.step]
-            _write_rows(self.log_path, rows)
+            rows = [row for row in read_rows(self.log_path) if int(row["step"]) <= self.step]
+            write_rows(self.log_path, rows)
         return True
 
     # ------------------------------------------------------------------ one step
@@ -487,7 +392,7 @@ class Trainer:
             x_t = self.schedule.q_sample(x0, t, noise)
             target = self.schedule.training_target(x0, noise, t, self.prediction_type)
         else:
-            from .risk import risk_noising
+            from ..risk import risk_noising
             noising = risk_noising(x0, self.risk[indices], t, noise, schedule=self.schedule,
                                    prediction_type=self.prediction_type)
             x_t = noising.noisy
@@ -500,7 +405,7 @@ class Trainer:
         if self.risk is None:
             loss = self.loss_fn(output.float(), target, t)
         else:
-            from .risk import risk_free_loss
+            from ..risk import risk_free_loss
             loss = risk_free_loss(output.float(), noising, t, loss=self.loss_fn, schedule=self.schedule)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -525,8 +430,8 @@ class Trainer:
         self._record(loss.detach(), grad_norm.detach(), indices, influence, penalty)
 
     def _check_risk(self, dataset: Dataset) -> Tensor:
-        from .risk import usable_samples
-        from .robust_loss import RobustDiffusionLoss
+        from ..risk import usable_samples
+        from ..robust_loss import RobustDiffusionLoss
 
         risk = getattr(dataset, "risk", None)
         if risk is None:
@@ -626,13 +531,7 @@ class Trainer:
                "samples_per_s": host["samples"] / seconds if seconds > 0 else math.nan,
                "elapsed_s": self.train_time, **self._scale_faults()}
         if self.is_main and self.log_path is not None:
-            new = not self.log_path.is_file()
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.log_path, "a", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
-                if new:
-                    writer.writeheader()
-                writer.writerow({k: _cell(row[k]) for k in LOG_COLUMNS})
+            append_row(self.log_path, row)
         self._reset_interval()
         return row
 
@@ -640,46 +539,10 @@ class Trainer:
 # ---------------------------------------------------------------------------------------------- helpers
 def derive_seed(seed: int, purpose: str) -> int:
     """An independent 63-bit seed for each purpose. Using ``seed`` itself everywhere would correlate streams:
-    e.g. :func:`~robust_diffusion.data.contaminate` and the data order would draw the same permutation, and
+    e.g. :func:`~robust_diffusion.ddpm.data.contaminate` and the data order would draw the same permutation, and
     every contaminated sample would come first in each epoch."""
     digest = hashlib.sha256(f"robust_diffusion:{seed}:{purpose}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
-
-def _rng_state(device: torch.device) -> Dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _read_rows(path: Path) -> List[Dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _write_rows(path: Path, rows: Sequence[Dict[str, str]]) -> None:
-    tmp = _temporary_path(path)
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _cell(value: float) -> str:
-    if isinstance(value, float) and math.isnan(value):
-        return ""
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
 def _fmt(value: float) -> str:

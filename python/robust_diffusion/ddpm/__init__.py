@@ -1,0 +1,17 @@
+"""The DDPM training kit, built on the loss library (:mod:`robust_diffusion`) and kept apart from it: the library
+never imports this package.
+
+- :mod:`~robust_diffusion.ddpm.data`: Fashion-MNIST / CIFAR-10 loading and Huber epsilon-contamination.
+- :mod:`~robust_diffusion.ddpm.models`: a small UNet.
+- :mod:`~robust_diffusion.ddpm.trainer`: :class:`Trainer` and :class:`TrainConfig` (AdamW, EMA, AMP, exact resume, DDP),
+  with :mod:`~robust_diffusion.ddpm.checkpoint` (crash-safe files, RNG state), :mod:`~robust_diffusion.ddpm.runlog`
+  (``log.csv``) and :mod:`~robust_diffusion.ddpm.distributed` (torchrun).
+- :mod:`~robust_diffusion.ddpm.sampling`: DDPM and DDIM samplers.
+- :mod:`~robust_diffusion.ddpm.metrics`: offline evaluation (Frechet distance in a classifier's features, AUROC, ...).
+- :mod:`~robust_diffusion.ddpm.export`: TorchScript / torch.export of a trained model for the C++ sampler.
+- :mod:`~robust_diffusion.ddpm.cli`: the command line, ``python -m robust_diffusion.train``.
+"""
+
+from .trainer import TrainConfig, Trainer
+
+__all__ = ["TrainConfig", "Trainer"]

@@ -1,0 +1,370 @@
+"""Command line: train a DDPM with a robust loss on contaminated data.
+
+    python -m robust_diffusion.train --dataset fashion-mnist --contamination 0.3 --kind noise \\
+        --loss ned --steps 2000 --out runs/ned --export
+    torchrun --nproc_per_node 2 -m robust_diffusion.train ...        # data parallel (gloo on CPU, nccl on GPU)
+
+It writes ``checkpoint.pt`` and ``log.csv`` (see :mod:`robust_diffusion.ddpm.trainer`), ``influence.pt`` (each
+training sample's average influence weight and contamination label) and with ``--export`` the EMA model as
+TorchScript + ``torch.export`` + schedule file (:mod:`robust_diffusion.ddpm.export`). ``--resume`` continues from
+``<out>/checkpoint.pt``. The helpers here (:func:`load_experiment_data`, :func:`build_loss`,
+:func:`build_model`) are shared with ``examples/cifar10_contaminated.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .data import (CONTAMINATION_KINDS, FASHION_MNIST_CLASSES, ContaminatedDataset, contaminate, load_cifar10,
+                   load_fashion_mnist)
+from .models import UNET_PRESETS, UNet
+from ..robust_loss import LOSSES, RobustDiffusionLoss
+from ..schedules import NoiseSchedule
+from .distributed import init_distributed
+from .trainer import TrainConfig, Trainer
+
+__all__ = ["DATASETS", "LOSS_NAMES", "MODEL_PRESETS", "ExperimentData", "LossChoice", "build_loss", "build_model",
+           "load_experiment_data", "main", "parse_loss_name"]
+
+DATASETS = ("fashion-mnist", "cifar10")
+#: Timestep weightings a loss name may carry as a suffix: ``ned+debias``.
+LOSS_WEIGHTINGS = ("debias", "min_snr", "p2", "soft_min_snr", "sigmoid", "edm")
+#: Extra losses besides :data:`robust_diffusion.LOSSES`: the risk-free loss when ``robust_diffusion.risk`` exists.
+#: ``mse`` is the standard MSE whatever the scale: ``kl`` at a fixed scale of 1 (``F.mse_loss``), the baseline
+#: users know; ``kl`` at the adaptive scale is the MSE normalised per noise level (RobustDiffusionLoss docs).
+LOSS_NAMES = ("mse",) + LOSSES
+#: Baseline parameters used with the adaptive scale, where delta = 1 is a median sample: clipped MSE drops
+#: samples whose penalty exceeds 3 times the median at their noise level.
+BASELINE_PARAMS = {"clipped_mse": {"tau": 3.0, "mode": "sample"}, "huber": {"delta": 1.0}}
+
+#: UNet configurations: the package's presets plus ``quick``, sized for the CPU example (15-minute budget).
+MODEL_PRESETS = {
+    **UNET_PRESETS,
+    "quick": dict(base_channels=16, channel_mults=(1, 2, 2), num_res_blocks=1, attention_levels=(2,),
+                  dropout=0.0, norm_groups=8),
+    "micro": dict(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(),
+                  dropout=0.0, norm_groups=4),
+}
+# Fashion-MNIST classes that are held out as the "other distribution" for --kind dataset.
+_HELD_OUT_CLASSES = (FASHION_MNIST_CLASSES.index("Bag"), FASHION_MNIST_CLASSES.index("Ankle boot"))
+
+
+# ---------------------------------------------------------------------------------------------- data
+@dataclass
+class ExperimentData:
+    """A contaminated training set and the clean data to evaluate against.
+
+    Attributes:
+        train: the contaminated training set (items ``(image, is_contaminated, risk, index)``).
+        train_labels: class labels of the training images before contamination.
+        test_images, test_labels: the clean test split (only clean classes), for the feature classifier and
+            the Frechet distance.
+        description: one line saying what the data is.
+    """
+
+    train: ContaminatedDataset
+    train_labels: Tensor
+    test_images: Tensor
+    test_labels: Tensor
+    description: str
+
+    @property
+    def image_shape(self) -> Tuple[int, ...]:
+        return tuple(self.train.images.shape[1:])
+
+
+def load_experiment_data(dataset: str, contamination: float, kind: str = "noise", *,
+                         root: Optional[Union[str, os.PathLike]] = None, num_train: Optional[int] = None,
+                         image_size: Optional[int] = None, noise_std: float = 0.5, seed: int = 0,
+                         download: bool = False) -> ExperimentData:
+    """Load ``dataset`` and contaminate a fraction ``contamination`` of its training images (docs/DESIGN.md, Evidence).
+
+    Args:
+        dataset: ``"fashion-mnist"`` (Debian's ``dataset-fashion-mnist``, offline) or ``"cifar10"``
+            (torchvision's layout under ``root``).
+        contamination: the fraction p in [0, 1).
+        kind: ``"noise"`` (uniform noise images), ``"gaussian"`` (images plus N(0, noise_std^2) noise, with the
+            known std as risk) or ``"dataset"`` (images of another distribution: for Fashion-MNIST the held-out
+            classes Bag and Ankle boot, which are then removed from the clean data; for CIFAR-10 Fashion-MNIST
+            images, grey, padded to 32x32).
+        root: the dataset directory (default: Debian's path for Fashion-MNIST; required for CIFAR-10).
+        num_train: use the first ``num_train`` (clean-class) training images (default: all).
+        image_size: Fashion-MNIST only: 28 (native) or 32 (padded with the background); default 28.
+        noise_std: the std of ``kind="gaussian"``.
+        seed: seeds the contamination.
+        download: CIFAR-10 only: let torchvision download it into ``root``.
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
+    if isinstance(contamination, bool) or not isinstance(contamination, (int, float)) \
+            or not 0.0 <= contamination < 1.0:
+        raise ValueError(f"contamination must be a fraction in [0, 1), got {contamination!r}")
+    if kind not in CONTAMINATION_KINDS:
+        raise ValueError(f"unknown contamination kind {kind!r}; expected one of {', '.join(CONTAMINATION_KINDS)}")
+    if num_train is not None and num_train < 2:
+        raise ValueError(f"num_train must be at least 2, got {num_train!r}")
+
+    contaminant_images = None
+    if dataset == "fashion-mnist":
+        if image_size not in (None, 28, 32):
+            raise ValueError(f"image_size must be 28 or 32 for Fashion-MNIST, got {image_size!r}")
+        pad_to = 32 if image_size == 32 else None
+        if root is not None and not Path(root).is_dir():
+            raise FileNotFoundError(f"Fashion-MNIST directory not found: {root} (it should hold the IDX files "
+                                    f"train-images-idx3-ubyte.gz, ...; Debian's dataset-fashion-mnist installs "
+                                    f"them in /usr/share/datasets/fashion-mnist)")
+        train = load_fashion_mnist("train", root, pad_to=pad_to)
+        test = load_fashion_mnist("test", root, pad_to=pad_to)
+        if kind == "dataset":
+            held_out_train = torch.isin(train.labels, torch.tensor(_HELD_OUT_CLASSES))
+            held_out_test = torch.isin(test.labels, torch.tensor(_HELD_OUT_CLASSES))
+            contaminant_images = train.images[held_out_train]
+            train = type(train)(train.images[~held_out_train], train.labels[~held_out_train])
+            test = type(test)(test.images[~held_out_test], test.labels[~held_out_test])
+        name = f"Fashion-MNIST {train.images.shape[-1]}x{train.images.shape[-1]}"
+    else:
+        if root is None:
+            raise ValueError("CIFAR-10 needs --data-root: the directory holding cifar-10-batches-py")
+        train = load_cifar10(root, "train", download=download)
+        test = load_cifar10(root, "test", download=download)
+        if kind == "dataset":
+            fashion = load_fashion_mnist("train", pad_to=32).images
+            contaminant_images = fashion.expand(-1, 3, -1, -1).contiguous()
+        name = "CIFAR-10 32x32"
+
+    images, labels = train
+    if num_train is not None:
+        images, labels = images[:num_train], labels[:num_train]
+    contaminated = contaminate(images, contamination, kind, seed=seed, noise_std=noise_std,
+                               contaminant_images=contaminant_images)
+    what = {"noise": "uniform noise images", "gaussian": f"images + N(0, {noise_std}^2) noise",
+            "dataset": ("held-out classes Bag/Ankle boot" if dataset == "fashion-mnist"
+                        else "Fashion-MNIST images")}[kind]
+    description = (f"{name}, {len(contaminated)} training images, {contaminated.num_contaminated} "
+                   f"({contamination:.0%}) replaced by {what}")
+    return ExperimentData(contaminated, labels, test.images, test.labels, description)
+
+
+# ---------------------------------------------------------------------------------------------- model / loss
+def build_model(preset: str, in_channels: int, **overrides) -> UNet:
+    """A :class:`~robust_diffusion.ddpm.models.UNet` from :data:`MODEL_PRESETS`."""
+    if preset not in MODEL_PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; expected one of {', '.join(MODEL_PRESETS)}")
+    return UNet(in_channels=in_channels, **{**MODEL_PRESETS[preset], **overrides})
+
+
+class LossChoice(NamedTuple):
+    """A parsed loss name: ``loss`` (one of :data:`LOSS_NAMES`), a timestep ``weighting`` and whether to train
+    with the ``risk_free`` loss of :mod:`robust_diffusion.risk` (for data with known noise, ``--kind gaussian``)."""
+
+    loss: str
+    weighting: str = "constant"
+    risk_free: bool = False
+
+    @property
+    def name(self) -> str:
+        parts = [self.loss] + ([self.weighting] if self.weighting != "constant" else [])
+        return "+".join(parts + (["risk_free"] if self.risk_free else []))
+
+
+def parse_loss_name(spec: str) -> LossChoice:
+    """Parse ``"<loss>[+<weighting>][+risk_free]"`` (e.g. ``"ned"``, ``"ned+debias"``, ``"kl+risk_free"``),
+    with a clear error."""
+    loss, *suffixes = str(spec).strip().split("+")
+    if loss not in LOSS_NAMES:
+        raise ValueError(f"unknown loss {loss!r} in {spec!r}; expected one of {', '.join(LOSS_NAMES)}, "
+                         f"optionally with a timestep weighting suffix +{'/+'.join(LOSS_WEIGHTINGS)} "
+                         f"(e.g. 'ned+debias') and/or +risk_free")
+    weighting, risk_free = "constant", False
+    for suffix in suffixes:
+        if suffix == "risk_free" and not risk_free:
+            risk_free = True
+        elif suffix in LOSS_WEIGHTINGS and weighting == "constant":
+            weighting = suffix
+        else:
+            raise ValueError(f"unknown or repeated suffix {suffix!r} in loss {spec!r}; expected at most one "
+                             f"weighting of {', '.join(LOSS_WEIGHTINGS)} and at most one risk_free")
+    return LossChoice(loss, weighting, risk_free)
+
+
+def parse_scale(value: Union[str, float]) -> Union[str, float]:
+    """``"adaptive"``, ``"vlb"`` or a non-negative float."""
+    if value in ("adaptive", "vlb"):
+        return value
+    try:
+        scale = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"scale must be 'adaptive', 'vlb' or a non-negative number, got {value!r}") from None
+    if not scale >= 0:
+        raise ValueError(f"scale must be 'adaptive', 'vlb' or a non-negative number, got {value!r}")
+    return scale
+
+
+def build_loss(spec: Union[str, LossChoice], schedule: NoiseSchedule, *, scale: Union[str, float] = "adaptive",
+               temperature: float = 1.0) -> RobustDiffusionLoss:
+    """The :class:`~robust_diffusion.RobustDiffusionLoss` for a loss name such as ``"hellinger"`` or
+    ``"ned+debias"``, with :data:`BASELINE_PARAMS` for the baselines."""
+    spec = parse_loss_name(spec) if isinstance(spec, str) else spec
+    if spec.loss == "mse":
+        return RobustDiffusionLoss("kl", schedule, scale=1.0, weighting=spec.weighting)
+    params = dict(BASELINE_PARAMS.get(spec.loss, {}))
+    return RobustDiffusionLoss(spec.loss, schedule, scale=parse_scale(scale), temperature=temperature,
+                               weighting=spec.weighting, **params)
+
+
+def loss_settings(loss_fn: RobustDiffusionLoss) -> str:
+    """A short description of a loss module's settings, for results tables."""
+    scale = loss_fn.scale_mode if loss_fn.scale_mode != "fixed" else f"{loss_fn.fixed_scale:g}"
+    parts = [f"scale={scale}"]
+    if loss_fn.scale_mode == "adaptive":
+        parts.append(f"temperature={loss_fn.temperature:g}")
+    if loss_fn.loss == "clipped_mse":
+        parts.append(f"tau={loss_fn.tau:g}")
+    if loss_fn.loss == "huber":
+        parts.append(f"delta={loss_fn.delta:g}")
+    return " ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def _number(kind, lowest: float, inclusive: bool, what: str):
+    """An argparse type: a number of ``kind`` above ``lowest`` (or equal when ``inclusive``); argparse turns the
+    error into a one-line usage message naming the option."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if not (value >= lowest if inclusive else value > lowest) or value != value or abs(value) == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_int = _number(int, 0, False, "a positive integer")
+_non_negative_int = _number(int, 0, True, "a non-negative integer")
+_positive_float = _number(float, 0.0, False, "a positive number")
+_non_negative_float = _number(float, 0.0, True, "a non-negative number")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m robust_diffusion.train",
+                                     description="Train a DDPM with a robust loss on contaminated data.")
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", choices=DATASETS, default="fashion-mnist")
+    data.add_argument("--data-root", default=None, help="dataset directory (default: Debian's for Fashion-MNIST)")
+    data.add_argument("--download", action="store_true", help="CIFAR-10: download into --data-root")
+    data.add_argument("--contamination", type=float, default=0.3, help="contaminated fraction p in [0, 1)")
+    data.add_argument("--kind", choices=CONTAMINATION_KINDS, default="noise")
+    data.add_argument("--noise-std", type=_positive_float, default=0.5, help="std of --kind gaussian")
+    data.add_argument("--num-train", type=_positive_int, default=None, help="use the first N training images")
+    data.add_argument("--image-size", type=int, default=None, choices=(28, 32), help="Fashion-MNIST size")
+    loss = parser.add_argument_group("loss")
+    loss.add_argument("--loss", default="hellinger", help=f"one of {', '.join(LOSS_NAMES)}, optionally "
+                      f"+weighting ({', '.join(LOSS_WEIGHTINGS)}) and/or +risk_free (needs --kind gaussian), "
+                      f"e.g. ned+debias")
+    loss.add_argument("--scale", default="adaptive", help="adaptive, vlb or a number")
+    loss.add_argument("--temperature", type=_positive_float, default=1.0, help="the adaptive scale's tau")
+    train = parser.add_argument_group("training")
+    train.add_argument("--model", default="tiny", choices=sorted(MODEL_PRESETS))
+    train.add_argument("--base-channels", type=_positive_int, default=None, help="override the preset's base channels")
+    train.add_argument("--steps", type=_positive_int, default=2000)
+    train.add_argument("--batch-size", type=_positive_int, default=64, help="global batch (split over ranks)")
+    train.add_argument("--lr", type=_positive_float, default=2e-4)
+    train.add_argument("--warmup-steps", type=_non_negative_int, default=0)
+    train.add_argument("--ema-decay", type=float, default=0.999, help="in [0, 1)")
+    train.add_argument("--grad-clip", type=_non_negative_float, default=1.0,
+                       help="clip the gradient norm to this; 0 turns clipping off")
+    train.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "bf16", "fp16"))
+    train.add_argument("--log-every", type=_positive_int, default=50)
+    train.add_argument("--checkpoint-every", type=_non_negative_int, default=500)
+    train.add_argument("--num-workers", type=_non_negative_int, default=0)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    train.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads per process")
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", required=True, help="output directory")
+    out.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt if it exists")
+    out.add_argument("--export", action="store_true", help="export the EMA model (TorchScript, torch.export)")
+    out.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        spec = parse_loss_name(args.loss)
+        if spec.risk_free and args.kind != "gaussian":
+            raise ValueError(f"--loss {args.loss}: +risk_free needs --kind gaussian (samples with a known noise std); "
+                             f"with --kind {args.kind} every sample's risk is 0 and it would train plain {spec.loss}")
+        scale = parse_scale(args.scale)
+        data = load_experiment_data(args.dataset, args.contamination, args.kind, root=args.data_root,
+                                    num_train=args.num_train, image_size=args.image_size,
+                                    noise_std=args.noise_std, seed=args.seed, download=args.download)
+        config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                             warmup_steps=args.warmup_steps, ema_decay=args.ema_decay,
+                             grad_clip=args.grad_clip if args.grad_clip > 0 else None,
+                             mixed_precision=args.mixed_precision, log_every=args.log_every,
+                             checkpoint_every=args.checkpoint_every, risk_free=spec.risk_free, seed=args.seed,
+                             num_workers=args.num_workers, progress=not args.no_progress)
+        rank, world_size, device = init_distributed(args.device)
+        out = Path(args.out)
+        schedule = NoiseSchedule.linear()
+        loss_fn = build_loss(spec, schedule, scale=scale, temperature=args.temperature)
+        overrides = {"base_channels": args.base_channels} if args.base_channels else {}
+        torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run of this seed
+        model = build_model(args.model, data.image_shape[0], **overrides)
+        trainer = Trainer(model, loss_fn, data.train, schedule, config, out_dir=out, device=device)
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            print(f"{data.description}; loss {spec.name} ({loss_settings(loss_fn)}); model {args.model} "
+                  f"({sum(p.numel() for p in model.parameters()):,} parameters); {world_size} process(es) on "
+                  f"{device}", flush=True)
+            (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+        resumed = args.resume and trainer.resume()
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        parser.error(str(error))
+    if resumed:
+        if rank == 0:
+            print(f"resumed from {trainer.checkpoint_path} at step {trainer.step}", flush=True)
+    elif rank == 0 and trainer.log_path.is_file():
+        trainer.log_path.unlink()  # a fresh run starts a fresh log
+    trainer.train()
+
+    if rank == 0:
+        mean, count = trainer.average_influence()
+        torch.save({"mean_influence": mean, "count": count, "is_contaminated": data.train.is_contaminated.cpu()},
+                   out / "influence.pt")
+        seen = count > 0
+        flags = data.train.is_contaminated.cpu()
+        if flags[seen].any() and (~flags[seen]).any():
+            from .metrics import auroc
+            print(f"AUROC of low average influence as a contamination detector: "
+                  f"{auroc(-mean[seen], flags[seen]):.4f}", flush=True)
+        if args.export:
+            from .export import export_model
+            example = (torch.randn(2, *data.image_shape, device=device), torch.tensor([10, 500], device=device))
+            paths = export_model(trainer.ema, out / "model", example, schedule=schedule)
+            print("exported: " + ", ".join(str(p) for p in paths.values()), flush=True)
+    if world_size > 1:
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
