@@ -11,6 +11,9 @@ import shutil
 import subprocess
 import sys
 import tomllib
+from pathlib import Path
+
+from conftest import subprocess_pythonpath
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,3 +71,19 @@ def test_build_requirements_do_not_list_torch():
     names = [re.split(r"[\s<>=!~;\[(@]", requirement.strip(), maxsplit=1)[0].lower() for requirement in requires]
     assert names, requires
     assert not any(name == "torch" or name.startswith("torch") for name in names), requires
+
+
+def test_the_library_and_the_training_kit_import_without_matplotlib():
+    """matplotlib is the examples' extra (pip install ".[examples]"), not a dependency: nothing a user imports
+    from the package may need it."""
+    code = ("import sys; sys.modules['matplotlib'] = None\n"  # any import of matplotlib now raises ImportError
+            "import robust_diffusion, robust_diffusion.risk\n"
+            "from robust_diffusion.ddpm import checkpoint, cli, data, distributed, export, metrics, models, runlog\n"
+            "from robust_diffusion.ddpm import sampling, trainer\n"
+            "print('ok')")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(subprocess_pythonpath() + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+    dependencies = tomllib.loads((Path(ROOT) / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert not any(d.startswith("matplotlib") for d in dependencies)

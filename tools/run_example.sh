@@ -17,6 +17,6 @@ python3 -m pip install -q --upgrade pip
 python3 -m pip install -q torch setuptools wheel ninja
 # CUDA kernels only where a GPU can use them (tools/test.sh always compiles them).
 export FORCE_CUDA="${FORCE_CUDA:-$(python3 -c 'import torch; print(int(torch.cuda.is_available()))')}"
-python3 -m pip install -q --no-build-isolation .
+python3 -m pip install -q --no-build-isolation ".[examples]"
 
 python3 examples/cifar10_contaminated.py --dataset fashion-mnist --preset quick "$@"
