@@ -83,8 +83,8 @@ def expected_history(data):
             values = mean[present].sort().values
             fallback = values[(len(values) - 1) // 2]  # torch.nanmedian: the lower middle value
             state = torch.where(present, mean, fallback)
-        else:  # later statistics are clamped to within MAX_UPDATE_RATIO of the bucket before the EMA
-            bounded = torch.minimum(torch.maximum(mean, state / MAX_UPDATE_RATIO), state * MAX_UPDATE_RATIO)
+        else:  # later statistics are clamped to at most MAX_UPDATE_RATIO times the bucket before the EMA
+            bounded = torch.minimum(mean, state * MAX_UPDATE_RATIO)
             state = torch.where(present, MOMENTUM * state + (1 - MOMENTUM) * bounded, state)
         history.append(state.clone())
     return torch.stack(history)
@@ -157,6 +157,6 @@ def test_a_non_finite_batch_on_one_rank_leaves_every_rank_with_the_same_state(tm
     state = expected_history({0: data[0][:1], 1: data[1][:1]})[-1]
     medians = local_medians(*clean_only[0][1])
     seen = ~medians.isnan()
-    bounded = torch.minimum(torch.maximum(medians, state / MAX_UPDATE_RATIO), state * MAX_UPDATE_RATIO)
+    bounded = torch.minimum(medians, state * MAX_UPDATE_RATIO)
     expected = torch.where(seen, MOMENTUM * state + (1 - MOMENTUM) * bounded, state)
     torch.testing.assert_close(results[0]["history"][1].double(), expected, rtol=1e-5, atol=0)

@@ -12,8 +12,8 @@ so a step's gradient never depends on its own outliers' penalties through the sc
 
 The running state is fault tolerant (README "Failure behaviour"): a batch with a non-finite penalty (an fp16
 forward pass that overflowed, a NaN in the data) or whose bucket medians are all below 1e-12 (a zero residual)
-never enters it, and is counted in the ``skipped_updates`` buffer; an accepted bucket median is clamped to
-within a factor :data:`MAX_UPDATE_RATIO` (2) of the bucket's current value before the EMA (counted in
+never enters it, and is counted in the ``skipped_updates`` buffer; an accepted bucket median is clamped to at
+most :data:`MAX_UPDATE_RATIO` (2) times the bucket's current value before the EMA (counted in
 ``limited_updates``), so one absurd batch moves a bucket by at most ``momentum + (1 - momentum) * 2`` (1.1x at
 the default momentum) and the next clean batches bring it back (the excess shrinks by ``momentum`` per batch).
 The state stays float32 whatever the module's dtype (``.half()`` leaves it alone), and ``load_state_dict``
@@ -43,7 +43,7 @@ __all__ = ["RobustDiffusionLoss", "LOSSES", "MAX_UPDATE_RATIO", "PENALTY_FLOOR"]
 
 #: Every loss the module accepts.
 LOSSES = tuple(entry.name for entry in LOSS_TABLE)
-#: The adaptive scale takes an accepted bucket median only within this factor of the bucket's current value.
+#: The adaptive scale takes an accepted bucket median only up to this factor times the bucket's current value.
 MAX_UPDATE_RATIO = 2.0
 #: Bucket medians below this carry no scale information (a zero residual) and are not taken in; the state
 #: never goes below it.
@@ -104,7 +104,7 @@ class RobustDiffusionLoss(nn.Module):
     After each call, ``last_influence`` and ``last_penalty`` hold the batch's per-sample influence weights
     and penalties R_b (detached), for logging. The buffers ``skipped_updates`` (batch statistics the adaptive
     state refused: non-finite, zero, or from a step reported as skipped) and ``limited_updates`` (bucket updates
-    clamped to :data:`MAX_UPDATE_RATIO`) count faults; the Trainer logs them.
+    clamped to :data:`MAX_UPDATE_RATIO` times the bucket) count faults; the Trainer logs them.
 
     ``t`` is checked on every call: integer dtype, one per sample, on the input's device, in ``[0, T)`` (on
     the CPU at once; on an accelerator and under torch.compile by an asynchronous device assertion, no sync).
@@ -340,15 +340,15 @@ class RobustDiffusionLoss(nn.Module):
 
     def _take_in(self, medians: Tensor, skipped: Tensor) -> None:
         """Move the state towards a batch statistic (NaN where a bucket has none). The first statistic seeds every
-        bucket (those it lacks with its median over buckets); later ones are clamped to within MAX_UPDATE_RATIO
-        of the bucket's value, then averaged in with the EMA."""
+        bucket (those it lacks with its median over buckets); later ones are clamped to at most MAX_UPDATE_RATIO
+        times the bucket's value (downward the EMA itself bounds the move), then averaged in with the EMA."""
         with torch.no_grad():
             current = self.bucket_penalty
             present = ~torch.isnan(medians)
             seed = torch.where(present, medians, torch.nanmedian(medians))
             seeded = torch.where(torch.isnan(seed), current, seed)
-            bounded = torch.minimum(torch.maximum(medians, current / self.max_update_ratio),
-                                    current * self.max_update_ratio)
+            # Only upward: downward the EMA already moves a bucket by at most a factor momentum per update.
+            bounded = torch.minimum(medians, current * self.max_update_ratio)
             ema = self.momentum * current + (1.0 - self.momentum) * bounded
             updated = torch.where(self.initialized, torch.where(present, ema, current), seeded)
             limited = self.initialized & present & (bounded != medians)
