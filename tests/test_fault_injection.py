@@ -434,6 +434,35 @@ def test_amp_fp16_overflow_steps_leave_no_trace_and_training_reaches_the_same_lo
     assert clean_mse < 0.7 * initial  # it did train
 
 
+def test_a_nan_influence_weight_never_poisons_the_trainers_influence_averages(tmp_path):
+    """The per-sample influence averages (what the data audit ranks) and the logged means skip a draw whose
+    weight is NaN, instead of turning that sample's average NaN for the rest of the run."""
+    from robust_diffusion.ddpm.trainer import TrainConfig, Trainer
+
+    class NaNOnce(rd.RobustDiffusionLoss):
+        calls = 0
+
+        def forward(self, input, target, t, weight=None):
+            loss = super().forward(input, target, t, weight)
+            NaNOnce.calls += 1
+            if NaNOnce.calls == 2:
+                self.last_influence = self.last_influence.clone().index_fill_(0, torch.tensor([0]), math.nan)
+            return loss
+
+    images = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    schedule = rd.NoiseSchedule.linear(50)
+    torch.manual_seed(0)
+    model = cli.build_model("micro", 1)
+    trainer = Trainer(model, NaNOnce("hellinger", schedule), torch.utils.data.TensorDataset(images), schedule,
+                      TrainConfig(steps=4, batch_size=8, log_every=2, progress=False), out_dir=tmp_path)
+    trainer.train()
+    mean, count = trainer.average_influence()
+    assert torch.isfinite(mean[count > 0]).all() and count.sum() == 4 * 8 - 1
+    rows = (tmp_path / "log.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert all(row.split(",")[header.index("influence_mean")] not in ("", "nan") for row in rows[1:])
+
+
 # --------------------------------------------------------------------------- kill and resume
 _KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys

@@ -273,7 +273,8 @@ class Trainer:
 
     def average_influence(self) -> Tuple[Tensor, Tensor]:
         """Per training sample: the mean influence weight over the steps it was drawn in (NaN if never,
-        counting from ``config.influence_from_step``) and how many times it was drawn; float64, CPU."""
+        counting from ``config.influence_from_step``) and how many times it was drawn; float64, CPU. Draws whose
+        influence weight was not finite are left out of both."""
         count = self.influence_count.cpu()
         mean = self.influence_sum.cpu() / count
         return torch.where(count > 0, mean, torch.full_like(mean, math.nan)), count
@@ -499,17 +500,21 @@ class Trainer:
         interval["loss"] += loss.to(torch.float64)
         interval["penalty"] += penalty.mean()
         interval["grad_norm"] += grad_norm.to(torch.float64)
+        # A non-finite influence weight (NaN data, an overflowed forward pass) is not counted: one bad step must not
+        # turn a sample's running average, or the interval's, into NaN for the rest of the run.
+        counted = torch.isfinite(influence)
+        influence = torch.where(counted, influence, torch.zeros_like(influence))
         interval["w_all"] += influence.sum()
-        interval["n_all"] += influence.numel()
+        interval["n_all"] += counted.sum()
         if self.is_contaminated is not None:
             contaminated = self.is_contaminated[indices]
             interval["w_cont"] += (influence * contaminated).sum()
-            interval["n_cont"] += contaminated.sum()
+            interval["n_cont"] += (counted & contaminated).sum()
             interval["w_clean"] += (influence * ~contaminated).sum()
-            interval["n_clean"] += (~contaminated).sum()
+            interval["n_clean"] += (counted & ~contaminated).sum()
         if self.step >= self.config.influence_from_step:
             self.influence_sum.index_add_(0, indices, influence)
-            self.influence_count.index_add_(0, indices, torch.ones_like(influence))
+            self.influence_count.index_add_(0, indices, counted.to(self.influence_count.dtype))
 
     def _log_row(self, epoch: int, seconds: float) -> Dict[str, float]:
         interval = self._interval
