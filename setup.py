@@ -1,17 +1,21 @@
 """Builds robust_diffusion._C against the PyTorch already installed.
 
-    pip install --no-build-isolation .
+    pip install .
 
-Build isolation would download a second, multi-GB torch into a throwaway environment (and the
-extension must match the torch it runs with), so this script refuses to run without torch.
-CUDA kernels are compiled when a CUDA toolkit and a CUDA-enabled torch are present (a GPU is not
-needed), or when FORCE_CUDA=1; FORCE_CUDA=0 builds the CPU kernels only. TORCH_CUDA_ARCH_LIST and
-MAX_JOBS are honoured.
+pip runs this through the in-tree backend tools/build_backend/torch_build_backend.py, which lets the
+isolated build see your torch (a second copy would be a multi-GB download, and the extension must match
+the torch it runs with). `pip install --no-build-isolation .` works too.
+
+CUDA kernels are compiled when a CUDA toolkit and a CUDA-enabled torch are present (a GPU is not needed),
+or when FORCE_CUDA=1; FORCE_CUDA=0 builds the CPU kernels only. TORCH_CUDA_ARCH_LIST chooses the GPU
+architectures; unset, torch targets the visible GPUs, and without a visible GPU this script targets every
+architecture your torch itself was built for. MAX_JOBS limits parallel compiles.
 """
 
 import glob
 import os
 import platform
+import subprocess
 import sys
 
 from setuptools import setup
@@ -19,13 +23,9 @@ from setuptools import setup
 try:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-except ImportError:  # an isolated build environment, or no torch installed
-    sys.exit(
-        "robust_diffusion builds against your installed PyTorch, which this build environment cannot see.\n"
-        "Install torch first, then build without isolation:\n"
-        "    pip install --no-build-isolation .\n"
-        "(A plain `pip install .` would need a second copy of torch inside an isolated environment.)"
-    )
+except ImportError:  # `python setup.py ...` run by hand without torch
+    sys.exit("robust_diffusion builds against your installed PyTorch and found none: install torch first "
+             "(https://pytorch.org/get-started/locally/), then `pip install .`")
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -40,7 +40,28 @@ def _build_cuda() -> bool:
     forced = os.environ.get("FORCE_CUDA")
     if forced is not None:
         return forced == "1"
-    return torch.version.cuda is not None and CUDA_HOME is not None and bool(_sources("cuda/*.cu"))
+    if torch.version.cuda is None or not _sources("cuda/*.cu"):
+        return False
+    if CUDA_HOME is None:
+        print(f"robust_diffusion: torch {torch.__version__} has CUDA but no CUDA toolkit (nvcc) was found; "
+              f"building the CPU kernels only (set CUDA_HOME to build the CUDA ones)", file=sys.stderr)
+        return False
+    return True
+
+
+def _default_cuda_archs() -> str:
+    """Without a visible GPU torch's extension builder cannot pick an architecture (it would fail with an
+    IndexError). Target what this torch was built for, so the extension runs wherever torch does, the newest
+    as PTX too for GPUs newer than both. Narrow it with TORCH_CUDA_ARCH_LIST=9.0 to compile faster."""
+    archs = [flag[3:] for flag in torch._C._cuda_getArchFlags().split() if flag.startswith("sm_")]
+    try:  # keep those this nvcc can compile
+        listed = subprocess.run([os.path.join(CUDA_HOME, "bin", "nvcc"), "--list-gpu-arch"], capture_output=True,
+                                text=True, check=True).stdout.split()
+        archs = [a for a in archs if f"compute_{a}" in listed]
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    archs = [f"{a[:-1]}.{a[-1]}" for a in archs if a.isdigit()] or ["8.0", "9.0"]
+    return ";".join(archs[:-1] + [archs[-1] + "+PTX"])
 
 
 # The CPU kernels are compiled once per instruction set (csrc/cpu/isa/loss_kernel_<isa>.cpp, as in ATen);
@@ -81,6 +102,10 @@ def extension():
     cxx_flags = ["-O3", "-fno-math-errno"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if _build_cuda():
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = _default_cuda_archs()
+            print(f"robust_diffusion: no GPU visible and TORCH_CUDA_ARCH_LIST unset; building CUDA kernels for "
+                  f"{os.environ['TORCH_CUDA_ARCH_LIST']} (torch's own list)", file=sys.stderr)
         return CUDAExtension(
             "robust_diffusion._C",
             sources + _sources("cuda/*.cu", "cuda/*.cpp"),
@@ -92,7 +117,8 @@ def extension():
                         extra_compile_args={"cxx": cxx_flags})
 
 
-setup(
-    ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtensionPerISA.with_options(use_ninja=True)},
-)
+if __name__ == "__main__":  # pip's backend runs this file as __main__; tests import its helpers
+    setup(
+        ext_modules=[extension()],
+        cmdclass={"build_ext": BuildExtensionPerISA.with_options(use_ninja=True)},
+    )

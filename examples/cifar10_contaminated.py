@@ -134,7 +134,7 @@ def build_parser():
     parser.add_argument("--num-train", type=int, default=None, help="training images (default: preset)")
     parser.add_argument("--samples", type=int, default=None, help="generated samples per loss (default: preset)")
     parser.add_argument("--ddim-steps", type=int, default=None)
-    parser.add_argument("--scale", default="adaptive", help="RobustDiffusionLoss scale: adaptive, vlb or a number")
+    parser.add_argument("--scale", default="adaptive", help="RobustDiffusionLoss scale: adaptive, vlb, batch or a number")
     parser.add_argument("--temperature", type=float, default=1.0, help="the adaptive scale's tau")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")

@@ -56,6 +56,12 @@ class Cell:
     temperature: float = 1.0  # the adaptive scale's tau
 
 
+# The rule, fixed before its cells ran (docs/RESULTS.md, protocol), that decides whether scale="batch" becomes
+# the default of the bounded-influence divergences' functional losses.
+BATCH_RULE_LOSSES = ("hellinger", "ned")
+BATCH_RULE_AUROC_TOLERANCE = 0.05  # at p > 0, influence AUROC at most 0.05 below the adaptive scale's
+BATCH_RULE_FD_TOLERANCE = 0.05  # everywhere, FD at most 5% above the adaptive scale's
+
 # The protocol, in the order it is run (the first cells answer the main questions).
 CELLS = [
     Cell("noise-0.3", 0.3, "noise", tuple(BASELINES), question="robustness to noise images"),
@@ -128,6 +134,13 @@ CELLS = [
     # dominate the loss and the last denoising steps are not learnt); its paper trains far longer.
     Cell("clean-1500steps-debias", 0.0, "noise", ("kl+debias", "ned+debias"), steps=1500,
          question="constant vs debias weighting at 6x the budget"),
+    # Added 2026-12-02 (issue 15), with the rule that decides written down first (docs/RESULTS.md, protocol;
+    # `batch_scale_rule` below applies it): the stateless scale="batch" (no running state, so the functional
+    # losses can have it) against the adaptive scale of noise-0.3, gaussian-0.3 and clean.
+    Cell("noise-0.3-batch", 0.3, "noise", BATCH_RULE_LOSSES, scale="batch", question="stateless batch scale"),
+    Cell("gaussian-0.3-batch", 0.3, "gaussian", BATCH_RULE_LOSSES, scale="batch", question="stateless batch scale"),
+    Cell("clean-batch", 0.0, "noise", BATCH_RULE_LOSSES, scale="batch",
+         question="stateless batch scale, on clean data"),
 ]
 SEEDS = (0, 1)
 
@@ -297,7 +310,8 @@ def parse_rows(section: str) -> dict:
         if len(parts) < 4 or parts[0] in ("loss", "") or parts[0].startswith(("---", "data:")) or parts[1] == "not run":
             continue
         rows[parts[0]] = {"fd": values(parts[1]), "contaminant": values(parts[3]),
-                          "fd_mean": printed(parts[1]), "contaminant_mean": printed(parts[3])}
+                          "fd_mean": printed(parts[1]), "contaminant_mean": printed(parts[3]),
+                          "auroc_mean": printed(parts[4]) if len(parts) > 4 else math.nan}
     return rows
 
 
@@ -368,6 +382,44 @@ def temperature_rule(block: str) -> str:
     else:
         verdict = f"every condition holds: the divergences' default temperature becomes {RULE_TEMPERATURE:g}"
     lines += [f"- Verdict: {verdict}.", ""]
+    return "\n".join(lines)
+
+
+def batch_scale_rule(block: str) -> str:
+    """The stateless scale's rule: its table and verdict, from the generated tables `block` (means over seeds)."""
+    found = sections(block)
+    lines = ["### Batch-scale rule: scale='batch' against the adaptive scale for " + ", ".join(BATCH_RULE_LOSSES)
+             + " (the protocol's rule, applied by `batch_scale_rule`)", "",
+             "| loss | pair | FD adaptive | FD batch | ratio | AUROC adaptive | AUROC batch | holds |",
+             "|---|---|---|---|---|---|---|---|"]
+    failures, missing = [], []
+    for cell in (c for c in CELLS if c.scale == "batch"):
+        reference = next(c for c in CELLS if c.contamination == cell.contamination and c.kind == cell.kind
+                         and c.scale == "adaptive" and c.steps is None and c.temperature == 1.0)
+        for loss in cell.losses:
+            batch = parse_rows(found.get(cell.name, "")).get(loss)
+            adaptive = parse_rows(found.get(reference.name, "")).get(loss)
+            if not (batch and adaptive and batch["fd"] and adaptive["fd"]):
+                missing.append(f"{loss} {cell.name}")
+                lines.append(f"| {loss} | {cell.name} vs {reference.name} | not run | | | | | |")
+                continue
+            ratio = batch["fd_mean"] / adaptive["fd_mean"]
+            holds = ratio <= 1 + BATCH_RULE_FD_TOLERANCE
+            if cell.contamination > 0:
+                holds = holds and batch["auroc_mean"] >= adaptive["auroc_mean"] - BATCH_RULE_AUROC_TOLERANCE
+            if not holds:
+                failures.append(f"{loss} {cell.name}")
+            auroc = (f"{adaptive['auroc_mean']:.3g} | {batch['auroc_mean']:.3g}" if cell.contamination > 0
+                     else " | ")
+            lines.append(f"| {loss} | {cell.name} vs {reference.name} | {adaptive['fd_mean']:.3g} | "
+                         f"{batch['fd_mean']:.3g} | {ratio:.3f} | {auroc} | {'yes' if holds else 'no'} |")
+    if missing:
+        verdict = f"undecided: {len(missing)} pair(s) not run yet ({'; '.join(missing)})"
+    elif failures:
+        verdict = f"the functional default stays scale=1.0 (fails: {'; '.join(failures)})"
+    else:
+        verdict = "every condition holds: scale='batch' becomes the bounded divergences' functional default"
+    lines += ["", f"- Verdict: {verdict}.", ""]
     return "\n".join(lines)
 
 
@@ -443,6 +495,7 @@ def write_report(out: Path, wall_minutes: float | None, path: Path = RESULTS_MD,
     body = tables(out, kept=sections(previous), cells=preset_cells(preset))
     if preset == "quick":  # the rule is the quick protocol's
         body += "\n" + temperature_rule(body)
+        body += "\n" + batch_scale_rule(body)
     where = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
     took = f"; this invocation ran {wall_minutes:.0f} min" if wall_minutes is not None else ""
     stamp = (f"Tables written by `python examples/evidence.py` on {datetime.date.today().isoformat()} from the "

@@ -132,3 +132,124 @@ def test_min_snr_loss_matches_diffusers_training_script_at_zero_terminal_snr(pre
     else:
         assert theirs[terminal].isnan().all()
         torch.testing.assert_close(ours[terminal], mse[terminal], rtol=1e-6, atol=0)
+
+
+# ---------------------------------------------------------------- samplers against diffusers' schedulers
+def tiny_unet2d():
+    """A real diffusers UNet2DModel, small enough for the CPU; its output is a UNet2DOutput, not a tensor."""
+    from diffusers import UNet2DModel
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4).eval()
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "leading"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_matches_diffusers_ddim_scheduler_step_by_step(spacing, prediction_type, eta):
+    """Our DDIM and diffusers' DDIMScheduler on the same UNet2DModel and the same noise, every step. diffusers
+    re-derives eps from the clipped x0 only with use_clipped_model_output=True; ours always does (the two then
+    agree). Its "linspace" spacing takes prev = t - T // N, not the next visited timestep, so only the two
+    spacings where those coincide are compared."""
+    from diffusers import DDIMScheduler
+    from robust_diffusion.ddpm.sampling import ddim_sample, ddim_step, inference_timesteps
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type=prediction_type,
+                              clip_sample=True, set_alpha_to_one=True, timestep_spacing=spacing)
+    scheduler.set_timesteps(10)
+    schedule = rd.NoiseSchedule.from_diffusers(scheduler)
+    timesteps = inference_timesteps(1000, 10, spacing)
+    assert scheduler.timesteps.tolist() == timesteps
+    model, abar = tiny_unet2d(), schedule.alphas_cumprod.tolist()
+    g = torch.Generator().manual_seed(1)
+    x_T = torch.randn(2, 1, 8, 8, generator=g)
+    ours, theirs, noises = x_T.clone(), x_T.clone(), []
+    with torch.no_grad():
+        for i, t in enumerate(timesteps):
+            prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+            noise = torch.randn(x_T.shape, generator=g)
+            noises.append(noise)
+            ours = ddim_step(ours, model(ours, torch.full((2,), t)).sample, abar[t], abar[prev] if prev >= 0 else 1.0,
+                             eta, noise if prev >= 0 else None, prediction_type, True)[0]
+            theirs = scheduler.step(model(theirs, t).sample, t, theirs, eta=eta, use_clipped_model_output=True,
+                                    variance_noise=noise).prev_sample
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4, msg=f"step {i} (t = {t})")
+    if eta == 0.0:  # the packaged sampler, with the UNet2DModel as it is
+        sampled = ddim_sample(model, schedule, x_T.shape, num_steps=10, eta=0.0, timestep_spacing=spacing, x_T=x_T)
+        torch.testing.assert_close(sampled, theirs, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "leading"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+def test_ddpm_matches_diffusers_ddpm_scheduler_step_by_step(spacing, prediction_type, variance_type):
+    """Our ancestral DDPM sampler and diffusers' DDPMScheduler on a respaced 10-step chain, the same UNet2DModel
+    and generators seeded alike (both draw one noise per step after the model call), compared at every step
+    (each step from the same x_t) and end to end through ddpm_sample."""
+    from diffusers import DDPMScheduler
+    from robust_diffusion.ddpm.sampling import ddpm_sample, ddpm_step, inference_timesteps
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type=prediction_type,
+                              variance_type=variance_type, clip_sample=True, timestep_spacing=spacing)
+    scheduler.set_timesteps(10)
+    schedule = rd.NoiseSchedule.from_diffusers(scheduler)
+    timesteps = inference_timesteps(1000, 10, spacing)
+    assert scheduler.timesteps.tolist() == timesteps
+    model, abar = tiny_unet2d(), schedule.alphas_cumprod.tolist()
+    x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    ours, theirs = x_T.clone(), x_T.clone()
+    g_ours, g_theirs = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for i, t in enumerate(timesteps):
+            prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+            output = model(ours, torch.full((2,), t)).sample
+            noise = torch.randn(x_T.shape, generator=g_ours) if prev >= 0 else None
+            ours = ddpm_step(ours, output, abar[t], abar[prev] if prev >= 0 else 1.0, noise, prediction_type, True,
+                             variance_type)[0]
+            theirs = scheduler.step(model(theirs, t).sample, t, theirs, generator=g_theirs).prev_sample
+            expected = ours
+            if prev < 0 and t > 0 and variance_type == "fixed_large":
+                # diffusers adds noise whenever t > 0, so a chain ending above t = 0 (trailing) gets
+                # sqrt(beta) z on its last step with fixed_large; DDPM, and we, add none on the last step.
+                expected = ours + math.sqrt(1.0 - abar[t]) * torch.randn(x_T.shape, generator=g_ours)
+            torch.testing.assert_close(expected, theirs, rtol=1e-4, atol=1e-4, msg=f"step {i} (t = {t})")
+            theirs = ours
+    sampled = ddpm_sample(model, schedule, x_T.shape, num_steps=10, variance_type=variance_type,
+                          timestep_spacing=spacing, x_T=x_T, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(sampled, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_trainer_trains_and_resumes_a_diffusers_unet2dmodel(tmp_path):
+    """The kit's Trainer with diffusers' UNet2DModel as it is (its output is a UNet2DOutput), a checkpoint
+    resumed exactly, and our DDIM sampler on the trained EMA model."""
+    from torch.utils.data import TensorDataset
+    from robust_diffusion.ddpm.sampling import ddim_sample
+    from robust_diffusion.ddpm.trainer import TrainConfig, Trainer
+    images = torch.rand(16, 1, 8, 8) * 2 - 1
+    schedule = rd.NoiseSchedule.from_diffusers(DDPMScheduler(num_train_timesteps=100))
+    config = TrainConfig(steps=4, batch_size=8, log_every=1, checkpoint_every=2, progress=False)
+
+    def trainer(steps, out):
+        return Trainer(tiny_unet2d().train(), rd.RobustDiffusionLoss("ned", schedule), TensorDataset(images),
+                       schedule, TrainConfig(**{**config.__dict__, "steps": steps}), out_dir=out)
+
+    straight = trainer(4, tmp_path / "straight").train()
+    first = trainer(2, tmp_path / "resumed").train()
+    resumed = trainer(4, tmp_path / "resumed")
+    assert resumed.resume() and resumed.step == 2
+    resumed.train()
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert first.step == 2
+    samples = ddim_sample(straight.ema, schedule, (2, 1, 8, 8), num_steps=5,
+                          generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (2, 1, 8, 8) and torch.isfinite(samples).all()
+
+
+def test_a_model_that_returns_something_else_is_a_clear_error():
+    from robust_diffusion.ddpm.models import model_prediction
+    x = torch.zeros(2, 1, 4, 4)
+    assert model_prediction((x + 1,), x).eq(1).all()
+    with pytest.raises(ValueError, match=r"tensor of its input's shape \(2, 1, 4, 4\).*got dict"):
+        model_prediction({"out": x}, x)
+    with pytest.raises(ValueError, match=r"got \(2, 4\)"):
+        model_prediction(torch.zeros(2, 4), x)

@@ -37,7 +37,7 @@ def test_protocol_covers_the_issue(evidence):
         assert set(evidence.BASELINES) <= set(cells[name].losses)
     assert {"kl+debias", "ned+debias"} <= set(cells["clean"].losses)
     assert {"kl+risk_free", "ned+risk_free"} <= set(cells["gaussian-0.3"].losses)
-    assert {c.scale for c in evidence.CELLS} == {"adaptive", "1.0", "vlb"}
+    assert {c.scale for c in evidence.CELLS} == {"adaptive", "1.0", "vlb", "batch"}
     assert len(evidence.SEEDS) >= 2
 
 
@@ -117,8 +117,10 @@ def test_summary_figure_reads_the_generated_tables(evidence, tmp_path):
         {"loss": "kl", "frechet_distance": 100, "contaminant_fraction": 0.5, "auroc": 0.5, "train_s": 70}])
     block = evidence.tables(tmp_path / "runs")
     rows = evidence.parse_rows(evidence.sections(block)["noise-0.3"])
-    assert rows["kl"] == {"fd": [80.0, 100.0], "contaminant": [0.4, 0.5], "fd_mean": 90.0, "contaminant_mean": 0.45}
-    assert rows["ned"] == {"fd": [60.0], "contaminant": [0.2], "fd_mean": 60.0, "contaminant_mean": 0.2}
+    assert rows["kl"] == {"fd": [80.0, 100.0], "contaminant": [0.4, 0.5], "fd_mean": 90.0, "contaminant_mean": 0.45,
+                          "auroc_mean": 0.5}
+    assert rows["ned"] == {"fd": [60.0], "contaminant": [0.2], "fd_mean": 60.0, "contaminant_mean": 0.2,
+                           "auroc_mean": 0.9}
     assert "hellinger" not in rows and not any(name.startswith("data") for name in rows)  # not run; data rows
     figure = tmp_path / "summary.png"
     assert evidence.summary_figure(block, figure) and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -190,6 +192,33 @@ def test_temperature_rule_adopts_only_when_every_condition_holds(evidence, tmp_p
     assert "stays 1 (hellinger: not better on balance)" in verdict
     # Pairs not run yet leave it undecided.
     assert "undecided: 12 pair(s) not run yet" in evidence.temperature_rule(evidence.tables(tmp_path / "nothing"))
+
+
+def _batch_rule_runs(evidence, root: Path, fd_ratio, auroc_drop):
+    """Both seeds of every pair the batch-scale rule reads: FD 50 and AUROC 0.9 at the adaptive scale, and with
+    scale='batch' the given FD ratio and AUROC drop (callables of the batch cell)."""
+    for cell in (c for c in evidence.CELLS if c.scale == "batch"):
+        reference = next(c for c in evidence.CELLS if (c.contamination, c.kind, c.scale, c.steps, c.temperature)
+                         == (cell.contamination, cell.kind, "adaptive", None, 1.0))
+        for target, fd, auroc in ((reference, 50.0, 0.9), (cell, 50.0 * fd_ratio(cell), 0.9 - auroc_drop(cell))):
+            for seed in evidence.SEEDS:
+                write_results(evidence.run_dir(root, target, seed), [
+                    {"loss": loss, "frechet_distance": fd, "contaminant_fraction": 0.2, "auroc": auroc,
+                     "train_s": 1} for loss in evidence.BATCH_RULE_LOSSES])
+    return evidence.tables(root)
+
+
+def test_batch_scale_rule_adopts_only_within_both_tolerances(evidence, tmp_path):
+    same = lambda cell: 0.0
+    block = _batch_rule_runs(evidence, tmp_path / "all", lambda cell: 1.04, lambda cell: 0.04)
+    assert "scale='batch' becomes the bounded divergences' functional default" in evidence.batch_scale_rule(block)
+    verdict = evidence.batch_scale_rule(_batch_rule_runs(
+        evidence, tmp_path / "fd", lambda cell: 1.06 if cell.name == "clean-batch" else 1.0, same))
+    assert "stays scale=1.0 (fails: hellinger clean-batch; ned clean-batch)" in verdict
+    verdict = evidence.batch_scale_rule(_batch_rule_runs(
+        evidence, tmp_path / "auroc", lambda cell: 1.0, lambda cell: 0.06 if cell.kind == "gaussian" else 0.0))
+    assert "fails: hellinger gaussian-0.3-batch; ned gaussian-0.3-batch" in verdict
+    assert "undecided: 6 pair(s)" in evidence.batch_scale_rule(evidence.tables(tmp_path / "nothing"))
 
 
 def test_another_preset_tabulates_in_its_own_section_naming_the_device(evidence, tmp_path):

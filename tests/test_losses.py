@@ -182,6 +182,53 @@ def test_double_backward_raises():
     (g,) = torch.autograd.grad(OPS.hellinger_loss(x, y, scale, None, "mean", "mean")[0], x, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward .* not supported"):
         g.sum().backward()
+    assert g.grad_fn.name() == "HellingerLossBackwardBackward0"
+
+
+@pytest.mark.parametrize("case_id", CASE_IDS)
+def test_grad_fn_names_the_loss(case_id):
+    """grad_fn reads like PyTorch's own (MseLossBackward0): HellingerLossBackward0, PseudoHuberLossBackward0."""
+    case = case_for(case_id, 3)
+    x, y, scale, weight = make_inputs((3, 4), seed=1)
+    loss = call(case, x.requires_grad_(), y, scale, weight)[0]
+    expected = "".join(part.capitalize() for part in case.op.split("_")) + "Backward0"
+    assert loss.grad_fn.name() == expected
+    assert f"grad_fn=<{expected}>" in repr(loss)
+    # through the Python API too, and the functional call's gradient still flows
+    assert functional_call(case, x, y).grad_fn.name() == expected
+
+
+@pytest.mark.parametrize("argument", ["scale", "weight", "c"])
+def test_an_argument_without_a_gradient_that_requires_grad_is_refused(argument):
+    """scale, weight and pseudo-Huber's c get no gradient: one that requires grad would silently stay without
+    one, so the call says so (with grad mode on) instead; detached or under no_grad it runs."""
+    x, y, scale, weight = make_inputs((3, 4), seed=2)
+    args = dict(scale=scale, weight=weight, c=torch.full((3,), 0.1, dtype=torch.float64))
+    args[argument] = args[argument].clone().requires_grad_()
+
+    def run():
+        return OPS.pseudo_huber_loss(x.clone().requires_grad_(), y, args["scale"], args["weight"], "mean", "mean",
+                                     args["c"], "huber")[0]
+
+    with pytest.raises(RuntimeError, match=f"pseudo_huber_loss: {argument} requires grad.*{argument}.detach"):
+        run()
+    with torch.no_grad():
+        run()
+    args[argument] = args[argument].detach()
+    run().backward()
+
+
+def test_compiled_autograd_traces_the_backward():
+    """The backward node is traceable by compiled autograd (torch._dynamo.compiled_autograd) and gives the
+    eager gradient."""
+    x, y, scale, weight = make_inputs((4, 6), seed=3, dtype=torch.float32)
+    eager = x.clone().requires_grad_()
+    OPS.ned_loss(eager, y, scale, weight, "mean", "mean")[0].backward()
+    compiled = x.clone().requires_grad_()
+    torch._dynamo.reset()
+    with torch._dynamo.compiled_autograd._enable(torch.compile(backend="eager", fullgraph=True)):
+        OPS.ned_loss(compiled, y, scale, weight, "mean", "mean")[0].backward()
+    torch.testing.assert_close(compiled.grad, eager.grad)
 
 
 def test_nan_propagates():

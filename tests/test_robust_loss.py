@@ -133,7 +133,7 @@ def test_average_over_ranks_without_distributed_is_identity():
 @pytest.mark.parametrize("kwargs, message", [
     ({"loss": "l1"}, r"loss must be one of"),
     ({"loss": "ned", "alpha": 0.3}, r"unknown parameter\(s\) \['alpha'\] for loss 'ned'"),
-    ({"scale": "auto"}, r"scale must be 'adaptive', 'vlb' or a non-negative float"),
+    ({"scale": "auto"}, r"scale must be 'adaptive', 'vlb', 'batch' or a non-negative float"),
     ({"temperature": 0.0}, r"temperature must be positive"),
     ({"momentum": 1.0}, r"momentum must lie in \[0, 1\)"),
     ({"num_buckets": 0}, r"num_buckets must be a positive integer"),

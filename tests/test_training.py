@@ -215,7 +215,7 @@ def test_resume_rejects_a_different_batch_size(tmp_path):
     (["--loss", "l2"], "unknown loss 'l2' in 'l2'; expected one of mse, kl, hellinger, ned"),
     (["--loss", "ned+snr"], "unknown or repeated suffix 'snr' in loss 'ned+snr'"),
     (["--loss", "ned+debias+min_snr"], "unknown or repeated suffix 'min_snr' in loss 'ned+debias+min_snr'"),
-    (["--scale", "big"], "scale must be 'adaptive', 'vlb' or a non-negative number, got 'big'"),
+    (["--scale", "big"], "scale must be 'adaptive', 'vlb', 'batch' or a non-negative number, got 'big'"),
     (["--dataset", "cifar10"], "CIFAR-10 needs --data-root"),
 ])
 def test_cli_errors_are_clear(tmp_path, capsys, argv, message):
@@ -255,9 +255,9 @@ def test_experiment_data_kinds():
 
 # ---------------------------------------------------------------------------------------------- subprocesses
 def _cli_args(out, steps, extra=()):
-    return ["--out", str(out), "--model", "micro", "--num-train", "96", "--batch-size", "8", "--steps", str(steps),
-            "--lr", "1e-3", "--log-every", "5", "--checkpoint-every", "5", "--threads", "1", "--no-progress",
-            *extra]
+    return ["--out", str(out), "--model", "micro", "--num-train", "96", "--contamination", "0.3", "--batch-size", "8",
+            "--steps", str(steps), "--lr", "1e-3", "--log-every", "5", "--checkpoint-every", "5", "--threads", "1",
+            "--no-progress", *extra]
 
 
 @needs_fashion_mnist
@@ -294,7 +294,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
         _assert_states_equal(final[key], expected[key])
     for group_a, group_b in zip(final["optimizer"]["state"].values(), expected["optimizer"]["state"].values()):
         _assert_states_equal(group_a, group_b)
-    assert torch.equal(final["influence_sum"], expected["influence_sum"])
+    assert torch.equal(final["influence"]["influence_sum"], expected["influence"]["influence_sum"])
     log = read_log(out / "log.csv")
     assert [r["step"] for r in log] == list(range(5, steps + 1, 5))  # no lost or duplicated rows
     assert [r["loss"] for r in log] == [r["loss"] for r in read_log(tmp_path / "reference" / "log.csv")]
@@ -321,8 +321,10 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     for key in a["model"]:
         torch.testing.assert_close(b["model"][key], a["model"][key], rtol=1e-5, atol=1e-6, msg=key)
     # Every rank's influence weights reach the statistics: the same samples were seen the same number of times.
-    assert torch.equal(a["influence_count"], b["influence_count"])
-    torch.testing.assert_close(b["influence_sum"], a["influence_sum"], rtol=1e-5, atol=1e-6)
+    for key in ("influence_count", "bucket_influence_count", "penalty_count"):
+        assert torch.equal(a["influence"][key], b["influence"][key]), key
+    for key in ("influence_sum", "bucket_influence_sum", "penalty_sum"):
+        torch.testing.assert_close(b["influence"][key], a["influence"][key], rtol=1e-5, atol=1e-6, msg=key)
     rows_a, rows_b = read_log(tmp_path / "single" / "log.csv"), read_log(tmp_path / "ddp" / "log.csv")
     assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
     for ra, rb in zip(rows_a, rows_b):

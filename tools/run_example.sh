@@ -14,9 +14,9 @@ $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends dataset-fashion-mnist g++ >/dev/null
 
 python3 -m pip install -q --upgrade pip
-python3 -m pip install -q torch setuptools wheel ninja
+python3 -m pip install -q torch
 # CUDA kernels only where a GPU can use them (tools/test.sh always compiles them).
 export FORCE_CUDA="${FORCE_CUDA:-$(python3 -c 'import torch; print(int(torch.cuda.is_available()))')}"
-python3 -m pip install -q --no-build-isolation ".[examples]"
+python3 -m pip install -q ".[examples]"   # as a user types it: builds against that torch
 
 python3 examples/cifar10_contaminated.py --dataset fashion-mnist --preset quick "$@"

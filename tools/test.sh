@@ -12,8 +12,8 @@ $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends catch2 dataset-fashion-mnist cmake g++ >/dev/null
 
 python3 -m pip install -q --upgrade pip
-python3 -m pip install -q torch setuptools wheel ninja
-python3 -m pip install -q --no-build-isolation ".[test]"
+python3 -m pip install -q torch
+python3 -m pip install -q ".[test]"   # as a user types it: builds against that torch
 python3 -c "import torch, robust_diffusion; print('torch', torch.__version__, '| CUDA kernels built:', \
 hasattr(torch.ops.robust_diffusion.kl_loss, 'default') and torch._C._dispatch_has_kernel_for_dispatch_key('robust_diffusion::kl_loss', 'CUDA'))"
 

@@ -1,23 +1,49 @@
-// Autograd for every loss operator (the torchvision pattern): the Function's forward re-dispatches to
-// the operator below autograd, its backward calls the registered <loss>_backward operator, so
-// torch.compile and torch.export trace both as opaque operators. The backward operator's own autograd
-// kernel refuses double backward with a clear error instead of silently returning zero.
+// Autograd for every loss operator, written the way PyTorch's generated autograd kernels are: the kernel
+// runs the operator below autograd and, when input or target requires grad, attaches a node that calls
+// the registered <loss>_backward operator. A hand-written node (rather than torch::autograd::Function)
+// gives grad_fn a readable name, HellingerLossBackward0 as PyTorch's own MseLossBackward0, and is
+// traceable by compiled autograd; torch.compile and torch.export see both operators as opaque.
+// scale and weight get no gradient, so a scale or weight that requires grad is refused (it would
+// silently stay without one). Differentiating the gradient (double backward) is refused too.
+// (docs/DESIGN.md, Kernels)
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cctype>
+#include <mutex>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "../robust_diffusion.h"
 
 namespace robust_diffusion {
 namespace {
 
-using torch::autograd::AutogradContext;
+using torch::autograd::Node;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
-// Loss parameters travel to the backward in ctx->saved_data as IValues.
+// "pseudo_huber_loss" -> "PseudoHuberLoss": the operator's name as PyTorch spells its autograd nodes.
+std::string camel_case(const char* snake) {
+  std::string out;
+  bool upper = true;
+  for (const char* c = snake; *c; ++c) {
+    if (*c == '_') {
+      upper = true;
+    } else {
+      out += upper ? static_cast<char>(std::toupper(static_cast<unsigned char>(*c))) : *c;
+      upper = false;
+    }
+  }
+  return out;
+}
+
+// Loss parameters are kept as IValues: a string_view argument must not outlive the call.
 inline c10::IValue to_ivalue(double value) { return value; }
 inline c10::IValue to_ivalue(c10::string_view value) { return std::string(value); }
 inline c10::IValue to_ivalue(const at::Tensor& value) { return value; }
@@ -37,90 +63,159 @@ struct FromIValue<const at::Tensor&> {
   static const at::Tensor& get(const c10::IValue& v) { return v.toTensor(); }
 };
 
+// The name of the index-th parameter in a schema fragment such as ", Tensor c, str form".
+std::string param_name(const char* params, size_t index) {
+  std::string text(params);
+  size_t start = 0;
+  for (size_t i = 0; i <= index; ++i) start = text.find(',', start) + 1;
+  const size_t end = std::min(text.find(',', start), text.size());
+  const size_t name = text.find_last_of(' ', end - 1) + 1;
+  return text.substr(name, end - name);
+}
+
 inline std::optional<at::Tensor> optional_tensor(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
+void check_no_grad(const char* op, const char* argument, const at::Tensor& value) {
+  TORCH_CHECK(!value.defined() || !value.requires_grad(), "robust_diffusion::", op, ": ", argument,
+              " requires grad, but the loss has no gradient with respect to ", argument,
+              " (it would silently get none); pass ", argument, ".detach()");
+}
+
+void check_param_no_grad(const char* op, const std::string& argument, const at::Tensor& value) {
+  check_no_grad(op, argument.c_str(), value);
+}
+void check_param_no_grad(const char*, const std::string&, double) {}
+void check_param_no_grad(const char*, const std::string&, c10::string_view) {}
+
+// The backward of a backward: attached to the gradient when the graph is kept (create_graph=True), it
+// raises if anything differentiates through it instead of silently returning zero.
+struct DoubleBackwardRefused : public Node {
+  explicit DoubleBackwardRefused(std::string op) : op_(std::move(op)) {}
+  std::string name() const override { return camel_case(op_.c_str()) + "BackwardBackward0"; }
+  variable_list apply(variable_list&& /*grads*/) override {
+    TORCH_CHECK(false, "robust_diffusion::", op_, ": double backward (differentiating the gradient) is not supported");
+  }
+  std::string op_;
+};
+
 template <class Loss, class Params = LossParams<Loss>>
-struct LossFunction;
+struct LossAutograd;
 
 template <class Loss, class... P>
-struct LossFunction<Loss, c10::guts::typelist::typelist<P...>>
-    : public torch::autograd::Function<LossFunction<Loss, c10::guts::typelist::typelist<P...>>> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target,
-                               const at::Tensor& scale, const std::optional<at::Tensor>& weight,
-                               c10::string_view dim_reduction, c10::string_view reduction, P... params) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, penalty, influence] =
-        LossOperator<Loss>::forward().call(input, target, scale, weight, dim_reduction, reduction, params...);
-    ctx->save_for_backward({input, target, scale, weight.value_or(at::Tensor()), influence});
-    ctx->saved_data["dim_reduction"] = std::string(dim_reduction);
-    ctx->saved_data["reduction"] = std::string(reduction);
-    ctx->saved_data["params"] = c10::ivalue::Tuple::create(std::vector<c10::IValue>{to_ivalue(params)...});
-    ctx->mark_non_differentiable({penalty, influence});
-    return {loss, penalty, influence};
-  }
+struct LossAutograd<Loss, c10::guts::typelist::typelist<P...>> {
+  // grad_fn of the loss. Next edges: input (0), target (1).
+  struct Backward : public torch::autograd::TraceableFunction {
+    std::string name() const override { return camel_case(Loss::name) + "Backward0"; }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    variable_list grads(6 + sizeof...(P));  // one per forward argument; only input and target get one
-    const bool need_input = ctx->needs_input_grad(0), need_target = ctx->needs_input_grad(1);
-    if (!grad_outputs[0].defined() || !(need_input || need_target)) return grads;
-    const auto saved = ctx->get_saved_variables();
-    const auto params = ctx->saved_data["params"].toTuple();
-    const at::Tensor grad = call_backward(ctx, grad_outputs[0], saved, params->elements(),
-                                          std::index_sequence_for<P...>{});
-    if (need_input) grads[0] = grad;
-    if (need_target) grads[1] = grad.neg().to(saved[1].scalar_type());  // d r / d target = -1
-    return grads;
-  }
+    variable_list apply(variable_list&& grads) override {
+      variable_list result(2);
+      const bool need_input = should_compute_output(0), need_target = should_compute_output(1);
+      if (!grads[0].defined() || !(need_input || need_target)) return result;
+      const at::Tensor target = target_.unpack();
+      const at::Tensor grad = call_backward(grads[0], input_.unpack(), target, std::index_sequence_for<P...>{});
+      if (need_input) result[0] = grad;
+      if (need_target) result[1] = grad.neg().to(target.scalar_type());  // d r / d target = -1
+      return result;
+    }
+
+    template <size_t... I>
+    at::Tensor call_backward(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+                             std::index_sequence<I...>) {
+      return LossOperator<Loss>::backward().call(grad_loss, input, target, scale_.unpack(),
+                                                 optional_tensor(weight_.unpack()), influence_.unpack(),
+                                                 dim_reduction_, reduction_, FromIValue<P>::get(params_[I])...);
+    }
+
+    void release_variables() override {
+      std::lock_guard<std::mutex> lock(mutex_);
+      input_.reset_data();
+      target_.reset_data();
+      scale_.reset_data();
+      weight_.reset_data();
+      influence_.reset_data();
+    }
+
+    // Compiled autograd: the saved state that identifies this node, and apply() on swapped-in tensors.
+    void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+      args.collect(input_, false);
+      args.collect(target_, false);
+      args.collect(scale_, false);
+      args.collect(weight_, false);
+      args.collect(influence_, false);
+      args.collect(dim_reduction_);
+      args.collect(reduction_);
+      args.collect(params_);
+    }
+    variable_list apply_with_saved(const variable_list& inputs,
+                                   torch::dynamo::autograd::SwapSavedVariables& saved) override {
+      saved.before(input_), saved.before(target_), saved.before(scale_), saved.before(weight_);
+      saved.before(influence_), saved.before(params_);
+      variable_list result = apply(variable_list(inputs));
+      saved.after(input_), saved.after(target_), saved.after(scale_), saved.after(weight_);
+      saved.after(influence_), saved.after(params_);
+      return result;
+    }
+
+    SavedVariable input_, target_, scale_, weight_, influence_;
+    std::string dim_reduction_, reduction_;
+    std::vector<c10::IValue> params_;
+  };
 
   template <size_t... I>
-  static at::Tensor call_backward(AutogradContext* ctx, const at::Tensor& grad_loss, const variable_list& saved,
-                                  c10::ArrayRef<c10::IValue> params, std::index_sequence<I...>) {
-    return LossOperator<Loss>::backward().call(grad_loss, saved[0], saved[1], saved[2], optional_tensor(saved[3]),
-                                               saved[4], ctx->saved_data["dim_reduction"].toStringView(),
-                                               ctx->saved_data["reduction"].toStringView(),
-                                               FromIValue<P>::get(params[I])...);
+  static void check_params_no_grad(std::index_sequence<I...>, const P&... params) {
+    (check_param_no_grad(Loss::name, param_name(Loss::params, I), params), ...);
   }
 
   // The autograd kernel of the forward operator.
-  static std::tuple<at::Tensor, at::Tensor, at::Tensor> apply_op(
-      const at::Tensor& input, const at::Tensor& target, const at::Tensor& scale,
-      const std::optional<at::Tensor>& weight, c10::string_view dim_reduction, c10::string_view reduction,
-      P... params) {
-    auto out = LossFunction::apply(input, target, scale, weight, dim_reduction, reduction, params...);
-    return {out[0], out[1], out[2]};
-  }
-};
-
-// Autograd kernel of <loss>_backward: computes it, and raises if anything differentiates through it.
-template <class Loss, class Params = LossParams<Loss>>
-struct LossBackwardFunction;
-
-template <class Loss, class... P>
-struct LossBackwardFunction<Loss, c10::guts::typelist::typelist<P...>>
-    : public torch::autograd::Function<LossBackwardFunction<Loss, c10::guts::typelist::typelist<P...>>> {
-  static variable_list forward(AutogradContext* /*ctx*/, const at::Tensor& grad_loss, const at::Tensor& input,
-                               const at::Tensor& target, const at::Tensor& scale,
-                               const std::optional<at::Tensor>& weight, const at::Tensor& influence,
-                               c10::string_view dim_reduction, c10::string_view reduction, P... params) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return {LossOperator<Loss>::backward().call(grad_loss, input, target, scale, weight, influence, dim_reduction,
-                                                reduction, params...)};
-  }
-
-  static variable_list backward(AutogradContext* /*ctx*/, variable_list /*grad_outputs*/) {
-    TORCH_CHECK(false, "robust_diffusion::", Loss::name,
-                ": double backward (differentiating the gradient) is not supported");
-    return {};
+  static LossOutputs forward(const at::Tensor& input, const at::Tensor& target, const at::Tensor& scale,
+                             const std::optional<at::Tensor>& weight, c10::string_view dim_reduction,
+                             c10::string_view reduction, P... params) {
+    const bool differentiable = torch::autograd::compute_requires_grad(input, target);
+    if (at::GradMode::is_enabled()) {
+      check_no_grad(Loss::name, "scale", scale);
+      check_no_grad(Loss::name, "weight", weight.value_or(at::Tensor()));
+      check_params_no_grad(std::index_sequence_for<P...>{}, params...);
+    }
+    LossOutputs outputs = [&] {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      return LossOperator<Loss>::forward().call(input, target, scale, weight, dim_reduction, reduction, params...);
+    }();
+    if (differentiable) {
+      auto node = c10::make_intrusive<Backward>();
+      node->set_next_edges(torch::autograd::collect_next_edges(input, target));
+      node->input_ = SavedVariable(input, false);
+      node->target_ = SavedVariable(target, false);
+      node->scale_ = SavedVariable(scale, false);
+      node->weight_ = SavedVariable(weight.value_or(at::Tensor()), false);
+      node->influence_ = SavedVariable(std::get<2>(outputs), false);  // an output, but not differentiable
+      node->dim_reduction_ = std::string(dim_reduction);
+      node->reduction_ = std::string(reduction);
+      node->params_ = {to_ivalue(params)...};
+      torch::autograd::set_history(std::get<0>(outputs), node);  // penalty and influence get no history
+    }
+    return outputs;
   }
 
-  static at::Tensor apply_op(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+  // The autograd kernel of <loss>_backward: computes it, and refuses to be differentiated.
+  static at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
                              const at::Tensor& scale, const std::optional<at::Tensor>& weight,
                              const at::Tensor& influence, c10::string_view dim_reduction, c10::string_view reduction,
                              P... params) {
-    return LossBackwardFunction::apply(grad_loss, input, target, scale, weight, influence, dim_reduction, reduction,
-                                       params...)[0];
+    const bool differentiable =
+        torch::autograd::compute_requires_grad(grad_loss, input, target, scale, weight, influence);
+    at::Tensor grad = [&] {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      return LossOperator<Loss>::backward().call(grad_loss, input, target, scale, weight, influence, dim_reduction,
+                                                 reduction, params...);
+    }();
+    if (differentiable) {
+      auto node = c10::make_intrusive<DoubleBackwardRefused>(Loss::name);
+      node->set_next_edges(torch::autograd::collect_next_edges(grad_loss, input, target, scale, weight, influence));
+      torch::autograd::set_history(grad, node);
+    }
+    return grad;
   }
 };
 
@@ -129,8 +224,8 @@ struct LossBackwardFunction<Loss, c10::guts::typelist::typelist<P...>>
 TORCH_LIBRARY_IMPL(robust_diffusion, Autograd, m) {
   losses::for_each_loss([&](auto loss) {
     using Loss = decltype(loss);
-    m.impl(Loss::name, &LossFunction<Loss>::apply_op);
-    m.impl((std::string(Loss::name) + "_backward").c_str(), &LossBackwardFunction<Loss>::apply_op);
+    m.impl(Loss::name, &LossAutograd<Loss>::forward);
+    m.impl((std::string(Loss::name) + "_backward").c_str(), &LossAutograd<Loss>::backward);
   });
 }
 

@@ -5,13 +5,15 @@ Swap one line of a training loop::
     loss = robust_diffusion.hellinger_loss(eps_hat, eps, t)
 
 Every loss is a fused C++/CUDA operator (``torch.ops.robust_diffusion.*``) with C++ autograd; this
-package adds the functional API, noise schedules and timestep weighting.
+package adds the functional API, noise schedules, timestep weighting and :class:`InfluenceTracker` (which
+training samples the loss trusts least).
 """
 
 from . import ops
 from .functional import (
     DIVERGENCES,
     alpha_loss,
+    batch_scale,
     chi2_loss,
     clipped_mse_loss,
     default_schedule,
@@ -26,6 +28,7 @@ from .functional import (
     pseudo_huber_loss,
     tv_loss,
 )
+from .influence import InfluenceTracker
 from .robust_loss import LOSSES, RobustDiffusionLoss
 from . import risk
 from .risk import risk_free_loss, risk_noising
@@ -35,7 +38,7 @@ from .weighting import loss_weights, pseudo_huber_c, weight_table
 __version__ = "0.1.0"
 
 __all__ = [
-    "DIVERGENCES", "LOSSES", "NoiseSchedule", "RobustDiffusionLoss", "alpha_loss", "chi2_loss", "clipped_mse_loss", "default_schedule",
+    "DIVERGENCES", "InfluenceTracker", "LOSSES", "NoiseSchedule", "RobustDiffusionLoss", "alpha_loss", "batch_scale", "chi2_loss", "clipped_mse_loss", "default_schedule",
     "divergence_loss", "hellinger_loss", "huber_loss", "influence_weights", "js_loss", "kl_loss", "lecam_loss",
     "loss_weights", "ned_loss", "ops", "pseudo_huber_c", "pseudo_huber_loss", "risk", "risk_free_loss", "risk_noising", "tv_loss", "weight_table",
 ]

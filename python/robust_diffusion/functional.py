@@ -78,14 +78,20 @@ from .weighting import pseudo_huber_c
 __all__ = [
     "DIVERGENCES", "divergence_loss", "influence_weights",
     "kl_loss", "hellinger_loss", "ned_loss", "alpha_loss", "js_loss", "lecam_loss", "tv_loss", "chi2_loss",
-    "huber_loss", "pseudo_huber_loss", "clipped_mse_loss", "default_schedule",
+    "huber_loss", "pseudo_huber_loss", "clipped_mse_loss", "default_schedule", "batch_scale", "PENALTY_FLOOR",
+    "BATCH_SCALE_NEIGHBOURS",
 ]
 
 Scale = Union[float, str, Tensor]
 
 #: The f-divergences with an operator, by the name :func:`divergence_loss` takes.
 DIVERGENCES = tuple(entry.name for entry in ops.LOSS_TABLE if entry.kind == "divergence")
-_SCALE_PRESETS = ("vlb",)
+_SCALE_PRESETS = ("vlb", "batch")
+#: A typical penalty below this carries no scale information (a zero residual); scales never divide by less.
+PENALTY_FLOOR = 1e-12
+#: scale="batch": the typical penalty of a sample is the median over at least this many samples nearest to
+#: it in t (a quarter of the batch when that is more); a batch this small or smaller uses its overall median.
+BATCH_SCALE_NEIGHBOURS = 8
 
 _DEFAULT_SCHEDULE: Optional[NoiseSchedule] = None
 
@@ -139,6 +145,30 @@ def _resolve_scale(name: str, scale: Scale, t: Optional[Tensor], schedule: Optio
     return _per_sample(name, "scale", scale, batch, device)
 
 
+def batch_scale(penalty: Tensor, t: Optional[Tensor] = None, temperature: float = 1.0,
+                neighbours: int = BATCH_SCALE_NEIGHBOURS, floor: float = PENALTY_FLOOR) -> Tensor:
+    """The stateless scale (docs/DESIGN.md, Scale): ``1 / (temperature * m_b)`` per sample, where ``m_b`` is the
+    median penalty of the ``k`` samples of this batch nearest to sample b in ``t`` (nearest in noise level, as
+    log-SNR is monotone in t), ``k = max(neighbours, B // 4)`` (the whole batch when B is not
+    larger; without ``t`` the whole batch). A median ignores up to half of its window, so contaminated
+    samples do not set the scale unless they are the majority at their noise level. Non-finite penalties are
+    left out of the medians; a window with none finite gives scale 1. No gradient, no state, no host sync."""
+    batch = penalty.shape[0]
+    values = penalty.detach().float()
+    values = torch.where(torch.isfinite(values), values, torch.full_like(values, float("nan")))
+    if t is None:
+        order = torch.arange(batch, device=values.device)
+    else:
+        order = torch.argsort(t, stable=True)
+    k = min(batch, max(neighbours, batch // 4))
+    window_medians = torch.nanmedian(values[order].unfold(0, k, 1), dim=1).values  # [B - k + 1]
+    start = (torch.arange(batch, device=values.device) - k // 2).clamp(0, batch - k)  # the window centred on b
+    typical = torch.empty_like(values)
+    typical[order] = window_medians[start]
+    typical = torch.where(torch.isnan(typical), torch.ones_like(typical), typical).clamp_min(floor)
+    return 1.0 / (temperature * typical)
+
+
 def _float_param(name: str, argument: str, value, expected: str = "a float") -> float:
     """A Python number as a float, or a TypeError that names the argument (not float()'s message)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -158,10 +188,16 @@ def _loss_call(op_name: str, input: Tensor, target: Tensor, t: Optional[Tensor],
         if t.device != input.device:
             raise ValueError(f"{op_name}: t must be on input's device ({input.device}), got {t.device}")
         (schedule or default_schedule()).check_timesteps(t, caller=op_name)
-    scale_b = _resolve_scale(op_name, scale, t, schedule, batch, input.device)
+    op = getattr(torch.ops.robust_diffusion, op_name)
+    if isinstance(scale, str) and scale == "batch":
+        with torch.no_grad():  # one extra pass: the penalties at scale 1, for their medians
+            ones = torch.ones(batch, device=input.device)
+            penalty = op(input.detach(), target.detach(), ones, None, dim_reduction, "none", *params)[1]
+        scale_b = batch_scale(penalty, t)
+    else:
+        scale_b = _resolve_scale(op_name, scale, t, schedule, batch, input.device)
     if weight is not None:
         weight = _per_sample(op_name, "weight", weight, batch, input.device)
-    op = getattr(torch.ops.robust_diffusion, op_name)
     return op(input, target, scale_b, weight, dim_reduction, reduction, *params)
 
 
@@ -172,7 +208,8 @@ _COMMON_DOC = """
             input is read as is.
         t: integer timesteps [B]; needed for ``scale="vlb"``, validated when given.
         schedule: the :class:`NoiseSchedule` for ``t`` (default: linear, T = 1000).
-        scale: multiplies R_b before the transform: a float (default 1.0), a [B] tensor, or ``"vlb"``.
+        scale: multiplies R_b before the transform: a float (default 1.0), a [B] tensor, ``"vlb"``, or
+            ``"batch"`` (stateless robust scale from this batch's penalties, :func:`batch_scale`).
         dim_reduction: ``"mean"`` (default) or ``"sum"`` of the penalty over a sample's elements.
         weight: optional per-sample weight [B] (e.g. :func:`robust_diffusion.loss_weights`).
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (the per-sample float32 vector).
@@ -257,20 +294,23 @@ def huber_loss(input: Tensor, target: Tensor, t: Optional[Tensor] = None, *, del
 
 
 def pseudo_huber_loss(input: Tensor, target: Tensor, t: Optional[Tensor] = None, *, c: Union[float, Tensor] = 0.1,
-                      c_schedule: Optional[str] = None, form: str = "huber", schedule: Optional[NoiseSchedule] = None,
-                      scale: Scale = 1.0, dim_reduction: str = "mean", weight: Optional[Tensor] = None,
-                      reduction: str = "mean") -> Tensor:
+                      c_schedule: Optional[str] = None, c_scale: float = 1.0, form: str = "huber",
+                      schedule: Optional[NoiseSchedule] = None, scale: Scale = 1.0, dim_reduction: str = "mean",
+                      weight: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
     """diffusers' pseudo-Huber: ``form="huber"`` is 2c (sqrt(r^2 + c^2) - c), ``form="smooth_l1"`` is
     2 (sqrt(r^2 + c^2) - c). ``c`` is a float or a per-sample tensor [B]. With ``c_schedule`` (diffusers'
     ``huber_schedule``: ``"constant"``, ``"exponential"`` or ``"snr"``, its default) the float ``c`` is
-    turned into per-sample values from ``t`` on the device (:func:`robust_diffusion.pseudo_huber_c`)."""
+    turned into per-sample values from ``t`` on the device (:func:`robust_diffusion.pseudo_huber_c`);
+    ``c_scale`` is kohya's ``huber_scale`` (constant and exponential schedules only, as there)."""
     batch = _check_pair("pseudo_huber_loss", input, target)
     if not isinstance(c, Tensor) and not (isinstance(c, (int, float)) and c > 0):
         raise ValueError(f"pseudo_huber_loss: c must be positive, got {c!r}")
     if c_schedule is not None:
         if t is None or isinstance(c, Tensor):
             raise ValueError("pseudo_huber_loss: c_schedule needs the timesteps t and a float c")
-        c = pseudo_huber_c(schedule or default_schedule(), t, float(c), c_schedule)
+        c = pseudo_huber_c(schedule or default_schedule(), t, float(c), c_schedule, c_scale)
+    elif c_scale != 1.0:
+        raise ValueError("pseudo_huber_loss: c_scale scales a c_schedule; without one, pass c * c_scale as c")
     c_b = _per_sample("pseudo_huber_loss", "c", c, batch, input.device)
     return _divergence("pseudo_huber_loss", input, target, t, schedule, scale, dim_reduction, weight, reduction,
                        c_b, form)

@@ -47,7 +47,7 @@ LOSS_TABLE = (
     LossEntry("tv", "divergence", {}),
     LossEntry("chi2", "divergence", {}),
     LossEntry("huber", "baseline", {"delta": 1.0}),
-    LossEntry("pseudo_huber", "baseline", {"c": 0.1, "c_schedule": "snr", "form": "huber"}),
+    LossEntry("pseudo_huber", "baseline", {"c": 0.1, "c_schedule": "snr", "c_scale": 1.0, "form": "huber"}),
     LossEntry("clipped_mse", "baseline", {"tau": 1.0, "mode": "sample"}),
 )
 

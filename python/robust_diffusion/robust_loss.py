@@ -32,9 +32,10 @@ also a timestep weighting, which helped even with every influence weight 1 (``"k
 from typing import Dict, Optional, Tuple, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .functional import default_schedule
+from ._buffers import DtypeKeepingModule
+from .functional import PENALTY_FLOOR, batch_scale, default_schedule
 from .ops import LOSS_TABLE
 from .schedules import NoiseSchedule, canonical_prediction_type
 from .weighting import loss_weights, pseudo_huber_c
@@ -45,13 +46,12 @@ __all__ = ["RobustDiffusionLoss", "LOSSES", "MAX_UPDATE_RATIO", "PENALTY_FLOOR"]
 LOSSES = tuple(entry.name for entry in LOSS_TABLE)
 #: The adaptive scale takes an accepted bucket median only up to this factor times the bucket's current value.
 MAX_UPDATE_RATIO = 2.0
-#: Bucket medians below this carry no scale information (a zero residual) and are not taken in; the state
-#: never goes below it.
-PENALTY_FLOOR = 1e-12
+# PENALTY_FLOOR (functional.py): bucket medians below it carry no scale information and are not taken in; the
+# state never goes below it.
 _UPDATE_MODES = ("forward", "step")
 
 
-class RobustDiffusionLoss(nn.Module):
+class RobustDiffusionLoss(DtypeKeepingModule):
     """A robust denoising loss for a diffusion training step.
 
     Every loss is ``weight_b * phi(scale_b * R_b)`` (docs/DESIGN.md, Losses). For the losses without a per-sample
@@ -70,7 +70,9 @@ class RobustDiffusionLoss(nn.Module):
         loss: one of :data:`LOSSES` (an f-divergence of ``DIVERGENCES`` or a baseline).
         schedule: the :class:`NoiseSchedule` the timesteps refer to (default: linear, T = 1000).
         scale: ``"adaptive"`` (default, for the evidence in the module docstring), ``"vlb"`` (DDPM's
-            lambda_t, converted to the prediction type's error) or a float (a fixed t-independent scale of R_b).
+            lambda_t, converted to the prediction type's error), ``"batch"`` (stateless: the median penalty of
+            the batch's samples nearest in noise level, :func:`robust_diffusion.batch_scale`) or a float (a fixed
+            t-independent scale of R_b).
             For ``kl``, ``huber``, ``pseudo_huber`` and ``clipped_mse`` with ``mode="element"``, ``"adaptive"``
             divides the loss by ``temperature`` times the running median penalty of the sample's noise level
             (a per-noise-level normalisation, not the plain loss): use ``scale=1.0`` for plain MSE or
@@ -98,7 +100,7 @@ class RobustDiffusionLoss(nn.Module):
             end of the forward pass; ``"step"``: the forward pass stages it and :meth:`step`, called after the
             optimizer step, commits it (the statistics of several forward passes, as in gradient accumulation,
             are averaged), or drops it when told the step was skipped.
-        **loss_params: ``alpha`` (alpha), ``delta`` (huber), ``c``, ``c_schedule``, ``form`` (pseudo_huber),
+        **loss_params: ``alpha`` (alpha), ``delta`` (huber), ``c``, ``c_schedule``, ``c_scale``, ``form`` (pseudo_huber),
             ``tau``, ``mode`` (clipped_mse).
 
     After each call, ``last_influence`` and ``last_penalty`` hold the batch's per-sample influence weights
@@ -129,10 +131,10 @@ class RobustDiffusionLoss(nn.Module):
         if unknown:
             raise ValueError(f"unknown parameter(s) {unknown} for loss {loss!r}; it takes {sorted(params) or 'none'}")
         params.update(loss_params)
-        if isinstance(scale, str) and scale not in ("adaptive", "vlb"):
-            raise ValueError(f"scale must be 'adaptive', 'vlb' or a non-negative float, got {scale!r}")
+        if isinstance(scale, str) and scale not in ("adaptive", "vlb", "batch"):
+            raise ValueError(f"scale must be 'adaptive', 'vlb', 'batch' or a non-negative float, got {scale!r}")
         if not isinstance(scale, str) and not float(scale) >= 0:
-            raise ValueError(f"scale must be 'adaptive', 'vlb' or a non-negative float, got {scale!r}")
+            raise ValueError(f"scale must be 'adaptive', 'vlb', 'batch' or a non-negative float, got {scale!r}")
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature!r}")
         if not (isinstance(num_buckets, int) and num_buckets >= 1):
@@ -179,8 +181,8 @@ class RobustDiffusionLoss(nn.Module):
             schedule, steps, weighting, weight_kind, terminal=terminal, normalize=normalize_weights,
             **(weighting_params or {})), persistent=False)
         self.register_buffer("vlb_scale", _vlb_scale(schedule, kind), persistent=False)
-        c_b = (pseudo_huber_c(schedule, steps, params["c"], params["c_schedule"]) if loss == "pseudo_huber"
-               else torch.ones(schedule.num_timesteps))
+        c_b = (pseudo_huber_c(schedule, steps, params["c"], params["c_schedule"], params["c_scale"])
+               if loss == "pseudo_huber" else torch.ones(schedule.num_timesteps))
         self.register_buffer("huber_c", c_b.float(), persistent=False)
         # Adaptive state: the running median penalty per bucket, whether it has been seeded, and fault counters.
         self.register_buffer("bucket_penalty", torch.ones(self.num_buckets))
@@ -197,17 +199,6 @@ class RobustDiffusionLoss(nn.Module):
         scale = self.scale_mode if self.scale_mode != "fixed" else self.fixed_scale
         return (f"loss={self.loss!r}, scale={scale!r}, temperature={self.temperature}, "
                 f"prediction_type={self.prediction_type!r}, buckets={self.num_buckets}")
-
-    def _apply(self, fn, recurse=True):
-        """Device moves apply; dtype casts (``.half()``, ``.to(torch.bfloat16)``) do not: the tables and the
-        adaptive state stay float32, where the 1e-12 floor and the saturated weights are representable."""
-        before = dict(self._buffers)
-        super()._apply(fn, recurse)
-        for name, old in before.items():
-            new = self._buffers[name]
-            if old is not None and new is not None and new.dtype != old.dtype:
-                self._buffers[name] = old.to(new.device)
-        return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -242,6 +233,10 @@ class RobustDiffusionLoss(nn.Module):
             scale = 1.0 / (self.temperature * typical[self.buckets(t)])
         elif self.scale_mode == "vlb":
             scale = self.vlb_scale[t]
+        elif self.scale_mode == "batch":
+            with torch.no_grad():  # stateless: this batch's penalties at scale 1, their medians by noise level
+                penalty = self._call(input.detach(), target.detach(), torch.ones_like(c), None, c, "none")[1]
+            scale = batch_scale(penalty, t, self.temperature)
         else:
             scale = torch.full_like(c, self.fixed_scale)
         loss, penalty, influence = self._call(input, target, scale, sample_weight, c, self.reduction)

@@ -147,17 +147,22 @@ def weight_table(schedule: NoiseSchedule, scheme: str = "constant", prediction_t
     return _float64_table(schedule, key).clone()
 
 
-def pseudo_huber_c(schedule: NoiseSchedule, t: Tensor, c: float = 0.1, c_schedule: str = "snr") -> Tensor:
+def pseudo_huber_c(schedule: NoiseSchedule, t: Tensor, c: float = 0.1, c_schedule: str = "snr",
+                   c_scale: float = 1.0) -> Tensor:
     """Per-sample pseudo-Huber ``c_b`` from the timestep: float32 ``[B]`` on ``t``'s device.
 
     The schedules of diffusers' scheduled-Huber research scripts [SPHL] (``huber_c``, ``huber_schedule``),
     with ``T = num_train_timesteps`` and ``t`` in ``[0, T)``:
 
-    - ``"constant"``: ``c``.
-    - ``"exponential"``: ``exp(log(c) t / T) = c^(t / T)``: 1 at ``t = 0``, ``c^((T-1)/T)`` at ``T - 1``.
+    - ``"constant"``: ``c * c_scale``.
+    - ``"exponential"``: ``exp(log(c) t / T) * c_scale = c^(t / T) * c_scale``: ``c_scale`` at ``t = 0``,
+      ``c^((T-1)/T) c_scale`` at ``T - 1``.
     - ``"snr"`` (diffusers' default): ``(1 - c) / (1 + sigma_t)^2 + c`` with
       ``sigma_t = sqrt((1 - abar_t) / abar_t)``; evaluated as ``(1 - c) abar / (sqrt(abar) + sqrt(1 - abar))^2 + c``,
       which is the same value and gives the limit ``c`` at ``abar = 0`` (zero terminal SNR) without an inf.
+
+    ``c_scale`` is kohya sd-scripts' ``huber_scale``, applied as there: to the constant and exponential
+    schedules, not to ``"snr"``. diffusers' scripts have no such option (``c_scale = 1``).
     """
     _check_schedule(schedule)
     if c_schedule not in HUBER_C_SCHEDULES:
@@ -165,8 +170,11 @@ def pseudo_huber_c(schedule: NoiseSchedule, t: Tensor, c: float = 0.1, c_schedul
     c = _check_number("c", c)
     if not c > 0:
         raise ValueError(f"c must be > 0, got {c!r}")
+    c_scale = _check_number("c_scale", c_scale)
+    if not c_scale > 0:
+        raise ValueError(f"c_scale must be > 0, got {c_scale!r}")
     t = schedule.check_timesteps(t, caller="pseudo_huber_c")
-    return _device_table(schedule, ("huber_c", c_schedule, c), t.device, torch.float32)[t]
+    return _device_table(schedule, ("huber_c", c_schedule, c, c_scale), t.device, torch.float32)[t]
 
 
 # ---------------------------------------------------------------------------------- tables
@@ -259,14 +267,14 @@ def _clamp_range(lam: Tensor, finite: Tensor) -> Tuple[Tensor, Tensor]:
     return low.clamp(-LOG_SNR_BOUND, LOG_SNR_BOUND), high.clamp(-LOG_SNR_BOUND, LOG_SNR_BOUND)
 
 
-def _huber_c_table(schedule: NoiseSchedule, c_schedule: str, c: float) -> Tensor:
+def _huber_c_table(schedule: NoiseSchedule, c_schedule: str, c: float, c_scale: float) -> Tensor:
     steps = schedule.num_timesteps
     if c_schedule == "constant":
-        return torch.full((steps,), c, dtype=torch.float64)
+        return torch.full((steps,), c * c_scale, dtype=torch.float64)
     if c_schedule == "exponential":
-        # diffusers: alpha = -log(c) / num_train_timesteps; c_t = exp(-alpha * t)
+        # diffusers: alpha = -log(c) / num_train_timesteps; c_t = exp(-alpha * t) (kohya: times huber_scale)
         alpha = -math.log(c) / steps
-        return torch.exp(-alpha * torch.arange(steps, dtype=torch.float64))
+        return torch.exp(-alpha * torch.arange(steps, dtype=torch.float64)) * c_scale
     abar = schedule.alphas_cumprod
     inv_one_plus_sigma_sq = abar / (abar.sqrt() + schedule.one_minus_alphas_cumprod.sqrt()) ** 2
     return (1.0 - c) * inv_one_plus_sigma_sq + c

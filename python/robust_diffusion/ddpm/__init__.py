@@ -1,7 +1,8 @@
 """The DDPM training kit, built on the loss library (:mod:`robust_diffusion`) and kept apart from it: the library
 never imports this package.
 
-- :mod:`~robust_diffusion.ddpm.data`: Fashion-MNIST / CIFAR-10 loading and Huber epsilon-contamination.
+- :mod:`~robust_diffusion.ddpm.data`: Fashion-MNIST / CIFAR-10 loading, your own images (folders, arrays) and
+  Huber epsilon-contamination.
 - :mod:`~robust_diffusion.ddpm.models`: a small UNet.
 - :mod:`~robust_diffusion.ddpm.trainer`: :class:`Trainer` and :class:`TrainConfig` (AdamW, EMA, AMP, exact resume, DDP),
   with :mod:`~robust_diffusion.ddpm.checkpoint` (crash-safe files, RNG state), :mod:`~robust_diffusion.ddpm.runlog`
@@ -10,6 +11,7 @@ never imports this package.
 - :mod:`~robust_diffusion.ddpm.metrics`: offline evaluation (Frechet distance in a classifier's features, AUROC, ...).
 - :mod:`~robust_diffusion.ddpm.export`: TorchScript / torch.export of a trained model for the C++ sampler.
 - :mod:`~robust_diffusion.ddpm.cli`: the command line, ``python -m robust_diffusion.train``.
+- :mod:`~robust_diffusion.ddpm.audit`: the data audit, ``python -m robust_diffusion.audit``.
 """
 
 from .trainer import TrainConfig, Trainer

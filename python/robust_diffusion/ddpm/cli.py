@@ -1,8 +1,14 @@
-"""Command line: train a DDPM with a robust loss on contaminated data.
+"""Command line: train a DDPM with a robust loss, on your images or on (contaminated) benchmark data.
 
+    python -m robust_diffusion.train --dataset folder --data-root my_images/ --loss ned --out runs/mine
     python -m robust_diffusion.train --dataset fashion-mnist --contamination 0.3 --kind noise \\
         --loss ned --steps 2000 --out runs/ned --export
     torchrun --nproc_per_node 2 -m robust_diffusion.train ...        # data parallel (gloo on CPU, nccl on GPU)
+
+``--dataset folder`` reads ``--data-root``, a folder of image files (resized and centre-cropped to
+``--image-size``, default 32) or a ``.npy``/``.npz``/IDX array file, with
+:func:`~robust_diffusion.ddpm.data.load_images` (the loader of ``python -m robust_diffusion.audit``). Nothing is
+contaminated unless ``--contamination`` says so (default 0).
 
 It writes ``checkpoint.pt`` and ``log.csv`` (see :mod:`robust_diffusion.ddpm.trainer`), ``influence.pt`` (each
 training sample's average influence weight and contamination label) and with ``--export`` the EMA model as
@@ -24,18 +30,21 @@ from typing import NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .data import (CONTAMINATION_KINDS, FASHION_MNIST_CLASSES, ContaminatedDataset, contaminate, load_cifar10,
-                   load_fashion_mnist)
+from .data import (CONTAMINATION_KINDS, FASHION_MNIST_CLASSES, ContaminatedDataset, LabelledImages, contaminate,
+                   load_cifar10, load_fashion_mnist, load_images, unreadable_summary)
 from .models import UNET_PRESETS, UNet
 from ..robust_loss import LOSSES, RobustDiffusionLoss
 from ..schedules import NoiseSchedule
 from .distributed import init_distributed
 from .trainer import TrainConfig, Trainer
 
-__all__ = ["DATASETS", "LOSS_NAMES", "MODEL_PRESETS", "ExperimentData", "LossChoice", "build_loss", "build_model",
-           "load_experiment_data", "main", "parse_loss_name"]
+__all__ = ["DATASETS", "LOSS_NAMES", "MODEL_PRESETS", "TRAIN_DATASETS", "ExperimentData", "LossChoice", "build_loss",
+           "build_model", "load_experiment_data", "main", "parse_loss_name"]
 
+#: The benchmark datasets: a training and a clean test split (what the experiments evaluate against).
 DATASETS = ("fashion-mnist", "cifar10")
+#: What the training command takes: the benchmarks, or your own images (``folder``: no test split).
+TRAIN_DATASETS = DATASETS + ("folder",)
 #: Timestep weightings a loss name may carry as a suffix: ``ned+debias``.
 LOSS_WEIGHTINGS = ("debias", "min_snr", "p2", "soft_min_snr", "sigmoid", "edm")
 #: Extra losses besides :data:`robust_diffusion.LOSSES`: the risk-free loss when ``robust_diffusion.risk`` exists.
@@ -67,8 +76,10 @@ class ExperimentData:
         train: the contaminated training set (items ``(image, is_contaminated, risk, index)``).
         train_labels: class labels of the training images before contamination.
         test_images, test_labels: the clean test split (only clean classes), for the feature classifier and
-            the Frechet distance.
+            the Frechet distance (empty for ``folder``).
         description: one line saying what the data is.
+        notes: for ``folder``: what the loader found and did (value range, resizing, channels).
+        unreadable: for ``folder``: ``(file, reason)`` of every image file that could not be read (left out).
     """
 
     train: ContaminatedDataset
@@ -76,6 +87,8 @@ class ExperimentData:
     test_images: Tensor
     test_labels: Tensor
     description: str
+    notes: Tuple[str, ...] = ()
+    unreadable: Tuple[Tuple[str, str], ...] = ()
 
     @property
     def image_shape(self) -> Tuple[int, ...]:
@@ -85,26 +98,29 @@ class ExperimentData:
 def load_experiment_data(dataset: str, contamination: float, kind: str = "noise", *,
                          root: Optional[Union[str, os.PathLike]] = None, num_train: Optional[int] = None,
                          image_size: Optional[int] = None, noise_std: float = 0.5, seed: int = 0,
-                         download: bool = False) -> ExperimentData:
+                         download: bool = False, channels: Optional[int] = None) -> ExperimentData:
     """Load ``dataset`` and contaminate a fraction ``contamination`` of its training images (docs/DESIGN.md, Evidence).
 
     Args:
-        dataset: ``"fashion-mnist"`` (Debian's ``dataset-fashion-mnist``, offline) or ``"cifar10"``
-            (torchvision's layout under ``root``).
-        contamination: the fraction p in [0, 1).
+        dataset: ``"fashion-mnist"`` (Debian's ``dataset-fashion-mnist``, offline), ``"cifar10"``
+            (torchvision's layout under ``root``) or ``"folder"``: your images at ``root``, a folder of image
+            files or a ``.npy``/``.npz``/IDX file (:func:`~robust_diffusion.ddpm.data.load_images`; no test split).
+        contamination: the fraction p in [0, 1) (0: train on the data as it is).
         kind: ``"noise"`` (uniform noise images), ``"gaussian"`` (images plus N(0, noise_std^2) noise, with the
             known std as risk) or ``"dataset"`` (images of another distribution: for Fashion-MNIST the held-out
             classes Bag and Ankle boot, which are then removed from the clean data; for CIFAR-10 Fashion-MNIST
-            images, grey, padded to 32x32).
-        root: the dataset directory (default: Debian's path for Fashion-MNIST; required for CIFAR-10).
+            images, grey, padded to 32x32; not for ``folder``).
+        root: the dataset directory (default: Debian's path for Fashion-MNIST; required for CIFAR-10 and folder).
         num_train: use the first ``num_train`` (clean-class) training images (default: all).
-        image_size: Fashion-MNIST only: 28 (native) or 32 (padded with the background); default 28.
+        image_size: Fashion-MNIST: 28 (native, the default) or 32 (padded with the background); CIFAR-10: 32;
+            folder: any (default 32 for a folder of files, an array's own size for an array file).
         noise_std: the std of ``kind="gaussian"``.
         seed: seeds the contamination.
         download: CIFAR-10 only: let torchvision download it into ``root``.
+        channels: folder only: 1 (grey) or 3 (RGB); default what the images are.
     """
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
+    if dataset not in TRAIN_DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(TRAIN_DATASETS)}")
     if isinstance(contamination, bool) or not isinstance(contamination, (int, float)) \
             or not 0.0 <= contamination < 1.0:
         raise ValueError(f"contamination must be a fraction in [0, 1), got {contamination!r}")
@@ -113,8 +129,20 @@ def load_experiment_data(dataset: str, contamination: float, kind: str = "noise"
     if num_train is not None and num_train < 2:
         raise ValueError(f"num_train must be at least 2, got {num_train!r}")
 
-    contaminant_images = None
-    if dataset == "fashion-mnist":
+    contaminant_images, notes, unreadable = None, (), ()
+    if dataset == "folder":
+        if root is None:
+            raise ValueError("--dataset folder needs --data-root: a folder of your images (or a .npy/.npz/IDX file)")
+        if kind == "dataset":
+            raise ValueError("contamination kind 'dataset' (images of another distribution) needs a benchmark "
+                             "dataset; for your own images use noise or gaussian")
+        loaded = load_images(root, image_size, channels)
+        count, shape = loaded.images.shape[0], tuple(loaded.images.shape[1:])
+        train = LabelledImages(loaded.images, torch.zeros(count, dtype=torch.int64))  # no classes
+        test = LabelledImages(torch.zeros((0, *shape)), torch.zeros(0, dtype=torch.int64))
+        notes, unreadable = tuple(loaded.notes), tuple(loaded.unreadable)
+        name = f"{root} ({shape[0]}x{shape[1]}x{shape[2]})"
+    elif dataset == "fashion-mnist":
         if image_size not in (None, 28, 32):
             raise ValueError(f"image_size must be 28 or 32 for Fashion-MNIST, got {image_size!r}")
         pad_to = 32 if image_size == 32 else None
@@ -134,6 +162,8 @@ def load_experiment_data(dataset: str, contamination: float, kind: str = "noise"
     else:
         if root is None:
             raise ValueError("CIFAR-10 needs --data-root: the directory holding cifar-10-batches-py")
+        if image_size not in (None, 32):
+            raise ValueError(f"image_size must be 32 for CIFAR-10, got {image_size!r}")
         train = load_cifar10(root, "train", download=download)
         test = load_cifar10(root, "test", download=download)
         if kind == "dataset":
@@ -149,9 +179,10 @@ def load_experiment_data(dataset: str, contamination: float, kind: str = "noise"
     what = {"noise": "uniform noise images", "gaussian": f"images + N(0, {noise_std}^2) noise",
             "dataset": ("held-out classes Bag/Ankle boot" if dataset == "fashion-mnist"
                         else "Fashion-MNIST images")}[kind]
-    description = (f"{name}, {len(contaminated)} training images, {contaminated.num_contaminated} "
-                   f"({contamination:.0%}) replaced by {what}")
-    return ExperimentData(contaminated, labels, test.images, test.labels, description)
+    description = (f"{name}, {len(contaminated)} training images, "
+                   + (f"{contaminated.num_contaminated} ({contamination:.0%}) replaced by {what}"
+                      if contaminated.num_contaminated else "none replaced (no contamination)"))
+    return ExperimentData(contaminated, labels, test.images, test.labels, description, notes, unreadable)
 
 
 # ---------------------------------------------------------------------------------------------- model / loss
@@ -197,15 +228,15 @@ def parse_loss_name(spec: str) -> LossChoice:
 
 
 def parse_scale(value: Union[str, float]) -> Union[str, float]:
-    """``"adaptive"``, ``"vlb"`` or a non-negative float."""
-    if value in ("adaptive", "vlb"):
+    """``"adaptive"``, ``"vlb"``, ``"batch"`` or a non-negative float."""
+    if value in ("adaptive", "vlb", "batch"):
         return value
     try:
         scale = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"scale must be 'adaptive', 'vlb' or a non-negative number, got {value!r}") from None
+        raise ValueError(f"scale must be 'adaptive', 'vlb', 'batch' or a non-negative number, got {value!r}") from None
     if not scale >= 0:
-        raise ValueError(f"scale must be 'adaptive', 'vlb' or a non-negative number, got {value!r}")
+        raise ValueError(f"scale must be 'adaptive', 'vlb', 'batch' or a non-negative number, got {value!r}")
     return scale
 
 
@@ -259,21 +290,29 @@ _non_negative_float = _number(float, 0.0, True, "a non-negative number")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m robust_diffusion.train",
-                                     description="Train a DDPM with a robust loss on contaminated data.")
+                                     description="Train a DDPM with a robust loss, on your images (--dataset folder) "
+                                                 "or on (contaminated) Fashion-MNIST / CIFAR-10.")
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", choices=DATASETS, default="fashion-mnist")
-    data.add_argument("--data-root", default=None, help="dataset directory (default: Debian's for Fashion-MNIST)")
+    data.add_argument("--dataset", choices=TRAIN_DATASETS, default="fashion-mnist",
+                      help="folder: your images at --data-root")
+    data.add_argument("--data-root", default=None, help="dataset directory (default: Debian's for Fashion-MNIST); "
+                      "for --dataset folder a folder of PNG/JPEG/... images or a .npy/.npz/IDX file")
     data.add_argument("--download", action="store_true", help="CIFAR-10: download into --data-root")
-    data.add_argument("--contamination", type=float, default=0.3, help="contaminated fraction p in [0, 1)")
+    data.add_argument("--contamination", type=float, default=0.0,
+                      help="replace this fraction p in [0, 1) of the training images by outliers (default 0: none)")
     data.add_argument("--kind", choices=CONTAMINATION_KINDS, default="noise")
     data.add_argument("--noise-std", type=_positive_float, default=0.5, help="std of --kind gaussian")
     data.add_argument("--num-train", type=_positive_int, default=None, help="use the first N training images")
-    data.add_argument("--image-size", type=int, default=None, choices=(28, 32), help="Fashion-MNIST size")
+    data.add_argument("--image-size", type=_positive_int, default=None,
+                      help="Fashion-MNIST: 28 or 32; folder: resize and centre-crop to this (default 32 for image "
+                           "files, an array's own size)")
+    data.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                      help="folder: 1 (grey) or 3 (RGB); default 1 if every image is greyscale, else 3")
     loss = parser.add_argument_group("loss")
     loss.add_argument("--loss", default="hellinger", help=f"one of {', '.join(LOSS_NAMES)}, optionally "
                       f"+weighting ({', '.join(LOSS_WEIGHTINGS)}) and/or +risk_free (needs --kind gaussian), "
                       f"e.g. ned+debias")
-    loss.add_argument("--scale", default="adaptive", help="adaptive, vlb or a number")
+    loss.add_argument("--scale", default="adaptive", help="adaptive, vlb, batch or a number")
     loss.add_argument("--temperature", type=_positive_float, default=1.0, help="the adaptive scale's tau")
     train = parser.add_argument_group("training")
     train.add_argument("--model", default="tiny", choices=sorted(MODEL_PRESETS))
@@ -313,7 +352,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         scale = parse_scale(args.scale)
         data = load_experiment_data(args.dataset, args.contamination, args.kind, root=args.data_root,
                                     num_train=args.num_train, image_size=args.image_size,
-                                    noise_std=args.noise_std, seed=args.seed, download=args.download)
+                                    noise_std=args.noise_std, seed=args.seed, download=args.download,
+                                    channels=args.channels)
         config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                              warmup_steps=args.warmup_steps, ema_decay=args.ema_decay,
                              grad_clip=args.grad_clip if args.grad_clip > 0 else None,
@@ -333,6 +373,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{data.description}; loss {spec.name} ({loss_settings(loss_fn)}); model {args.model} "
                   f"({sum(p.numel() for p in model.parameters()):,} parameters); {world_size} process(es) on "
                   f"{device}", flush=True)
+            for note in data.notes:
+                print(f"  {note}", flush=True)
+            if data.unreadable:
+                print(f"  {unreadable_summary(data.unreadable)}; all of them in {out / 'unreadable.txt'}", flush=True)
+                (out / "unreadable.txt").write_text("".join(f"{path}\t{reason}\n" for path, reason in data.unreadable))
             (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
         resumed = args.resume and trainer.resume()
     except (ValueError, FileNotFoundError, ImportError) as error:

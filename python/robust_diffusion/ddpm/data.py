@@ -1,13 +1,17 @@
-"""Datasets and Huber epsilon-contamination for the robustness experiments (docs/DESIGN.md, Evidence).
+"""Datasets and Huber epsilon-contamination for the robustness experiments (docs/DESIGN.md, Evidence), and your own
+images for the data audit and the training command.
 
-Every loader returns images as float32 in ``[-1, 1]`` with shape ``[N, C, H, W]`` plus int64 class labels,
-the range and layout the diffusion models and samplers in this package expect.
+Every loader returns images as float32 in ``[-1, 1]`` with shape ``[N, C, H, W]`` (plus int64 class labels for the
+benchmark datasets), the range and layout the diffusion models and samplers in this package expect.
 
 - Fashion-MNIST is read from Debian's ``dataset-fashion-mnist`` package (IDX gz files; works offline), found at
   :data:`FASHION_MNIST_ROOT` or, where the package put them elsewhere, through ``dpkg -L dataset-fashion-mnist``.
 - CIFAR-10 is read through torchvision from a local copy (``download=True`` fetches it where there is network).
 - :func:`contaminate` replaces an exact, seeded fraction of the images by outliers and returns a
   :class:`ContaminatedDataset` that remembers which samples were replaced and their known noise level (risk).
+- :func:`load_images` reads your own data, a folder of image files (:func:`load_image_folder`, needs Pillow) or an
+  array file (:func:`load_array_file`: ``.npy``, ``.npz`` or IDX), into an :class:`ImageSet` that also lists the
+  files it could not read and says what it did (value range, resizing, channels) for a report.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import math
 import os
 import subprocess
 from pathlib import Path
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -26,16 +30,24 @@ from torch.utils.data import Dataset
 
 __all__ = [
     "CONTAMINATION_KINDS",
+    "DEFAULT_IMAGE_SIZE",
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_ROOT",
+    "IMAGE_SUFFIXES",
     "ContaminatedDataset",
+    "ImageSet",
     "LabelledImages",
     "contaminate",
     "fashion_mnist_root",
+    "load_array_file",
     "load_cifar10",
     "load_fashion_mnist",
+    "load_image_folder",
+    "load_images",
     "read_idx",
+    "resize_center_crop",
     "to_unit_range",
+    "unreadable_summary",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -302,3 +314,249 @@ def contaminate(images: Tensor, fraction: float, kind: str = "noise", seed: int 
             outliers = contaminant_images[source.to(contaminant_images.device)].detach().cpu().float()
         out[indices.to(out.device)] = outliers.to(device=out.device, dtype=out.dtype)
     return ContaminatedDataset(out, is_contaminated.to(out.device), risk.to(out.device), kind, float(fraction))
+
+
+# ---------------------------------------------------------------------------------------------- your own images
+#: The files :func:`load_image_folder` reads (any other file in the folder is counted and reported as ignored).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+#: The side of the square images a folder is resized and cropped to unless told otherwise: small enough to train
+#: on a CPU in minutes, and the size of CIFAR-10 and of padded Fashion-MNIST.
+DEFAULT_IMAGE_SIZE = 32
+_GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+class ImageSet(NamedTuple):
+    """Images read from a folder or an array file.
+
+    Attributes:
+        images: float32 ``[N, C, H, W]`` in ``[-1, 1]``.
+        paths: for a folder, the file of each image (``images[i]`` came from ``paths[i]``); empty for an array.
+        unreadable: ``(file, reason)`` of every image file that could not be read (left out of ``images``).
+        notes: what the loader found and did (value range, resizing, channels, ignored files), one sentence each.
+    """
+
+    images: Tensor
+    paths: List[str]
+    unreadable: List[Tuple[str, str]]
+    notes: List[str]
+
+
+def load_images(source: PathLike, image_size: Optional[int] = None, channels: Optional[int] = None) -> ImageSet:
+    """Your data, whatever its form: a folder of image files (:func:`load_image_folder`, resized and cropped to
+    ``image_size``, default :data:`DEFAULT_IMAGE_SIZE`) or an array file (:func:`load_array_file`: ``.npy``,
+    ``.npz`` or IDX, kept at its size unless ``image_size`` is given). ``channels``: 1 (grey) or 3 (RGB); default:
+    what the data has (for a folder, 1 when every image is greyscale, else 3)."""
+    path = Path(source)
+    if path.is_dir():
+        return load_image_folder(path, DEFAULT_IMAGE_SIZE if image_size is None else image_size, channels)
+    if path.is_file():
+        return load_array_file(path, image_size, channels)
+    raise FileNotFoundError(f"{source} does not exist (expected a folder of images, a .npy/.npz array or an IDX file)")
+
+
+def load_image_folder(root: PathLike, image_size: int = DEFAULT_IMAGE_SIZE,
+                      channels: Optional[int] = None) -> ImageSet:
+    """Read every image file under ``root`` (recursively, in sorted path order; :data:`IMAGE_SUFFIXES`) with Pillow.
+
+    Each image is turned upright by its EXIF orientation, its shorter side resized to ``image_size`` (bilinear,
+    antialiased) and its centre cropped to ``image_size`` x ``image_size``, so images of any and of mixed sizes
+    work. An alpha channel is dropped; 16-bit greyscale is scaled from 0..65535. ``channels`` 1 or 3 (default: 1
+    when every image is greyscale, else 3; colour images are made grey with Pillow's luma weights, grey ones
+    repeated over RGB). A file that cannot be read is listed in ``unreadable``, never skipped silently; a folder
+    with no image file, or with none readable, raises a ValueError naming it.
+    """
+    root = Path(root)
+    _check_size_and_channels(image_size, channels)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    try:
+        from PIL import Image, ImageOps
+    except ImportError:
+        raise ImportError("reading a folder of images needs Pillow: pip install pillow") from None
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    image_files = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    ignored = len(files) - len(image_files)
+    if not image_files:
+        raise ValueError(f"no images found in {root}: it holds no {'/'.join(s[1:].upper() for s in IMAGE_SUFFIXES)} "
+                         f"files (searched recursively; {ignored} other file(s))")
+    pixels, paths, unreadable, sizes = [], [], [], []
+    grey_count = alpha_count = 0
+    for path in image_files:
+        try:
+            with Image.open(path) as opened:
+                size = opened.size
+                if opened.format == "JPEG":
+                    opened.draft(opened.mode, (image_size, image_size))  # decode big JPEGs at a reduced scale
+                image = ImageOps.exif_transpose(opened)
+                image.load()
+                grey = image.mode in _GREY_MODES
+                alpha = image.mode in ("LA", "RGBA", "PA") or "transparency" in image.info
+                if image.mode in _SIXTEEN_BIT_MODES:
+                    array = np.asarray(image, dtype=np.float32) / 65535.0
+                elif image.mode == "F":
+                    array = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
+                else:
+                    array = np.asarray(image.convert("L" if grey else "RGB"), dtype=np.float32) / 255.0
+        except Exception as error:  # Pillow raises many types for a bad file; each is reported, none is fatal
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            unreadable.append((str(path), f"{type(error).__name__}: {reason}".rstrip(": ")))
+            continue
+        sizes.append(size)
+        grey_count += grey
+        alpha_count += alpha
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        tensor = tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
+        pixels.append(resize_center_crop(tensor.unsqueeze(0), image_size)[0])
+        paths.append(str(path))
+    if not pixels:
+        first, reason = unreadable[0]
+        raise ValueError(f"none of the {len(image_files)} image files in {root} could be read (first: {first}: "
+                         f"{reason})")
+    channels = channels or (1 if grey_count == len(pixels) else 3)
+    images = torch.stack([_to_channels(p, channels) for p in pixels]) * 2.0 - 1.0
+    notes = [f"{len(image_files)} image files under {root} (searched recursively), {len(pixels)} read"
+             + (f", {len(unreadable)} unreadable" if unreadable else "")]
+    if ignored:
+        notes.append(f"{ignored} other file(s) ignored (not {', '.join(IMAGE_SUFFIXES)})")
+    distinct = sorted(set(sizes), key=lambda wh: (wh[0] * wh[1], wh))
+    side = f"{image_size}x{image_size}"
+    if len(distinct) > 1:
+        notes.append(f"mixed sizes: {len(distinct)} different sizes from {distinct[0][0]}x{distinct[0][1]} to "
+                     f"{distinct[-1][0]}x{distinct[-1][1]} (width x height); each image was resized (shorter side "
+                     f"to {image_size}) and centre-cropped to {side}")
+    elif distinct[0] != (image_size, image_size):
+        notes.append(f"all images are {distinct[0][0]}x{distinct[0][1]}: resized (shorter side to {image_size}) "
+                     f"and centre-cropped to {side}")
+    else:
+        notes.append(f"all images are {side}: used as they are")
+    colour_count = len(pixels) - grey_count
+    notes.append(f"{grey_count} greyscale and {colour_count} colour image(s): used as "
+                 + ("grey (1 channel)" if channels == 1 else "RGB (3 channels)")
+                 + (", colour images converted to grey" if channels == 1 and colour_count else "")
+                 + (", greyscale images repeated over RGB" if channels == 3 and grey_count else ""))
+    if alpha_count:
+        notes.append(f"{alpha_count} image(s) have transparency: the alpha channel was dropped")
+    return ImageSet(images.contiguous(), paths, unreadable, notes)
+
+
+def load_array_file(path: PathLike, image_size: Optional[int] = None, channels: Optional[int] = None) -> ImageSet:
+    """Read images from a ``.npy`` or ``.npz`` array (an ``.npz`` with one array, or with one called ``images``) or
+    an IDX file (any other name, ``.gz`` compressed or not; :func:`read_idx`).
+
+    Layouts ``[N, H, W]`` (grey), ``[N, H, W, C]`` or ``[N, C, H, W]`` with C = 1 or 3 (told apart by where the 1
+    or 3 is; ``[N, H, W, C]`` when both fit). Values: integers 0..255 (uint8), or floats in ``[0, 1]``, in
+    ``[-1, 1]`` (when some are negative) or in ``[0, 255]``; the range found is said in ``notes``, and anything
+    else, or a non-finite value, raises a ValueError. The images keep their size unless ``image_size`` is given
+    (shorter side resized, centre cropped); ``channels`` 1 or 3 converts (default: the array's).
+    """
+    path = Path(path)
+    _check_size_and_channels(image_size, channels)
+    if not path.is_file():
+        raise FileNotFoundError(f"array file not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            array, what = np.load(path, allow_pickle=False), ".npy array"
+        elif suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                names = list(archive.files)
+                if len(names) != 1 and "images" not in names:
+                    raise ValueError(f"it holds the arrays {names}: keep one, or name the images 'images'")
+                name = names[0] if len(names) == 1 else "images"
+                array, what = archive[name], f".npz array {name!r}"
+        else:
+            array, what = read_idx(path).numpy(), "IDX file"
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"cannot read images from {path} ({reason}); expected a folder of images, a .npy/.npz "
+                         f"array or an IDX file") from None
+    unit, value_range = _unit_range(array, path)
+    tensor, layout = _nchw(torch.from_numpy(unit), array.shape, path)
+    notes = [f"{what} {path.name}: {tensor.shape[0]} images of {tensor.shape[2]}x{tensor.shape[3]} with "
+             f"{tensor.shape[1]} channel(s) (layout {layout}), values {value_range}"]
+    if channels is not None and channels != tensor.shape[1]:
+        tensor = torch.stack([_to_channels(image, channels) for image in tensor])
+        notes.append(f"converted to {'grey (1 channel)' if channels == 1 else 'RGB (3 channels)'}")
+    if image_size is not None and tuple(tensor.shape[2:]) != (image_size, image_size):
+        tensor = resize_center_crop(tensor, image_size)
+        notes.append(f"resized (shorter side to {image_size}) and centre-cropped to {image_size}x{image_size}")
+    return ImageSet((tensor * 2.0 - 1.0).contiguous(), [], [], notes)
+
+
+def unreadable_summary(unreadable: List[Tuple[str, str]], first: int = 3) -> str:
+    """One line for the files a folder loader could not read: how many, and the first few with their reasons."""
+    shown = "; ".join(f"{path} ({reason})" for path, reason in unreadable[:first])
+    more = f"; and {len(unreadable) - first} more" if len(unreadable) > first else ""
+    return f"{len(unreadable)} unreadable image file(s) left out: {shown}{more}"
+
+
+def resize_center_crop(images: Tensor, size: int) -> Tensor:
+    """Float images ``[N, C, H, W]``: the shorter side resized to ``size`` (bilinear, antialiased), then the centre
+    cropped to ``size`` x ``size``. Images already of that size come back unchanged."""
+    height, width = images.shape[-2:]
+    if (height, width) == (size, size):
+        return images
+    scale = size / min(height, width)
+    new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
+    resized = torch.nn.functional.interpolate(images, size=(new_h, new_w), mode="bilinear", align_corners=False,
+                                              antialias=True)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return resized[..., top:top + size, left:left + size]
+
+
+def _check_size_and_channels(image_size: Optional[int], channels: Optional[int]) -> None:
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+        raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels!r}")
+
+
+def _to_channels(image: Tensor, channels: int) -> Tensor:
+    """One image ``[C, H, W]`` with C = 1 or 3 as ``channels`` channels (grey = Pillow's ITU-R 601 luma)."""
+    if image.shape[0] == channels:
+        return image
+    if channels == 3:
+        return image.expand(3, -1, -1)
+    weights = torch.tensor([0.299, 0.587, 0.114], dtype=image.dtype).view(3, 1, 1)
+    return (image * weights).sum(0, keepdim=True)
+
+
+def _unit_range(array: np.ndarray, path: Path) -> Tuple[np.ndarray, str]:
+    """The array as float32 in [0, 1], and which range it was read as."""
+    if array.size == 0:
+        raise ValueError(f"{path} holds no images (shape {tuple(array.shape)})")
+    if np.issubdtype(array.dtype, np.integer):
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high > 255:
+            raise ValueError(f"{path}: integer values in [{low}, {high}]; expected 0..255 (8-bit pixels)")
+        return array.astype(np.float32) / 255.0, f"0..255 ({array.dtype}, found {low}..{high})"
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"{path}: dtype {array.dtype} is not pixels; expected uint8 0..255 or floats in [0, 1] "
+                         f"or [-1, 1]")
+    bad = int((~np.isfinite(array)).sum())
+    if bad:
+        raise ValueError(f"{path}: {bad} non-finite value(s) (NaN or inf) in the images")
+    low, high = float(array.min()), float(array.max())
+    found, tolerance = f"found {low:.3g}..{high:.3g}", 1e-3
+    if low >= -tolerance and high <= 1 + tolerance:
+        unit, said = array, f"floats read as [0, 1] ({found})"
+    elif low >= -1 - tolerance and high <= 1 + tolerance:
+        unit, said = (array + 1.0) / 2.0, f"floats read as [-1, 1] ({found})"
+    elif low >= -tolerance and high <= 255 + tolerance:
+        unit, said = array / 255.0, f"floats read as 0..255 ({found})"
+    else:
+        raise ValueError(f"{path}: values in [{low:.4g}, {high:.4g}]; expected uint8 0..255 or floats in [0, 1], "
+                         f"[-1, 1] or [0, 255]")
+    return np.clip(unit, 0.0, 1.0).astype(np.float32), said
+
+
+def _nchw(tensor: Tensor, shape: Tuple[int, ...], path: Path) -> Tuple[Tensor, str]:
+    if tensor.dim() == 3:
+        return tensor.unsqueeze(1), "[N, H, W]"
+    if tensor.dim() == 4 and shape[3] in (1, 3):
+        return tensor.permute(0, 3, 1, 2), "[N, H, W, C]"
+    if tensor.dim() == 4 and shape[1] in (1, 3):
+        return tensor, "[N, C, H, W]"
+    raise ValueError(f"{path}: shape {tuple(shape)} is not a stack of images; expected [N, H, W], [N, H, W, C] or "
+                     f"[N, C, H, W] with 1 or 3 channels")

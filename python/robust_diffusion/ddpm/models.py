@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["UNET_PRESETS", "UNet", "timestep_embedding"]
+__all__ = ["UNET_PRESETS", "UNet", "model_prediction", "timestep_embedding"]
 
 UNET_PRESETS: Dict[str, Dict[str, object]] = {
     # About 1.1M parameters: the quick CPU preset for tests and small Fashion-MNIST runs.
@@ -31,6 +31,21 @@ UNET_PRESETS: Dict[str, Dict[str, object]] = {
     "ddpm_cifar10": dict(base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2, attention_levels=(1,),
                          dropout=0.1, norm_groups=32),
 }
+
+
+def model_prediction(output, like: Tensor) -> Tensor:
+    """A denoiser's output as the prediction tensor: our UNet returns it, diffusers' models (``UNet2DModel``)
+    return an output object holding it as ``.sample``, or with ``return_dict=False`` a tuple whose first item it
+    is. Anything else, or a tensor of another shape than ``like`` (the model's input), is a ValueError."""
+    if not isinstance(output, Tensor):
+        output = getattr(output, "sample", output)
+        if isinstance(output, (tuple, list)) and output:
+            output = output[0]
+    if not isinstance(output, Tensor) or output.shape != like.shape:
+        got = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+        raise ValueError(f"the model must return a tensor of its input's shape {tuple(like.shape)} (or a diffusers "
+                         f"output with .sample), got {got}")
+    return output
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..schedules import NoiseSchedule, canonical_prediction_type
+from .models import model_prediction
 
 __all__ = [
     "TIMESTEP_SPACINGS",
@@ -229,11 +230,7 @@ def _sample(model, schedule: NoiseSchedule, shape: Sequence[int], step, num_step
     for i, t in enumerate(iterator):
         prev_t = timesteps[i + 1] if i + 1 < len(timesteps) else -1
         abar_prev = alphas_cumprod[prev_t] if prev_t >= 0 else 1.0
-        output = model(x, torch.full((shape[0],), t, device=device, dtype=torch.int64))
-        output = getattr(output, "sample", output)
-        if not isinstance(output, Tensor) or output.shape != x.shape:
-            raise ValueError(f"the model must return a tensor of the input's shape {tuple(x.shape)}, got "
-                             f"{tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__}")
+        output = model_prediction(model(x, torch.full((shape[0],), t, device=device, dtype=torch.int64)), x)
         noise = (torch.randn(shape, generator=generator, device=device, dtype=dtype)
                  if needs_noise and prev_t >= 0 else None)
         x = step(x, output.to(dtype), alphas_cumprod[t], abar_prev, noise, kind)

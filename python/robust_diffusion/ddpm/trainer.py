@@ -8,7 +8,8 @@ What a run writes into ``out_dir``:
 
 - ``checkpoint.pt``: model, EMA model, optimizer, grad scaler, the loss module's buffers (the adaptive scale's
   running medians), the RNG states of every rank (torch CPU/CUDA, Python, NumPy, the shared diffusion-noise
-  generator), the data position, the step, the per-sample influence sums and the log accumulators. It is
+  generator), the data position, the step, the per-sample influence statistics (an
+  :class:`~robust_diffusion.InfluenceTracker`'s state) and the log accumulators. It is
   written atomically (temporary file in the same directory, fsync, ``os.replace``), so a run killed at any
   moment leaves either the previous or the new checkpoint, never a torn one (a temporary file left by a kill
   during the write is removed by :meth:`Trainer.resume`). Resuming from it continues exactly where the
@@ -50,9 +51,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from ..influence import InfluenceTracker
 from ..schedules import NoiseSchedule, canonical_prediction_type
 from .checkpoint import atomic_save, remove_stale_temporaries, rng_state, set_rng_state
 from .distributed import rank_and_world_size
+from .models import model_prediction
 from .runlog import append_row, read_rows, write_rows
 
 __all__ = ["TrainConfig", "Trainer", "derive_seed"]
@@ -62,8 +65,9 @@ PathLike = Union[str, os.PathLike]
 _MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 CHECKPOINT_NAME = "checkpoint.pt"
 _CHECKPOINT_KEYS = frozenset({"step", "batch_size", "num_samples", "model", "ema", "optimizer", "scaler", "loss_fn",
-                              "noise_generator", "world_size", "rng", "influence_sum", "influence_count", "interval",
-                              "train_time"})
+                              "noise_generator", "world_size", "rng", "interval", "train_time"})
+#: Checkpoints written before the InfluenceTracker hold only the per-sample totals, under these keys.
+_LEGACY_INFLUENCE_KEYS = frozenset({"influence_sum", "influence_count"})
 LOG_NAME = "log.csv"
 
 
@@ -84,7 +88,7 @@ class TrainConfig:
             off on the CPU), ``"no"``, ``"bf16"`` or ``"fp16"`` (GPU only).
         log_every: steps per ``log.csv`` row (and progress-bar update).
         checkpoint_every: steps between checkpoints (0: only at the end); the last step always writes one.
-        influence_from_step: start the per-sample running average of influence weights at this step
+        influence_from_step: start the per-sample statistics of :attr:`Trainer.influence` at this step
             (the first steps, with an untrained model, say little about which samples are outliers).
         risk_free: train with the risk-free loss of :mod:`robust_diffusion.risk` (docs/DESIGN.md, Risk) on a
             dataset with a per-sample ``risk`` tensor (the known noise std, e.g. ``contaminate(kind="gaussian")``):
@@ -140,8 +144,15 @@ class TrainConfig:
 class Trainer:
     """DDPM training of ``model`` on ``dataset`` with ``loss_fn``; see the module docstring.
 
+    The per-sample influence weights and penalties go into :attr:`influence`, an
+    :class:`~robust_diffusion.InfluenceTracker` (``trainer.influence.table()``: the samples the loss trusts least
+    first). Under DDP each step's indices, weights, penalties and timesteps are all-gathered (the logs need them
+    too) and every rank's tracker takes in the whole global batch (``gathered=True``): it holds the global
+    statistics on every rank and needs no ``sync``.
+
     Args:
-        model: called as ``model(x_t, t)`` and returning the prediction of ``schedule``'s prediction type.
+        model: called as ``model(x_t, t)`` and returning the prediction of ``schedule``'s prediction type (a
+            tensor, or a diffusers output with ``.sample``: a ``UNet2DModel`` works as it is).
         loss_fn: ``loss_fn(model_output, target, t) -> scalar``, e.g. a
             :class:`~robust_diffusion.RobustDiffusionLoss` (its buffers are checkpointed, its
             ``last_influence`` is logged; other callables count as influence 1).
@@ -215,8 +226,10 @@ class Trainer:
 
         self.step = 0
         self.train_time = 0.0  # seconds spent in train() over all (resumed) sessions
-        self.influence_sum = torch.zeros(self.num_samples, dtype=torch.float64, device=self.device)
-        self.influence_count = torch.zeros(self.num_samples, dtype=torch.float64, device=self.device)
+        # The same noise-level buckets as the adaptive scale's when the loss has them.
+        buckets = min(getattr(self.loss_fn, "num_buckets", 10), self.schedule.num_timesteps)
+        self.influence = InfluenceTracker(self.num_samples, num_buckets=buckets,
+                                          num_timesteps=self.schedule.num_timesteps, gathered=True).to(self.device)
         self._reset_interval()
 
     # ------------------------------------------------------------------ public API
@@ -260,9 +273,11 @@ class Trainer:
                 if self.step % config.log_every == 0 or self.step == config.steps:
                     row = self._log_row(epoch, time.perf_counter() - interval_start)
                     interval_start = time.perf_counter()
-                    if bar is not None:
+                    if bar is not None and self.is_contaminated is not None:
                         bar.set_postfix(loss=f"{row['loss']:.4f}", w_clean=_fmt(row["influence_clean"]),
                                         w_cont=_fmt(row["influence_contaminated"]))
+                    elif bar is not None:
+                        bar.set_postfix(loss=f"{row['loss']:.4f}", w_mean=_fmt(row["influence_mean"]))
                 if bar is not None:
                     bar.update(1)
                 if (config.checkpoint_every and self.step % config.checkpoint_every == 0) or self.step == config.steps:
@@ -274,10 +289,19 @@ class Trainer:
     def average_influence(self) -> Tuple[Tensor, Tensor]:
         """Per training sample: the mean influence weight over the steps it was drawn in (NaN if never,
         counting from ``config.influence_from_step``) and how many times it was drawn; float64, CPU. Draws whose
-        influence weight was not finite are left out of both."""
-        count = self.influence_count.cpu()
-        mean = self.influence_sum.cpu() / count
-        return torch.where(count > 0, mean, torch.full_like(mean, math.nan)), count
+        influence weight was not finite are left out of both. :attr:`influence` has more (penalties, noise
+        levels, the ranking)."""
+        return self.influence.mean_influence(), self.influence.counts().to(torch.float64)
+
+    @property
+    def influence_sum(self) -> Tensor:
+        """Each sample's sum of influence weights (``influence.influence_sum``; kept for older callers)."""
+        return self.influence.influence_sum
+
+    @property
+    def influence_count(self) -> Tensor:
+        """How often each sample was counted (``influence.influence_count``; kept for older callers)."""
+        return self.influence.influence_count
 
     def save_checkpoint(self, path: Optional[PathLike] = None) -> None:
         """Write the full training state (every rank must call it: RNG states are gathered from all)."""
@@ -304,8 +328,8 @@ class Trainer:
                 "loss_fn": self.loss_fn.state_dict() if isinstance(self.loss_fn, nn.Module) else None,
                 "rng": states,
                 "noise_generator": self.noise_generator.get_state(),
-                "influence_sum": self.influence_sum.cpu(),
-                "influence_count": self.influence_count.cpu(),
+                "influence": {k: v.cpu() if isinstance(v, Tensor) else v
+                              for k, v in self.influence.state_dict().items()},
                 "interval": {k: v.cpu() if isinstance(v, Tensor) else v for k, v in self._interval.items()},
                 "train_time": self.train_time,
             }
@@ -328,6 +352,8 @@ class Trainer:
             state = torch.load(path, map_location="cpu", weights_only=False)
             if not isinstance(state, dict) or not _CHECKPOINT_KEYS <= state.keys():
                 raise ValueError(f"it lacks {sorted(_CHECKPOINT_KEYS - set(state) if isinstance(state, dict) else _CHECKPOINT_KEYS)}")
+            if "influence" not in state and not _LEGACY_INFLUENCE_KEYS <= state.keys():
+                raise ValueError("it lacks 'influence'")
         except Exception as error:  # a truncated, overwritten or foreign file: say which and why, in one line
             reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise ValueError(f"cannot resume from {path}: it is not a readable checkpoint of this trainer "
@@ -336,6 +362,7 @@ class Trainer:
             if state[key] != mine:
                 raise ValueError(f"cannot resume from {path}: it was written with {key}={state[key]}, "
                                  f"this run has {mine}")
+        self._load_influence(state, path)  # first: its checks refuse a corrupted state before anything is loaded
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -351,8 +378,6 @@ class Trainer:
             warnings.warn(f"{path} was written by {state['world_size']} rank(s), this run has {self.world_size}: "
                           f"the data order and diffusion noise continue exactly, dropout streams are reseeded")
             torch.manual_seed(derive_seed(self.config.seed, f"rank {self.rank} step {state['step']}"))
-        self.influence_sum = state["influence_sum"].to(self.device)
-        self.influence_count = state["influence_count"].to(self.device)
         self._interval = {k: v.to(self.device) if isinstance(v, Tensor) else v
                           for k, v in state["interval"].items()}
         self.step = state["step"]
@@ -361,6 +386,24 @@ class Trainer:
             rows = [row for row in read_rows(self.log_path) if int(row["step"]) <= self.step]
             write_rows(self.log_path, rows)
         return True
+
+    def _load_influence(self, state: Dict[str, Any], path: Path) -> None:
+        """The tracker's state, or, from a checkpoint written before the tracker, the per-sample totals of the
+        influence weights (the penalties and the noise-level buckets then count only the steps from here on)."""
+        influence = state.get("influence")
+        if influence is None:
+            influence = {k: torch.zeros_like(v) if isinstance(v, Tensor) else v
+                         for k, v in self.influence.state_dict().items()}
+            influence["influence_sum"] = state["influence_sum"]
+            influence["influence_count"] = state["influence_count"]
+            if self.is_main:
+                warnings.warn(f"{path} was written before per-sample penalties and noise-level buckets were kept: "
+                              f"those count only the steps from {state['step']} on (the mean influence weights "
+                              f"continue exactly)")
+        try:
+            self.influence.load_state_dict(influence)
+        except ValueError as error:
+            raise ValueError(f"cannot resume from {path}: {error}") from None
 
     # ------------------------------------------------------------------ one step
     def _autocast_dtype(self, mode: str) -> Optional[torch.dtype]:
@@ -402,7 +445,7 @@ class Trainer:
             group["lr"] = self.learning_rate(self.step)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            output = self.network(x_t, t)
+            output = model_prediction(self.network(x_t, t), x_t)  # a diffusers UNet2DModel returns .sample
         if self.risk is None:
             loss = self.loss_fn(output.float(), target, t)
         else:
@@ -428,7 +471,7 @@ class Trainer:
         penalty = getattr(self.loss_fn, "last_penalty", None)
         penalty = (penalty.detach().to(torch.float64) if isinstance(penalty, Tensor)
                    else torch.full((t.shape[0],), math.nan, dtype=torch.float64, device=self.device))
-        self._record(loss.detach(), grad_norm.detach(), indices, influence, penalty)
+        self._record(loss.detach(), grad_norm.detach(), indices, influence, penalty, t)
 
     def _check_risk(self, dataset: Dataset) -> Tensor:
         from ..risk import usable_samples
@@ -484,16 +527,18 @@ class Trainer:
                           "w_all": zero(), "n_all": zero(), "w_clean": zero(), "n_clean": zero(),
                           "w_cont": zero(), "n_cont": zero()}
 
-    def _record(self, loss: Tensor, grad_norm: Tensor, indices: Tensor, influence: Tensor, penalty: Tensor) -> None:
-        """Accumulate the step into the log interval and the per-sample influence averages (on the device,
-        no host sync). Indices, influence weights and penalties are gathered from every rank so that all
-        ranks hold the complete, identical statistics."""
+    def _record(self, loss: Tensor, grad_norm: Tensor, indices: Tensor, influence: Tensor, penalty: Tensor,
+                t: Tensor) -> None:
+        """Accumulate the step into the log interval and the per-sample statistics of :attr:`influence` (on the
+        device, no host sync). Indices, influence weights, penalties and timesteps are gathered from every rank
+        so that all ranks hold the complete, identical statistics."""
         if self.world_size > 1:
-            local = torch.stack([indices.to(torch.float64), influence, penalty])
+            local = torch.stack([indices.to(torch.float64), influence, penalty, t.to(torch.float64)])
             gathered = [torch.empty_like(local) for _ in range(self.world_size)]
             dist.all_gather(gathered, local)
             stacked = torch.cat(gathered, dim=1)
             indices, influence, penalty = stacked[0].to(torch.int64), stacked[1], stacked[2]
+            t = stacked[3].to(torch.int64)
         interval = self._interval
         interval["steps"] += 1
         interval["samples"] += indices.numel()
@@ -501,20 +546,19 @@ class Trainer:
         interval["penalty"] += penalty.mean()
         interval["grad_norm"] += grad_norm.to(torch.float64)
         # A non-finite influence weight (NaN data, an overflowed forward pass) is not counted: one bad step must not
-        # turn a sample's running average, or the interval's, into NaN for the rest of the run.
+        # turn the interval's mean into NaN (InfluenceTracker does the same for the per-sample averages).
         counted = torch.isfinite(influence)
-        influence = torch.where(counted, influence, torch.zeros_like(influence))
-        interval["w_all"] += influence.sum()
+        weight = torch.where(counted, influence, torch.zeros_like(influence))
+        interval["w_all"] += weight.sum()
         interval["n_all"] += counted.sum()
         if self.is_contaminated is not None:
             contaminated = self.is_contaminated[indices]
-            interval["w_cont"] += (influence * contaminated).sum()
+            interval["w_cont"] += (weight * contaminated).sum()
             interval["n_cont"] += (counted & contaminated).sum()
-            interval["w_clean"] += (influence * ~contaminated).sum()
+            interval["w_clean"] += (weight * ~contaminated).sum()
             interval["n_clean"] += (counted & ~contaminated).sum()
         if self.step >= self.config.influence_from_step:
-            self.influence_sum.index_add_(0, indices, influence)
-            self.influence_count.index_add_(0, indices, counted.to(self.influence_count.dtype))
+            self.influence.update(indices, influence, penalty, t)
 
     def _log_row(self, epoch: int, seconds: float) -> Dict[str, float]:
         interval = self._interval

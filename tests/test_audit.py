@@ -1,0 +1,334 @@
+"""The data audit (python -m robust_diffusion.audit), the shared loaders of your own images, and
+python -m robust_diffusion.train --dataset folder. Tiny budgets: a few steps of the micro UNet on 8x8 images."""
+
+import csv
+import gzip
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import subprocess_pythonpath
+from robust_diffusion.ddpm import audit, cli
+from robust_diffusion.ddpm.data import load_array_file, load_image_folder, load_images
+
+Image = pytest.importorskip("PIL.Image")
+pytestmark = pytest.mark.usefixtures("one_thread")
+TINY = ["--model", "micro", "--steps", "4", "--batch-size", "8", "--image-size", "8", "--show", "4", "--no-progress",
+        "--device", "cpu"]
+
+
+def _save(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def _folder(root, n_grey=10, n_rgb=6, corrupt=True):
+    """Grey PNGs of 12x12, RGB JPEGs of 20x14 in a subfolder, one file that is not an image, one text file."""
+    rng = np.random.default_rng(0)
+    for i in range(n_grey):
+        _save(root / f"grey_{i:02d}.png", rng.integers(0, 256, (12, 12), dtype=np.uint8))
+    for i in range(n_rgb):
+        _save(root / "colour" / f"rgb_{i:02d}.jpg", rng.integers(0, 256, (14, 20, 3), dtype=np.uint8))
+    if corrupt:
+        (root / "broken.png").write_bytes(b"not an image")
+    (root / "README.txt").write_text("not an image either")
+    return root
+
+
+def _run(argv, capsys):
+    code = audit.main(argv)
+    return code, capsys.readouterr()
+
+
+def _ranking(out):
+    with open(out / "ranking.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _usage_error(argv, capsys, main=audit.main):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error: " in error
+    return error
+
+
+# ---------------------------------------------------------------------------------------------- loaders
+def test_folder_loader_mixed_sizes_grey_and_colour_and_a_corrupt_file(tmp_path):
+    root = _folder(tmp_path / "data")
+    loaded = load_image_folder(root, 8)
+    assert loaded.images.shape == (16, 3, 8, 8) and loaded.images.dtype == torch.float32
+    assert -1 <= float(loaded.images.min()) and float(loaded.images.max()) <= 1
+    assert loaded.paths == sorted(loaded.paths) and len(loaded.paths) == 16
+    assert [p for p, _ in loaded.unreadable] == [str(root / "broken.png")]
+    assert "UnidentifiedImageError" in loaded.unreadable[0][1]
+    notes = " | ".join(loaded.notes)
+    for part in ("17 image files", "16 read, 1 unreadable", "1 other file(s) ignored", "mixed sizes: 2 different sizes",
+                 "10 greyscale and 6 colour", "greyscale images repeated over RGB"):
+        assert part in notes, part
+    # A grey image repeated over RGB: its three channels are equal.
+    grey = loaded.paths.index(str(root / "grey_00.png"))
+    assert torch.equal(loaded.images[grey, 0], loaded.images[grey, 2])
+    grey = load_image_folder(root, 8, channels=1)
+    assert grey.images.shape == (16, 1, 8, 8) and "colour images converted to grey" in " ".join(grey.notes)
+    only_grey = load_image_folder(_folder(tmp_path / "grey", n_rgb=0, corrupt=False), 8)
+    assert only_grey.images.shape[1] == 1 and not only_grey.unreadable
+
+
+def test_folder_loader_keeps_pixel_values(tmp_path):
+    pixels = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    _save(tmp_path / "a.png", pixels)
+    loaded = load_image_folder(tmp_path, 8)
+    torch.testing.assert_close(loaded.images[0, 0], torch.from_numpy(pixels).float() / 127.5 - 1)
+    assert "used as they are" in " ".join(loaded.notes)
+
+
+def test_folder_loader_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=f"no images found in {tmp_path / 'empty'}"):
+        load_image_folder(tmp_path / "empty")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "x.jpg").write_bytes(b"\xff\xd8 truncated")
+    with pytest.raises(ValueError, match="none of the 1 image files in .*broken could be read"):
+        load_image_folder(tmp_path / "broken")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_images(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("layout", ["NHW", "NHWC", "NCHW"])
+@pytest.mark.parametrize("kind", ["uint8", "unit", "symmetric"])
+def test_array_loader_layouts_and_value_ranges(tmp_path, layout, kind):
+    rng = np.random.default_rng(0)
+    channels = 1 if layout == "NHW" else 3
+    unit = rng.random((5, channels, 6, 7)).astype(np.float32)
+    unit[0, 0, 0, 0], unit[0, 0, 0, 1] = 0.0, 1.0
+    stored = {"uint8": np.round(unit * 255).astype(np.uint8), "unit": unit, "symmetric": unit * 2 - 1}[kind]
+    stored = {"NHW": stored[:, 0], "NHWC": stored.transpose(0, 2, 3, 1), "NCHW": stored}[layout]
+    path = tmp_path / "images.npy"
+    np.save(path, stored)
+    loaded = load_array_file(path)
+    assert loaded.images.shape == (5, channels, 6, 7) and loaded.paths == [] and loaded.unreadable == []
+    expected = torch.from_numpy(np.round(unit * 255) / 255 if kind == "uint8" else unit) * 2 - 1
+    torch.testing.assert_close(loaded.images, expected.float(), atol=1e-6, rtol=0)
+    said = {"uint8": "0..255 (uint8", "unit": "floats read as [0, 1]", "symmetric": "floats read as [-1, 1]"}[kind]
+    assert said in loaded.notes[0] and f"layout [{', '.join(layout)}]" in loaded.notes[0]
+    resized = load_array_file(path, image_size=4, channels=3)
+    assert resized.images.shape == (5, 3, 4, 4) and "centre-cropped to 4x4" in resized.notes[-1]
+
+
+def test_array_loader_npz_and_idx(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (4, 5, 5), dtype=np.uint8)
+    np.savez(tmp_path / "one.npz", images)
+    np.savez(tmp_path / "named.npz", labels=np.zeros(4), images=images)
+    for name in ("one.npz", "named.npz"):
+        assert torch.equal(load_array_file(tmp_path / name).images, load_array_file(tmp_path / "one.npz").images)
+    np.savez(tmp_path / "two.npz", a=images, b=images)
+    with pytest.raises(ValueError, match=r"holds the arrays \['a', 'b'\]: keep one, or name the images 'images'"):
+        load_array_file(tmp_path / "two.npz")
+    idx = tmp_path / "images-idx3-ubyte.gz"
+    _write_idx(idx, images)
+    loaded = load_images(idx)
+    assert loaded.images.shape == (4, 1, 5, 5) and "IDX file" in loaded.notes[0]
+    torch.testing.assert_close(loaded.images[:, 0], torch.from_numpy(images).float() / 127.5 - 1)
+
+
+@pytest.mark.parametrize("array, message", [
+    (np.full((3, 4, 4), np.nan, dtype=np.float32), "48 non-finite value"),
+    (np.full((3, 4, 4), 300.0, dtype=np.float32), r"values in \[300, 300\]; expected uint8"),
+    (np.full((3, 4, 4), 300, dtype=np.int32), r"integer values in \[300, 300\]; expected 0..255"),
+    (np.zeros((3, 16)), r"shape \(3, 16\) is not a stack of images"),
+    (np.zeros((3, 4, 4, 5)), r"shape \(3, 4, 4, 5\) is not a stack of images"),
+    (np.zeros((0, 4, 4)), "holds no images"),
+    (np.zeros((3, 4, 4), dtype=bool), "dtype bool is not pixels"),
+])
+def test_array_loader_errors(tmp_path, array, message):
+    np.save(tmp_path / "x.npy", array)
+    with pytest.raises(ValueError, match=message):
+        load_array_file(tmp_path / "x.npy")
+
+
+def _write_idx(path, array):
+    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+# ---------------------------------------------------------------------------------------------- the audit
+def test_audit_of_a_folder_writes_the_ranking_figures_and_report(tmp_path, capsys):
+    root, out = _folder(tmp_path / "data"), tmp_path / "out"
+    code, printed = _run([str(root), "--out", str(out)] + TINY, capsys)
+    assert code == 0
+    assert "1 unreadable image file(s) left out: " + str(root / "broken.png") in printed.out
+    for name in ("ranking.csv", "report.md", "least_trusted.png", "most_trusted.png", "influence_hist.png",
+                 "checkpoint.pt", "log.csv", "audit.json"):
+        assert (out / name).is_file(), name
+    rows = _ranking(out)
+    assert list(rows[0]) == list(audit.RANKING_COLUMNS)
+    assert [int(r["rank"]) for r in rows] == list(range(1, 17))
+    assert sorted(int(r["index"]) for r in rows) == list(range(16))
+    assert sorted(r["file"] for r in rows) == sorted(str(p) for p in root.rglob("*.*")
+                                                      if p.suffix in (".png", ".jpg") and p.name != "broken.png")
+    seen = [r for r in rows if int(r["times_seen"]) > 0]
+    assert sum(int(r["times_seen"]) for r in rows) == 4 * 8 - 0  # every draw from step 0 (4 // 5) counted
+    weights = [float(r["mean_influence"]) for r in seen]
+    assert weights == sorted(weights) and all(0 <= w <= 1 for w in weights)
+    assert all(r["mean_influence"] == "" for r in rows if int(r["times_seen"]) == 0)  # empty, never NaN text
+    report = (out / "report.md").read_text()
+    for part in ("16 images used, each 3 x 8 x 8", "mixed sizes", "**1 unreadable image file(s)**",
+                 f"`{root / 'broken.png'}`: UnidentifiedImageError", "loss: ned (scale=adaptive",
+                 "budget: 4 steps of 8",
+                 "## How to read it", "| rank | file | mean influence"):
+        assert part in report, part
+
+
+def test_audit_of_an_npz_and_an_idx_file(tmp_path, capsys):
+    images = np.random.default_rng(1).random((16, 8, 8, 1)).astype(np.float32) * 2 - 1
+    np.savez(tmp_path / "data.npz", images=images)
+    code, printed = _run([str(tmp_path / "data.npz"), "--out", str(tmp_path / "npz")] + TINY, capsys)
+    assert code == 0 and "floats read as [-1, 1]" in printed.out
+    rows = _ranking(tmp_path / "npz")
+    assert {r["file"] for r in rows} == {""} and len(rows) == 16
+    _write_idx(tmp_path / "data-idx3-ubyte.gz", np.round((images[..., 0] + 1) * 127.5))
+    code, printed = _run([str(tmp_path / "data-idx3-ubyte.gz"), "--out", str(tmp_path / "idx")] + TINY, capsys)
+    assert code == 0 and "IDX file" in (tmp_path / "idx" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.mkdir(), "no images found in {p}"),
+    (lambda p: (p.mkdir(), (p / "a.txt").write_text("x")), "no images found in {p}: .*1 other file"),
+    (lambda p: (p.mkdir(), (p / "a.png").write_bytes(b"not an image")), "none of the 1 image files in {p}"),
+    (lambda p: None, "{p} does not exist"),
+    (lambda p: np.save(p.with_suffix(".npy"), np.zeros((2, 3))), r"is not a stack of images"),
+], ids=["empty folder", "no image files", "all unreadable", "missing", "not images"])
+def test_audit_of_bad_data_is_a_one_line_usage_error(tmp_path, capsys, make, message):
+    path = tmp_path / "data"
+    make(path)
+    if not path.exists() and path.with_suffix(".npy").exists():
+        path = path.with_suffix(".npy")
+    error = _usage_error([str(path), "--out", str(tmp_path / "out")] + TINY, capsys)
+    assert __import__("re").search(message.format(p=path), error), error
+    assert error.startswith("python -m robust_diffusion.audit: error: ")
+
+
+def test_audit_resume_continues_and_refuses_other_data(tmp_path, capsys):
+    images = np.random.default_rng(2).integers(0, 256, (16, 8, 8), dtype=np.uint8)
+    np.save(tmp_path / "a.npy", images)
+    out = tmp_path / "out"
+    assert _run([str(tmp_path / "a.npy"), "--out", str(out)] + TINY, capsys)[0] == 0
+    longer = [a if a != "4" else "8" for a in TINY]  # --steps 8
+    code, printed = _run([str(tmp_path / "a.npy"), "--out", str(out), "--resume"] + longer, capsys)
+    assert code == 0 and f"resumed from {out / 'checkpoint.pt'} at step 4" in printed.out
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 8
+    assert sum(int(r["times_seen"]) for r in _ranking(out)) == 8 * 8
+    assert "budget: 8 steps of 8" in (out / "report.md").read_text()
+    np.save(tmp_path / "b.npy", images[::-1].copy())
+    error = _usage_error([str(tmp_path / "b.npy"), "--out", str(out), "--resume"] + longer, capsys)
+    assert "was trained on other data" in error
+    code, printed = _run([str(tmp_path / "a.npy"), "--out", str(tmp_path / "fresh"), "--resume"] + TINY, capsys)
+    assert code == 0 and "no checkpoint in" in printed.out
+
+
+def test_audit_without_matplotlib_writes_plain_grids_and_says_so(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    np.save(tmp_path / "a.npy", np.random.default_rng(3).integers(0, 256, (16, 8, 8, 3), dtype=np.uint8))
+    code, printed = _run([str(tmp_path / "a.npy"), "--out", str(tmp_path / "out")] + TINY, capsys)
+    assert code == 0 and "influence_hist.png" in printed.out
+    out = tmp_path / "out"
+    assert not (out / "influence_hist.png").exists()
+    grid = Image.open(out / "least_trusted.png")
+    assert grid.size == (4 * 10, 10) and grid.mode == "RGB"  # 4 images of 8x8 with 2-pixel gaps
+    report = (out / "report.md").read_text()
+    assert "`influence_hist.png`: not written: it needs matplotlib" in report
+    assert "without captions (written without matplotlib" in report
+
+
+def test_audit_of_a_folder_without_pillow_says_how_to_get_it(tmp_path, capsys, monkeypatch):
+    root = _folder(tmp_path / "data", corrupt=False)
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    error = _usage_error([str(root), "--out", str(tmp_path / "out")] + TINY, capsys)
+    assert "reading a folder of images needs Pillow: pip install pillow" in error
+
+
+def test_audit_labels_errors(tmp_path, capsys):
+    np.save(tmp_path / "a.npy", np.zeros((16, 8, 8), dtype=np.uint8))
+    np.save(tmp_path / "short.npy", np.zeros(15))
+    np.save(tmp_path / "twos.npy", np.full(16, 2))
+    out = ["--out", str(tmp_path / "out")]
+    assert "expected 16 flags (one per image), got shape (15,)" in _usage_error(
+        [str(tmp_path / "a.npy"), *out, "--labels", str(tmp_path / "short.npy")] + TINY, capsys)
+    assert "flags must be 0 or 1" in _usage_error(
+        [str(tmp_path / "a.npy"), *out, "--labels", str(tmp_path / "twos.npy")] + TINY, capsys)
+
+
+@pytest.mark.slow
+def test_audit_finds_planted_noise_images(tmp_path, capsys):
+    """64 8x8 discs, 6 replaced by noise; 120 steps of the micro UNet (seconds): the noise images rank first."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:8, :8]
+    images = np.zeros((64, 8, 8), dtype=np.uint8)
+    for i in range(64):
+        (cy, cx), r = rng.uniform(2.5, 4.5, 2), rng.uniform(1.5, 2.5)
+        images[i] = (((yy - cy) ** 2 + (xx - cx) ** 2) < r * r) * 200
+    flags = np.zeros(64, dtype=np.uint8)
+    planted = rng.choice(64, 6, replace=False)
+    flags[planted] = 1
+    images[planted] = rng.integers(0, 256, (6, 8, 8))
+    np.save(tmp_path / "data.npy", images)
+    np.save(tmp_path / "labels.npy", flags)
+    out = tmp_path / "out"
+    code, printed = _run([str(tmp_path / "data.npy"), "--out", str(out), "--model", "micro", "--steps", "120",
+                          "--batch-size", "16", "--no-progress", "--device", "cpu",
+                          "--labels", str(tmp_path / "labels.npy")], capsys)
+    assert code == 0
+    line = next(line for line in printed.out.splitlines() if line.startswith("against --labels: AUROC "))
+    assert float(line.split()[3].rstrip(",")) >= 0.85, line
+    top = [int(r["index"]) for r in _ranking(out)[:6]]
+    assert len(set(top) & set(planted.tolist())) >= 3, top
+    report = (out / "report.md").read_text()
+    assert "## Against the given labels" in report and "6 of 64 images flagged" in report
+
+
+# ---------------------------------------------------------------------------------------------- the training CLI
+def test_train_cli_on_a_folder(tmp_path, capsys):
+    root, out = _folder(tmp_path / "data"), tmp_path / "out"
+    code = cli.main(["--dataset", "folder", "--data-root", str(root), "--out", str(out), "--model", "micro",
+                     "--steps", "2", "--batch-size", "8", "--image-size", "8", "--no-progress", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert f"{root} (3x8x8), 16 training images, none replaced (no contamination)" in printed
+    assert "mixed sizes" in printed and "1 unreadable image file(s) left out" in printed
+    assert (out / "unreadable.txt").read_text().startswith(str(root / "broken.png") + "\t")
+    assert "AUROC" not in printed  # nothing is contaminated: no detector to score
+    saved = torch.load(out / "influence.pt")
+    assert saved["mean_influence"].shape == (16,) and not saved["is_contaminated"].any()
+
+
+def test_train_cli_folder_errors_and_the_contamination_default(tmp_path, capsys):
+    assert cli.build_parser().get_default("contamination") == 0.0
+    base = ["--out", str(tmp_path / "out"), "--model", "micro", "--steps", "1", "--no-progress"]
+    assert "--dataset folder needs --data-root" in _usage_error(["--dataset", "folder"] + base, capsys, cli.main)
+    (tmp_path / "empty").mkdir()
+    error = _usage_error(["--dataset", "folder", "--data-root", str(tmp_path / "empty")] + base, capsys, cli.main)
+    assert f"no images found in {tmp_path / 'empty'}" in error
+    root = _folder(tmp_path / "data", corrupt=False)
+    error = _usage_error(["--dataset", "folder", "--data-root", str(root), "--contamination", "0.2",
+                          "--kind", "dataset"] + base, capsys, cli.main)
+    assert "contamination kind 'dataset'" in error
+
+
+def test_entry_points_expose_main():
+    import robust_diffusion.audit
+    import robust_diffusion.train
+
+    assert robust_diffusion.audit.main is audit.main and robust_diffusion.train.main is cli.main
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(subprocess_pythonpath() + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    result = subprocess.run([sys.executable, "-m", "robust_diffusion.audit", "--help"], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and "--labels" in result.stdout and "ranking" in result.stdout
