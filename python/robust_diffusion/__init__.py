@@ -2,7 +2,15 @@
 
 Swap one line of a training loop::
 
-    loss = robust_diffusion.hellinger_loss(eps_hat, eps, t)
+    loss_fn = robust_diffusion.RobustDiffusionLoss("ned", schedule)   # once, next to the model
+    loss = loss_fn(eps_hat, eps, t)                                    # was F.mse_loss(eps_hat, eps)
+
+Which to use when: :class:`RobustDiffusionLoss` delivers the robustness (its adaptive per-noise-level scale
+is running state, kept in buffers and checkpointed with the model). The functional losses
+(``hellinger_loss(eps_hat, eps, t)``, ...) are stateless; at their default ``scale=1.0`` they are drop-ins
+for ``F.mse_loss`` that down-weight little, ``scale="batch"`` gives them a stateless robust scale
+(docs/RESULTS.md says how it compares), and they are what to reach for to reproduce a known loss exactly
+(docs/INTEGRATION.md).
 
 Every loss is a fused C++/CUDA operator (``torch.ops.robust_diffusion.*``) with C++ autograd; this
 package adds the functional API, noise schedules, timestep weighting and :class:`InfluenceTracker` (which
