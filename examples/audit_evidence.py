@@ -55,7 +55,8 @@ class Run:
 def contaminated_images(kind: str, fraction: float):
     """The first NUM_IMAGES Fashion-MNIST training images, a fraction of them replaced (seed SEED): images in
     [-1, 1] [N, 1, 28, 28] and their 0/1 labels. ``inverted`` (not one of the training kit's kinds) replaces an
-    image by its own negative: the same garment, white on black, a contaminant that looks like data."""
+    image by its own negative: the same garment, white on black, a contaminant that looks like data. Images are
+    clipped to [-1, 1], as an image file stores them (only ``gaussian`` leaves that range)."""
     from robust_diffusion.ddpm.cli import load_experiment_data
     if kind == "inverted":
         data = load_experiment_data("fashion-mnist", fraction, "noise", num_train=NUM_IMAGES, seed=SEED)
@@ -65,7 +66,8 @@ def contaminated_images(kind: str, fraction: float):
         images[flags] = -images[flags]
         return images, flags
     data = load_experiment_data("fashion-mnist", fraction, kind, num_train=NUM_IMAGES, seed=SEED)
-    return data.train.images, data.train.is_contaminated
+    # The kit's gaussian kind is not clipped (x + 0.5 n exactly); an image file is, and so is the audit's input.
+    return data.train.images.clamp(-1.0, 1.0), data.train.is_contaminated
 
 
 def run_dir(out: Path, run: Run) -> Path:
