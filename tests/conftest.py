@@ -1,5 +1,7 @@
 """Shared pytest setup: tests/ on sys.path (for the float64 references) and device parametrisation."""
 
+import contextlib
+import importlib.util
 import os
 import sys
 
@@ -10,6 +12,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 #: Devices every operator test runs on: CPU always, CUDA when a GPU and a CUDA build are present.
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@contextlib.contextmanager
+def example_module(name: str):
+    """examples/<name>.py imported as the module ``name`` for the duration (registered in sys.modules, where
+    dataclasses look their module up)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(name, None)
 
 
 @pytest.fixture

@@ -1,25 +1,20 @@
 """examples/audit_evidence.py: the protocol of docs/AUDIT.md, its data, its scoring and its tables."""
 
 import csv
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import example_module
+
 
 
 @pytest.fixture(scope="module")
 def audit_evidence():
-    spec = importlib.util.spec_from_file_location("audit_evidence", REPO / "examples" / "audit_evidence.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["audit_evidence"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("audit_evidence", None)
+    with example_module("audit_evidence") as module:
+        yield module
 
 
 def test_protocol_covers_the_issue(audit_evidence):

@@ -1,23 +1,18 @@
 """examples/evidence.py: the protocol's cells and commands, and the tables it writes into docs/RESULTS.md."""
 
 import csv
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import example_module
+
 
 
 @pytest.fixture(scope="module")
 def evidence():
-    spec = importlib.util.spec_from_file_location("evidence", REPO / "examples" / "evidence.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["evidence"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("evidence", None)
+    with example_module("evidence") as module:
+        yield module
 
 
 def write_results(folder: Path, rows):
