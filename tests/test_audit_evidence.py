@@ -1,7 +1,6 @@
 """examples/audit_evidence.py: the protocol of docs/AUDIT.md, its data, its scoring and its tables."""
 
 import csv
-from pathlib import Path
 
 import numpy as np
 import pytest
