@@ -225,10 +225,18 @@ def test_compiled_autograd_traces_the_backward():
     eager = x.clone().requires_grad_()
     OPS.ned_loss(eager, y, scale, weight, "mean", "mean")[0].backward()
     compiled = x.clone().requires_grad_()
+    graphs = []
+
+    def record(graph_module, example_inputs):  # a backend that notes each captured backward graph
+        graphs.append(graph_module)
+        return graph_module
+
     torch._dynamo.reset()
-    with torch._dynamo.compiled_autograd._enable(torch.compile(backend="eager", fullgraph=True)):
+    with torch._dynamo.compiled_autograd._enable(torch.compile(backend=record, fullgraph=True)):
         OPS.ned_loss(compiled, y, scale, weight, "mean", "mean")[0].backward()
     torch.testing.assert_close(compiled.grad, eager.grad)
+    assert graphs, "compiled autograd did not capture the backward"
+    assert any("ned_loss_backward" in str(g.graph) for g in graphs)  # traced through the node, not around it
 
 
 def test_nan_propagates():
