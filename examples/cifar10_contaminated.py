@@ -14,7 +14,14 @@
 # %% [markdown]
 # # Robust diffusion training on contaminated data
 #
-# A fraction *p* of the training images is replaced by outliers (Huber's epsilon-contamination,
+# **The story.** 30% of a Fashion-MNIST training set is junk: noise images that nobody removed. A diffusion model
+# trained with the standard MSE learns the junk with the clothes, and about half of what it generates is noise.
+# Swap the loss for a robust one (`robust_diffusion.RobustDiffusionLoss("ned", ...)`) and the same model, on the
+# same data, generates far fewer noise images; along the way the loss's influence weights rank the training
+# images, and the least-trusted ones are the junk. The cells below show each step: the data, the training, the
+# samples of each loss, the numbers, and the audit's least-trusted images.
+#
+# In general: a fraction *p* of the training images is replaced by outliers (Huber's epsilon-contamination,
 # docs/DESIGN.md, Evidence): uniform noise images (`--kind noise`), images with heavy Gaussian noise
 # (`--kind gaussian`) or images of another distribution (`--kind dataset`). We train **the same DDPM**
 # (same initial weights, data order and diffusion noise) with several losses, all through
@@ -23,6 +30,7 @@
 # | loss | what it does to a sample with a large denoising error |
 # |---|---|
 # | `mse` | the standard MSE (`kl` at scale 1): full weight, whatever the error |
+# | `diffusers_huber` | diffusers' pseudo-Huber loss as diffusers trains it (scale 1, c = 0.1, snr c schedule): caps each pixel's gradient |
 # | `kl` | full weight too; the MSE at the adaptive scale, divided by the typical error at its noise level |
 # | `hellinger` | per-sample influence weight `exp(-delta/4)` |
 # | `ned` | negative exponential disparity: weight falls fastest |
@@ -43,10 +51,12 @@
 #   (0.5 = no information; plain MSE gives every sample weight 1);
 # * the standard **Inception FID** too, when torchmetrics and the Inception weights are already on disk.
 #
-# Run it as a script (`python examples/cifar10_contaminated.py --dataset fashion-mnist --preset quick`) or as a
-# notebook (`jupytext --to notebook examples/cifar10_contaminated.py`). In a notebook, command-line options can
-# be given in the environment variable `RD_EXAMPLE_ARGS`. The Fashion-MNIST `quick` preset (the default) runs
-# on a 2-core CPU in about 10 minutes; the `full` presets are for a GPU.
+# Run it as a script (`python examples/cifar10_contaminated.py --dataset fashion-mnist`) or as a notebook
+# (`jupytext --to notebook examples/cifar10_contaminated.py`). In a notebook, command-line options can be given in
+# the environment variable `RD_EXAMPLE_ARGS`. The Fashion-MNIST `demo` preset (the default, what
+# `bash tools/run_example.sh` runs) trains four losses for 1000 steps in about 7 minutes on a 2-core CPU;
+# `quick` (250 steps, six losses) is the budget of the evidence in docs/RESULTS.md; the `full` presets are for a
+# GPU.
 
 # %%
 import argparse
@@ -58,6 +68,7 @@ import shlex
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 # OpenMP threads that busy-wait at barriers slow CPU training 5-10x when other processes share the cores;
@@ -70,6 +81,7 @@ from robust_diffusion.ddpm import metrics  # noqa: E402
 from robust_diffusion.ddpm.data import CONTAMINATION_KINDS  # noqa: E402
 from robust_diffusion.ddpm.export import export_model  # noqa: E402
 from robust_diffusion.ddpm.sampling import ddim_sample  # noqa: E402
+from robust_diffusion.ddpm.audit import score_ranking, write_ranking  # noqa: E402
 from robust_diffusion.ddpm.cli import (DATASETS, build_loss, build_model, load_experiment_data,  # noqa: E402
                                     loss_settings, parse_loss_name, parse_scale)
 from robust_diffusion.ddpm.runlog import read_log
@@ -86,12 +98,21 @@ START = time.perf_counter()
 # %% [markdown]
 # ## Settings
 #
-# A preset fixes the model, the training length and the evaluation sizes for a dataset; any option given
-# on the command line overrides it. `quick` on Fashion-MNIST is sized for a 2-core CPU: a 0.27M-parameter
-# UNet (no attention), 28x28 images, a 2,400-image training subset.
+# A preset fixes the model, the training length and the evaluation sizes for a dataset (and, for `demo`, the
+# losses, the temperature and how many runs train at once); any option given on the command line overrides
+# it. `demo` and `quick` on Fashion-MNIST are sized for a 2-core CPU: a 0.27M-parameter UNet (no attention),
+# 28x28 images, a 2,400-image training subset. The demo's settings were fixed before its runs
+# (docs/RESULTS.md, Protocol, "The main job's demo preset").
 
 # %%
 PRESETS = {
+    # The main job: four losses, long enough that samples look like clothing, two at a time on a 2-core CPU
+    # (this small model gains nothing from a second thread: two single-thread runs train twice as fast).
+    ("fashion-mnist", "demo"): dict(
+        model="quick", model_overrides=dict(attention_levels=()), image_size=28, num_train=2400, steps=1000,
+        batch_size=32, lr=2e-3, warmup_steps=20, ema_decay=0.995, samples=400, ddim_steps=10, reference=2000,
+        classifier_train=10000, classifier_epochs=1, detector_train=2400, threads=None,
+        losses=["mse", "diffusers_huber", "hellinger", "ned"], temperature=0.25, jobs=2),
     ("fashion-mnist", "quick"): dict(
         model="quick", model_overrides=dict(attention_levels=()), image_size=28, num_train=2400, steps=250,
         batch_size=32, lr=2e-3, warmup_steps=20, ema_decay=0.995, samples=200, ddim_steps=10, reference=2000,
@@ -114,7 +135,9 @@ PRESETS = {
         lr=2e-4, warmup_steps=5000, ema_decay=0.9999, samples=10000, ddim_steps=100, reference=10000,
         classifier_train=None, classifier_epochs=10, detector_train=20000, threads=None),
 }
-DEFAULT_LOSSES = ["mse", "kl", "hellinger", "ned", "huber", "clipped_mse"]
+#: What a preset that does not say trains: the losses, the adaptive scale's temperature, runs at a time.
+PRESET_DEFAULTS = dict(losses=["mse", "kl", "hellinger", "ned", "huber", "clipped_mse"], temperature=1.0, jobs=1)
+PRESET_NAMES = ("demo", "quick", "full", "smoke")
 
 
 def build_parser():
@@ -125,24 +148,28 @@ def build_parser():
                         help="CIFAR-10: download it into --data-root if it is not there (needs network)")
     parser.add_argument("--contamination", type=float, default=0.3, help="contaminated fraction p in [0, 1)")
     parser.add_argument("--kind", choices=CONTAMINATION_KINDS, default="noise")
-    parser.add_argument("--losses", nargs="+", default=DEFAULT_LOSSES,
-                        help="loss names, optionally +weighting (e.g. ned+debias)")
-    parser.add_argument("--preset", choices=("quick", "full", "smoke"), default="quick",
-                        help="quick: minutes on a CPU; full: a GPU run; smoke: seconds, for tests")
+    parser.add_argument("--losses", nargs="+", default=None,
+                        help="loss names, optionally +weighting (e.g. ned+debias) (default: preset)")
+    parser.add_argument("--preset", choices=PRESET_NAMES, default=None,
+                        help="demo (the default where there is one: the main job), quick (the evidence's budget): "
+                             "minutes on a CPU; full: a GPU run; smoke: seconds, for tests")
     parser.add_argument("--steps", type=int, default=None, help="training steps per loss (default: preset)")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--num-train", type=int, default=None, help="training images (default: preset)")
     parser.add_argument("--samples", type=int, default=None, help="generated samples per loss (default: preset)")
     parser.add_argument("--ddim-steps", type=int, default=None)
     parser.add_argument("--scale", default="adaptive", help="RobustDiffusionLoss scale: adaptive, vlb, batch or a number")
-    parser.add_argument("--temperature", type=float, default=1.0, help="the adaptive scale's tau")
+    parser.add_argument("--temperature", type=float, default=None, help="the adaptive scale's tau (default: preset)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--out", default="outputs/contaminated")
     parser.add_argument("--eval-cache", default=None,
                         help="where the evaluation networks are cached (default: <out>/cache); share it between "
                              "runs so that every run is judged by the same networks")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's; with --jobs above 1, the cores shared out)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="losses training at a time, in threads (default: preset; results do not depend on it)")
     parser.add_argument("--no-export", action="store_true", help="skip the TorchScript / torch.export step")
     parser.add_argument("--export-loss", default=None,
                         help="whose EMA model to export (default: ned if trained, else the last loss)")
@@ -162,19 +189,33 @@ def parse_args(argv=None):
         argv = [] if IN_JUPYTER else sys.argv[1:]
         argv = argv + shlex.split(os.environ.get("RD_EXAMPLE_ARGS", ""))
     args = parser.parse_args(argv)
+    if args.preset is None:
+        args.preset = "demo" if (args.dataset, "demo") in PRESETS else "quick"
     if (args.dataset, args.preset) not in PRESETS:
         parser.error(f"there is no {args.preset!r} preset for {args.dataset}")
-    settings = dict(PRESETS[(args.dataset, args.preset)])
-    for key in ("steps", "batch_size", "num_train", "samples", "ddim_steps", "threads"):
+    settings = {**PRESET_DEFAULTS, **PRESETS[(args.dataset, args.preset)]}
+    for key in ("steps", "batch_size", "num_train", "samples", "ddim_steps", "threads", "losses", "temperature",
+                "jobs"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
+    args.losses, args.temperature = settings["losses"], settings["temperature"]
     try:
         args.specs = [parse_loss_name(name) for name in args.losses]
+        if len({spec.name for spec in args.specs}) != len(args.specs):
+            raise ValueError(f"--losses names a loss twice: {' '.join(args.losses)}")
         parse_scale(args.scale)
         if not 0.0 <= args.contamination < 1.0:
             raise ValueError(f"contamination must be a fraction in [0, 1), got {args.contamination!r}")
+        if not args.temperature > 0:
+            raise ValueError(f"--temperature must be positive, got {args.temperature!r}")
+        for key in ("jobs", "threads"):
+            if settings[key] is not None and settings[key] < 1:
+                raise ValueError(f"--{key} must be at least 1, got {settings[key]!r}")
     except ValueError as error:
         parser.error(str(error))
+    settings["jobs"] = min(settings["jobs"], len(args.specs))
+    if settings["jobs"] > 1 and not settings["threads"]:
+        settings["threads"] = max(1, (os.cpu_count() or 1) // settings["jobs"])
     args.settings = settings
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return args
@@ -309,14 +350,20 @@ for name, images in (("data: clean training images", train_set.images[~is_contam
 # of clean and contaminated samples and keeps each training sample's average weight. Each run writes a checkpoint
 # every tenth of its steps into `<out>/runs/<loss>`: `--resume` continues an interrupted run from there (exactly,
 # on the CPU) and reuses a finished one.
+#
+# With `--jobs 2` (the demo's) two losses train at a time, each in its own thread: every run has its own
+# generators, so its numbers are those of a run alone (tested), and on a 2-core CPU this halves the time.
 
 # %%
 schedule = rd.NoiseSchedule.linear()
 SAMPLE_CHUNK = 500
-results, trained = [], {}
 influence_from = settings["steps"] // 5  # the first steps, with an untrained model, say little about outliers
 checkpoint_every = max(1, settings["steps"] // 10)  # what --resume continues from; saving changes no result
-for spec in args.specs:
+
+
+def make_trainer(spec):
+    """A fresh (or, with --resume, continued) run of one loss. Built one after another in this thread: the model's
+    initial weights and the Trainer draw from torch's global RNG."""
     run_dir = OUT / "runs" / spec.name
     if not args.resume and run_dir.exists():
         shutil.rmtree(run_dir)
@@ -327,17 +374,41 @@ for spec in args.specs:
                          warmup_steps=settings["warmup_steps"], ema_decay=settings["ema_decay"],
                          log_every=max(1, settings["steps"] // 30), checkpoint_every=checkpoint_every,
                          influence_from_step=influence_from, risk_free=spec.risk_free, seed=args.seed,
-                         progress=not IN_JUPYTER)
+                         progress=not IN_JUPYTER, progress_label=spec.name)
     trainer = Trainer(model, loss_fn, train_set, schedule, config, out_dir=run_dir, device=args.device)
     if args.resume and trainer.resume():
         print(f"{spec.name}: resumed at step {trainer.step}")
     elif trainer.log_path.is_file():
         trainer.log_path.unlink()  # left by a run killed before its first checkpoint: start a fresh log
     print(f"--- {spec.name} ({loss_settings(loss_fn)}): {sum(p.numel() for p in model.parameters()):,} parameters")
-    t0 = time.perf_counter()
-    trainer.train()
-    train_seconds = time.perf_counter() - t0
+    return trainer
 
+
+def timed_training(trainer):
+    start = time.perf_counter()
+    trainer.train()
+    return time.perf_counter() - start
+
+
+trainers = {spec.name: make_trainer(spec) for spec in args.specs}
+jobs = settings["jobs"]
+if jobs > 1 and any(isinstance(m, torch.nn.Dropout) and m.p > 0 for t in trainers.values() for m in t.model.modules()):
+    PARSER.error("--jobs above 1 needs a model without dropout: dropout draws from torch's global RNG, which runs "
+                 "training at once would share (their results would depend on timing)")
+print(f"training {len(trainers)} loss(es), {jobs} at a time, {torch.get_num_threads()} torch thread(s)")
+with ThreadPoolExecutor(max_workers=jobs) as pool:
+    futures = {name: pool.submit(timed_training, trainer) for name, trainer in trainers.items()}
+    try:
+        train_seconds = {name: future.result() for name, future in futures.items()}
+    except BaseException:  # Ctrl-C or a failed run: the others stop after their current step, with a checkpoint
+        pool.shutdown(wait=False, cancel_futures=True)
+        for trainer in trainers.values():
+            trainer.stop()
+        raise
+
+results, trained = [], {}
+for spec in args.specs:
+    trainer, run_dir = trainers[spec.name], OUT / "runs" / spec.name
     t0 = time.perf_counter()
     sample_generator = torch.Generator(args.device).manual_seed(args.seed)
     samples = torch.cat([  # in chunks, so that the full presets' 10,000 samples fit in GPU memory
@@ -351,18 +422,18 @@ for spec in args.specs:
     auroc = (metrics.auroc(-mean_influence[seen], is_contaminated[seen])
              if is_contaminated[seen].any() and (~is_contaminated[seen]).any() else math.nan)
     log = read_log(trainer.log_path)
-    row = {"loss": spec.name, "weighting": spec.weighting, "settings": loss_settings(loss_fn),
+    row = {"loss": spec.name, "weighting": spec.weighting, "settings": loss_settings(trainer.loss_fn),
            "steps": settings["steps"], "final_penalty": log[-1]["penalty"],
            "influence_clean": mean_influence[seen & ~is_contaminated].mean().item(),
            "influence_contaminated": mean_influence[seen & is_contaminated].mean().item(),
            "auroc": auroc, "frechet_distance": fd, "contaminant_fraction": fraction,
            "inception_fid": metrics.inception_fid(samples, reference, device=args.device) if INCEPTION else None,
-           "train_s": train_seconds, "sample_s": sample_seconds}
+           "train_s": train_seconds[spec.name], "sample_s": sample_seconds}
     results.append(row)
     trained[spec.name] = dict(trainer=trainer, samples=samples, mean_influence=mean_influence, seen=seen, log=log)
     torch.save(samples, run_dir / "samples.pt")
     print(f"{spec.name}: FD {fd:.2f}, contaminant fraction {fraction:.3f}, AUROC {auroc:.3f}, "
-          f"train {train_seconds:.0f} s, sampling {sample_seconds:.0f} s")
+          f"train {train_seconds[spec.name]:.0f} s, sampling {sample_seconds:.0f} s")
 
 # %% [markdown]
 # ## Results
@@ -451,6 +522,92 @@ axes[1].set(xlabel="step", ylabel="mean influence weight", title="influence: cle
 axes[0].legend(fontsize=8)
 fig.tight_layout()
 fig.savefig(OUT / "loss_curves.png", dpi=120)
+plt.show() if IN_JUPYTER else plt.close(fig)
+
+# %% [markdown]
+# ## The audit: which training images did the robust loss trust least?
+#
+# Every run's `trainer.influence` (a `robust_diffusion.InfluenceTracker`) kept each training image's average
+# influence weight. Ranked lowest first, they are the images the loss trusted least: what
+# `python -m robust_diffusion.audit DATA --out DIR` does for a folder of your own images (docs/AUDIT.md). Here we
+# know which images are junk, so the ranking gets a score: the precision at k (k = the number of contaminated
+# images: the fraction of junk among the k least trusted) and the AUROC, next to the simple baseline that ranks
+# by each image's mean denoising error.
+
+# %%
+losses_of = {name: trained[name]["trainer"].loss_fn for name in names}
+divergences = [name for name, fn in losses_of.items()  # bounded influence, at a scale that follows the data
+               if fn.loss in rd.DIVERGENCES and fn.loss not in ("kl", "chi2") and fn.scale_mode != "fixed"]
+audit_name = "ned" if "ned" in divergences else (divergences[0] if divergences else None)
+audit = None
+if audit_name is None:
+    print("no audit: it needs a bounded-influence divergence loss at a data-dependent scale (e.g. ned, hellinger)")
+elif not is_contaminated.any():
+    print("no audit score: nothing in the training set is contaminated")
+else:
+    audit_table = trained[audit_name]["trainer"].influence.table()
+    write_ranking(OUT / f"audit_ranking_{audit_name}.csv", audit_table)
+    audit = score_ranking(audit_table, is_contaminated)
+    least_trusted = torch.tensor([row["index"] for row in audit_table[:48]])
+    audit["shown"] = len(least_trusted)
+    audit["shown_contaminated"] = int(is_contaminated[least_trusted].sum())
+    print(f"audit by {audit_name}'s influence weights: {audit['summary']}; of the {audit['shown']} least-trusted "
+          f"images, {audit['shown_contaminated']} are contaminated")
+    fig, ax = plt.subplots(figsize=(6, 4.6))
+    ax.imshow(image_grid(train_set.images[least_trusted], columns=8), cmap="gray", vmin=0, vmax=1)
+    ax.set_title(f"{audit_name}: the {audit['shown']} least-trusted training images "
+                 f"({audit['shown_contaminated']} contaminated)\nprecision at k={audit['flagged']}: "
+                 f"{audit['precision_at_k']:.2f}, AUROC {audit['auroc']:.3f}", fontsize=9)
+    ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(OUT / "audit_least_trusted.png", dpi=120)
+    plt.show() if IN_JUPYTER else plt.close(fig)
+    with open(OUT / "results.md", "a") as f:
+        f.write(f"\nAudit (the training images ranked by {audit_name}'s mean influence weight, least trusted first, "
+                f"`audit_ranking_{audit_name}.csv`): {audit['summary']}; {audit['shown_contaminated']} of the "
+                f"{audit['shown']} least-trusted images are contaminated (`audit_least_trusted.png`).\n")
+
+# %% [markdown]
+# ## The picture
+#
+# What the training set looked like, what each loss learned to generate from it, how much of that is junk, and
+# the images the robust loss trusted least: `summary.png`, the README's figure.
+
+# %%
+columns = 1 + len(names)
+fig = plt.figure(figsize=(2.6 * columns, 6.4))
+grid = fig.add_gridspec(2, columns, height_ratios=(1.0, 1.05))
+panels = [("training set", f"{is_contaminated.float().mean().item():.0%} {args.kind} images",
+           train_set.images[pick_all][:36])]
+panels += [(name, None, trained[name]["samples"][:36]) for name in names]
+for column, (title, subtitle, images) in enumerate(panels):
+    ax = fig.add_subplot(grid[0, column])
+    ax.imshow(image_grid(images, columns=6), cmap="gray", vmin=0, vmax=1)
+    if subtitle is None:
+        row = next(r for r in results if r["loss"] == title)
+        subtitle = f"{row['contaminant_fraction']:.0%} contaminant-like, FD {row['frechet_distance']:.0f}"
+    ax.set_title(f"{title}\n{subtitle}", fontsize=9)
+    ax.axis("off")
+split = (columns + 1) // 2
+ax = fig.add_subplot(grid[1, :split])
+bars = [r["contaminant_fraction"] for r in results]
+ax.barh(names[::-1], bars[::-1], color=["tab:red" if n in ("mse", "kl") else "tab:blue" for n in names[::-1]])
+ax.axvline(reference_rows[1]["contaminant_fraction"], color="k", ls="--", lw=1, label="the training set itself")
+if "mse" in names:  # the issue's target for a robust loss: at most half the standard MSE's
+    ax.axvline(bars[names.index("mse")] / 2, color="tab:red", ls=":", lw=1.5, label="half the standard MSE's")
+ax.legend(fontsize=8, loc="lower right")
+ax.set_xlabel(f"fraction of generated samples that look like `{args.kind}` contaminants")
+ax.set_xlim(0, max(bars + [reference_rows[1]["contaminant_fraction"]]) * 1.2 + 1e-3)
+ax.set_title(f"{args.dataset}, {args.contamination:.0%} contaminated, {settings['steps']} steps, seed {args.seed}",
+             fontsize=9)
+ax = fig.add_subplot(grid[1, split:])
+if audit is not None:
+    ax.imshow(image_grid(train_set.images[least_trusted], columns=8), cmap="gray", vmin=0, vmax=1)
+    ax.set_title(f"audit: {audit_name}'s {audit['shown']} least-trusted training images\n"
+                 f"precision at k={audit['flagged']}: {audit['precision_at_k']:.2f}", fontsize=9)
+ax.axis("off")
+fig.tight_layout()
+fig.savefig(OUT / "summary.png", dpi=110)
 plt.show() if IN_JUPYTER else plt.close(fig)
 
 # %% [markdown]

@@ -65,6 +65,24 @@ def test_pseudo_huber_matches_diffusers_training_script(form, c_schedule, rescal
         assert ours[b].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+
+def test_the_training_kits_diffusers_huber_is_diffusers_default_pseudo_huber():
+    """`--loss diffusers_huber` (the main job's baseline) trains with the loss of diffusers' scheduled-Huber
+    training script at its defaults (loss_type huber, huber_schedule snr, huber_c 0.1), whatever --scale says."""
+    from robust_diffusion.ddpm import cli
+
+    scheduler = DDPMScheduler()
+    schedule = rd.NoiseSchedule.from_diffusers(scheduler)
+    loss_fn = cli.build_loss("diffusers_huber", schedule, scale="adaptive", temperature=0.25)
+    assert loss_fn.scale_mode == "fixed" and loss_fn.fixed_scale == 1.0
+    g = torch.Generator().manual_seed(1)
+    pred, target = torch.randn(5, 1, 6, 6, generator=g), torch.randn(5, 1, 6, 6, generator=g)
+    t = torch.tensor([0, 3, 400, 800, 999])
+    expected = torch.stack([diffusers_conditional_loss(pred[b], target[b], "huber",
+                                                       diffusers_huber_c(scheduler, int(t[b]), 0.1, "snr"))
+                            for b in range(5)]).mean()
+    torch.testing.assert_close(loss_fn(pred, target, t), expected.float(), rtol=1e-6, atol=0)
+
 def diffusers_min_snr_loss(scheduler, pred, target, timesteps, snr_gamma, reduction="mean"):
     """examples/text_to_image/train_text_to_image.py, the snr_gamma branch."""
     from diffusers.training_utils import compute_snr

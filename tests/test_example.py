@@ -32,7 +32,7 @@ EXAMPLE = REPO / "examples" / "cifar10_contaminated.py"
 SAMPLER_SOURCE = REPO / "examples" / "cpp"
 HAS_FASHION_MNIST = (fashion_mnist_root() / "train-images-idx3-ubyte.gz").is_file()
 needs_fashion_mnist = pytest.mark.skipif(not HAS_FASHION_MNIST, reason="dataset-fashion-mnist is not installed")
-SMOKE_LOSSES = ["kl", "hellinger", "ned", "huber", "clipped_mse", "ned+debias"]
+SMOKE_LOSSES = ["kl", "hellinger", "ned", "huber", "clipped_mse", "ned+debias", "diffusers_huber"]
 #: Under CI (CI=true) what tests need must be there: a missing sampler toolchain or Jupyter kernel fails, not skips.
 IN_CI = os.environ.get("CI", "").lower() in ("true", "1")
 
@@ -268,7 +268,11 @@ def test_example_end_to_end(smoke_run):
                                                        "data: contaminated training set"]
     for row in rows[:len(SMOKE_LOSSES)]:
         assert float(row["frechet_distance"]) >= 0 and 0 <= float(row["contaminant_fraction"]) <= 1
-        assert 0 <= float(row["auroc"]) <= 1 and "scale=adaptive" in row["settings"]
+        assert 0 <= float(row["auroc"]) <= 1
+        assert row["settings"] == ("scale=1 form=huber" if row["loss"] == "diffusers_huber"
+                                   else "scale=adaptive temperature=1" + (" tau=3" if row["loss"] == "clipped_mse"
+                                                                           else " delta=1" if row["loss"] == "huber"
+                                                                           else ""))
     assert rows[0]["auroc"] == "0.5"  # plain MSE: every weight is 1
     report = (out / "results.md").read_text()
     assert rows[-1]["loss"] in report
@@ -276,9 +280,18 @@ def test_example_end_to_end(smoke_run):
     assert machine.startswith(f"- machine: {platform.machine()} CPU, {os.cpu_count()} cores, ")
     assert machine.endswith(f" thread(s), torch {torch.__version__}")
     assert "| loss | weighting | settings |" in result.stdout  # the table is printed
-    for name in ["samples.png", "influence_histograms.png", "loss_curves.png", "training_data.png"] + [
-            f"samples_{loss}.png" for loss in SMOKE_LOSSES]:
+    for name in ["samples.png", "influence_histograms.png", "loss_curves.png", "training_data.png", "summary.png",
+                 "audit_least_trusted.png"] + [f"samples_{loss}.png" for loss in SMOKE_LOSSES]:
         assert (out / name).stat().st_size > 1000, name
+    # The audit: NED's ranking of the training images, scored against the known contaminated ones.
+    with open(out / "audit_ranking_ned.csv", newline="") as f:
+        ranking = list(csv.DictReader(f))
+    assert [int(r["rank"]) for r in ranking] == list(range(1, 129))  # the smoke preset's 128 training images
+    assert sorted(int(r["index"]) for r in ranking) == list(range(128))
+    audit_line = next(line for line in report.splitlines() if line.startswith("Audit (the training images ranked "
+                                                                               "by ned's mean influence weight"))
+    assert "precision at k=" in audit_line and "least-trusted images are contaminated" in audit_line
+    assert "audit by ned's influence weights: AUROC" in result.stdout
     prefix = out / "export" / "ned"
     for suffix in (".torchscript.pt", ".pt2", ".schedule.txt"):
         assert (prefix.parent / (prefix.name + suffix)).is_file()
@@ -304,7 +317,8 @@ def test_example_resume_continues_an_interrupted_run(tmp_path):
     --resume and ends with exactly the results of an uninterrupted run."""
     cache = tmp_path / "cache"  # the same evaluation networks for all three runs (and trained once)
     common = ["--preset", "smoke", "--losses", "kl", "ned", "--no-export", "--eval-cache", cache]
-    reference = _run_example(*common, "--out", tmp_path / "reference")
+    # The reference trains both losses at once (two threads): the results must not depend on it.
+    reference = _run_example(*common, "--out", tmp_path / "reference", "--jobs", "2")
     assert reference.returncode == 0, reference.stderr[-4000:]
     out = tmp_path / "interrupted"
     first = _run_example(*common, "--out", out, "--steps", "2")
@@ -326,10 +340,28 @@ def test_example_resume_continues_an_interrupted_run(tmp_path):
     assert [r["frechet_distance"] for r in _results(out)] == [r["frechet_distance"] for r in expected]
 
 
+@needs_fashion_mnist
+@pytest.mark.slow
+def test_example_defaults_to_the_demo_preset(tmp_path):
+    """No --preset on Fashion-MNIST is the main job's demo: its four losses at temperature 0.25, two training at a
+    time (here shrunk to seconds; the evaluation networks are the demo's own)."""
+    result = _run_example("--out", tmp_path / "out", "--steps", "2", "--num-train", "64", "--samples", "8",
+                          "--ddim-steps", "1", "--no-export")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "preset demo, losses ['mse', 'diffusers_huber', 'hellinger', 'ned']" in result.stdout
+    assert "training 4 loss(es), 2 at a time" in result.stdout
+    rows = _results(tmp_path / "out")
+    assert [r["settings"] for r in rows[:4]] == ["scale=1", "scale=1 form=huber", "scale=adaptive temperature=0.25",
+                                                 "scale=adaptive temperature=0.25"]
+    assert (tmp_path / "out" / "summary.png").stat().st_size > 1000
+
 # Each case starts an interpreter that imports torch (seconds): the CLI tests in test_training.py cover the rest.
 @pytest.mark.parametrize("argv, message", [
     (["--losses", "kl", "l2"], "unknown loss 'l2' in 'l2'"),
     (["--contamination", "1.2"], "contamination must be a fraction in [0, 1), got 1.2"),
+    (["--losses", "ned", "mse", "ned"], "--losses names a loss twice: ned mse ned"),
+    (["--jobs", "0"], "--jobs must be at least 1, got 0"),
+    (["--temperature", "-1"], "--temperature must be positive, got -1.0"),
 ])
 def test_example_argument_errors(tmp_path, argv, message):
     result = subprocess.run([sys.executable, str(EXAMPLE), "--out", str(tmp_path), *argv], env=_env(),

@@ -81,6 +81,36 @@ def test_resume_is_exact_in_process(tmp_path):
             assert a[column] == b[column] or (math.isnan(a[column]) and math.isnan(b[column])), column
 
 
+
+def test_stop_ends_training_after_the_current_step_with_a_checkpoint(tmp_path):
+    """Trainer.stop(), called while a step runs (as from another thread or a signal handler), ends train() after
+    that step with a checkpoint there; resuming continues to the same state as an uninterrupted run. A stop
+    asked before train() makes it return at once, and the request is used up."""
+    reference = _trainer(tmp_path / "full", steps=7).train()
+    stopped = _trainer(tmp_path / "split", steps=7)
+    loss_fn = stopped.loss_fn
+    forward = loss_fn.forward
+
+    def forward_that_stops(*args, **kwargs):
+        if stopped.step == 4:  # during the fifth step (steps count from 0): not a checkpoint step
+            stopped.stop()
+        return forward(*args, **kwargs)
+
+    loss_fn.forward = forward_that_stops
+    stopped.train()
+    assert stopped.step == 5
+    assert torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)["step"] == 5
+    resumed = _trainer(tmp_path / "split", steps=7)
+    assert resumed.resume() and resumed.step == 5
+    resumed.stop()
+    resumed.train()  # asked before it started: no step
+    assert resumed.step == 5
+    resumed.train()  # the request was used up: trains to the end
+    assert resumed.step == 7
+    _assert_states_equal(reference.model.state_dict(), resumed.model.state_dict())
+    _assert_states_equal(reference.ema.state_dict(), resumed.ema.state_dict())
+    assert torch.equal(reference.influence_sum, resumed.influence_sum)
+
 def test_log_and_influence_statistics(tmp_path):
     dataset = _toy_dataset()
     trainer = _trainer(tmp_path, steps=12, dataset=dataset, checkpoint_every=0).train()

@@ -55,7 +55,7 @@ from .data import ContaminatedDataset, ImageSet, load_images, unreadable_summary
 from .distributed import init_distributed
 from .trainer import TrainConfig, Trainer
 
-__all__ = ["build_parser", "main", "write_ranking"]
+__all__ = ["build_parser", "main", "score_ranking", "write_ranking"]
 
 PROG = "python -m robust_diffusion.audit"
 RANKING_COLUMNS = ("rank", "index", "file", "mean_influence", "mean_penalty", "times_seen")
@@ -168,7 +168,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         files = loaded.paths
         write_ranking(out / "ranking.csv", table, files)
         figures = _figures(out, images, table, flags, args.show)
-        evaluation = _evaluate(table, flags) if flags is not None else None
+        evaluation = score_ranking(table, flags) if flags is not None else None
         report = _report(args, source, loaded, table, files, spec.name, loss_settings(loss_fn), trainer, score_from,
                          seconds, resumed, figures, evaluation)
         (out / "report.md").write_text(report)
@@ -320,8 +320,10 @@ def _grid(path: Path, images: Tensor, rows, title: str, flags: Optional[Tensor],
             f"matplotlib; pip install matplotlib for captions): their scores are the matching rows of ranking.csv")
 
 
-def _evaluate(table, flags: Tensor) -> Dict[str, object]:
-    """AUROC and precision at k (k = flagged images) of the ranking and of the mean-penalty baseline."""
+def score_ranking(table, flags: Tensor) -> Dict[str, object]:
+    """How well a ranking finds known bad images: AUROC and precision at k (k = flagged images) of ``table`` (the
+    rows of :meth:`robust_diffusion.InfluenceTracker.table`, least trusted first) against ``flags`` ([N] bool,
+    True = bad), and the same for the baseline that ranks by mean penalty; ``summary`` says it in one line."""
     from .metrics import auroc
 
     order = torch.tensor([row["index"] for row in table])

@@ -38,8 +38,8 @@ from ..schedules import NoiseSchedule
 from .distributed import init_distributed
 from .trainer import TrainConfig, Trainer
 
-__all__ = ["DATASETS", "LOSS_NAMES", "MODEL_PRESETS", "TRAIN_DATASETS", "ExperimentData", "LossChoice", "build_loss",
-           "build_model", "load_experiment_data", "main", "parse_loss_name"]
+__all__ = ["DATASETS", "LOSS_NAMES", "MODEL_PRESETS", "STANDARD_LOSSES", "TRAIN_DATASETS", "ExperimentData",
+           "LossChoice", "build_loss", "build_model", "load_experiment_data", "main", "parse_loss_name"]
 
 #: The benchmark datasets: a training and a clean test split (what the experiments evaluate against).
 DATASETS = ("fashion-mnist", "cifar10")
@@ -47,10 +47,15 @@ DATASETS = ("fashion-mnist", "cifar10")
 TRAIN_DATASETS = DATASETS + ("folder",)
 #: Timestep weightings a loss name may carry as a suffix: ``ned+debias``.
 LOSS_WEIGHTINGS = ("debias", "min_snr", "p2", "soft_min_snr", "sigmoid", "edm")
-#: Extra losses besides :data:`robust_diffusion.LOSSES`: the risk-free loss when ``robust_diffusion.risk`` exists.
-#: ``mse`` is the standard MSE whatever the scale: ``kl`` at a fixed scale of 1 (``F.mse_loss``), the baseline
-#: users know; ``kl`` at the adaptive scale is the MSE normalised per noise level (RobustDiffusionLoss docs).
-LOSS_NAMES = ("mse",) + LOSSES
+#: Losses as other libraries train them, whatever ``--scale`` says: a fixed scale of 1 and their parameters.
+#: ``mse`` is the standard MSE (``kl`` at scale 1, ``F.mse_loss``), the baseline users know (``kl`` at the adaptive
+#: scale is the MSE normalised per noise level, RobustDiffusionLoss docs); ``diffusers_huber`` is diffusers'
+#: pseudo-Huber loss with its training scripts' defaults (``loss_type="huber"``, ``huber_schedule="snr"``,
+#: ``huber_c=0.1``).
+STANDARD_LOSSES = {"mse": ("kl", {}),
+                   "diffusers_huber": ("pseudo_huber", {"c": 0.1, "c_schedule": "snr", "form": "huber"})}
+#: Every loss name the training commands take: the standard forms, then :data:`robust_diffusion.LOSSES`.
+LOSS_NAMES = tuple(STANDARD_LOSSES) + LOSSES
 #: Baseline parameters used with the adaptive scale, where delta = 1 is a median sample: clipped MSE drops
 #: samples whose penalty exceeds 3 times the median at their noise level.
 BASELINE_PARAMS = {"clipped_mse": {"tau": 3.0, "mode": "sample"}, "huber": {"delta": 1.0}}
@@ -245,8 +250,9 @@ def build_loss(spec: Union[str, LossChoice], schedule: NoiseSchedule, *, scale: 
     """The :class:`~robust_diffusion.RobustDiffusionLoss` for a loss name such as ``"hellinger"`` or
     ``"ned+debias"``, with :data:`BASELINE_PARAMS` for the baselines."""
     spec = parse_loss_name(spec) if isinstance(spec, str) else spec
-    if spec.loss == "mse":
-        return RobustDiffusionLoss("kl", schedule, scale=1.0, weighting=spec.weighting)
+    if spec.loss in STANDARD_LOSSES:
+        loss, params = STANDARD_LOSSES[spec.loss]
+        return RobustDiffusionLoss(loss, schedule, scale=1.0, weighting=spec.weighting, **params)
     params = dict(BASELINE_PARAMS.get(spec.loss, {}))
     return RobustDiffusionLoss(spec.loss, schedule, scale=parse_scale(scale), temperature=temperature,
                                weighting=spec.weighting, **params)
@@ -262,6 +268,8 @@ def loss_settings(loss_fn: RobustDiffusionLoss) -> str:
         parts.append(f"tau={loss_fn.tau:g}")
     if loss_fn.loss == "huber":
         parts.append(f"delta={loss_fn.delta:g}")
+    if loss_fn.loss == "pseudo_huber":
+        parts.append(f"form={loss_fn.form}")
     return " ".join(parts)
 
 

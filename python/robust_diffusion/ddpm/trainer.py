@@ -39,6 +39,7 @@ import copy
 import hashlib
 import math
 import os
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -99,6 +100,7 @@ class TrainConfig:
             through :func:`derive_seed`.
         num_workers: DataLoader worker processes.
         progress: show a tqdm progress bar (rank 0).
+        progress_label: the bar's label (e.g. the loss's name, when several runs train at once).
     """
 
     steps: int = 1000
@@ -118,6 +120,7 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     progress: bool = True
+    progress_label: str = "training"
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "log_every"):
@@ -225,6 +228,7 @@ class Trainer:
         torch.manual_seed(derive_seed(config.seed, f"rank {self.rank}"))
 
         self.step = 0
+        self._stop_requested = threading.Event()
         self.train_time = 0.0  # seconds spent in train() over all (resumed) sessions
         # The same noise-level buckets as the adaptive scale's when the loss has them.
         buckets = min(getattr(self.loss_fn, "num_buckets", 10), self.schedule.num_timesteps)
@@ -242,16 +246,19 @@ class Trainer:
         return self.out_dir / LOG_NAME if self.out_dir is not None else None
 
     def train(self) -> "Trainer":
-        """Train until ``config.steps`` (from the current step: call :meth:`resume` first to continue)."""
+        """Train until ``config.steps`` (from the current step: call :meth:`resume` first to continue), or until
+        :meth:`stop` is called."""
         config = self.config
         bar = None
         if config.progress and self.is_main:
             from tqdm.auto import tqdm
-            bar = tqdm(total=config.steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True)
+            bar = tqdm(total=config.steps, initial=self.step, desc=config.progress_label, unit="step",
+                       dynamic_ncols=True)
         self.model.train()
         session_start, interval_start = time.perf_counter(), time.perf_counter()
         time_before = self.train_time
-        while self.step < config.steps:
+        saved_at = None
+        while self.step < config.steps and not self._stop_requested.is_set():
             epoch, position = divmod(self.step, self.batches_per_epoch)
             self.sampler.set_epoch(epoch)
             order = list(self.sampler)
@@ -282,9 +289,27 @@ class Trainer:
                     bar.update(1)
                 if (config.checkpoint_every and self.step % config.checkpoint_every == 0) or self.step == config.steps:
                     self.save_checkpoint()
+                    saved_at = self.step
+                if self._stop_requested.is_set():
+                    break
+        if self._stop_requested.is_set():
+            self._stop_requested.clear()
+            if self.out_dir is not None and saved_at != self.step:
+                self.save_checkpoint()  # so that resume() continues from here
         if bar is not None:
             bar.close()
         return self
+
+    def stop(self) -> None:
+        """Ask :meth:`train`, running in another thread (or interrupted by a signal handler), to return after the
+        step it is in (or the next call to return at once); it writes a checkpoint there (with ``out_dir``), so
+        :meth:`resume` continues the run.
+        Single-process runs only: data-parallel ranks must stop at the same step, which one rank cannot
+        arrange."""
+        if self.world_size > 1:
+            raise RuntimeError("Trainer.stop: a data-parallel run cannot be stopped from one rank; end it on every "
+                               "rank at the same step (e.g. lower config.steps and resume)")
+        self._stop_requested.set()
 
     def average_influence(self) -> Tuple[Tensor, Tensor]:
         """Per training sample: the mean influence weight over the steps it was drawn in (NaN if never,
