@@ -568,6 +568,40 @@ else:
                 f"{audit['shown']} least-trusted images are contaminated (`audit_least_trusted.png`).\n")
 
 # %% [markdown]
+# Why a robust loss still learns some junk: the influence weight is given per sample *and noise level*. At
+# low noise a junk image is far harder to denoise than a garment and gets a small weight; at high noise every
+# image is mostly noise, the junk's error is typical, and it keeps nearly full weight, and the high noise levels
+# are where a sample's coarse content (garment or junk) is decided. The mean weight per noise-level bucket,
+# clean against contaminated training images:
+
+# %%
+if audit is not None:
+    tracker = trained[audit_name]["trainer"].influence
+    per_bucket = tracker.mean_influence(per_bucket=True)
+    edges = torch.linspace(0, tracker.num_timesteps, tracker.num_buckets + 1).round().long().tolist()
+    bucket_rows = []
+    for b in range(tracker.num_buckets):
+        clean_b, junk_b = per_bucket[~is_contaminated, b], per_bucket[is_contaminated, b]
+        clean_b, junk_b = clean_b[~clean_b.isnan()].mean().item(), junk_b[~junk_b.isnan()].mean().item()
+        bucket_rows.append((f"{edges[b]}-{edges[b + 1] - 1}", clean_b, junk_b))
+    lines = ["| t | clean | contaminated | ratio |", "|---|---|---|---|"]
+    lines += [f"| {span} | {c:.3f} | {j:.3f} | {j / c:.2f} |" for span, c, j in bucket_rows]
+    print("\n".join(lines))
+    with open(OUT / "results.md", "a") as f:
+        f.write(f"\nMean influence weight of {audit_name} per noise level (ratio: contaminated / clean):\n\n"
+                + "\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    centres = [(edges[b] + edges[b + 1]) / 2 for b in range(tracker.num_buckets)]
+    ax.plot(centres, [c for _, c, _ in bucket_rows], "o-", label="clean")
+    ax.plot(centres, [j for _, _, j in bucket_rows], "s--", label="contaminated")
+    ax.set(xlabel="timestep t (noise level)", ylabel="mean influence weight", title=f"{audit_name}: who is trusted, "
+           "by noise level")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(OUT / "influence_by_noise_level.png", dpi=120)
+    plt.show() if IN_JUPYTER else plt.close(fig)
+
+# %% [markdown]
 # ## The picture
 #
 # What the training set looked like, what each loss learned to generate from it, how much of that is junk, and

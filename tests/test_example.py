@@ -281,7 +281,7 @@ def test_example_end_to_end(smoke_run):
     assert machine.endswith(f" thread(s), torch {torch.__version__}")
     assert "| loss | weighting | settings |" in result.stdout  # the table is printed
     for name in ["samples.png", "influence_histograms.png", "loss_curves.png", "training_data.png", "summary.png",
-                 "audit_least_trusted.png"] + [f"samples_{loss}.png" for loss in SMOKE_LOSSES]:
+                 "audit_least_trusted.png", "influence_by_noise_level.png"] + [f"samples_{loss}.png" for loss in SMOKE_LOSSES]:
         assert (out / name).stat().st_size > 1000, name
     # The audit: NED's ranking of the training images, scored against the known contaminated ones.
     with open(out / "audit_ranking_ned.csv", newline="") as f:
@@ -292,6 +292,7 @@ def test_example_end_to_end(smoke_run):
                                                                                "by ned's mean influence weight"))
     assert "precision at k=" in audit_line and "least-trusted images are contaminated" in audit_line
     assert "audit by ned's influence weights: AUROC" in result.stdout
+    assert "Mean influence weight of ned per noise level" in report and "| 900-999 |" in report
     prefix = out / "export" / "ned"
     for suffix in (".torchscript.pt", ".pt2", ".schedule.txt"):
         assert (prefix.parent / (prefix.name + suffix)).is_file()

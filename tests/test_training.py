@@ -242,7 +242,7 @@ def test_resume_rejects_a_different_batch_size(tmp_path):
     (["--data-root", "/nonexistent/fashion"], "Fashion-MNIST directory not found: /nonexistent/fashion"),
     (["--contamination", "1.5"], "contamination must be a fraction in [0, 1), got 1.5"),
     (["--contamination", "-0.1"], "contamination must be a fraction in [0, 1), got -0.1"),
-    (["--loss", "l2"], "unknown loss 'l2' in 'l2'; expected one of mse, kl, hellinger, ned"),
+    (["--loss", "l2"], "unknown loss 'l2' in 'l2'; expected one of mse, diffusers_huber, kl, hellinger, ned"),
     (["--loss", "ned+snr"], "unknown or repeated suffix 'snr' in loss 'ned+snr'"),
     (["--loss", "ned+debias+min_snr"], "unknown or repeated suffix 'min_snr' in loss 'ned+debias+min_snr'"),
     (["--scale", "big"], "scale must be 'adaptive', 'vlb', 'batch' or a non-negative number, got 'big'"),
