@@ -15,6 +15,7 @@ Kill  A run with the adaptive scale, a poisoning batch and a SIGKILL resumes to 
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -177,6 +178,20 @@ def test_step_mode_commits_after_the_optimizer_step_and_drops_a_skipped_one():
     assert not bool(a.initialized)
     a.step()
     torch.testing.assert_close(a.bucket_penalty, torch.tensor([(1.0 + 2.25) / 2]))
+    # A Python bool is taken as it is; the gradient norm itself (a float, where its finiteness was meant) is refused.
+    staged(*clean_batch(8, scale=3.0), T)
+    staged.step(False)
+    assert torch.equal(staged.bucket_penalty, before) and int(staged.skipped_updates) == 2
+    for bad, error, message in ((torch.tensor(float("nan")), ValueError, "got a torch.float32 tensor of shape ()"),
+                                (torch.tensor([True, True]), ValueError, "got a torch.bool tensor of shape (2,)"),
+                                ("yes", TypeError, "got str")):
+        staged(*clean_batch(9), T)
+        with pytest.raises(error, match=r"RobustDiffusionLoss.step: ok must be a bool or a one-element bool tensor "
+                                        r"\(e.g. torch.isfinite\(grad_norm\)\), " + re.escape(message)):
+            staged.step(bad)
+    staged.step(True)
+    assert not torch.equal(staged.bucket_penalty, before)  # what was staged before the refused calls went in
+    assert int(staged.skipped_updates) == 2
 
 
 # --------------------------------------------------------------------------- 6: t

@@ -256,10 +256,12 @@ class RobustDiffusionLoss(DtypeKeepingModule):
     @torch.jit.export
     def step(self, ok: Optional[Tensor] = None) -> None:
         """``update="step"``: commit the statistics staged by the forward passes since the last call, or, when
-        ``ok`` (a bool tensor, e.g. ``torch.isfinite(grad_norm)``) is False, drop them and count the step as
-        skipped. Call it after the optimizer step; with a GradScaler, pass the same test the scaler uses (any
-        non-finite gradient) so a step it skips leaves no trace. No host sync. Does nothing with
+        ``ok`` (a bool, or a one-element bool tensor such as ``torch.isfinite(grad_norm)``) is False, drop them and
+        count the step as skipped. Call it after the optimizer step; with a GradScaler, pass the same test the
+        scaler uses (any non-finite gradient) so a step it skips leaves no trace. No host sync. Does nothing with
         ``update="forward"``."""
+        if not torch.jit.is_scripting():
+            ok = self._step_flag(ok)
         staged, staged_skipped = self.staged_medians, self.staged_skipped
         if self.update != "step" or staged is None or staged_skipped is None:
             return
@@ -275,6 +277,20 @@ class RobustDiffusionLoss(DtypeKeepingModule):
         self.staged_medians = None
         self.staged_skipped = None
         self._seeded = True
+
+    @torch.jit.unused
+    def _step_flag(self, ok: Optional[Tensor]) -> Optional[Tensor]:
+        """``step``'s ``ok`` as a bool tensor; a float (say, the gradient norm itself, where its finiteness was
+        meant) is refused rather than read as true."""
+        if ok is None or isinstance(ok, Tensor) and ok.dtype == torch.bool and ok.numel() == 1:
+            return ok
+        if isinstance(ok, bool):
+            return torch.tensor(ok)
+        if isinstance(ok, Tensor):
+            raise ValueError(f"RobustDiffusionLoss.step: ok must be a bool or a one-element bool tensor (e.g. "
+                             f"torch.isfinite(grad_norm)), got a {ok.dtype} tensor of shape {tuple(ok.shape)}")
+        raise TypeError(f"RobustDiffusionLoss.step: ok must be a bool or a one-element bool tensor (e.g. "
+                        f"torch.isfinite(grad_norm)), got {type(ok).__name__}")
 
     def _check_call(self, input: Tensor, t: Tensor) -> None:
         """The checks of t and of the module's device, with messages that name them (no host sync off the CPU)."""

@@ -1,0 +1,30 @@
+"""The benchmark scripts run and write their section (tiny budgets: the numbers themselves are not tested)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import subprocess_pythonpath
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_training_step_benchmark_writes_its_section(tmp_path):
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# Benchmark results\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(subprocess_pythonpath() + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_train_step.py"), "--models", "quick",
+                             "--batches", "4", "--budget", "0.5", "--out", str(out)], capture_output=True, text=True,
+                            timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = out.read_text()
+    assert text.startswith("# Benchmark results\n\n## Training step, ")
+    rows = [line for line in text.splitlines() if line.startswith("| quick (")]
+    assert len(rows) == 1 and rows[0].startswith("| quick (0.") and "x28) | 4 | " in rows[0]
+    cells = [cell.strip() for cell in rows[0].strip("|").split("|")]
+    assert float(cells[2]) > 0 and float(cells[3]) > 0 and float(cells[5]) > 0 and float(cells[6]) > 0
