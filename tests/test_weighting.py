@@ -175,7 +175,7 @@ def edge_schedule(name):
 @pytest.mark.parametrize("name", EDGE_SCHEDULES)
 def test_non_finite_log_snr_gives_finite_weights(name, terminal):
     schedule = edge_schedule(name)
-    lam = schedule.log_snr
+    lam = schedule.log_snr()
     nonfinite = ~torch.isfinite(lam)
     assert nonfinite.any() and not lam.isnan().any()
     t = torch.arange(schedule.num_timesteps)
@@ -211,7 +211,7 @@ def test_terminal_policies_agree_at_finite_log_snr():
 
 def test_log_snr_bound_and_dtype_saturation():
     schedule = NoiseSchedule.from_alphas_cumprod(torch.tensor([1 - 1e-15, 0.5, 1e-16], dtype=torch.float64))
-    assert schedule.log_snr[0] > LOG_SNR_BOUND and schedule.log_snr[-1] < -LOG_SNR_BOUND
+    assert schedule.log_snr()[0] > LOG_SNR_BOUND and schedule.log_snr()[-1] < -LOG_SNR_BOUND
     torch.testing.assert_close(weight_table(schedule, "inv_snr"),
                                torch.tensor([math.exp(-LOG_SNR_BOUND), 1.0, math.exp(LOG_SNR_BOUND)],
                                             dtype=torch.float64), rtol=1e-12, atol=0)
@@ -369,7 +369,7 @@ def test_min_snr_matches_diffusers(diffusers, prediction_type, zero_snr, snr_gam
     schedule = NoiseSchedule.from_diffusers(noise_scheduler)
     ours = loss_weights(schedule, timesteps, "min_snr", gamma=snr_gamma)
     assert torch.isfinite(ours).all()
-    comparable = torch.isfinite(theirs) & torch.isfinite(schedule.log_snr)
+    comparable = torch.isfinite(theirs) & torch.isfinite(schedule.log_snr())
     assert comparable.sum() >= len(timesteps) - 1
     torch.testing.assert_close(ours[comparable], theirs[comparable], rtol=1e-6, atol=0)
     if zero_snr:  # diffusers: eps 0/0 = NaN at t = T-1, v 0/(0+1) = 0; ours: the clamp policy, finite and tiny in v

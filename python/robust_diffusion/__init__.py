@@ -36,17 +36,20 @@ from .functional import (
     pseudo_huber_loss,
     tv_loss,
 )
+from .continuous import ContinuousVPSchedule, EDMSchedule, VESchedule
 from .influence import InfluenceTracker
 from .robust_loss import LOSSES, RobustDiffusionLoss
 from . import risk
 from .risk import risk_free_loss, risk_noising
-from .schedules import NoiseSchedule
+from .schedules import NoiseSchedule, Schedule
 from .weighting import loss_weights, pseudo_huber_c, weight_table
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DIVERGENCES", "InfluenceTracker", "LOSSES", "NoiseSchedule", "RobustDiffusionLoss", "alpha_loss", "batch_scale", "chi2_loss", "clipped_mse_loss", "default_schedule",
-    "divergence_loss", "hellinger_loss", "huber_loss", "influence_weights", "js_loss", "kl_loss", "lecam_loss",
-    "loss_weights", "ned_loss", "ops", "pseudo_huber_c", "pseudo_huber_loss", "risk", "risk_free_loss", "risk_noising", "tv_loss", "weight_table",
+    "ContinuousVPSchedule", "DIVERGENCES", "EDMSchedule", "InfluenceTracker", "LOSSES", "NoiseSchedule",
+    "RobustDiffusionLoss", "Schedule", "VESchedule", "alpha_loss", "batch_scale", "chi2_loss", "clipped_mse_loss",
+    "default_schedule", "divergence_loss", "hellinger_loss", "huber_loss", "influence_weights", "js_loss", "kl_loss",
+    "lecam_loss", "loss_weights", "ned_loss", "ops", "pseudo_huber_c", "pseudo_huber_loss", "risk",
+    "risk_free_loss", "risk_noising", "tv_loss", "weight_table",
 ]

@@ -17,13 +17,14 @@ unbiased for the clean-data optimum (so a model trained on noisy samples learns 
 the optimal coefficient (an exact match is impossible for Cauchy noise). At ``r = 0`` everything is
 bit-identical to the standard pipeline (:meth:`NoiseSchedule.q_sample`, target ``eta``). Sampling is unchanged.
 
-The processes (``alpha_t``, ``sigma_t``), all supported by every function here:
+The processes (``alpha_t``, ``sigma_t``): every function here takes any
+:class:`~robust_diffusion.schedules.Schedule` and uses only that interface, so these and your own work alike:
 
 - :class:`~robust_diffusion.NoiseSchedule` (discrete VP / DDPM, integer ``t``): ``sqrt(abar_t)``, ``sqrt(1 - abar_t)``.
-- :class:`ContinuousVPSchedule` (Song et al.'s VP SDE, ``t`` in ``[eps, 1]``): ``beta(t) = beta_min + (beta_max - beta_min) t``.
-- :class:`VESchedule` (VE SDE, ``t`` in ``[eps, 1]``): ``alpha = 1``, ``sigma^2 = sigma_t^2 - sigma_min^2`` (the
+- :class:`~robust_diffusion.ContinuousVPSchedule` (Song et al.'s VP SDE, ``t`` in ``[eps, 1]``): ``beta(t) = beta_min + (beta_max - beta_min) t``.
+- :class:`~robust_diffusion.VESchedule` (VE SDE, ``t`` in ``[eps, 1]``): ``alpha = 1``, ``sigma^2 = sigma_t^2 - sigma_min^2`` (the
   transfer variance from ``t = 0``; ``sigma_t = sigma_min (sigma_max / sigma_min)^t``).
-- :class:`EDMSchedule` (Karras et al., ``t`` is ``sigma`` itself): ``alpha = 1``, ``sigma``.
+- :class:`~robust_diffusion.EDMSchedule` (Karras et al., ``t`` is ``sigma`` itself): ``alpha = 1``, ``sigma``.
 
 **Stability interval.** ``v > 0`` needs ``sigma_t^2 > alpha_t^2 c r^2``, i.e. ``SNR_t c r^2 < 1`` with
 ``SNR_t = alpha_t^2 / sigma_t^2``, for the largest risk of the sample: ``t > t_min(r)``. With ``margin = m`` in
@@ -53,7 +54,6 @@ rather than given silently wrong (absent) gradients.
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -62,7 +62,8 @@ from torch import Tensor, nn
 from . import ops  # noqa: F401  (loads the operators)
 from .functional import DIVERGENCES, clipped_mse_loss, default_schedule, divergence_loss, huber_loss, pseudo_huber_loss
 from .robust_loss import LOSSES, RobustDiffusionLoss
-from .schedules import NoiseSchedule, canonical_prediction_type
+from .continuous import ContinuousVPSchedule, EDMSchedule, VESchedule
+from .schedules import Schedule, canonical_prediction_type
 from .weighting import loss_weights
 
 __all__ = [
@@ -77,200 +78,24 @@ RISK_PREDICTION_TYPES = ("epsilon", "score", "sample", "v_prediction")
 
 
 # ---------------------------------------------------------------------------------------------- processes
-class ContinuousVPSchedule:
-    """Song et al.'s VP SDE with ``beta(t) = beta_min + (beta_max - beta_min) t`` on ``t`` in ``[eps, 1]``.
-
-    ``abar(t) = exp(-B(t))`` with ``B(t) = beta_min t + (beta_max - beta_min) t^2 / 2``; ``alpha = sqrt(abar)``,
-    ``sigma = sqrt(1 - abar)``. The stability bound is closed form: ``SNR(t) = 1 / expm1(B(t)) < 1 / q`` for
-    ``q = c r^2 / (1 - margin)`` holds for ``t > t_min = 2L / (beta_min + sqrt(beta_min^2 + 2 (beta_max - beta_min) L))``
-    with ``L = log1p(q)`` (0.2590 for ``r = 1`` with the defaults).
-    """
-
-    process = "vp"
-
-    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, eps: float = 1e-5):
-        if not (0 <= beta_min <= beta_max and beta_max > 0):
-            raise ValueError(f"need 0 <= beta_min <= beta_max and beta_max > 0, got {beta_min!r}, {beta_max!r}")
-        if not 0 <= eps < 1:
-            raise ValueError(f"eps must lie in [0, 1), got {eps!r}")
-        self.beta_min, self.beta_max, self.eps = float(beta_min), float(beta_max), float(eps)
-
-    def integrated_beta(self, t: Tensor) -> Tensor:
-        t = t.double()
-        return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t * t
-
-    def log_snr(self, t: Tensor) -> Tensor:
-        return -torch.log(torch.expm1(self.integrated_beta(t)))
-
-    def coefficients(self, t: Tensor) -> Tuple[Optional[Tensor], Tensor]:
-        big_b = self.integrated_beta(t)
-        return torch.exp(-0.5 * big_b), torch.sqrt(-torch.expm1(-big_b))
-
-    def _boundary(self, q: Tensor) -> Tensor:
-        log_q = torch.log1p(q)
-        slope = self.beta_max - self.beta_min
-        return 2.0 * log_q / (self.beta_min + torch.sqrt(self.beta_min ** 2 + 2.0 * slope * log_q))
-
-    def _largest_q(self) -> float:
-        return math.expm1(self.beta_min + 0.5 * (self.beta_max - self.beta_min))
-
-    def _sample_above(self, lower: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-        return _uniform_above(lower.clamp(min=self.eps), generator)
-
-    def _check_t(self, t: Tensor, caller: str) -> None:
-        _check_unit_time(t, caller)
-
-    def __repr__(self) -> str:
-        return f"ContinuousVPSchedule(beta_min={self.beta_min}, beta_max={self.beta_max}, eps={self.eps})"
-
-
-class VESchedule:
-    """Song et al.'s VE SDE: ``sigma_t = sigma_min (sigma_max / sigma_min)^t`` on ``t`` in ``[eps, 1]``.
-
-    The clean transfer from ``t = 0`` is ``x_t = x0 + sqrt(sigma_t^2 - sigma_min^2) eta`` (DESIGN's erratum: the
-    paper's VE interval misses ``sigma_0^2``), so ``alpha = 1`` and ``sigma^2 = sigma_min^2 expm1(2 t log rho)``,
-    ``rho = sigma_max / sigma_min``. Stability (``sigma^2 > q``): ``t > log1p(q / sigma_min^2) / (2 log rho)``.
-    """
-
-    process = "ve"
-
-    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, eps: float = 1e-5):
-        if not 0 < sigma_min < sigma_max:
-            raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min!r}, {sigma_max!r}")
-        if not 0 <= eps < 1:
-            raise ValueError(f"eps must lie in [0, 1), got {eps!r}")
-        self.sigma_min, self.sigma_max, self.eps = float(sigma_min), float(sigma_max), float(eps)
-        self._log_rho = math.log(self.sigma_max / self.sigma_min)
-
-    def log_snr(self, t: Tensor) -> Tensor:
-        return -torch.log(self.coefficients(t)[1].square())
-
-    def coefficients(self, t: Tensor) -> Tuple[Optional[Tensor], Tensor]:
-        return None, self.sigma_min * torch.sqrt(torch.expm1(2.0 * self._log_rho * t.double()))
-
-    def _boundary(self, q: Tensor) -> Tensor:
-        return torch.log1p(q / self.sigma_min ** 2) / (2.0 * self._log_rho)
-
-    def _largest_q(self) -> float:
-        return self.sigma_max ** 2 - self.sigma_min ** 2
-
-    def _sample_above(self, lower: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-        return _uniform_above(lower.clamp(min=self.eps), generator)
-
-    def _check_t(self, t: Tensor, caller: str) -> None:
-        _check_unit_time(t, caller)
-
-    def __repr__(self) -> str:
-        return f"VESchedule(sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, eps={self.eps})"
-
-
-class EDMSchedule:
-    """Karras et al. (EDM): the time variable is the noise level ``sigma`` itself; ``alpha = 1``.
-
-    Training draws ``log sigma ~ N(p_mean, p_std^2)``; :func:`sample_timesteps` draws from that distribution
-    truncated to the stability interval ``sigma > sqrt(q)`` (and to ``sigma <= sigma_max`` when given; with
-    ``sigma_max=None``, EDM's training default, no risk is too large).
-    """
-
-    process = "edm"
-
-    def __init__(self, p_mean: float = -1.2, p_std: float = 1.2, sigma_max: Optional[float] = None):
-        if not p_std > 0:
-            raise ValueError(f"p_std must be positive, got {p_std!r}")
-        if sigma_max is not None and not sigma_max > 0:
-            raise ValueError(f"sigma_max must be positive or None, got {sigma_max!r}")
-        self.p_mean, self.p_std = float(p_mean), float(p_std)
-        self.sigma_max = None if sigma_max is None else float(sigma_max)
-
-    def log_snr(self, sigma: Tensor) -> Tensor:
-        return -2.0 * torch.log(sigma.double())
-
-    def coefficients(self, sigma: Tensor) -> Tuple[Optional[Tensor], Tensor]:
-        return None, sigma.double()
-
-    def _boundary(self, q: Tensor) -> Tensor:
-        return torch.sqrt(q)
-
-    def _largest_q(self) -> float:
-        return math.inf if self.sigma_max is None else self.sigma_max ** 2
-
-    def _sample_above(self, lower: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-        # Inverse CDF in the upper tail: survival S(z) = erfc(z / sqrt 2) / 2 stays accurate far into the tail
-        # (torch.special.ndtr(-z) underflows to 0 past z ~ 8).
-        def survival(z: Tensor) -> Tensor:
-            return 0.5 * torch.special.erfc(z / math.sqrt(2.0))
-
-        z_low = (torch.log(lower) - self.p_mean) / self.p_std  # -inf for lower = 0
-        tail_low = survival(z_low)
-        tail_high = (torch.zeros_like(tail_low) if self.sigma_max is None
-                     else survival(torch.full_like(z_low, (math.log(self.sigma_max) - self.p_mean) / self.p_std)))
-        u = torch.rand(lower.shape, generator=generator, device=lower.device, dtype=torch.float64)
-        tail = tail_low - (tail_low - tail_high) * (1.0 - u)  # in [tail_high, tail_low): sigma in (lower, sigma_max]
-        sigma = torch.exp(self.p_mean - self.p_std * torch.special.ndtri(tail))
-        just_above = torch.nextafter(lower, torch.full_like(lower, math.inf))
-        # sigma = inf only where the tail underflows (bounds beyond ~1e19): take the bound's neighbour there
-        return torch.where(torch.isfinite(sigma), torch.maximum(sigma, just_above), just_above)
-
-    def _check_t(self, sigma: Tensor, caller: str) -> None:
-        if not sigma.dtype.is_floating_point:
-            raise TypeError(f"{caller}: t must hold floating-point noise levels sigma for EDMSchedule, got dtype "
-                            f"{sigma.dtype}")
-        if sigma.device.type == "cpu" and sigma.numel() and not bool((sigma > 0).all()):
-            raise ValueError(f"{caller}: t must hold positive noise levels sigma for EDMSchedule")
-
-    def __repr__(self) -> str:
-        return f"EDMSchedule(p_mean={self.p_mean}, p_std={self.p_std}, sigma_max={self.sigma_max})"
-
-
-Process = Union[NoiseSchedule, ContinuousVPSchedule, VESchedule, EDMSchedule]
-_CONTINUOUS = (ContinuousVPSchedule, VESchedule, EDMSchedule)
-
-
-def _uniform_above(lower: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-    """Uniform on ``(lower, 1]``: never the (excluded) bound itself."""
-    u = torch.rand(lower.shape, generator=generator, device=lower.device, dtype=torch.float64)
-    return 1.0 - u * (1.0 - lower)
-
-
-def _check_unit_time(t: Tensor, caller: str) -> None:
-    if not t.dtype.is_floating_point:
-        raise TypeError(f"{caller}: t must hold floating-point times in [0, 1] for a continuous schedule, got dtype "
-                        f"{t.dtype}")
-    if t.device.type == "cpu" and t.numel() and not bool(((t >= 0) & (t <= 1)).all()):
-        raise ValueError(f"{caller}: t must lie in [0, 1] for a continuous schedule, got values in "
-                         f"[{t.min().item():.4g}, {t.max().item():.4g}]")
+#: What every function here takes as ``schedule``: any :class:`~robust_diffusion.schedules.Schedule`.
+Process = Schedule
 
 
 def _check_process(schedule: object) -> None:
-    if not isinstance(schedule, (NoiseSchedule,) + _CONTINUOUS):
-        raise TypeError(f"schedule must be a NoiseSchedule, ContinuousVPSchedule, VESchedule or EDMSchedule, "
-                        f"got {type(schedule).__name__}")
-
-
-def _process_kind(schedule: Process) -> str:
-    return "vp" if isinstance(schedule, NoiseSchedule) else schedule.process
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a Schedule (NoiseSchedule, ContinuousVPSchedule, VESchedule or "
+                        f"EDMSchedule), got {type(schedule).__name__}")
 
 
 def process_coefficients(schedule: Process, t: Tensor, dtype: torch.dtype = torch.float32
                          ) -> Tuple[Optional[Tensor], Tensor]:
     """Per-sample ``(alpha, sigma)`` of the clean process ``x_t = alpha x0 + sigma eta`` at ``t`` ([B] each, on
     ``t``'s device, computed in float64 and cast to ``dtype``); ``alpha`` is ``None`` (= 1) for VE and EDM. For a
-    :class:`NoiseSchedule` these are exactly the values :meth:`NoiseSchedule.q_sample` uses."""
+    :class:`NoiseSchedule` these are exactly the values :meth:`NoiseSchedule.q_sample` uses
+    (:meth:`Schedule.coefficients`)."""
     _check_process(schedule)
-    return _coefficients(schedule, t, dtype, "process_coefficients")
-
-
-def _coefficients(schedule: Process, t: Tensor, dtype: torch.dtype, caller: str) -> Tuple[Optional[Tensor], Tensor]:
-    """:func:`process_coefficients`, with ``caller`` (the public function) named in the errors about ``t``."""
-    if isinstance(schedule, NoiseSchedule):
-        return (schedule.gather("sqrt_alphas_cumprod", t, dtype=dtype, caller=caller),
-                schedule.gather("sqrt_one_minus_alphas_cumprod", t, dtype=dtype, caller=caller))
-    if not isinstance(t, Tensor) or t.dim() != 1:
-        raise ValueError(f"{caller}: t must be a 1-D tensor with one time per sample, got "
-                         f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
-    schedule._check_t(t, caller)
-    alpha, sigma = schedule.coefficients(t)
-    return (None if alpha is None else alpha.to(dtype)), sigma.to(dtype)
+    return schedule.coefficients(t, dtype, caller="process_coefficients")
 
 
 def cauchy_variance_factor(numel_per_sample: int) -> float:
@@ -338,33 +163,6 @@ def _risk_bound(risk: Tensor, perturbation: str, margin: float, numel_per_sample
     return _RiskBound(c * largest.square() / (1.0 - margin), largest, c, invalid)
 
 
-_LOG_SNR_CACHE: "weakref.WeakKeyDictionary[NoiseSchedule, Dict[torch.device, Tensor]]" = weakref.WeakKeyDictionary()
-
-
-def _negative_log_snr(schedule: NoiseSchedule, device: torch.device) -> Tensor:
-    tables = _LOG_SNR_CACHE.setdefault(schedule, {})
-    if device not in tables:
-        tables[device] = (-schedule.log_snr).to(device)  # non-decreasing in t
-    return tables[device]
-
-
-def _lower_bound(schedule: Process, q: Tensor) -> Tensor:
-    if isinstance(schedule, NoiseSchedule):
-        keys = _negative_log_snr(schedule, q.device)
-        # SNR_t q < 1  <=>  -log SNR_t > log q: the first step past every key <= log q. r = 0 fits every step.
-        first = torch.searchsorted(keys, torch.log(q), right=True)
-        return torch.where(q > 0, first, torch.zeros_like(first))
-    return torch.where(q > 0, schedule._boundary(q), torch.zeros_like(q))
-
-
-def _usable(schedule: Process, bound: Tensor) -> Tensor:
-    if isinstance(schedule, NoiseSchedule):
-        return bound < schedule.num_timesteps
-    if isinstance(schedule, EDMSchedule):
-        return bound < (math.inf if schedule.sigma_max is None else schedule.sigma_max)
-    return bound < 1.0
-
-
 def timestep_lower_bound(schedule: Process, risk: Tensor, *, perturbation: str = "gaussian", margin: float = 0.0,
                          numel_per_sample: Optional[int] = None) -> Tensor:
     """Each sample's ``t_min(r)`` ([B], on ``risk``'s device), from its largest risk.
@@ -379,7 +177,7 @@ def timestep_lower_bound(schedule: Process, risk: Tensor, *, perturbation: str =
     """
     _check_process(schedule)
     rb = _checked_risk_bound("timestep_lower_bound", risk, perturbation, margin, numel_per_sample)
-    return _lower_bound(schedule, rb.q)
+    return schedule.lower_time_bound(rb.q)
 
 
 def usable_samples(schedule: Process, risk: Tensor, *, perturbation: str = "gaussian", margin: float = 0.0,
@@ -389,7 +187,7 @@ def usable_samples(schedule: Process, risk: Tensor, *, perturbation: str = "gaus
     Negative, NaN or infinite risk raises ``ValueError`` (one host sync per call on an accelerator)."""
     _check_process(schedule)
     rb = _checked_risk_bound("usable_samples", risk, perturbation, margin, numel_per_sample)
-    return _usable(schedule, _lower_bound(schedule, rb.q))
+    return schedule.has_time_after(schedule.lower_time_bound(rb.q))
 
 
 def sample_timesteps(schedule: Process, risk: Tensor, *, perturbation: str = "gaussian", margin: float = 0.0,
@@ -407,26 +205,19 @@ def sample_timesteps(schedule: Process, risk: Tensor, *, perturbation: str = "ga
     """
     _check_process(schedule)
     rb = _risk_bound(risk, perturbation, margin, numel_per_sample)
-    bound = _lower_bound(schedule, rb.q)
-    usable = _usable(schedule, bound)
+    bound = schedule.lower_time_bound(rb.q)
+    usable = schedule.has_time_after(bound)
     invalid_risk, empty = _host_counts(rb.invalid, (~usable).sum())
     if invalid_risk:
         _raise_invalid_risk("sample_timesteps", risk)
     if empty:
         _raise_empty_intervals(schedule, empty, rb, perturbation, margin)
-    if isinstance(schedule, NoiseSchedule):
-        steps = schedule.num_timesteps
-        u = torch.rand(bound.shape, generator=generator, device=bound.device, dtype=torch.float64)
-        return (bound + torch.floor(u * (steps - bound).double()).long()).clamp(max=steps - 1)
-    return schedule._sample_above(bound, generator)
+    return schedule.sample_timesteps_above(bound, generator)
 
 
 def _raise_empty_intervals(schedule: Process, count: int, rb: _RiskBound, perturbation: str, margin: float) -> None:
-    if isinstance(schedule, NoiseSchedule):
-        smallest_snr = float(schedule.snr[-1])
-        largest_q = math.inf if smallest_snr == 0 else 1.0 / smallest_snr
-    else:
-        largest_q = schedule._largest_q()
+    smallest_snr = schedule.min_snr()
+    largest_q = math.inf if smallest_snr == 0 else 1.0 / smallest_snr
     admissible = math.sqrt(largest_q * (1.0 - margin) / rb.c)
     factor = "" if perturbation == "gaussian" else f" (c = c_D = {rb.c:.6g} for perturbation='cauchy')"
     raise ValueError(
@@ -476,7 +267,7 @@ def risk_noising(sample: Tensor, risk: Union[Tensor, float], t: Tensor, noise: O
     schedule = default_schedule() if schedule is None else schedule
     _check_process(schedule)
     kind = _canonical_risk_prediction_type(prediction_type)
-    if kind == "v_prediction" and _process_kind(schedule) != "vp":
+    if kind == "v_prediction" and schedule.process != "vp":
         raise ValueError(f"prediction_type 'v_prediction' is defined for VP processes, not {schedule!r}; use "
                          f"'epsilon', 'sample' or 'score'")
     if not isinstance(sample, Tensor) or sample.dim() < 1:
@@ -490,7 +281,8 @@ def risk_noising(sample: Tensor, risk: Union[Tensor, float], t: Tensor, noise: O
     if not isinstance(t, Tensor) or t.dim() != 1 or t.shape[0] != sample.shape[0]:
         raise ValueError(f"risk_noising: t must be a 1-D tensor with one timestep per sample ({sample.shape[0]}), "
                          f"got {tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
-    alpha, sigma = _coefficients(schedule, t, torch.promote_types(sample.dtype, torch.float32), "risk_noising")
+    alpha, sigma = schedule.coefficients(t, torch.promote_types(sample.dtype, torch.float32),
+                                         caller="risk_noising")
     noisy, target, noise_std = torch.ops.robust_diffusion.risk_noising(sample, risk, noise, alpha, sigma, kind,
                                                                        perturbation)
     return RiskNoising(noisy, target, noise_std, sigma, kind)
@@ -586,7 +378,7 @@ def risk_free_loss(input: Tensor, noising: RiskNoising, t: Optional[Tensor] = No
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES} or a RobustDiffusionLoss, got {loss!r}")
     schedule = default_schedule() if schedule is None else schedule
-    discrete = isinstance(schedule, NoiseSchedule)
+    discrete = schedule.discrete
     if weighting != "constant":
         if not discrete:
             raise ValueError(f"risk_free_loss: weighting={weighting!r} needs a discrete NoiseSchedule (loss_weights "

@@ -423,7 +423,7 @@ def _vlb_scale(schedule: NoiseSchedule, prediction_type: str) -> Tensor:
     """DDPM's lambda_t per step, converted to the prediction type's error: the epsilon error is the x0
     error times SNR, and the v error times SNR / (SNR + 1). Infinite log-SNR is clamped to the
     schedule's finite range so every entry is finite."""
-    lam = schedule.log_snr
+    lam = schedule.log_snr()
     finite = torch.isfinite(lam)
     lam = lam.clamp(lam[finite].min().item(), lam[finite].max().item()) if finite.any() else lam.nan_to_num()
     factor = {"epsilon": torch.ones_like(lam), "sample": lam.exp(), "v_prediction": torch.sigmoid(lam)}[prediction_type]

@@ -1,4 +1,5 @@
-"""Discrete DDPM / VP noise schedules, computed in float64.
+"""Noise schedules: the :class:`Schedule` interface every process implements, and the discrete DDPM / VP
+:class:`NoiseSchedule`, computed in float64 (the continuous processes are in :mod:`robust_diffusion.continuous`).
 
 Conventions (docs/DESIGN.md, Notation): T steps indexed 0..T-1 (t = 0 is already slightly noisy),
 ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``, ``SNR_t = abar_t / (1 - abar_t)``,
@@ -18,7 +19,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["NoiseSchedule"]
+__all__ = ["NoiseSchedule", "Schedule"]
 
 _PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 _PREDICTION_ALIASES = {"epsilon": "epsilon", "eps": "epsilon", "sample": "sample", "x0": "sample",
@@ -34,12 +35,94 @@ def canonical_prediction_type(prediction_type: str) -> str:
                          f"got {prediction_type!r}") from None
 
 
-class NoiseSchedule:
+class Schedule:
+    """What makes a noise process a schedule (docs/DESIGN.md, Schedules): ``x_t = alpha_t x0 + sigma_t eps`` at
+    per-sample times ``t``, with these methods. Everything that takes a schedule (the risk module, and the losses
+    as they learn continuous time) uses only them.
+
+    Attributes:
+        discrete: True for integer step indices ``t`` in ``[0, T)`` (:class:`NoiseSchedule`), False for float times.
+        process: ``"vp"`` (``alpha^2 + sigma^2 = 1``: v-prediction is defined), ``"ve"`` or ``"edm"`` (``alpha = 1``).
+        prediction_type: what a model trained on it predicts by default.
+    """
+
+    discrete: bool = False
+    process: str = "vp"
+    prediction_type: str = "epsilon"
+
+    def check_timesteps(self, t: Tensor, argument: str = "t", *, caller: Optional[str] = None) -> Tensor:
+        """Validate per-sample times ``t`` ``[B]`` (messages name ``argument`` and the public ``caller``)."""
+        raise NotImplementedError
+
+    def coefficients(self, t: Tensor, dtype: torch.dtype = torch.float32, *, caller: Optional[str] = None
+                     ) -> Tuple[Optional[Tensor], Tensor]:
+        """Per-sample ``(alpha, sigma)`` at ``t`` ([B] each, on ``t``'s device, computed in float64 and cast to
+        ``dtype``); ``alpha`` is ``None`` where it is 1 (VE, EDM)."""
+        raise NotImplementedError
+
+    def log_snr(self, t: Tensor) -> Tensor:
+        """Per-sample ``log(alpha^2 / sigma^2)`` at ``t`` (float64, on ``t``'s device)."""
+        raise NotImplementedError
+
+    def sample_timesteps(self, batch_size: int, device=None, generator: Optional[torch.Generator] = None) -> Tensor:
+        """``batch_size`` times from the process's training distribution."""
+        raise NotImplementedError
+
+    def lower_time_bound(self, q: Tensor) -> Tensor:
+        """Per sample, where ``SNR_t q < 1`` starts (``q >= 0``): the smallest usable integer step for a discrete
+        schedule (``t >= bound``), the boundary itself for a continuous one (``t > bound``); the start of time
+        where ``q = 0``."""
+        raise NotImplementedError
+
+    def has_time_after(self, bound: Tensor) -> Tensor:
+        """Bool per sample: whether some time of the schedule lies past ``bound`` (from :meth:`lower_time_bound`)."""
+        raise NotImplementedError
+
+    def sample_timesteps_above(self, lower: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        """Per sample, a time from the training distribution restricted to ``t`` past ``lower``."""
+        raise NotImplementedError
+
+    def min_snr(self) -> float:
+        """The smallest SNR the schedule reaches (0 at zero terminal SNR or an unbounded sigma)."""
+        raise NotImplementedError
+
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Optional[Tensor] = None) -> Tensor:
+        """``x_t = alpha_t x0 + sigma_t noise`` (noise drawn if not given)."""
+        if noise is None:
+            noise = torch.randn_like(x0)
+        if noise.shape != x0.shape:
+            raise ValueError(f"noise must have the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}")
+        _check_batch(x0, t)
+        alpha, sigma = self.coefficients(t, torch.promote_types(x0.dtype, torch.float32), caller="q_sample")
+        shape = (-1,) + (1,) * (x0.dim() - 1)
+        scaled = x0 if alpha is None else alpha.reshape(shape) * x0
+        return (scaled + sigma.reshape(shape) * noise).to(x0.dtype)
+
+    def training_target(self, x0: Tensor, noise: Tensor, t: Tensor, prediction_type: Optional[str] = None) -> Tensor:
+        """What the model should predict for ``prediction_type`` (defaults to the schedule's); ``v_prediction``
+        (``alpha eps - sigma x0``) only for a VP process."""
+        kind = canonical_prediction_type(prediction_type or self.prediction_type)
+        if kind == "epsilon":
+            return noise
+        if kind == "sample":
+            return x0
+        if self.process != "vp":
+            raise ValueError(f"prediction_type 'v_prediction' is defined for VP processes, not {self!r}")
+        _check_batch(x0, t)
+        alpha, sigma = self.coefficients(t, torch.promote_types(x0.dtype, torch.float32), caller="training_target")
+        shape = (-1,) + (1,) * (x0.dim() - 1)
+        return (alpha.reshape(shape) * noise - sigma.reshape(shape) * x0).to(x0.dtype)
+
+
+class NoiseSchedule(Schedule):
     """A discrete variance-preserving noise schedule.
 
     Build it with :meth:`linear`, :meth:`cosine`, :meth:`scaled_linear`, :meth:`from_alphas_cumprod`
     or :meth:`from_diffusers`. All exposed tensors are float64 on the CPU with shape ``[T]``.
     """
+
+    discrete = True
+    process = "vp"
 
     def __init__(self, betas: Tensor, *, prediction_type: str = "epsilon",
                  _alphas_cumprod: Optional[Tensor] = None):
@@ -147,9 +230,15 @@ class NoiseSchedule:
         """abar / (1 - abar); inf where abar rounded to 1, 0 at zero terminal SNR."""
         return self.alphas_cumprod / self.one_minus_alphas_cumprod
 
+    def log_snr(self, t: Optional[Tensor] = None) -> Tensor:
+        """log SNR in float64, with explicit +-inf limits (never NaN): per sample at integer steps ``t`` (on
+        ``t``'s device), or the whole table ``[T]`` (CPU) without ``t``."""
+        if t is None:
+            return self._log_snr_table
+        return self.gather("_log_snr_table", t, torch.float64, caller="log_snr")
+
     @property
-    def log_snr(self) -> Tensor:
-        """log SNR in float64, with explicit +-inf limits (never NaN)."""
+    def _log_snr_table(self) -> Tensor:
         return torch.log(self.alphas_cumprod) - torch.log(self.one_minus_alphas_cumprod)
 
     @property
@@ -182,12 +271,7 @@ class NoiseSchedule:
         ``caller`` names the public function in the error messages of :meth:`check_timesteps`.
         """
         t = self.check_timesteps(t, caller=caller)
-        key = (name, t.device, dtype)
-        table = self._device_cache.get(key)
-        if table is None:
-            table = getattr(self, name).to(device=t.device, dtype=dtype)
-            self._device_cache[key] = table
-        return table[t]
+        return self._on_device(name, t.device, dtype)[t]
 
     def check_timesteps(self, t: Tensor, argument: str = "t", *, caller: Optional[str] = None) -> Tensor:
         """Validate integer timesteps in [0, T). The range check needs no sync: on CPU it raises at
@@ -211,6 +295,46 @@ class NoiseSchedule:
         else:
             torch._assert_async(((t >= 0) & (t < steps)).all(), expected)
         return t
+
+    def coefficients(self, t: Tensor, dtype: torch.dtype = torch.float32, *, caller: Optional[str] = None
+                     ) -> Tuple[Optional[Tensor], Tensor]:
+        """Per-sample ``(sqrt(abar_t), sqrt(1 - abar_t))``: exactly the values :meth:`q_sample` uses."""
+        return (self.gather("sqrt_alphas_cumprod", t, dtype=dtype, caller=caller),
+                self.gather("sqrt_one_minus_alphas_cumprod", t, dtype=dtype, caller=caller))
+
+    def lower_time_bound(self, q: Tensor) -> Tensor:
+        """The smallest step with ``SNR_t q < 1`` (``T`` when none has), by ``searchsorted`` on ``-log SNR``
+        (non-decreasing in t); 0 where ``q = 0``."""
+        keys = self._on_device("_negative_log_snr_table", q.device, torch.float64)
+        # SNR_t q < 1  <=>  -log SNR_t > log q: the first step past every key <= log q. q = 0 fits every step.
+        first = torch.searchsorted(keys, torch.log(q), right=True)
+        return torch.where(q > 0, first, torch.zeros_like(first))
+
+    @property
+    def _negative_log_snr_table(self) -> Tensor:
+        return -self._log_snr_table
+
+    def has_time_after(self, bound: Tensor) -> Tensor:
+        return bound < self.num_timesteps
+
+    def sample_timesteps_above(self, lower: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        """Integers uniform on ``[lower, T)`` (int64), drawn as ``lower + floor(u (T - lower))``: at ``lower = 0``
+        the draw of :meth:`sample_timesteps` bit for bit."""
+        steps = self.num_timesteps
+        u = torch.rand(lower.shape, generator=generator, device=lower.device, dtype=torch.float64)
+        return (lower + torch.floor(u * (steps - lower).double()).long()).clamp(max=steps - 1)
+
+    def min_snr(self) -> float:
+        return float(self.snr[-1])
+
+    def _on_device(self, name: str, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """``getattr(self, name)`` on ``device`` as ``dtype``, copied once and cached (no per-step host copy)."""
+        key = (name, device, dtype)
+        table = self._device_cache.get(key)
+        if table is None:
+            table = getattr(self, name).to(device=device, dtype=dtype)
+            self._device_cache[key] = table
+        return table
 
     def _coefficient(self, name: str, t: Tensor, like: Tensor, caller: str) -> Tensor:
         coef = self.gather(name, t, dtype=torch.promote_types(like.dtype, torch.float32), caller=caller)

@@ -235,7 +235,7 @@ def _build_table(schedule: NoiseSchedule, key: tuple) -> Tensor:
 
 def _weights_table(schedule: NoiseSchedule, scheme: str, params: Tuple[Tuple[str, float], ...], kind: str,
                    terminal: str, normalize: bool) -> Tensor:
-    lam = schedule.log_snr
+    lam = schedule.log_snr()
     finite = torch.isfinite(lam)
     lam = torch.clamp(lam, *_clamp_range(lam, finite))
     log_w = _SCHEMES[scheme].log_weight(lam, dict(params))
