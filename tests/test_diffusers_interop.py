@@ -271,3 +271,54 @@ def test_a_model_that_returns_something_else_is_a_clear_error():
         model_prediction({"out": x}, x)
     with pytest.raises(ValueError, match=r"got \(2, 4\)"):
         model_prediction(torch.zeros(2, 4), x)
+
+
+# ---------------------------------------------------------------------------------------------- flow matching
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_matching_noising_equals_the_schedulers_scale_noise(shift):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    schedule = rd.schedule_from_diffusers(scheduler)
+    assert isinstance(schedule, rd.FlowMatchingSchedule) and schedule.shift == shift
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(5, 4, 8, 8, generator=g), torch.randn(5, 4, 8, 8, generator=g)
+    index = torch.tensor([0, 1, 400, 998, 999])
+    sigma = scheduler.sigmas[index]  # our t is the scheduler's sigma (its timestep / num_train_timesteps)
+    theirs = scheduler.scale_noise(x0, scheduler.timesteps[index], noise)
+    torch.testing.assert_close(schedule.q_sample(x0, sigma.double(), noise), theirs, rtol=1e-6, atol=1e-6)
+    # The target of diffusers' SD3 / Flux training scripts: noise - x0.
+    assert torch.equal(schedule.training_target(x0, noise, sigma.double()), noise - x0)
+
+
+@pytest.mark.parametrize("scheme, options", [("uniform", {}), ("logit_normal", dict(logit_mean=0.3, logit_std=1.2)),
+                                             ("mode", dict(mode_scale=1.29))])
+def test_flow_matching_timestep_density_equals_diffusers(scheme, options):
+    """Our training times are diffusers' compute_density_for_timestep_sampling draw (same generator, bit for bit),
+    shifted as the scheduler shifts its sigmas; the SD3 script then rounds them onto its 1000-step table, which a
+    continuous schedule does not."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    schedule = rd.FlowMatchingSchedule.from_diffusers(scheduler, timestep_sampling=scheme, **options)
+    ours = schedule.sample_timesteps(4096, generator=torch.Generator().manual_seed(5))
+    u = compute_density_for_timestep_sampling(scheme, 4096, logit_mean=options.get("logit_mean"),
+                                              logit_std=options.get("logit_std"),
+                                              mode_scale=options.get("mode_scale"),
+                                              generator=torch.Generator().manual_seed(5))
+    assert torch.equal(ours, 3.0 * u.double() / (1 + 2.0 * u.double()))
+    # The scheduler's own shifted table is the same map at its grid points.
+    grid = torch.linspace(1, 1000, 1000, dtype=torch.float64).flip(0) / 1000
+    torch.testing.assert_close(schedule.shifted(grid), scheduler.sigmas.double(), rtol=1e-6, atol=1e-7)
+
+
+def test_flow_matching_schedulers_that_cannot_be_mapped_are_refused():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    with pytest.raises(ValueError, match="dynamic shifting"):
+        rd.schedule_from_diffusers(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True))
+    with pytest.raises(ValueError, match="invert_sigmas=True"):
+        rd.schedule_from_diffusers(FlowMatchEulerDiscreteScheduler(invert_sigmas=True))
+    with pytest.raises(TypeError, match="for a flow-matching scheduler use rd.FlowMatchingSchedule.from_diffusers"):
+        rd.NoiseSchedule.from_diffusers(FlowMatchEulerDiscreteScheduler())

@@ -14,6 +14,7 @@ SCHEDULES = {
     "vp": rd.ContinuousVPSchedule(),
     "ve": rd.VESchedule(),
     "edm": rd.EDMSchedule(sigma_max=80.0),
+    "flow": rd.FlowMatchingSchedule(shift=3.0, timestep_sampling="logit_normal"),
 }
 
 
@@ -112,3 +113,35 @@ def test_a_user_schedule_works_with_the_risk_module():
     assert torch.isfinite(rk.risk_free_loss(torch.zeros_like(x), noising, t, loss="ned", schedule=schedule))
     with pytest.raises(TypeError, match="schedule must be a Schedule"):
         rk.sample_timesteps(object(), risk)
+
+
+@pytest.mark.parametrize("sampling", rd.continuous.FLOW_TIMESTEP_SAMPLING)
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_truncated_draws_follow_the_training_distribution_past_the_bound(sampling, shift):
+    """sample_timesteps_above (the risk module's draw) is the training distribution conditioned on t > lower:
+    its quantiles match those of sample_timesteps' draws that land past the bound (60,000 draws each)."""
+    schedule = rd.FlowMatchingSchedule(shift=shift, timestep_sampling=sampling)
+    free = schedule.sample_timesteps(60000, generator=torch.Generator().manual_seed(0))
+    for lower in (0.0, 0.3, 0.8):
+        above = schedule.sample_timesteps_above(torch.full((60000,), lower, dtype=torch.float64),
+                                                torch.Generator().manual_seed(1))
+        assert bool((above > lower).all()) and bool((above <= 1).all())
+        kept = free[free > lower]
+        levels = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64)
+        torch.testing.assert_close(torch.quantile(above, levels), torch.quantile(kept, levels), rtol=0, atol=0.012)
+
+
+def test_flow_schedule_refuses_bad_settings_by_name():
+    for kwargs, message in ((dict(shift=0.0), "shift must be a positive number"),
+                            (dict(timestep_sampling="cosmap"), "timestep_sampling must be one of"),
+                            (dict(logit_std=0.0), "logit_mean must be finite and logit_std positive"),
+                            (dict(mode_scale=2.0), r"mode_scale must lie in \(-1, 1.7519\)")):
+        with pytest.raises(ValueError, match="FlowMatchingSchedule: " + message):
+            rd.FlowMatchingSchedule(**kwargs)
+    schedule = rd.FlowMatchingSchedule()
+    with pytest.raises(ValueError, match=r"q_sample: t must lie in \[0, 1\]"):
+        schedule.q_sample(torch.zeros(2, 3), torch.tensor([0.5, 1.5]))
+    with pytest.raises(TypeError, match="RobustDiffusionLoss: schedule must be a discrete NoiseSchedule"):
+        rd.RobustDiffusionLoss("ned", schedule)
+    with pytest.raises(TypeError, match="continuous-time schedules are not supported by the weightings"):
+        rd.loss_weights(schedule, torch.tensor([0.5]), "min_snr")

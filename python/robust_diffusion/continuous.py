@@ -1,6 +1,6 @@
 """Continuous-time noise processes behind the :class:`~robust_diffusion.schedules.Schedule` interface
-(docs/DESIGN.md, Schedules): Song et al.'s VP and VE SDEs on ``t`` in ``[eps, 1]`` and EDM, whose time is the noise
-level ``sigma`` itself. The risk module (:mod:`robust_diffusion.risk`) takes any of them, as it takes a
+(docs/DESIGN.md, Schedules): Song et al.'s VP and VE SDEs on ``t`` in ``[eps, 1]``, EDM, whose time is the noise
+level ``sigma`` itself, and flow matching (rectified flow, ``x_t = (1 - t) x0 + t eps``). The risk module (:mod:`robust_diffusion.risk`) takes any of them, as it takes a
 :class:`~robust_diffusion.NoiseSchedule`.
 """
 
@@ -12,9 +12,13 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .schedules import Schedule
+from .schedules import NoiseSchedule, Schedule
 
-__all__ = ["ContinuousVPSchedule", "EDMSchedule", "VESchedule"]
+__all__ = ["ContinuousVPSchedule", "EDMSchedule", "FLOW_TIMESTEP_SAMPLING", "FlowMatchingSchedule", "VESchedule",
+           "schedule_from_diffusers"]
+
+#: How :class:`FlowMatchingSchedule` draws training times (diffusers' ``weighting_scheme`` names).
+FLOW_TIMESTEP_SAMPLING = ("uniform", "logit_normal", "mode")
 
 
 class _UnitTimeSchedule(Schedule):
@@ -205,6 +209,157 @@ class EDMSchedule(Schedule):
 
     def __repr__(self) -> str:
         return f"EDMSchedule(p_mean={self.p_mean}, p_std={self.p_std}, sigma_max={self.sigma_max})"
+
+
+class FlowMatchingSchedule(_UnitTimeSchedule):
+    """Flow matching / rectified flow (SD3, Flux): ``x_t = (1 - t) x0 + t eps`` on ``t`` in ``[0, 1]``, so
+    ``alpha = 1 - t``, ``sigma = t`` and ``SNR = ((1 - t) / t)^2``; the model learns the velocity ``eps - x0``
+    (``prediction_type="flow_prediction"``). ``t`` is diffusers' sigma (its timestep divided by
+    ``num_train_timesteps``).
+
+    Training times follow SD3 (diffusers' ``compute_density_for_timestep_sampling``): ``u`` uniform, logit-normal
+    (``sigmoid(N(logit_mean, logit_std^2))``) or "mode" (``1 - v - mode_scale (cos^2(pi v / 2) - 1 + v)`` for
+    uniform ``v``), then the resolution shift ``t = shift u / (1 + (shift - 1) u)``. :meth:`sample_timesteps`
+    draws ``u`` exactly as diffusers does (float32, the same generator calls), so the same seed gives the same
+    times.
+    """
+
+    process = "flow"
+    prediction_type = "flow_prediction"
+
+    def __init__(self, shift: float = 1.0, timestep_sampling: str = "uniform", *, logit_mean: float = 0.0,
+                 logit_std: float = 1.0, mode_scale: float = 1.29, eps: float = 0.0):
+        if not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
+            raise ValueError(f"FlowMatchingSchedule: shift must be a positive number, got {shift!r}")
+        if timestep_sampling not in FLOW_TIMESTEP_SAMPLING:
+            raise ValueError(f"FlowMatchingSchedule: timestep_sampling must be one of {FLOW_TIMESTEP_SAMPLING}, got "
+                             f"{timestep_sampling!r}")
+        if not (math.isfinite(logit_mean) and math.isfinite(logit_std) and logit_std > 0):
+            raise ValueError(f"FlowMatchingSchedule: logit_mean must be finite and logit_std positive, got "
+                             f"{logit_mean!r}, {logit_std!r}")
+        # The mode density's map v -> u must fall monotonically (du/dv < 0 on [0, 1]) to be a density at all.
+        if not -1.0 < mode_scale < 1.0 / (math.pi / 2 - 1):
+            raise ValueError(f"FlowMatchingSchedule: mode_scale must lie in (-1, {1.0 / (math.pi / 2 - 1):.4f}), "
+                             f"where the mode density is defined, got {mode_scale!r}")
+        if not 0 <= eps < 1:
+            raise ValueError(f"FlowMatchingSchedule: eps must lie in [0, 1), got {eps!r}")
+        self.shift, self.timestep_sampling = float(shift), timestep_sampling
+        self.logit_mean, self.logit_std, self.mode_scale = float(logit_mean), float(logit_std), float(mode_scale)
+        self.eps = float(eps)
+
+    @classmethod
+    def from_diffusers(cls, scheduler, timestep_sampling: str = "uniform", **sampling) -> "FlowMatchingSchedule":
+        """The schedule of a diffusers ``FlowMatchEulerDiscreteScheduler``: its ``shift`` (training-time settings
+        such as ``timestep_sampling``/``logit_mean`` are the training script's, not the scheduler's: pass them).
+        ``use_dynamic_shifting`` (a shift that depends on the image resolution) and ``invert_sigmas`` are refused:
+        pass the shift you train with. The inference-only options (Karras, exponential or beta sigmas,
+        ``shift_terminal``) do not change training and are ignored."""
+        config = getattr(scheduler, "config", None)
+        if config is None or not hasattr(config, "shift") or not hasattr(config, "num_train_timesteps"):
+            raise TypeError(f"FlowMatchingSchedule.from_diffusers: expected a FlowMatchEulerDiscreteScheduler (a "
+                            f"config with shift and num_train_timesteps), got {type(scheduler).__name__}")
+        if getattr(config, "use_dynamic_shifting", False):
+            raise ValueError("FlowMatchingSchedule.from_diffusers: the scheduler uses dynamic shifting (the shift "
+                             "depends on the image resolution); build FlowMatchingSchedule(shift=...) with the shift "
+                             "you train at")
+        if getattr(config, "invert_sigmas", False):
+            raise ValueError("FlowMatchingSchedule.from_diffusers: invert_sigmas=True (t = 1 is clean) is not "
+                             "supported; this schedule has t = 0 clean")
+        return cls(shift=float(config.shift), timestep_sampling=timestep_sampling, **sampling)
+
+    def shifted(self, u: Tensor) -> Tensor:
+        """The resolution shift ``shift u / (1 + (shift - 1) u)`` (identity at shift 1)."""
+        return self.shift * u / (1.0 + (self.shift - 1.0) * u)
+
+    def _unshifted(self, t: Tensor) -> Tensor:
+        return t / (self.shift - (self.shift - 1.0) * t)
+
+    def log_snr(self, t: Tensor) -> Tensor:
+        t = t.double()
+        return 2.0 * (torch.log1p(-t) - torch.log(t))
+
+    def _coefficients(self, t: Tensor) -> Tuple[Optional[Tensor], Tensor]:
+        return 1.0 - t, t
+
+    def _boundary(self, q: Tensor) -> Tensor:  # ((1 - t) / t)^2 q < 1  <=>  t > sqrt(q) / (1 + sqrt(q))
+        root = torch.sqrt(q)
+        return root / (1.0 + root)
+
+    def min_snr(self) -> float:
+        return 0.0
+
+    def sample_timesteps(self, batch_size: int, device=None, generator: Optional[torch.Generator] = None) -> Tensor:
+        """Float64 training times: ``u`` drawn as diffusers' ``compute_density_for_timestep_sampling`` draws it
+        (float32), then shifted, and kept at least ``eps``."""
+        if self.timestep_sampling == "logit_normal":
+            u = torch.sigmoid(torch.normal(mean=self.logit_mean, std=self.logit_std, size=(batch_size,),
+                                           device=device, generator=generator))
+        elif self.timestep_sampling == "mode":
+            v = torch.rand(size=(batch_size,), device=device, generator=generator)
+            u = 1 - v - self.mode_scale * (torch.cos(math.pi * v / 2) ** 2 - 1 + v)
+        else:
+            u = torch.rand(size=(batch_size,), device=device, generator=generator)
+        return self.shifted(u.double()).clamp(min=self.eps)
+
+    def sample_timesteps_above(self, lower: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        """The training distribution truncated to ``t > max(lower, eps)``, by its inverse CDF in float64 (another
+        stream than :meth:`sample_timesteps`)."""
+        lower = lower.double().clamp(min=self.eps)
+        u_low = self._unshifted(lower)  # the shift is increasing: t > lower  <=>  u > u_low
+        draw = torch.rand(lower.shape, generator=generator, device=lower.device, dtype=torch.float64)
+        if self.timestep_sampling == "uniform":
+            u = 1.0 - draw * (1.0 - u_low)
+        elif self.timestep_sampling == "logit_normal":
+            def survival(z: Tensor) -> Tensor:
+                return 0.5 * torch.special.erfc(z / math.sqrt(2.0))
+
+            z_low = (torch.logit(u_low) - self.logit_mean) / self.logit_std  # -inf at u_low = 0
+            tail = survival(z_low) * (1.0 - draw)  # in (0, S(z_low)]
+            u = torch.sigmoid(self.logit_mean - self.logit_std * torch.special.ndtri(tail))
+        else:  # mode: u(v) falls from 1 to 0; u > u_low  <=>  v < v_low, found by bisection
+            v_low = self._mode_inverse(u_low)
+            v = draw * v_low
+            u = 1 - v - self.mode_scale * (torch.cos(math.pi * v / 2) ** 2 - 1 + v)
+        t = self.shifted(u)
+        just_above = torch.nextafter(lower, torch.full_like(lower, 2.0))
+        return torch.minimum(torch.maximum(t, just_above), torch.ones_like(t))
+
+    def _mode_inverse(self, u: Tensor) -> Tensor:
+        low, high = torch.zeros_like(u), torch.ones_like(u)
+        for _ in range(60):  # float64: 60 halvings of [0, 1] reach its resolution
+            middle = 0.5 * (low + high)
+            value = 1 - middle - self.mode_scale * (torch.cos(math.pi * middle / 2) ** 2 - 1 + middle)
+            above = value > u
+            low, high = torch.where(above, middle, low), torch.where(above, high, middle)
+        return low
+
+    def training_target(self, x0: Tensor, noise: Tensor, t: Tensor, prediction_type: Optional[str] = None) -> Tensor:
+        """``"flow_prediction"`` (alias ``"flow"``, the default): the velocity ``eps - x0``; ``"epsilon"``, ``"sample"``
+        as for every schedule."""
+        kind = prediction_type or self.prediction_type
+        if kind in ("flow_prediction", "flow"):
+            return noise - x0
+        return super().training_target(x0, noise, t, kind)
+
+    def __repr__(self) -> str:
+        sampling = {"uniform": "", "logit_normal": f", logit_mean={self.logit_mean}, logit_std={self.logit_std}",
+                    "mode": f", mode_scale={self.mode_scale}"}[self.timestep_sampling]
+        return (f"FlowMatchingSchedule(shift={self.shift}, timestep_sampling={self.timestep_sampling!r}{sampling}, "
+                f"eps={self.eps})")
+
+
+def schedule_from_diffusers(scheduler, **sampling) -> Schedule:
+    """The schedule of a diffusers scheduler: a :class:`~robust_diffusion.NoiseSchedule` for the DDPM family (an
+    ``alphas_cumprod`` table), a :class:`FlowMatchingSchedule` for ``FlowMatchEulerDiscreteScheduler`` (``sampling``:
+    its training-time options, e.g. ``timestep_sampling="logit_normal"``)."""
+    if getattr(scheduler, "alphas_cumprod", None) is not None:
+        if sampling:
+            raise TypeError(f"schedule_from_diffusers: {', '.join(sampling)} apply to flow matching only")
+        return NoiseSchedule.from_diffusers(scheduler)
+    if hasattr(getattr(scheduler, "config", None), "shift"):
+        return FlowMatchingSchedule.from_diffusers(scheduler, **sampling)
+    raise TypeError(f"schedule_from_diffusers: {type(scheduler).__name__} is neither a DDPM-family scheduler "
+                    f"(alphas_cumprod) nor a flow-matching one (config.shift); EDM schedulers are not mapped yet")
 
 
 def _check_one_per_sample(t: Tensor, where: str) -> None:

@@ -149,6 +149,10 @@ class RobustDiffusionLoss(DtypeKeepingModule):
             raise ValueError(f"update must be one of {_UPDATE_MODES}, got {update!r}")
 
         schedule = schedule or default_schedule()
+        if not isinstance(schedule, NoiseSchedule):
+            raise TypeError(f"RobustDiffusionLoss: schedule must be a discrete NoiseSchedule, got {schedule!r}"
+                            f" (continuous-time schedules such as FlowMatchingSchedule are not supported by the loss "
+                            f"module yet)")
         kind = canonical_prediction_type(prediction_type or schedule.prediction_type)
         self.loss = loss
         self.scale_mode = scale if isinstance(scale, str) else "fixed"

@@ -191,7 +191,9 @@ class NoiseSchedule(Schedule):
         """Duck-typed on ``scheduler.alphas_cumprod`` and ``scheduler.config.prediction_type``."""
         abar = getattr(scheduler, "alphas_cumprod", None)
         if abar is None:
-            raise TypeError(f"scheduler must have an 'alphas_cumprod' tensor, got {type(scheduler).__name__}")
+            hint = ("; for a flow-matching scheduler use rd.FlowMatchingSchedule.from_diffusers(scheduler) (or "
+                    "rd.schedule_from_diffusers)" if hasattr(getattr(scheduler, "config", None), "shift") else "")
+            raise TypeError(f"scheduler must have an 'alphas_cumprod' tensor, got {type(scheduler).__name__}{hint}")
         config = getattr(scheduler, "config", None)
         prediction_type = getattr(config, "prediction_type", None) or "epsilon"
         return cls.from_alphas_cumprod(abar, prediction_type=prediction_type)

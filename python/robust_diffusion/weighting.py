@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .schedules import NoiseSchedule, canonical_prediction_type
+from .schedules import NoiseSchedule, Schedule, canonical_prediction_type
 
 __all__ = ["loss_weights", "weight_table", "pseudo_huber_c",
            "WEIGHTING_SCHEMES", "TERMINAL_POLICIES", "HUBER_C_SCHEDULES", "LOG_SNR_BOUND"]
@@ -283,8 +283,10 @@ def _huber_c_table(schedule: NoiseSchedule, c_schedule: str, c: float, c_scale: 
 # ---------------------------------------------------------------------------------- checks
 def _check_schedule(schedule: object) -> None:
     if not isinstance(schedule, NoiseSchedule):
+        continuous = (" (continuous-time schedules are not supported by the weightings and losses yet)"
+                      if isinstance(schedule, Schedule) else "")
         raise TypeError(f"schedule must be a NoiseSchedule (for a diffusers scheduler use "
-                        f"NoiseSchedule.from_diffusers(scheduler)), got {type(schedule).__name__}")
+                        f"NoiseSchedule.from_diffusers(scheduler)), got {type(schedule).__name__}{continuous}")
 
 
 def _check_number(name: str, value: object) -> float:
