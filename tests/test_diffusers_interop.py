@@ -322,3 +322,23 @@ def test_flow_matching_schedulers_that_cannot_be_mapped_are_refused():
         rd.schedule_from_diffusers(FlowMatchEulerDiscreteScheduler(invert_sigmas=True))
     with pytest.raises(TypeError, match="for a flow-matching scheduler use rd.FlowMatchingSchedule.from_diffusers"):
         rd.NoiseSchedule.from_diffusers(FlowMatchEulerDiscreteScheduler())
+
+
+@pytest.mark.parametrize("scheme", ["sigma_sqrt", "cosmap"])
+def test_flow_matching_loss_weighting_equals_diffusers_sd3(scheme):
+    """loss_weights on a FlowMatchingSchedule (flow_prediction, its default) equals compute_loss_weighting_for_sd3.
+    (diffusers rounds sigma_sqrt to float32: 2e-7.) At sigma = 1 (log-SNR -inf) ours is the weight at the clamped
+    log-SNR -30, within 1e-6 of the limit; at
+    sigma = 0 diffusers' sigma_sqrt is inf and ours is finite. (diffusers' other schemes weigh every sample 1 in
+    flow space: pass no weight; our "constant" is constant in epsilon space, (1 - t)^2 in flow space.)"""
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    schedule = rd.FlowMatchingSchedule(shift=3.0)
+    sigmas = torch.tensor([1e-3, 0.05, 0.25, 0.5, 0.75, 0.95], dtype=torch.float64)
+    torch.testing.assert_close(rd.loss_weights(schedule, sigmas, scheme, dtype=torch.float64),
+                               compute_loss_weighting_for_sd3(scheme, sigmas=sigmas).double(), rtol=2e-7, atol=0)
+    one = torch.ones(1, dtype=torch.float64)
+    torch.testing.assert_close(rd.loss_weights(schedule, one, scheme, dtype=torch.float64),
+                               compute_loss_weighting_for_sd3(scheme, sigmas=one).double(), rtol=1e-6, atol=0)
+    assert compute_loss_weighting_for_sd3("sigma_sqrt", sigmas=torch.zeros(1)).isinf().all()
+    assert torch.isfinite(rd.loss_weights(schedule, torch.zeros(1, dtype=torch.float64), "sigma_sqrt")).all()

@@ -143,5 +143,3 @@ def test_flow_schedule_refuses_bad_settings_by_name():
         schedule.q_sample(torch.zeros(2, 3), torch.tensor([0.5, 1.5]))
     with pytest.raises(TypeError, match="RobustDiffusionLoss: schedule must be a discrete NoiseSchedule"):
         rd.RobustDiffusionLoss("ned", schedule)
-    with pytest.raises(TypeError, match="continuous-time schedules are not supported by the weightings"):
-        rd.loss_weights(schedule, torch.tensor([0.5]), "min_snr")

@@ -6,6 +6,7 @@ multiplies::
 
     w_x0 = w_eps * exp(lambda)        (MSE_x0 = MSE_eps / SNR)
     w_v  = w_eps * sigmoid(lambda)    (MSE_v  = MSE_eps (SNR + 1) / SNR)
+    w_flow = w_eps * sigmoid(lambda / 2)^2   (flow matching: MSE_flow = MSE_eps / (1 - t)^2, 1 - t = sigmoid(lambda / 2))
 
 so ``w_x0 * MSE_x0 == w_v * MSE_v == w_eps * MSE_eps`` for the same model error. For example
 ``min_snr`` in v-space is ``min(SNR, gamma) / (SNR + 1)``, the weight of diffusers' training scripts.
@@ -27,9 +28,11 @@ between 1e-13 and 1e13). No practical schedule reaches it (linear: [-10.1, 9.2],
 [-19.8, 10.1]); it bounds the weights of degenerate float64 schedules. Casting to a dtype that
 cannot hold a weight (e.g. fp16 above 65504) saturates at that dtype's largest finite value.
 
-Weights are looked up from a table of T values computed once per (schedule, scheme, parameters,
-prediction type, terminal policy, normalisation) and copied once per device and dtype: a training
-step only indexes a cached device tensor (no host round-trip, no float64 work). Weights and ``c``
+On a discrete schedule, weights are looked up from a table of T values computed once per (schedule, scheme,
+parameters, prediction type, terminal policy, normalisation) and copied once per device and dtype: a training
+step only indexes a cached device tensor (no host round-trip, no float64 work). On a continuous schedule (flow
+matching, continuous VP, VE, EDM) the same evaluation runs at ``schedule.log_snr(t)`` on each call, with lambda
+bounded to ``[-LOG_SNR_BOUND, LOG_SNR_BOUND]`` (so t = 0 and t = 1 of flow matching get finite weights). Weights and ``c``
 are constants with respect to the model: no gradient flows through them.
 
 The table build is plain tensor code without host syncs, so ``torch.compile(fullgraph=True)`` traces
@@ -102,6 +105,12 @@ _SCHEMES: Dict[str, _Scheme] = {
     "max_snr": _Scheme(lambda lam, p: (math.log(p["k"]) - lam).clamp(min=0.0), {"k": _Param(None, 0.0)}),
     # 1 / SNR: x0-space constant
     "inv_snr": _Scheme(lambda lam, p: -lam),
+    # SD3's flow-matching weightings (diffusers' compute_loss_weighting_for_sd3), defined on the flow sigma
+    # s = sigmoid(-lambda / 2) in flow space and stored here in epsilon space (w_eps = w_flow / (1 - s)^2):
+    # sigma^-2, and cosmap 2 / (pi (1 - 2 s + 2 s^2)).
+    "sigma_sqrt": _Scheme(lambda lam, p: -2.0 * (F.logsigmoid(-0.5 * lam) + F.logsigmoid(0.5 * lam))),
+    "cosmap": _Scheme(lambda lam, p: math.log(2.0 / math.pi) - torch.log(
+        torch.sigmoid(-0.5 * lam).square() + torch.sigmoid(0.5 * lam).square()) - 2.0 * F.logsigmoid(0.5 * lam)),
 }
 WEIGHTING_SCHEMES = tuple(_SCHEMES)
 
@@ -117,24 +126,31 @@ def loss_weights(schedule: NoiseSchedule, t: Tensor, scheme: str = "constant",
     """Per-sample timestep loss weights, shape ``[B]`` on ``t``'s device.
 
     Args:
-        schedule: the noise schedule (``NoiseSchedule.from_diffusers(scheduler)`` for diffusers).
-        t: integer timesteps in ``[0, T)``, shape ``[B]``.
+        schedule: the noise schedule (``rd.schedule_from_diffusers(scheduler)`` for diffusers): a discrete
+            :class:`NoiseSchedule` (weights looked up from a cached table) or a continuous
+            :class:`~robust_diffusion.Schedule` such as :class:`~robust_diffusion.FlowMatchingSchedule` (weights
+            computed from ``schedule.log_snr(t)`` at each call, log-SNR clamped to ``[-LOG_SNR_BOUND,
+            LOG_SNR_BOUND]``, so every weight is finite at t = 0 and t = 1 too).
+        t: integer timesteps in ``[0, T)`` (discrete) or the schedule's float times, shape ``[B]``.
         scheme: one of :data:`WEIGHTING_SCHEMES` (docs/DESIGN.md, Weighting).
         prediction_type: the parameterisation whose per-sample loss the weight multiplies:
-            ``"epsilon"``, ``"sample"`` (x0) or ``"v_prediction"`` (aliases ``eps``, ``x0``, ``v``);
-            ``None`` uses the schedule's.
+            ``"epsilon"``, ``"sample"`` (x0) or ``"v_prediction"`` (aliases ``eps``, ``x0``, ``v``; VP processes),
+            or ``"flow_prediction"`` (alias ``flow``; flow-matching schedules); ``None`` uses the schedule's.
         terminal: ``"clamp"`` or ``"one"``: the weight at steps with infinite log-SNR (module docstring).
         normalize: divide by the mean weight over all T steps (after the terminal policy), so the
-            average weight under uniform timestep sampling is 1.
+            average weight under uniform timestep sampling is 1 (discrete schedules only).
         dtype: floating dtype of the result; values beyond its range saturate.
         **params: the scheme's parameters: ``min_snr(gamma=5)``, ``p2(k=1, gamma=1)``,
-            ``soft_min_snr(gamma=4)``, ``sigmoid(b=0)``, ``edm(sigma_data=0.5)``, ``max_snr(k)`` (required).
+            ``soft_min_snr(gamma=4)``, ``sigmoid(b=0)``, ``edm(sigma_data=0.5)``, ``max_snr(k)`` (required);
+            ``sigma_sqrt`` and ``cosmap`` (SD3's flow-matching weightings) take none.
 
     Example: ``loss = (weights * per_sample_mse).mean()`` with
     ``weights = loss_weights(schedule, t, "min_snr", gamma=5.0)``.
     """
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    if isinstance(schedule, Schedule) and not schedule.discrete:
+        return _continuous_weights(schedule, t, scheme, prediction_type, terminal, normalize, dtype, params)
     key = _weight_key(schedule, scheme, prediction_type, terminal, normalize, params)
     t = schedule.check_timesteps(t, caller="loss_weights")
     return _device_table(schedule, key, t.device, dtype)[t]
@@ -178,18 +194,43 @@ def pseudo_huber_c(schedule: NoiseSchedule, t: Tensor, c: float = 0.1, c_schedul
 
 
 # ---------------------------------------------------------------------------------- tables
-def _weight_key(schedule: NoiseSchedule, scheme: str, prediction_type: Optional[str], terminal: str,
-                normalize: bool, params: Mapping[str, object]) -> tuple:
-    """Validate the arguments; return the hashable cache key that identifies the table."""
-    _check_schedule(schedule)
+def _continuous_weights(schedule: Schedule, t: Tensor, scheme: str, prediction_type: Optional[str], terminal: str,
+                        normalize: bool, dtype: torch.dtype, params: Mapping[str, object]) -> Tensor:
+    """:func:`loss_weights` on a continuous schedule: the scheme at ``schedule.log_snr(t)``, per call."""
+    _scheme(scheme)
+    if normalize:
+        raise ValueError("loss_weights: normalize=True averages over the T steps of a discrete schedule; a continuous "
+                         "schedule has none (normalise over your own timestep distribution)")
+    kind = prediction_type or schedule.prediction_type
+    if kind in ("flow_prediction", "flow"):
+        if schedule.process != "flow":
+            raise ValueError(f"loss_weights: prediction_type 'flow_prediction' needs a flow-matching schedule, not "
+                             f"{schedule!r}")
+        kind = "flow_prediction"
+    else:
+        kind = canonical_prediction_type(kind)
+        if kind == "v_prediction" and schedule.process != "vp":
+            raise ValueError(f"loss_weights: prediction_type 'v_prediction' is defined for VP processes, not "
+                             f"{schedule!r}")
+    resolved = _resolve_params(scheme, params)
+    if terminal not in TERMINAL_POLICIES:
+        raise ValueError(f"terminal must be one of {list(TERMINAL_POLICIES)}, got {terminal!r}")
+    lam = schedule.log_snr(schedule.check_timesteps(t, caller="loss_weights"))
+    bound = torch.tensor(LOG_SNR_BOUND, dtype=torch.float64, device=lam.device)
+    weights = _weights_of_log_snr(lam, -bound, bound, scheme, resolved, kind, terminal)
+    return weights.clamp(max=torch.finfo(dtype).max).to(dtype)  # saturate, never inf (no host sync per call)
+
+
+def _scheme(scheme: object) -> _Scheme:
     spec = _SCHEMES.get(scheme) if isinstance(scheme, str) else None
     if spec is None:
         raise ValueError(f"scheme must be one of {list(WEIGHTING_SCHEMES)}, got {scheme!r}")
-    kind = canonical_prediction_type(schedule.prediction_type if prediction_type is None else prediction_type)
-    if terminal not in TERMINAL_POLICIES:
-        raise ValueError(f"terminal must be one of {list(TERMINAL_POLICIES)}, got {terminal!r}")
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    return spec
+
+
+def _resolve_params(scheme: str, params: Mapping[str, object]) -> Dict[str, float]:
+    """The scheme's parameters, validated, with defaults filled in."""
+    spec = _scheme(scheme)
     unknown = sorted(set(params) - set(spec.params))
     if unknown:
         takes = f"parameters {sorted(spec.params)}" if spec.params else "no parameters"
@@ -203,6 +244,20 @@ def _weight_key(schedule: NoiseSchedule, scheme: str, prediction_type: Optional[
             raise ValueError(f"{name} must be {'>' if rule.strict else '>='} {rule.minimum:g} "
                              f"for scheme {scheme!r}, got {value!r}")
         resolved[name] = value
+    return resolved
+
+
+def _weight_key(schedule: NoiseSchedule, scheme: str, prediction_type: Optional[str], terminal: str,
+                normalize: bool, params: Mapping[str, object]) -> tuple:
+    """Validate the arguments; return the hashable cache key that identifies the table."""
+    _check_schedule(schedule)
+    _scheme(scheme)
+    kind = canonical_prediction_type(schedule.prediction_type if prediction_type is None else prediction_type)
+    if terminal not in TERMINAL_POLICIES:
+        raise ValueError(f"terminal must be one of {list(TERMINAL_POLICIES)}, got {terminal!r}")
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    resolved = _resolve_params(scheme, params)
     return ("weights", scheme, tuple(sorted(resolved.items())), kind, terminal, normalize)
 
 
@@ -236,16 +291,7 @@ def _build_table(schedule: NoiseSchedule, key: tuple) -> Tensor:
 def _weights_table(schedule: NoiseSchedule, scheme: str, params: Tuple[Tuple[str, float], ...], kind: str,
                    terminal: str, normalize: bool) -> Tensor:
     lam = schedule.log_snr()
-    finite = torch.isfinite(lam)
-    lam = torch.clamp(lam, *_clamp_range(lam, finite))
-    log_w = _SCHEMES[scheme].log_weight(lam, dict(params))
-    if kind == "sample":
-        log_w = log_w + lam
-    elif kind == "v_prediction":
-        log_w = log_w + F.logsigmoid(lam)
-    weights = torch.exp(log_w)
-    if terminal == "one":
-        weights = torch.where(finite, weights, torch.ones_like(weights))
+    weights = _weights_of_log_snr(lam, *_clamp_range(lam, torch.isfinite(lam)), scheme, dict(params), kind, terminal)
     if normalize:
         weights = weights / weights.mean()
     all_finite = torch.isfinite(weights).all()
@@ -255,6 +301,25 @@ def _weights_table(schedule: NoiseSchedule, scheme: str, params: Tuple[Tuple[str
     elif not all_finite:
         raise ValueError(f"scheme {scheme!r} with parameters {dict(params)} gives weights outside the float64 "
                          f"range on this schedule (normalize={normalize}); choose less extreme parameters")
+    return weights
+
+
+def _weights_of_log_snr(lam: Tensor, low: Tensor, high: Tensor, scheme: str, params: Mapping[str, float], kind: str,
+                        terminal: str) -> Tensor:
+    """The one evaluation of a scheme (float64): lambda clamped to ``[low, high]``, the epsilon-space weight, its
+    conversion to ``kind``, and the terminal policy at non-finite lambda."""
+    finite = torch.isfinite(lam)
+    lam = torch.clamp(lam, low, high)
+    log_w = _SCHEMES[scheme].log_weight(lam, params)
+    if kind == "sample":
+        log_w = log_w + lam
+    elif kind == "v_prediction":
+        log_w = log_w + F.logsigmoid(lam)
+    elif kind == "flow_prediction":
+        log_w = log_w + 2.0 * F.logsigmoid(0.5 * lam)
+    weights = torch.exp(log_w)
+    if terminal == "one":
+        weights = torch.where(finite, weights, torch.ones_like(weights))
     return weights
 
 
