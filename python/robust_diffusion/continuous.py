@@ -27,11 +27,7 @@ class _UnitTimeSchedule(Schedule):
     eps: float
 
     def check_timesteps(self, t: Tensor, argument: str = "t", *, caller: Optional[str] = None) -> Tensor:
-        where = f"{caller}: {argument}" if caller else argument
-        _check_one_per_sample(t, where)
-        if not t.dtype.is_floating_point:
-            raise TypeError(f"{where} must hold floating-point times in [0, 1] for a continuous schedule, got dtype "
-                            f"{t.dtype}")
+        where = _checked_float_times(t, argument, caller, "times in [0, 1] for a continuous schedule")
         if t.device.type == "cpu" and t.numel() and not bool(((t >= 0) & (t <= 1)).all()):
             raise ValueError(f"{where} must lie in [0, 1] for a continuous schedule, got values in "
                              f"[{t.min().item():.4g}, {t.max().item():.4g}]")
@@ -160,11 +156,7 @@ class EDMSchedule(Schedule):
         self.sigma_max = None if sigma_max is None else float(sigma_max)
 
     def check_timesteps(self, t: Tensor, argument: str = "t", *, caller: Optional[str] = None) -> Tensor:
-        where = f"{caller}: {argument}" if caller else argument
-        _check_one_per_sample(t, where)
-        if not t.dtype.is_floating_point:
-            raise TypeError(f"{where} must hold floating-point noise levels sigma for EDMSchedule, got dtype "
-                            f"{t.dtype}")
+        where = _checked_float_times(t, argument, caller, "noise levels sigma for EDMSchedule")
         if t.device.type == "cpu" and t.numel() and not bool((t > 0).all()):
             raise ValueError(f"{where} must hold positive noise levels sigma for EDMSchedule")
         return t
@@ -362,7 +354,12 @@ def schedule_from_diffusers(scheduler, **sampling) -> Schedule:
                     f"(alphas_cumprod) nor a flow-matching one (config.shift); EDM schedulers are not mapped yet")
 
 
-def _check_one_per_sample(t: Tensor, where: str) -> None:
+def _checked_float_times(t: Tensor, argument: str, caller: Optional[str], what: str) -> str:
+    """Check that ``t`` holds one floating-point time per sample; return the name the messages use."""
+    where = f"{caller}: {argument}" if caller else argument
     if not isinstance(t, Tensor) or t.dim() != 1:
         raise ValueError(f"{where} must be a 1-D tensor with one time per sample, got "
                          f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{where} must hold floating-point {what}, got dtype {t.dtype}")
+    return where

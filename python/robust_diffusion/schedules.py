@@ -93,7 +93,8 @@ class Schedule:
         if noise.shape != x0.shape:
             raise ValueError(f"noise must have the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}")
         _check_batch(x0, t)
-        alpha, sigma = self.coefficients(t, torch.promote_types(x0.dtype, torch.float32), caller="q_sample")
+        alpha, sigma = self.coefficients(t, torch.promote_types(x0.dtype, torch.float32),
+                                         caller=f"{type(self).__name__}.q_sample")
         shape = (-1,) + (1,) * (x0.dim() - 1)
         scaled = x0 if alpha is None else alpha.reshape(shape) * x0
         return (scaled + sigma.reshape(shape) * noise).to(x0.dtype)
@@ -109,7 +110,8 @@ class Schedule:
         if self.process != "vp":
             raise ValueError(f"prediction_type 'v_prediction' is defined for VP processes, not {self!r}")
         _check_batch(x0, t)
-        alpha, sigma = self.coefficients(t, torch.promote_types(x0.dtype, torch.float32), caller="training_target")
+        alpha, sigma = self.coefficients(t, torch.promote_types(x0.dtype, torch.float32),
+                                         caller=f"{type(self).__name__}.training_target")
         shape = (-1,) + (1,) * (x0.dim() - 1)
         return (alpha.reshape(shape) * noise - sigma.reshape(shape) * x0).to(x0.dtype)
 
@@ -356,32 +358,12 @@ class NoiseSchedule(Schedule):
         u = torch.rand(batch_size, device=device, dtype=torch.float64, generator=generator)
         return torch.floor(u * self.num_timesteps).long()
 
-    def q_sample(self, x0: Tensor, t: Tensor, noise: Optional[Tensor] = None) -> Tensor:
-        """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` (noise drawn if not given)."""
-        if noise is None:
-            noise = torch.randn_like(x0)
-        if noise.shape != x0.shape:
-            raise ValueError(f"noise must have the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}")
-        _check_batch(x0, t)
-        a = self._coefficient("sqrt_alphas_cumprod", t, x0, "NoiseSchedule.q_sample")
-        s = self._coefficient("sqrt_one_minus_alphas_cumprod", t, x0, "NoiseSchedule.q_sample")
-        return (a * x0 + s * noise).to(x0.dtype)
-
     def velocity(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """The v-prediction target ``v = sqrt(abar) eps - sqrt(1 - abar) x0``."""
         _check_batch(x0, t)
         a = self._coefficient("sqrt_alphas_cumprod", t, x0, "NoiseSchedule.velocity")
         s = self._coefficient("sqrt_one_minus_alphas_cumprod", t, x0, "NoiseSchedule.velocity")
         return (a * noise - s * x0).to(x0.dtype)
-
-    def training_target(self, x0: Tensor, noise: Tensor, t: Tensor, prediction_type: Optional[str] = None) -> Tensor:
-        """What the model should predict for ``prediction_type`` (defaults to the schedule's)."""
-        kind = canonical_prediction_type(prediction_type or self.prediction_type)
-        if kind == "epsilon":
-            return noise
-        if kind == "sample":
-            return x0
-        return self.velocity(x0, noise, t)
 
     def __repr__(self) -> str:
         return (f"NoiseSchedule(T={self.num_timesteps}, abar[0]={self.alphas_cumprod[0].item():.6g}, "
