@@ -39,7 +39,9 @@
 #
 # `<loss>+debias` adds the 1/sqrt(SNR) timestep weighting of Yu et al.; `<loss>+risk_free` trains with the
 # risk-free loss of risk-sensitive diffusion (Li et al.), which uses each sample's known noise level and so
-# applies to `--kind gaussian` (e.g. `--kind gaussian --losses kl kl+risk_free ned`).
+# applies to `--kind gaussian` (e.g. `--kind gaussian --losses kl kl+risk_free ned`). `<loss>+trust` weights
+# each training image by its *trust* (`InfluenceTracker.trust`): its influence weights at low noise, where junk
+# stands out, applied at every noise level, where it does not (docs/RESULTS.md, finding 11).
 #
 # Then we sample with DDIM and measure
 #
@@ -149,7 +151,7 @@ def build_parser():
     parser.add_argument("--contamination", type=float, default=0.3, help="contaminated fraction p in [0, 1)")
     parser.add_argument("--kind", choices=CONTAMINATION_KINDS, default="noise")
     parser.add_argument("--losses", nargs="+", default=None,
-                        help="loss names, optionally +weighting (e.g. ned+debias) (default: preset)")
+                        help="loss names, optionally +weighting, +risk_free, +trust (e.g. ned+debias) (default: preset)")
     parser.add_argument("--preset", choices=PRESET_NAMES, default=None,
                         help="demo (the default where there is one: the main job), quick (the evidence's budget): "
                              "minutes on a CPU; full: a GPU run; smoke: seconds, for tests")
@@ -172,7 +174,7 @@ def build_parser():
                         help="losses training at a time, in threads (default: preset; results do not depend on it)")
     parser.add_argument("--no-export", action="store_true", help="skip the TorchScript / torch.export step")
     parser.add_argument("--export-loss", default=None,
-                        help="whose EMA model to export (default: ned if trained, else the last loss)")
+                        help="whose EMA model to export (default: the first NED run, else the last loss)")
     parser.add_argument("--resume", action="store_true",
                         help="reuse finished runs in --out and continue interrupted ones from their last checkpoint "
                              "(each run writes one every tenth of its steps)")
@@ -373,7 +375,8 @@ def make_trainer(spec):
     config = TrainConfig(steps=settings["steps"], batch_size=settings["batch_size"], lr=settings["lr"],
                          warmup_steps=settings["warmup_steps"], ema_decay=settings["ema_decay"],
                          log_every=max(1, settings["steps"] // 30), checkpoint_every=checkpoint_every,
-                         influence_from_step=influence_from, risk_free=spec.risk_free, seed=args.seed,
+                         influence_from_step=influence_from, risk_free=spec.risk_free,
+                         sample_trust=spec.trust, seed=args.seed,
                          progress=not IN_JUPYTER, progress_label=spec.name)
     trainer = Trainer(model, loss_fn, train_set, schedule, config, out_dir=run_dir, device=args.device)
     if args.resume and trainer.resume():
@@ -538,7 +541,7 @@ plt.show() if IN_JUPYTER else plt.close(fig)
 losses_of = {name: trained[name]["trainer"].loss_fn for name in names}
 divergences = [name for name, fn in losses_of.items()  # bounded influence, at a scale that follows the data
                if fn.loss in rd.DIVERGENCES and fn.loss not in ("kl", "chi2") and fn.scale_mode != "fixed"]
-audit_name = "ned" if "ned" in divergences else (divergences[0] if divergences else None)
+audit_name = next((name for name in divergences if losses_of[name].loss == "ned"), next(iter(divergences), None))
 audit = None
 if audit_name is None:
     print("no audit: it needs a bounded-influence divergence loss at a data-dependent scale (e.g. ned, hellinger)")
@@ -653,7 +656,7 @@ plt.show() if IN_JUPYTER else plt.close(fig)
 #     rd_sample --model <out>/export/<loss>.torchscript.pt --schedule <out>/export/<loss>.schedule.txt --out samples
 
 # %%
-export_name = args.export_loss or ("ned" if "ned" in trained else names[-1])
+export_name = args.export_loss or next((name for name in names if name.split("+")[0] == "ned"), names[-1])
 if export_name not in trained:
     raise ValueError(f"--export-loss {export_name!r} was not trained; trained: {', '.join(names)}")
 if not args.no_export:

@@ -303,3 +303,115 @@ def test_a_plain_loss_gives_weight_one_and_no_penalty(tmp_path):
     assert trainer.influence.num_buckets == 10
     assert torch.equal(trainer.influence.mean_influence(), torch.ones(16, dtype=torch.float64))
     assert torch.isnan(trainer.influence.mean_penalty()).all()
+
+
+# ---------------------------------------------------------------------------------------------- trust
+def _trust_tracker():
+    """Buckets of two steps each; low noise (t < 4) is buckets 0 and 1."""
+    tracker = _tracker(5, buckets=4, steps=8)
+    tracker.update([0, 1, 2, 3], torch.tensor([0.8, 0.4, 0.1, 0.6]), t=[0, 0, 0, 0])  # bucket 0: median 0.4
+    tracker.update([0, 2, 4], torch.tensor([0.5, 0.05, 0.3]), t=[2, 3, 3])
+    tracker.update([2], torch.tensor([0.15]), t=[2])  # bucket 1: means 0.5, 0.1, 0.3, median 0.3
+    tracker.update([1, 2], torch.tensor([0.0, 1.0]), t=[6, 7])  # high noise: no say in the trust
+    return tracker
+
+
+def test_trust_is_the_draw_weighted_relative_low_noise_influence_capped_at_one():
+    tracker = _trust_tracker()
+    trust = tracker.trust()
+    assert trust.dtype == torch.float32 and trust.shape == (5,)
+    # Sample 2: one draw at 0.1 / 0.4 of bucket 0's median, two at 0.1 / 0.3 of bucket 1's. Sample 0 lies above
+    # the medians (capped at 1), samples 1 and 4 at them, sample 3 above.
+    expected = torch.tensor([1.0, 1.0, (0.25 + 2 * (0.1 / 0.3)) / 3, 1.0, 1.0])
+    torch.testing.assert_close(trust, expected)
+    # Only bucket 0 (t < 2): sample 4 was never drawn there, so it keeps trust 1.
+    torch.testing.assert_close(tracker.trust(low_noise=0.25), torch.tensor([1.0, 1.0, 0.25, 1.0, 1.0]))
+    # All buckets: bucket 3's median weight is 0 (samples 1 and 2 at 0 and 1), which carries no information.
+    torch.testing.assert_close(tracker.trust(low_noise=1.0), expected)
+    torch.testing.assert_close(tracker.trust([2, 2, 4]), expected[[2, 2, 4]])
+    assert torch.equal(_tracker(3).trust(), torch.ones(3))  # nothing seen yet: everyone trusted
+
+
+def test_trust_survives_poison_and_a_state_round_trip():
+    tracker = _trust_tracker()
+    before = tracker.trust()
+    tracker.update([0, 2, 3], torch.tensor([NAN, math.inf, -math.inf]), t=[0, 1, 2])  # not counted
+    assert torch.equal(tracker.trust(), before)
+    zeros = _tracker(4, buckets=2, steps=4)
+    zeros.update([0, 1, 2, 3], torch.zeros(4), t=[0, 0, 1, 1])  # every weight 0: no information, not distrust
+    assert torch.equal(zeros.trust(), torch.ones(4))
+    copy_ = _tracker(5, buckets=4, steps=8)
+    copy_.load_state_dict(tracker.state_dict())
+    assert torch.equal(copy_.trust(), before)
+    generator = torch.Generator().manual_seed(0)
+    random = _tracker(50, buckets=5, steps=20)
+    for _ in range(20):
+        random.update(torch.randint(0, 50, (8,), generator=generator),
+                      torch.rand(8, generator=generator).pow(3), t=torch.randint(0, 20, (8,), generator=generator))
+    trust = random.trust()
+    assert torch.isfinite(trust).all() and (trust >= 0).all() and (trust <= 1).all() and (trust < 1).any()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(low_noise=0.0), r"low_noise must be a fraction of the timesteps in \(0, 1\], got 0.0"),
+    (dict(low_noise=1.5), r"low_noise must be .* got 1.5"),
+    (dict(low_noise=True), r"low_noise must be .* got True"),
+    (dict(indices=[0, 5]), r"indices must lie in \[0, 5\) \(dataset indices\), got values in \[0, 5\]"),
+    (dict(indices=torch.tensor([0.0])), r"indices must hold integers"),
+    (dict(indices=torch.zeros(1, 1, dtype=torch.long)), r"indices must be a 1-D tensor"),
+], ids=["zero", "above one", "bool", "index out of range", "float indices", "2-D indices"])
+def test_trust_refuses_bad_arguments_in_one_line(kwargs, message):
+    with pytest.raises(ValueError, match=message) as error:
+        _trust_tracker().trust(**kwargs)
+    assert "\n" not in str(error.value) and str(error.value).startswith("InfluenceTracker.trust: ")
+
+
+class _RecordingLoss(rd.RobustDiffusionLoss):
+    """Records the per-sample weight each call was given."""
+
+    def forward(self, input, target, t, weight=None):
+        self.weights = getattr(self, "weights", []) + [weight]
+        return super().forward(input, target, t, weight)
+
+
+def _trust_trainer(tmp_path, steps, loss="ned", **config):
+    images = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.2 - 0.1
+    dataset = contaminate(images, 0.25, "noise", seed=0)
+    schedule = rd.NoiseSchedule.linear(100)
+    torch.manual_seed(0)
+    return Trainer(build_model("micro", 1), _RecordingLoss(loss, schedule, num_buckets=5), dataset, schedule,
+                   TrainConfig(steps=steps, batch_size=16, lr=2e-3, log_every=5, progress=False, **config),
+                   out_dir=tmp_path)
+
+
+def test_the_trainer_weights_each_sample_by_its_trust(tmp_path):
+    trainer = _trust_trainer(tmp_path / "trust", 60, sample_trust=True, influence_from_step=10)
+    trainer.train()
+    weights = trainer.loss_fn.weights
+    assert all(torch.equal(w, torch.ones(16)) for w in weights[:11])  # the tracker starts at step 10
+    assert all(w.dtype == torch.float32 and ((w >= 0) & (w <= 1)).all() for w in weights)
+    assert any((w < 1).any() for w in weights[11:])
+    # The junk (uniform noise among near-constant images) loses the trust the clean images keep.
+    trust, flags = trainer.influence.trust(), trainer.is_contaminated.cpu()
+    assert trust[flags].mean() < 0.5 * trust[~flags].mean()
+    # Without tracker statistics every trust is 1 and the run is the plain one, bit for bit.
+    plain = _trust_trainer(tmp_path / "plain", 6).train()
+    untrusting = _trust_trainer(tmp_path / "never", 6, sample_trust=True, influence_from_step=6).train()
+    assert all(w is None for w in plain.loss_fn.weights)
+    for a, b in zip(plain.model.parameters(), untrusting.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_sample_trust_needs_a_loss_that_weighs_samples_and_resumes_only_as_written(tmp_path):
+    with pytest.raises(ValueError, match=r"sample_trust=True needs a loss whose influence weights differ between "
+                                         r"samples; 'kl' gives every sample weight 1"):
+        _trust_trainer(tmp_path / "kl", 2, loss="kl", sample_trust=True)
+    images = torch.rand(16, 1, 8, 8)
+    schedule = rd.NoiseSchedule.linear(50)
+    with pytest.raises(ValueError, match="sample_trust=True needs a RobustDiffusionLoss as loss_fn"):
+        Trainer(build_model("micro", 1), lambda out, target, t: (out - target).pow(2).mean(), TensorDataset(images),
+                schedule, TrainConfig(steps=2, batch_size=8, sample_trust=True, progress=False))
+    _trust_trainer(tmp_path / "run", 2).train()
+    with pytest.raises(ValueError, match=r"cannot resume from .*checkpoint.pt: it was written with "
+                                         r"sample_trust=False, this run has True"):
+        _trust_trainer(tmp_path / "run", 4, sample_trust=True).resume()

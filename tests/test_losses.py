@@ -339,6 +339,14 @@ def test_the_python_loss_table_is_the_registered_operator_list():
         own = {a.name for a in getattr(OPS, f"{entry.name}_loss").default._schema.arguments} - common
         assert own <= set(entry.defaults), entry.name
     assert rd.DIVERGENCES == ("kl", "hellinger", "ned", "alpha", "js", "lecam", "tv", "chi2")
+    # weighs_samples says which losses' influence weights differ between samples (what sample trust needs).
+    x, y, _, _ = make_inputs((6, 5), seed=3, dtype=torch.float64)
+    y[0] += 8.0  # an outlier
+    t = torch.arange(6) * 100
+    for entry in rd.ops.LOSS_TABLE:
+        criterion = rd.RobustDiffusionLoss(entry.name, rd.NoiseSchedule.linear(), scale=1.0)
+        criterion(x, y, t)
+        assert bool((criterion.last_influence != 1).any()) == entry.weighs_samples, entry.name
     assert rd.LOSSES == rd.DIVERGENCES + ("huber", "pseudo_huber", "clipped_mse")
 
 

@@ -268,8 +268,13 @@ def test_api_errors_are_clear(tmp_path):
         cli.load_experiment_data("fashion-mnist", 0.3, "salt")
     with pytest.raises(ValueError, match="unknown loss 'l2'"):
         cli.build_loss("l2", rd.NoiseSchedule.linear())
-    assert cli.parse_loss_name("ned+debias") == ("ned", "debias", False)
+    assert cli.parse_loss_name("ned+debias") == ("ned", "debias", False, False)
     assert cli.parse_loss_name("kl+risk_free+debias").name == "kl+debias+risk_free"
+    assert cli.parse_loss_name("ned+trust") == ("ned", "constant", False, True)
+    assert cli.parse_loss_name("ned+trust+debias+risk_free").name == "ned+debias+risk_free+trust"
+    for bad in ("ned+trust+trust", "ned+risk_free+risk_free", "ned+debias+p2", "ned+truth"):
+        with pytest.raises(ValueError, match=r"unknown or repeated suffix '(trust|risk_free|p2|truth)' in loss"):
+            cli.parse_loss_name(bad)
     assert cli.build_loss("ned+debias", rd.NoiseSchedule.linear()).uses_weighting
 
 

@@ -14,7 +14,9 @@ an outlier; docs/DESIGN.md, Losses) and a penalty ``R_b`` (its mean squared erro
     for row in tracker.table()[:20]:                 # the 20 least-trusted samples
         print(row)
 
-``rd.influence_weights(...)`` (with the ``penalty`` left out) works as well as ``last_influence``.
+``rd.influence_weights(...)`` (with the ``penalty`` left out) works as well as ``last_influence``. To train with
+the result, ``weight=tracker.trust(index)`` in the criterion's call weights each sample by how much the loss
+trusted it at low noise (:meth:`InfluenceTracker.trust`; the Trainer's ``sample_trust``).
 
 What is kept, per sample (float64, on the tracker's device, in ``state_dict``):
 
@@ -137,8 +139,9 @@ class InfluenceTracker(DtypeKeepingModule):
         self._buffers[f"bucket_{what}_sum"].view(-1).index_add_(0, cell, values)
         self._buffers[f"bucket_{what}_count"].view(-1).index_add_(0, cell, counted)
 
-    def _check_integers(self, name: str, value: Any, size: Optional[int], upper: int, what: str) -> Tensor:
-        where = f"InfluenceTracker.update: {name}"
+    def _check_integers(self, name: str, value: Any, size: Optional[int], upper: int, what: str,
+                        method: str = "update") -> Tensor:
+        where = f"InfluenceTracker.{method}: {name}"
         value = torch.as_tensor(value) if not isinstance(value, Tensor) else value.detach()
         if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
             raise ValueError(f"{where} must hold integers ({what}), got dtype {value.dtype}")
@@ -217,6 +220,38 @@ class InfluenceTracker(DtypeKeepingModule):
         source = self._source(sync)
         name = "bucket_influence_count" if per_bucket else "influence_count"
         return source._buffers[name].detach().cpu().round().to(torch.int64)
+
+    @torch.no_grad()
+    def trust(self, indices: Optional[IndexLike] = None, *, low_noise: float = 0.5, sync: bool = False) -> Tensor:
+        """Each sample's *trust*, one loss weight in ``[0, 1]`` for all noise levels (docs/DESIGN.md, Data audit):
+        its mean influence weight over its draws at low noise, ``t < low_noise * T`` (at least the first bucket),
+        each draw's weight taken relative to the training set's median in its bucket, capped at 1. A sample not
+        yet drawn there has trust 1, as has a bucket whose median weight is not positive (no information).
+
+        Why: at high noise every image is mostly noise, so a junk image's error is typical there and its
+        per-draw influence weight stays near a clean image's (docs/RESULTS.md, finding 11); its low-noise weights
+        give it away. Multiply each sample's loss by its trust (``criterion(out, target, t,
+        weight=tracker.trust(index))``; the Trainer's ``sample_trust``) to silence it at every noise level.
+
+        ``indices`` [B]: the batch's dataset indices (default: every sample). float32 on the tracker's device;
+        no host sync (one ``nanmedian`` over ``num_samples`` x the low-noise buckets)."""
+        if isinstance(low_noise, bool) or not isinstance(low_noise, (int, float)) or not 0 < low_noise <= 1:
+            raise ValueError(f"InfluenceTracker.trust: low_noise must be a fraction of the timesteps in (0, 1], "
+                             f"got {low_noise!r}")
+        source = self._source(sync)
+        low = max(1, int(math.floor(low_noise * source.num_buckets + 1e-9)))
+        total, count = source.bucket_influence_sum[:, :low], source.bucket_influence_count[:, :low]
+        mean = torch.where(count > 0, total / count.clamp_min(1.0), torch.full_like(total, math.nan))
+        median = torch.nanmedian(mean, dim=0).values  # NaN for a bucket nobody was drawn in
+        informative = median > 0
+        relative = torch.where(informative & (count > 0), mean / torch.where(informative, median, 1.0), 0.0)
+        draws = torch.where(informative, count, 0.0)
+        drawn = draws.sum(dim=1)
+        trust = torch.where(drawn > 0, (relative * draws).sum(dim=1) / drawn.clamp_min(1.0), 1.0).clamp(max=1.0)
+        if indices is not None:
+            trust = trust[self._check_integers("indices", indices, None, self.num_samples, "dataset indices",
+                                               method="trust")]
+        return trust.to(torch.float32)
 
     def ranking(self, sync: bool = False) -> Tensor:
         """Sample indices (int64), least trusted first: ascending mean influence weight, ties broken by the

@@ -32,13 +32,16 @@ class LossEntry(NamedTuple):
     name: str  #: its short name (``RobustDiffusionLoss("ned")``); the operator is ``<name>_loss``
     kind: str  #: ``"divergence"`` (an f-divergence, docs/DESIGN.md, Divergences) or ``"baseline"``
     defaults: Dict[str, Any]  #: the values RobustDiffusionLoss gives its own parameters unless told otherwise
+    #: whether its influence weight differs between samples (a per-sample transform); KL, Huber (per element)
+    #: and pseudo-Huber give every sample weight 1, so they rank nothing and give no sample trust
+    weighs_samples: bool = True
 
 
 #: The losses, in the order of csrc/losses.h (the C++ list that registers the operators; a test checks the two
 #: agree). Everything else on the Python side (DIVERGENCES, LOSSES, LOSS_OPS, the functional API's table, the CLI's
 #: names) is derived from this one table.
 LOSS_TABLE = (
-    LossEntry("kl", "divergence", {}),
+    LossEntry("kl", "divergence", {}, weighs_samples=False),
     LossEntry("hellinger", "divergence", {}),
     LossEntry("ned", "divergence", {}),
     LossEntry("alpha", "divergence", {"alpha": 0.25}),
@@ -46,8 +49,9 @@ LOSS_TABLE = (
     LossEntry("lecam", "divergence", {}),
     LossEntry("tv", "divergence", {}),
     LossEntry("chi2", "divergence", {}),
-    LossEntry("huber", "baseline", {"delta": 1.0}),
-    LossEntry("pseudo_huber", "baseline", {"c": 0.1, "c_schedule": "snr", "c_scale": 1.0, "form": "huber"}),
+    LossEntry("huber", "baseline", {"delta": 1.0}, weighs_samples=False),
+    LossEntry("pseudo_huber", "baseline", {"c": 0.1, "c_schedule": "snr", "c_scale": 1.0, "form": "huber"},
+              weighs_samples=False),
     LossEntry("clipped_mse", "baseline", {"tau": 1.0, "mode": "sample"}),
 )
 

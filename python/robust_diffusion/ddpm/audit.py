@@ -120,7 +120,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         score_from = args.score_from_step if args.score_from_step is not None else args.steps // 5
         config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                              warmup_steps=min(20, args.steps // 10), log_every=min(50, args.steps),
-                             checkpoint_every=200, influence_from_step=score_from, seed=args.seed,
+                             checkpoint_every=200, influence_from_step=score_from,
+                             sample_trust=spec.trust, seed=args.seed,
                              progress=not args.no_progress)
         schedule = NoiseSchedule.linear()
         loss_fn = build_loss(spec, schedule, temperature=args.temperature)

@@ -199,37 +199,44 @@ def build_model(preset: str, in_channels: int, **overrides) -> UNet:
 
 
 class LossChoice(NamedTuple):
-    """A parsed loss name: ``loss`` (one of :data:`LOSS_NAMES`), a timestep ``weighting`` and whether to train
-    with the ``risk_free`` loss of :mod:`robust_diffusion.risk` (for data with known noise, ``--kind gaussian``)."""
+    """A parsed loss name: ``loss`` (one of :data:`LOSS_NAMES`), a timestep ``weighting``, whether to train
+    with the ``risk_free`` loss of :mod:`robust_diffusion.risk` (for data with known noise, ``--kind gaussian``)
+    and whether to weight each sample by its ``trust`` (``TrainConfig.sample_trust``)."""
 
     loss: str
     weighting: str = "constant"
     risk_free: bool = False
+    trust: bool = False
 
     @property
     def name(self) -> str:
         parts = [self.loss] + ([self.weighting] if self.weighting != "constant" else [])
-        return "+".join(parts + (["risk_free"] if self.risk_free else []))
+        return "+".join(parts + [flag for flag in LOSS_FLAGS if getattr(self, flag)])
+
+
+#: On/off suffixes of a loss name, in the order its name lists them (``ned+debias+trust``).
+LOSS_FLAGS = ("risk_free", "trust")
 
 
 def parse_loss_name(spec: str) -> LossChoice:
-    """Parse ``"<loss>[+<weighting>][+risk_free]"`` (e.g. ``"ned"``, ``"ned+debias"``, ``"kl+risk_free"``),
-    with a clear error."""
+    """Parse ``"<loss>[+<weighting>][+risk_free][+trust]"`` (e.g. ``"ned"``, ``"ned+debias"``,
+    ``"kl+risk_free"``, ``"ned+trust"``), with a clear error."""
     loss, *suffixes = str(spec).strip().split("+")
     if loss not in LOSS_NAMES:
         raise ValueError(f"unknown loss {loss!r} in {spec!r}; expected one of {', '.join(LOSS_NAMES)}, "
                          f"optionally with a timestep weighting suffix +{'/+'.join(LOSS_WEIGHTINGS)} "
-                         f"(e.g. 'ned+debias') and/or +risk_free")
-    weighting, risk_free = "constant", False
+                         f"(e.g. 'ned+debias'), +risk_free and/or +trust")
+    weighting, flags = "constant", {}
     for suffix in suffixes:
-        if suffix == "risk_free" and not risk_free:
-            risk_free = True
+        if suffix in LOSS_FLAGS and suffix not in flags:
+            flags[suffix] = True
         elif suffix in LOSS_WEIGHTINGS and weighting == "constant":
             weighting = suffix
         else:
             raise ValueError(f"unknown or repeated suffix {suffix!r} in loss {spec!r}; expected at most one "
-                             f"weighting of {', '.join(LOSS_WEIGHTINGS)} and at most one risk_free")
-    return LossChoice(loss, weighting, risk_free)
+                             f"weighting of {', '.join(LOSS_WEIGHTINGS)}, at most one risk_free and at most one "
+                             f"trust")
+    return LossChoice(loss, weighting, **flags)
 
 
 def parse_scale(value: Union[str, float]) -> Union[str, float]:
@@ -318,8 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="folder: 1 (grey) or 3 (RGB); default 1 if every image is greyscale, else 3")
     loss = parser.add_argument_group("loss")
     loss.add_argument("--loss", default="hellinger", help=f"one of {', '.join(LOSS_NAMES)}, optionally "
-                      f"+weighting ({', '.join(LOSS_WEIGHTINGS)}) and/or +risk_free (needs --kind gaussian), "
-                      f"e.g. ned+debias")
+                      f"+weighting ({', '.join(LOSS_WEIGHTINGS)}), +risk_free (needs --kind gaussian) and/or "
+                      f"+trust (weight each image by its low-noise influence, TrainConfig.sample_trust), e.g. "
+                      f"ned+debias")
     loss.add_argument("--scale", default="adaptive", help="adaptive, vlb, batch or a number")
     loss.add_argument("--temperature", type=_positive_float, default=1.0, help="the adaptive scale's tau")
     train = parser.add_argument_group("training")
@@ -366,7 +374,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              warmup_steps=args.warmup_steps, ema_decay=args.ema_decay,
                              grad_clip=args.grad_clip if args.grad_clip > 0 else None,
                              mixed_precision=args.mixed_precision, log_every=args.log_every,
-                             checkpoint_every=args.checkpoint_every, risk_free=spec.risk_free, seed=args.seed,
+                             checkpoint_every=args.checkpoint_every, risk_free=spec.risk_free,
+                             sample_trust=spec.trust, seed=args.seed,
                              num_workers=args.num_workers, progress=not args.no_progress)
         rank, world_size, device = init_distributed(args.device)
         out = Path(args.out)

@@ -96,6 +96,11 @@ class TrainConfig:
             each sample's timestep is drawn on its stability interval, noised by ``risk_noising`` and scored by
             ``risk_free_loss`` with ``loss_fn`` (a :class:`~robust_diffusion.RobustDiffusionLoss`). Samples with
             risk 0 train exactly as without it.
+        sample_trust: multiply each sample's loss by its trust, :meth:`InfluenceTracker.trust` of
+            :attr:`Trainer.influence` (its low-noise influence weights relative to the training set's, applied at
+            every noise level; docs/DESIGN.md, Data audit). Needs a RobustDiffusionLoss whose influence weights
+            differ between samples (not KL, Huber or pseudo-Huber). Counts from ``influence_from_step``: every
+            sample has trust 1 until the tracker has seen it at low noise.
         seed: seeds the data order, the diffusion noise and torch's global RNG (one stream per rank), each
             through :func:`derive_seed`.
         num_workers: DataLoader worker processes.
@@ -117,6 +122,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     influence_from_step: int = 0
     risk_free: bool = False
+    sample_trust: bool = False
     seed: int = 0
     num_workers: int = 0
     progress: bool = True
@@ -216,6 +222,8 @@ class Trainer:
         flags = getattr(dataset, "is_contaminated", None)
         self.is_contaminated = torch.as_tensor(flags).to(self.device, torch.bool) if flags is not None else None
         self.risk = self._check_risk(dataset) if config.risk_free else None
+        if config.sample_trust:
+            self._check_trust()
         # Each sample's stability bound t_min(r), computed once: a step indexes it (no per-step validation sync).
         self.risk_lower = None
         if self.risk is not None:
@@ -383,6 +391,12 @@ class Trainer:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise ValueError(f"cannot resume from {path}: it is not a readable checkpoint of this trainer "
                              f"({type(error).__name__}: {reason}); delete it or pass another --out") from error
+        written = state.get("config") if isinstance(state.get("config"), dict) else {}
+        # What the run trains: a resume that changed it would silently continue another method.
+        for key in ("risk_free", "sample_trust"):
+            if written.get(key, False) != getattr(self.config, key):
+                raise ValueError(f"cannot resume from {path}: it was written with {key}={written.get(key, False)}, "
+                                 f"this run has {getattr(self.config, key)}")
         for key, mine in (("batch_size", self.config.batch_size), ("num_samples", self.num_samples)):
             if state[key] != mine:
                 raise ValueError(f"cannot resume from {path}: it was written with {key}={state[key]}, "
@@ -471,11 +485,14 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             output = model_prediction(self.network(x_t, t), x_t)  # a diffusers UNet2DModel returns .sample
+        trust = self.influence.trust(indices) if config.sample_trust else None
         if self.risk is None:
-            loss = self.loss_fn(output.float(), target, t)
+            loss = self.loss_fn(output.float(), target, t) if trust is None else self.loss_fn(
+                output.float(), target, t, trust)
         else:
             from ..risk import risk_free_loss
-            loss = risk_free_loss(output.float(), noising, t, loss=self.loss_fn, schedule=self.schedule)
+            loss = risk_free_loss(output.float(), noising, t, loss=self.loss_fn, schedule=self.schedule,
+                                  weight=trust)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -515,6 +532,18 @@ class Trainer:
                              f"where their noise is below the diffusion noise); drop them first "
                              f"(robust_diffusion.risk.usable_samples)")
         return risk
+
+    def _check_trust(self) -> None:
+        from ..ops import LOSS_TABLE
+        from ..robust_loss import RobustDiffusionLoss
+
+        if not isinstance(self.loss_fn, RobustDiffusionLoss):
+            raise ValueError("sample_trust=True needs a RobustDiffusionLoss as loss_fn (its per-sample influence "
+                             "weights are what the trust is made of)")
+        if not next(entry.weighs_samples for entry in LOSS_TABLE if entry.name == self.loss_fn.loss):
+            raise ValueError(f"sample_trust=True needs a loss whose influence weights differ between samples; "
+                             f"{self.loss_fn.loss!r} gives every sample weight 1, so every trust would stay 1 "
+                             f"(use a divergence such as 'ned' or 'hellinger', or clipped_mse)")
 
     def learning_rate(self, step: int) -> float:
         """Linear warm-up to ``lr`` over ``warmup_steps``, then constant."""
