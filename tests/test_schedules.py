@@ -141,5 +141,133 @@ def test_flow_schedule_refuses_bad_settings_by_name():
     schedule = rd.FlowMatchingSchedule()
     with pytest.raises(ValueError, match=r"q_sample: t must lie in \[0, 1\]"):
         schedule.q_sample(torch.zeros(2, 3), torch.tensor([0.5, 1.5]))
-    with pytest.raises(TypeError, match="RobustDiffusionLoss: schedule must be a discrete NoiseSchedule"):
-        rd.RobustDiffusionLoss("ned", schedule)
+    with pytest.raises(TypeError, match=r"RobustDiffusionLoss: schedule must be a Schedule \(NoiseSchedule, "
+                                        r"FlowMatchingSchedule, EDMSchedule, ...\), got str"):
+        rd.RobustDiffusionLoss("ned", "flow")
+
+
+# ---------------------------------------------------------------------------------------------- the loss module
+CONTINUOUS = {"flow": lambda: rd.FlowMatchingSchedule(shift=3.0, timestep_sampling="logit_normal"),
+              "vp": lambda: rd.ContinuousVPSchedule(), "edm": lambda: rd.EDMSchedule()}
+
+
+def _continuous_batch(schedule, seed=0, batch=12):
+    generator = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(batch, 2, 4, 4, generator=generator), torch.randn(batch, 2, 4, 4, generator=generator)
+    y[0] += 6.0  # an outlier
+    return x, y, schedule.sample_timesteps(batch, generator=generator).float()
+
+
+@pytest.mark.parametrize("name", sorted(CONTINUOUS))
+@pytest.mark.parametrize("loss, weighting", [("ned", "constant"), ("hellinger", "min_snr"), ("kl", "soft_min_snr"),
+                                             ("pseudo_huber", "constant")])
+def test_the_loss_module_on_a_continuous_schedule_is_the_operator_at_the_weights_of_t(name, loss, weighting):
+    schedule = CONTINUOUS[name]()
+    x, y, t = _continuous_batch(schedule)
+    module = rd.RobustDiffusionLoss(loss, schedule, scale=0.7, weighting=weighting)
+    weight = rd.loss_weights(schedule, t, weighting) if weighting != "constant" else None
+    extra = (rd.pseudo_huber_c(schedule, t), "huber") if loss == "pseudo_huber" else ()
+    expected = getattr(torch.ops.robust_diffusion, f"{loss}_loss")(x, y, torch.full((12,), 0.7), weight, "mean",
+                                                                    "mean", *extra)
+    torch.testing.assert_close(module(x, y, t), expected[0])
+    torch.testing.assert_close(module.last_influence, expected[2])
+
+
+def test_continuous_adaptive_buckets_are_equal_ranges_of_log_snr():
+    flow, vp, edm = (CONTINUOUS[name]() for name in ("flow", "vp", "edm"))
+    module = rd.RobustDiffusionLoss("ned", flow)
+    assert rd.BUCKET_LOG_SNR_RANGE == (-10.0, 10.0) and module.num_buckets == 10
+    t = torch.linspace(0, 1, 201, dtype=torch.float64)
+    buckets = module.buckets(t)
+    assert buckets[0] == 0 and buckets[-1] == 9 and bool((buckets.diff() >= 0).all())  # clean to pure noise
+    # One bucket is one noise level: lambda in [10 - 2(k + 1), 10 - 2k) is bucket k, whatever the process.
+    lam = torch.tensor([9.5, 3.3, 0.5, -0.5, -7.9, -30.0], dtype=torch.float64)
+    expected = [0, 3, 4, 5, 8, 9]
+    flow_t = torch.sigmoid(-lam / 2)  # log((1 - t) / t)^2 = lambda
+    assert module.buckets(flow_t).tolist() == expected
+    assert rd.RobustDiffusionLoss("ned", edm).buckets(torch.exp(-lam / 2)).tolist() == expected
+    vp_module = rd.RobustDiffusionLoss("ned", vp, num_buckets=10)
+    grid = torch.linspace(1e-3, 1, 20001, dtype=torch.float64)
+    nearest = lambda target: grid[(vp.log_snr(grid) - target).abs().argmin()]  # noqa: E731
+    assert vp_module.buckets(torch.stack([nearest(v) for v in lam[:5]])).tolist() == expected[:5]
+
+
+def test_the_continuous_adaptive_state_trains_and_refuses_poison():
+    schedule = CONTINUOUS["flow"]()
+    module = rd.RobustDiffusionLoss("ned", schedule, temperature=0.5)
+    for seed in range(3):
+        module(*_continuous_batch(schedule, seed))
+    assert bool(module.initialized) and torch.isfinite(module.bucket_penalty).all()
+    state = module.bucket_penalty.clone()
+    x, y, t = _continuous_batch(schedule, 5)
+    x[3, 0, 0, 0] = float("nan")
+    module(x, y, t)
+    assert torch.equal(module.bucket_penalty, state) and int(module.skipped_updates) == 1
+    # The outlier of every batch gets the lowest influence weight.
+    module(*_continuous_batch(schedule, 6))
+    assert int(module.last_influence.argmin()) == 0
+
+
+def test_continuous_loss_under_torch_compile_fullgraph_and_torch_export_matches_eager():
+    schedule = CONTINUOUS["flow"]()
+    eager = rd.RobustDiffusionLoss("hellinger", schedule, weighting="cosmap")
+    compiled_module = rd.RobustDiffusionLoss("hellinger", schedule, weighting="cosmap")
+    compiled = torch.compile(compiled_module, fullgraph=True)
+    for seed in range(2):
+        batch = _continuous_batch(schedule, seed)
+        torch.testing.assert_close(compiled(*batch), eager(*batch))
+    torch.testing.assert_close(compiled_module.bucket_penalty, eager.bucket_penalty)
+    eager.eval()
+    batch = _continuous_batch(schedule, 7)
+    exported = torch.export.export(eager, batch)
+    torch.testing.assert_close(exported.module()(*batch), eager(*batch))
+    with pytest.raises(TypeError, match=r"RobustDiffusionLoss: TorchScript supports discrete schedules only"):
+        torch.jit.script(eager)
+
+
+@pytest.mark.parametrize("build, call, error, message", [
+    (lambda s: rd.RobustDiffusionLoss("ned", s, scale="vlb"), None, ValueError,
+     r"scale='vlb' is DDPM's lambda_t of a discrete schedule"),
+    (lambda s: rd.RobustDiffusionLoss("ned", s, weighting="min_snr", normalize_weights=True), None, ValueError,
+     r"normalize_weights=True averages over the T steps"),
+    (lambda s: rd.RobustDiffusionLoss("ned", s, prediction_type="v_prediction"), None, ValueError,
+     r"RobustDiffusionLoss: prediction_type 'v_prediction' is defined for VP processes"),
+    (lambda s: rd.RobustDiffusionLoss("ned", rd.NoiseSchedule.linear(), prediction_type="flow"), None, ValueError,
+     r"RobustDiffusionLoss: prediction_type 'flow_prediction' needs a flow-matching schedule"),
+    (lambda s: rd.RobustDiffusionLoss("ned", s, weighting="p2", gamma=-1.0), None, ValueError, r"gamma"),
+    (lambda s: rd.RobustDiffusionLoss("ned", s), lambda m, x, y: m(x, y, torch.arange(12)), TypeError,
+     r"RobustDiffusionLoss: t must hold the continuous schedule's float times, got dtype torch.int64"),
+    (lambda s: rd.RobustDiffusionLoss("ned", s), lambda m, x, y: m(x, y, torch.full((12,), 1.5)), ValueError,
+     r"RobustDiffusionLoss: t must lie in \[0, 1\] for a continuous schedule, got values in \[1.5, 1.5\]"),
+    (lambda s: rd.RobustDiffusionLoss("ned", s), lambda m, x, y: m(x, y, torch.rand(11)), ValueError,
+     r"RobustDiffusionLoss: t must be a 1-D tensor with one timestep per sample"),
+], ids=["vlb", "normalize", "v on flow", "flow on discrete", "bad weighting param", "int t", "t out of range",
+        "t length"])
+def test_continuous_loss_refuses_bad_settings_and_times_in_one_line(build, call, error, message):
+    schedule = CONTINUOUS["flow"]()
+    x, y, _ = _continuous_batch(schedule)
+    with pytest.raises(error, match=message) as raised:
+        module = build(schedule)
+        call(module, x, y)
+    assert "\n" not in str(raised.value)
+
+
+def test_pseudo_huber_c_on_continuous_schedules():
+    flow, edm = rd.FlowMatchingSchedule(), rd.EDMSchedule()
+    t = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0], dtype=torch.float64)
+    c = rd.pseudo_huber_c(flow, t, 0.1, "snr")
+    assert c.dtype == torch.float32 and torch.isfinite(c).all()
+    torch.testing.assert_close(c.double(), 0.9 * (1 - t) ** 2 + 0.1)  # sigma / alpha = t / (1 - t)
+    torch.testing.assert_close(rd.pseudo_huber_c(flow, t, 0.1, "exponential", 2.0).double(), 0.1 ** t * 2.0)
+    assert torch.equal(rd.pseudo_huber_c(flow, t, 0.2, "constant", 0.5), torch.full((5,), 0.1))
+    # The same function of the noise level as the discrete table: equal log-SNR, equal c.
+    discrete = rd.NoiseSchedule.linear()
+    steps = torch.tensor([0, 250, 999])
+    same_level = torch.sigmoid(-discrete.log_snr(steps) / 2)
+    torch.testing.assert_close(rd.pseudo_huber_c(flow, same_level), rd.pseudo_huber_c(discrete, steps))
+    sigma = torch.tensor([0.002, 1.0, 80.0], dtype=torch.float64)
+    torch.testing.assert_close(rd.pseudo_huber_c(edm, sigma, 0.1).double(), 0.9 / (1 + sigma) ** 2 + 0.1)
+    with pytest.raises(ValueError, match="pseudo_huber_c: c_schedule 'exponential' needs a time in \\[0, 1\\]"):
+        rd.pseudo_huber_c(edm, sigma, 0.1, "exponential")
+    with pytest.raises(ValueError, match=r"pseudo_huber_c: t must lie in \[0, 1\]"):
+        rd.pseudo_huber_c(flow, torch.tensor([1.5]))

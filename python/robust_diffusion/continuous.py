@@ -28,9 +28,8 @@ class _UnitTimeSchedule(Schedule):
 
     def check_timesteps(self, t: Tensor, argument: str = "t", *, caller: Optional[str] = None) -> Tensor:
         where = _checked_float_times(t, argument, caller, "times in [0, 1] for a continuous schedule")
-        if t.device.type == "cpu" and t.numel() and not bool(((t >= 0) & (t <= 1)).all()):
-            raise ValueError(f"{where} must lie in [0, 1] for a continuous schedule, got values in "
-                             f"[{t.min().item():.4g}, {t.max().item():.4g}]")
+        _check_values(t, (t >= 0) & (t <= 1), f"{where} must lie in [0, 1] for a continuous schedule",
+                      lambda: f", got values in [{t.min().item():.4g}, {t.max().item():.4g}]")
         return t
 
     def coefficients(self, t: Tensor, dtype: torch.dtype = torch.float32, *, caller: Optional[str] = None
@@ -157,8 +156,7 @@ class EDMSchedule(Schedule):
 
     def check_timesteps(self, t: Tensor, argument: str = "t", *, caller: Optional[str] = None) -> Tensor:
         where = _checked_float_times(t, argument, caller, "noise levels sigma for EDMSchedule")
-        if t.device.type == "cpu" and t.numel() and not bool((t > 0).all()):
-            raise ValueError(f"{where} must hold positive noise levels sigma for EDMSchedule")
+        _check_values(t, t > 0, f"{where} must hold positive noise levels sigma for EDMSchedule", lambda: "")
         return t
 
     def log_snr(self, sigma: Tensor) -> Tensor:
@@ -352,6 +350,17 @@ def schedule_from_diffusers(scheduler, **sampling) -> Schedule:
         return FlowMatchingSchedule.from_diffusers(scheduler, **sampling)
     raise TypeError(f"schedule_from_diffusers: {type(scheduler).__name__} is neither a DDPM-family scheduler "
                     f"(alphas_cumprod) nor a flow-matching one (config.shift); EDM schedulers are not mapped yet")
+
+
+def _check_values(t: Tensor, ok: Tensor, message: str, found) -> None:
+    """A ValueError (``message`` + ``found()``) when some ``ok`` is False: at once for CPU tensors in eager mode; an
+    asynchronous device assertion on an accelerator and under torch.compile (reading the values there would sync
+    or break the graph), as for the discrete steps."""
+    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+        if t.numel() and not bool(ok.all()):
+            raise ValueError(message + found())
+    elif t.device.type != "meta":
+        torch._assert_async(ok.all(), message)
 
 
 def _checked_float_times(t: Tensor, argument: str, caller: Optional[str], what: str) -> str:

@@ -37,15 +37,20 @@ from torch import Tensor
 from ._buffers import DtypeKeepingModule
 from .functional import PENALTY_FLOOR, batch_scale, default_schedule
 from .ops import LOSS_TABLE
-from .schedules import NoiseSchedule, canonical_prediction_type
+from .schedules import NoiseSchedule, Schedule, prediction_type_for
 from .weighting import loss_weights, pseudo_huber_c
 
-__all__ = ["RobustDiffusionLoss", "LOSSES", "MAX_UPDATE_RATIO", "PENALTY_FLOOR"]
+__all__ = ["RobustDiffusionLoss", "BUCKET_LOG_SNR_RANGE", "LOSSES", "MAX_UPDATE_RATIO", "PENALTY_FLOOR"]
 
 #: Every loss the module accepts.
 LOSSES = tuple(entry.name for entry in LOSS_TABLE)
 #: The adaptive scale takes an accepted bucket median only up to this factor times the bucket's current value.
 MAX_UPDATE_RATIO = 2.0
+#: Continuous schedules: the adaptive buckets split this log-SNR range into equal parts, from the least noisy
+#: (bucket 0, everything above 10) to the noisiest (everything below -10). It covers the training noise levels of
+#: the usual processes (flow matching with logit-normal times: about [-4, 4]; SD3's shift 3: 2.2 lower; EDM's
+#: log-normal sigma: about [-2.4, 7.2]; DDPM's linear schedule: [-10.1, 9.2]).
+BUCKET_LOG_SNR_RANGE = (-10.0, 10.0)
 # PENALTY_FLOOR (functional.py): bucket medians below it carry no scale information and are not taken in; the
 # state never goes below it.
 _UPDATE_MODES = ("forward", "step")
@@ -68,7 +73,12 @@ class RobustDiffusionLoss(DtypeKeepingModule):
 
     Args:
         loss: one of :data:`LOSSES` (an f-divergence of ``DIVERGENCES`` or a baseline).
-        schedule: the :class:`NoiseSchedule` the timesteps refer to (default: linear, T = 1000).
+        schedule: the :class:`~robust_diffusion.Schedule` the timesteps refer to (default: linear
+            :class:`NoiseSchedule`, T = 1000): a discrete one takes integer steps ``t``, a continuous one
+            (:class:`~robust_diffusion.FlowMatchingSchedule`, EDM, continuous VP / VE) its float times (EDM:
+            sigma). On a continuous schedule the weights and pseudo-Huber ``c`` are evaluated at
+            ``schedule.log_snr(t)`` on each call, ``scale="vlb"`` (DDPM's lambda_t) and ``normalize_weights`` are
+            refused, and TorchScript is not supported (``torch.compile`` and ``torch.export`` are).
         scale: ``"adaptive"`` (default, for the evidence in the module docstring), ``"vlb"`` (DDPM's
             lambda_t, converted to the prediction type's error), ``"batch"`` (stateless: the median penalty of
             the batch's samples nearest in noise level, :func:`robust_diffusion.batch_scale`) or a float (a fixed
@@ -80,7 +90,10 @@ class RobustDiffusionLoss(DtypeKeepingModule):
         temperature: the adaptive scale's tau: a sample whose penalty is ``temperature`` times the typical
             one at its noise level gets delta = 1. Default 1, by the decision rule written in docs/RESULTS.md
             before its runs; 0.25 is worth trying with Hellinger.
-        num_buckets: timestep buckets of the adaptive scale (equal ranges of t).
+        num_buckets: noise-level buckets of the adaptive scale: equal ranges of t on a discrete schedule (as
+            before continuous time; equal shares of uniformly drawn steps), equal ranges of log-SNR over
+            :data:`BUCKET_LOG_SNR_RANGE` on a continuous one (one bucket is one noise level whatever the
+            process and the timestep sampler).
         momentum: EMA momentum of the per-bucket medians.
         weighting: a timestep weighting scheme of :func:`robust_diffusion.loss_weights` (default constant),
             with ``weighting_params`` and ``terminal`` passed on. With a fixed or adaptive scale the weights
@@ -90,8 +103,8 @@ class RobustDiffusionLoss(DtypeKeepingModule):
             loss whatever the prediction type.
         normalize_weights: divide the timestep weights by their mean over all T steps (``loss_weights``'
             ``normalize``), so their average under uniform timestep sampling is 1.
-        prediction_type: what the model predicts (``epsilon``, ``sample``, ``v_prediction``); default the
-            schedule's.
+        prediction_type: what the model predicts (``epsilon``, ``sample``, ``v_prediction``; ``flow_prediction``
+            on a flow-matching schedule); default the schedule's.
         dim_reduction: ``"mean"`` (default) or ``"sum"`` of the penalty over a sample's elements.
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
         normalize_influence: divide the loss by the batch mean influence weight (detached), which keeps
@@ -110,6 +123,8 @@ class RobustDiffusionLoss(DtypeKeepingModule):
 
     ``t`` is checked on every call: integer dtype, one per sample, on the input's device, in ``[0, T)`` (on
     the CPU at once; on an accelerator and under torch.compile by an asynchronous device assertion, no sync).
+    On a continuous schedule: floating dtype, one per sample, on the input's device, in the schedule's range
+    (checked by ``schedule.check_timesteps`` on the CPU).
     """
 
     last_influence: Optional[Tensor]
@@ -149,18 +164,26 @@ class RobustDiffusionLoss(DtypeKeepingModule):
             raise ValueError(f"update must be one of {_UPDATE_MODES}, got {update!r}")
 
         schedule = schedule or default_schedule()
-        if not isinstance(schedule, NoiseSchedule):
-            raise TypeError(f"RobustDiffusionLoss: schedule must be a discrete NoiseSchedule, got {schedule!r}"
-                            f" (continuous-time schedules such as FlowMatchingSchedule are not supported by the loss "
-                            f"module yet)")
-        kind = canonical_prediction_type(prediction_type or schedule.prediction_type)
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"RobustDiffusionLoss: schedule must be a Schedule (NoiseSchedule, FlowMatchingSchedule, "
+                            f"EDMSchedule, ...), got {type(schedule).__name__}")
+        self.discrete = bool(schedule.discrete)
+        if not self.discrete:
+            if scale == "vlb":
+                raise ValueError(f"RobustDiffusionLoss: scale='vlb' is DDPM's lambda_t of a discrete schedule; "
+                                 f"{schedule!r} is continuous (use 'adaptive', 'batch' or a number)")
+            if normalize_weights:
+                raise ValueError("RobustDiffusionLoss: normalize_weights=True averages over the T steps of a "
+                                 "discrete schedule; a continuous schedule has none")
+        kind = prediction_type_for(schedule, prediction_type, "RobustDiffusionLoss")
         self.loss = loss
         self.scale_mode = scale if isinstance(scale, str) else "fixed"
         self.fixed_scale = 0.0 if isinstance(scale, str) else float(scale)
         self.temperature = float(temperature)
         self.momentum = float(momentum)
-        self.num_timesteps = schedule.num_timesteps
-        self.num_buckets = min(num_buckets, schedule.num_timesteps)
+        self.num_timesteps = schedule.num_timesteps if self.discrete else 0
+        self.num_buckets = min(num_buckets, schedule.num_timesteps) if self.discrete else num_buckets
+        self.bucket_log_snr_range = BUCKET_LOG_SNR_RANGE
         self.prediction_type = kind
         self.dim_reduction = dim_reduction
         self.reduction = reduction
@@ -177,16 +200,28 @@ class RobustDiffusionLoss(DtypeKeepingModule):
         self.last_influence = None
         self.last_penalty = None
 
-        # Per-timestep constants, as float32 buffers indexed by t (no host round-trip per step). The weights
-        # come through loss_weights, which saturates at the float32 range (never inf).
-        steps = torch.arange(schedule.num_timesteps)
+        # Discrete: per-timestep constants, as float32 buffers indexed by t (no host round-trip per step). The
+        # weights come through loss_weights, which saturates at the float32 range (never inf). Continuous: the same
+        # functions at each call's t (_continuous_terms); the buffers stay empty.
         weight_kind = "epsilon" if self.scale_mode == "vlb" else kind  # vlb_scale converts the error itself
-        self.register_buffer("timestep_weight", loss_weights(
-            schedule, steps, weighting, weight_kind, terminal=terminal, normalize=normalize_weights,
-            **(weighting_params or {})), persistent=False)
-        self.register_buffer("vlb_scale", _vlb_scale(schedule, kind), persistent=False)
-        c_b = (pseudo_huber_c(schedule, steps, params["c"], params["c_schedule"], params["c_scale"])
-               if loss == "pseudo_huber" else torch.ones(schedule.num_timesteps))
+        self._schedule = schedule
+        self._weight_args = (weighting, weight_kind, terminal, dict(weighting_params or {}))
+        self._huber_args = (params["c"], params["c_schedule"], params["c_scale"]) if loss == "pseudo_huber" else None
+        empty = torch.zeros(0)
+        if self.discrete:
+            steps = torch.arange(schedule.num_timesteps)
+            weights = loss_weights(schedule, steps, weighting, weight_kind, terminal=terminal,
+                                   normalize=normalize_weights, **(weighting_params or {}))
+            c_b = (pseudo_huber_c(schedule, steps, *self._huber_args) if self._huber_args is not None
+                   else torch.ones(schedule.num_timesteps))
+        else:  # check the settings now, not at the first call
+            probe = schedule.sample_timesteps(2, generator=torch.Generator().manual_seed(0))
+            weights, c_b = empty, empty
+            loss_weights(schedule, probe, weighting, weight_kind, terminal=terminal, **(weighting_params or {}))
+            if self._huber_args is not None:
+                pseudo_huber_c(schedule, probe, *self._huber_args)
+        self.register_buffer("timestep_weight", weights, persistent=False)
+        self.register_buffer("vlb_scale", _vlb_scale(schedule, kind) if self.discrete else empty, persistent=False)
         self.register_buffer("huber_c", c_b.float(), persistent=False)
         # Adaptive state: the running median penalty per bucket, whether it has been seeded, and fault counters.
         self.register_buffer("bucket_penalty", torch.ones(self.num_buckets))
@@ -198,6 +233,13 @@ class RobustDiffusionLoss(DtypeKeepingModule):
         self.staged_medians = None
         self.staged_skipped = None
         self._seeded = False  # host mirror of `initialized`, so no step syncs to read it
+
+    def __prepare_scriptable__(self):
+        """torch.jit.script calls this first: a continuous schedule is Python code TorchScript cannot compile."""
+        if not self.discrete:
+            raise TypeError(f"RobustDiffusionLoss: TorchScript supports discrete schedules only, this module's is "
+                            f"{self._schedule!r} (use torch.compile or torch.export)")
+        return self
 
     def extra_repr(self) -> str:
         scale = self.scale_mode if self.scale_mode != "fixed" else self.fixed_scale
@@ -217,24 +259,46 @@ class RobustDiffusionLoss(DtypeKeepingModule):
         self._seeded = bool(self.initialized)
 
     def buckets(self, t: Tensor) -> Tensor:
-        """The adaptive-scale bucket of each timestep."""
-        return torch.div(t * self.num_buckets, self.num_timesteps, rounding_mode="floor")
+        """The adaptive-scale bucket of each timestep: equal ranges of t (discrete), of log-SNR (continuous)."""
+        if self.discrete:
+            return torch.div(t * self.num_buckets, self.num_timesteps, rounding_mode="floor")
+        return self._log_snr_buckets(t)
+
+    @torch.jit.unused
+    def _log_snr_buckets(self, t: Tensor) -> Tensor:
+        low, high = self.bucket_log_snr_range
+        position = (high - self._schedule.log_snr(t)) * (self.num_buckets / (high - low))
+        return torch.floor(position).clamp(0, self.num_buckets - 1).long()  # +-inf log-SNR: the end buckets
+
+    @torch.jit.unused
+    def _continuous_terms(self, t: Tensor) -> Tuple[Optional[Tensor], Tensor]:
+        """Continuous schedules: the timestep weights (None when constant) and pseudo-Huber c of this call's t."""
+        scheme, kind, terminal, params = self._weight_args
+        weights = (loss_weights(self._schedule, t, scheme, kind, terminal=terminal, **params)
+                   if self.uses_weighting else None)
+        c = (pseudo_huber_c(self._schedule, t, *self._huber_args) if self._huber_args is not None
+             else torch.ones(t.shape, dtype=torch.float32, device=t.device))
+        return weights, c
 
     def forward(self, input: Tensor, target: Tensor, t: Tensor, weight: Optional[Tensor] = None) -> Tensor:
         """The loss of a batch: ``input`` the model output, ``target`` what it should predict (both
         [B, ...] in ``prediction_type`` space), ``t`` integer timesteps [B], ``weight`` an optional
         extra per-sample weight [B]."""
         self._check_call(input, t)
+        if self.discrete:
+            timestep_weight = self.timestep_weight[t] if self.uses_weighting else None
+            c = self.huber_c[t]
+        else:
+            timestep_weight, c = self._continuous_terms(t)
         sample_weight = weight
-        if self.uses_weighting:
-            timestep_weight = self.timestep_weight[t]
+        if timestep_weight is not None:
             sample_weight = timestep_weight if weight is None else timestep_weight * weight
-        c = self.huber_c[t]
+        bucket = self.buckets(t)
         if self.scale_mode == "adaptive":
             typical = self.bucket_penalty
             if not self._seeded:
-                typical = self._provisional_penalty(input, target, t, c)
-            scale = 1.0 / (self.temperature * typical[self.buckets(t)])
+                typical = self._provisional_penalty(input, target, bucket, c)
+            scale = 1.0 / (self.temperature * typical[bucket])
         elif self.scale_mode == "vlb":
             scale = self.vlb_scale[t]
         elif self.scale_mode == "batch":
@@ -245,7 +309,7 @@ class RobustDiffusionLoss(DtypeKeepingModule):
             scale = torch.full_like(c, self.fixed_scale)
         loss, penalty, influence = self._call(input, target, scale, sample_weight, c, self.reduction)
         if self.scale_mode == "adaptive" and self.training:
-            medians, skipped = self._bucket_medians(penalty.detach(), t)
+            medians, skipped = self._bucket_medians(penalty.detach(), bucket)
             if self.update == "forward":
                 self._take_in(medians, skipped)
                 self._seeded = True
@@ -298,7 +362,11 @@ class RobustDiffusionLoss(DtypeKeepingModule):
 
     def _check_call(self, input: Tensor, t: Tensor) -> None:
         """The checks of t and of the module's device, with messages that name them (no host sync off the CPU)."""
-        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        if not self.discrete:
+            if not t.is_floating_point():
+                raise TypeError(f"RobustDiffusionLoss: t must hold the continuous schedule's float times, got dtype "
+                                f"{t.dtype}")
+        elif t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise TypeError(f"RobustDiffusionLoss: t must hold integer timesteps (int32/int64), got dtype {t.dtype}")
         if input.dim() < 1 or t.dim() != 1 or t.shape[0] != input.shape[0]:
             raise ValueError(f"RobustDiffusionLoss: t must be a 1-D tensor with one timestep per sample of input "
@@ -308,11 +376,18 @@ class RobustDiffusionLoss(DtypeKeepingModule):
         if self.bucket_penalty.device != input.device:
             raise ValueError(f"RobustDiffusionLoss: the module is on {self.bucket_penalty.device} and input on "
                              f"{input.device}: move the module with .to('{input.device}')")
+        if not self.discrete:
+            self._check_continuous_times(t)
+            return
         steps = self.num_timesteps
         if torch.jit.is_scripting():
             torch._assert_async(((t >= 0) & (t < steps)).all(), f"RobustDiffusionLoss: t must lie in [0, {steps})")
         else:
             _check_timestep_range(t, steps)
+
+    @torch.jit.unused
+    def _check_continuous_times(self, t: Tensor) -> None:
+        self._schedule.check_timesteps(t, caller="RobustDiffusionLoss")
 
     def _call(self, input: Tensor, target: Tensor, scale: Tensor, weight: Optional[Tensor], c: Tensor,
               reduction: str):
@@ -341,14 +416,14 @@ class RobustDiffusionLoss(DtypeKeepingModule):
             return ops.pseudo_huber_loss(input, target, scale, weight, dr, reduction, c, self.form)
         return ops.clipped_mse_loss(input, target, scale, weight, dr, reduction, self.tau, self.mode)
 
-    def _provisional_penalty(self, input: Tensor, target: Tensor, t: Tensor, c: Tensor) -> Tensor:
+    def _provisional_penalty(self, input: Tensor, target: Tensor, bucket: Tensor, c: Tensor) -> Tensor:
         """Before the first training batch has been taken in: the state where it is initialised (loaded into a
         TorchScript module, where ``_load_from_state_dict`` does not run and so cannot set the host flag), else
         this batch's own bucket medians (the median over buckets where a bucket has none), at the cost of one
         extra pass over the batch. Changes no state."""
         with torch.no_grad():
             penalty = self._call(input.detach(), target.detach(), torch.ones_like(c), None, c, "none")[1]
-            medians, _ = self._bucket_medians(penalty, t)
+            medians, _ = self._bucket_medians(penalty, bucket)
             estimate = torch.where(torch.isnan(medians), torch.nanmedian(medians), medians)
             estimate = torch.where(torch.isnan(estimate), self.bucket_penalty, estimate)
             return torch.where(self.initialized, self.bucket_penalty, estimate)
@@ -378,13 +453,13 @@ class RobustDiffusionLoss(DtypeKeepingModule):
         self.staged_medians = statistic if staged is None else staged + statistic
         self.staged_skipped = skipped if staged_skipped is None else staged_skipped + skipped
 
-    def _bucket_medians(self, penalty: Tensor, t: Tensor) -> Tuple[Tensor, Tensor]:
+    def _bucket_medians(self, penalty: Tensor, bucket: Tensor) -> Tuple[Tensor, Tensor]:
         """This batch's statistic: the median penalty per bucket (NaN for a bucket with no sample, or when the
         statistic is refused), averaged over data-parallel ranks, and how many rank-batches were refused
         (int64). A batch is refused whole when any penalty is non-finite (a forward pass that overflowed, NaN
         data: GradScaler will skip that step); a bucket median below PENALTY_FLOOR is dropped (no scale
         information); a batch left with no bucket counts as refused."""
-        member = self.buckets(t).unsqueeze(0) == torch.arange(self.num_buckets, device=t.device).unsqueeze(1)
+        member = bucket.unsqueeze(0) == torch.arange(self.num_buckets, device=bucket.device).unsqueeze(1)
         values = torch.where(member, penalty.float().unsqueeze(0), torch.full_like(member, float("nan"), dtype=torch.float32))
         medians = torch.nanmedian(values, dim=1).values
         accepted = torch.isfinite(medians) & (medians >= self.penalty_floor) & torch.isfinite(penalty).all()

@@ -35,6 +35,21 @@ def canonical_prediction_type(prediction_type: str) -> str:
                          f"got {prediction_type!r}") from None
 
 
+def prediction_type_for(schedule: "Schedule", prediction_type: Optional[str], caller: str) -> str:
+    """``prediction_type`` (default: the schedule's) in diffusers' name, checked against the process:
+    ``v_prediction`` needs a VP process, ``flow_prediction`` (alias ``flow``) a flow-matching one."""
+    kind = prediction_type or schedule.prediction_type
+    if kind in ("flow_prediction", "flow"):
+        if schedule.process != "flow":
+            raise ValueError(f"{caller}: prediction_type 'flow_prediction' needs a flow-matching schedule, not "
+                             f"{schedule!r}")
+        return "flow_prediction"
+    kind = canonical_prediction_type(kind)
+    if kind == "v_prediction" and schedule.process != "vp":
+        raise ValueError(f"{caller}: prediction_type 'v_prediction' is defined for VP processes, not {schedule!r}")
+    return kind
+
+
 class Schedule:
     """What makes a noise process a schedule (docs/DESIGN.md, Schedules): ``x_t = alpha_t x0 + sigma_t eps`` at
     per-sample times ``t``, with these methods. Everything that takes a schedule (the risk module, and the losses

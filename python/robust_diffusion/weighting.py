@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .schedules import NoiseSchedule, Schedule, canonical_prediction_type
+from .schedules import NoiseSchedule, Schedule, canonical_prediction_type, prediction_type_for
 
 __all__ = ["loss_weights", "weight_table", "pseudo_huber_c",
            "WEIGHTING_SCHEMES", "TERMINAL_POLICIES", "HUBER_C_SCHEDULES", "LOG_SNR_BOUND"]
@@ -163,7 +163,7 @@ def weight_table(schedule: NoiseSchedule, scheme: str = "constant", prediction_t
     return _float64_table(schedule, key).clone()
 
 
-def pseudo_huber_c(schedule: NoiseSchedule, t: Tensor, c: float = 0.1, c_schedule: str = "snr",
+def pseudo_huber_c(schedule: Schedule, t: Tensor, c: float = 0.1, c_schedule: str = "snr",
                    c_scale: float = 1.0) -> Tensor:
     """Per-sample pseudo-Huber ``c_b`` from the timestep: float32 ``[B]`` on ``t``'s device.
 
@@ -177,10 +177,18 @@ def pseudo_huber_c(schedule: NoiseSchedule, t: Tensor, c: float = 0.1, c_schedul
       ``sigma_t = sqrt((1 - abar_t) / abar_t)``; evaluated as ``(1 - c) abar / (sqrt(abar) + sqrt(1 - abar))^2 + c``,
       which is the same value and gives the limit ``c`` at ``abar = 0`` (zero terminal SNR) without an inf.
 
+    On a continuous schedule ``"snr"`` is the same function of the noise level, ``(1 - c) sigmoid(lambda / 2)^2 +
+    c`` at ``lambda = schedule.log_snr(t)`` (``sigma_t / alpha_t = exp(-lambda / 2)``): 1 at no noise, ``c`` at
+    pure noise, finite at both ends. For flow matching (``sigma / alpha = t / (1 - t)``) it is
+    ``(1 - c) (1 - t)^2 + c``, which is what the snr schedule means there (kohya sd-scripts issue 1868: the
+    DDPM formula fed flow times does not). ``"exponential"`` is ``c^t c_scale`` on the unit time of flow
+    matching and of the continuous VP / VE processes, and is refused for EDM (its time is sigma itself).
+
     ``c_scale`` is kohya sd-scripts' ``huber_scale``, applied as there: to the constant and exponential
     schedules, not to ``"snr"``. diffusers' scripts have no such option (``c_scale = 1``).
     """
-    _check_schedule(schedule)
+    if not (isinstance(schedule, Schedule) and not schedule.discrete):
+        _check_schedule(schedule)
     if c_schedule not in HUBER_C_SCHEDULES:
         raise ValueError(f"c_schedule must be one of {list(HUBER_C_SCHEDULES)}, got {c_schedule!r}")
     c = _check_number("c", c)
@@ -190,7 +198,16 @@ def pseudo_huber_c(schedule: NoiseSchedule, t: Tensor, c: float = 0.1, c_schedul
     if not c_scale > 0:
         raise ValueError(f"c_scale must be > 0, got {c_scale!r}")
     t = schedule.check_timesteps(t, caller="pseudo_huber_c")
-    return _device_table(schedule, ("huber_c", c_schedule, c, c_scale), t.device, torch.float32)[t]
+    if schedule.discrete:
+        return _device_table(schedule, ("huber_c", c_schedule, c, c_scale), t.device, torch.float32)[t]
+    if c_schedule == "constant":
+        return torch.full(t.shape, c * c_scale, dtype=torch.float32, device=t.device)
+    if c_schedule == "exponential":
+        if schedule.process == "edm":
+            raise ValueError(f"pseudo_huber_c: c_schedule 'exponential' needs a time in [0, 1]; {schedule!r} is "
+                             f"indexed by sigma (use 'snr' or 'constant')")
+        return (c ** t.double() * c_scale).float()
+    return ((1.0 - c) * torch.sigmoid(0.5 * schedule.log_snr(t)).square() + c).float()
 
 
 # ---------------------------------------------------------------------------------- tables
@@ -201,17 +218,7 @@ def _continuous_weights(schedule: Schedule, t: Tensor, scheme: str, prediction_t
     if normalize:
         raise ValueError("loss_weights: normalize=True averages over the T steps of a discrete schedule; a continuous "
                          "schedule has none (normalise over your own timestep distribution)")
-    kind = prediction_type or schedule.prediction_type
-    if kind in ("flow_prediction", "flow"):
-        if schedule.process != "flow":
-            raise ValueError(f"loss_weights: prediction_type 'flow_prediction' needs a flow-matching schedule, not "
-                             f"{schedule!r}")
-        kind = "flow_prediction"
-    else:
-        kind = canonical_prediction_type(kind)
-        if kind == "v_prediction" and schedule.process != "vp":
-            raise ValueError(f"loss_weights: prediction_type 'v_prediction' is defined for VP processes, not "
-                             f"{schedule!r}")
+    kind = prediction_type_for(schedule, prediction_type, "loss_weights")
     resolved = _resolve_params(scheme, params)
     if terminal not in TERMINAL_POLICIES:
         raise ValueError(f"terminal must be one of {list(TERMINAL_POLICIES)}, got {terminal!r}")
@@ -348,8 +355,8 @@ def _huber_c_table(schedule: NoiseSchedule, c_schedule: str, c: float, c_scale: 
 # ---------------------------------------------------------------------------------- checks
 def _check_schedule(schedule: object) -> None:
     if not isinstance(schedule, NoiseSchedule):
-        continuous = (" (continuous-time schedules are not supported by the weightings and losses yet)"
-                      if isinstance(schedule, Schedule) else "")
+        continuous = (" (a continuous schedule has no table of T steps: evaluate loss_weights / pseudo_huber_c at "
+                      "its times t)" if isinstance(schedule, Schedule) else "")
         raise TypeError(f"schedule must be a NoiseSchedule (for a diffusers scheduler use "
                         f"NoiseSchedule.from_diffusers(scheduler)), got {type(schedule).__name__}{continuous}")
 
