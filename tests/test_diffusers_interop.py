@@ -342,3 +342,33 @@ def test_flow_matching_loss_weighting_equals_diffusers_sd3(scheme):
                                compute_loss_weighting_for_sd3(scheme, sigmas=one).double(), rtol=1e-6, atol=0)
     assert compute_loss_weighting_for_sd3("sigma_sqrt", sigmas=torch.zeros(1)).isinf().all()
     assert torch.isfinite(rd.loss_weights(schedule, torch.zeros(1, dtype=torch.float64), "sigma_sqrt")).all()
+
+
+@pytest.mark.parametrize("shift, steps", [(1.0, 8), (3.0, 20)])
+def test_flow_euler_sampler_equals_the_schedulers_step(shift, steps):
+    """flow_sample on diffusers' sigmas is FlowMatchEulerDiscreteScheduler.step, call for call: the same model
+    inputs (x and timestep = sigma * 1000) and the same result."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from robust_diffusion.ddpm.sampling import flow_sample
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(steps)
+    schedule = rd.FlowMatchingSchedule.from_diffusers(scheduler)
+    weight = torch.randn(3, 3, generator=torch.Generator().manual_seed(1)) * 0.3
+    calls = []
+
+    def model(x, timestep):  # a velocity field that depends on x and t
+        calls.append(timestep.clone())
+        return torch.einsum("ij,bjhw->bihw", weight, x) * (1 + timestep.view(-1, 1, 1, 1) / 1000) - 0.2
+
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    x = noise.clone()
+    for timestep in scheduler.timesteps:
+        x = scheduler.step(model(x, timestep.expand(2)), timestep, x).prev_sample
+    theirs, their_calls = x, calls[:]
+    calls.clear()
+    ours = flow_sample(model, schedule, noise.shape, times=scheduler.sigmas, x_T=noise)
+    assert len(calls) == len(their_calls) == steps
+    for a, b in zip(calls, their_calls):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)

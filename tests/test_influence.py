@@ -110,15 +110,33 @@ def test_non_finite_weights_and_penalties_are_not_counted():
     (lambda tr: tr.update([0, 1], torch.ones(2), t=[1, 10]), r"t must lie in \[0, 10\).*\[1, 10\]"),
     (lambda tr: tr.update([0, 1], torch.ones(2), t=[1]), r"t must be a 1-D tensor of 2 entries"),
     (lambda tr: tr.update([0, 1], torch.ones(2), t=torch.tensor([0.5, 1.0])), r"t must hold integers"),
-    (lambda tr: tr.update([0, 1], torch.ones(2)), r"t is required with num_buckets=2"),
+    (lambda tr: tr.update([0, 1], torch.ones(2)), r"t \(or bucket\) is required with num_buckets=2"),
+    (lambda tr: tr.update([0, 1], torch.ones(2), t=[1, 1], bucket=[0, 1]), r"give t or bucket, not both"),
+    (lambda tr: tr.update([0, 1], torch.ones(2), bucket=[0, 2]), r"bucket must lie in \[0, 2\) \(noise-level"),
+    (lambda tr: tr.update([0, 1], torch.ones(2), bucket=torch.tensor([0.0, 1.0])), r"bucket must hold integers"),
 ], ids=["index too large", "negative index", "2-D indices", "float indices", "bool indices", "influence length",
-        "2-D influence", "integer influence", "penalty length", "t too large", "t length", "float t", "no t"])
+        "2-D influence", "integer influence", "penalty length", "t too large", "t length", "float t", "no t",
+        "t and bucket", "bucket too large", "float bucket"])
 def test_bad_arguments_raise_one_line_errors_that_name_them(call, message):
     tracker = _tracker()
     with pytest.raises(ValueError, match=message) as error:
         call(tracker)
     assert "\n" not in str(error.value) and str(error.value).startswith("InfluenceTracker.update: ")
     assert tracker.counts().sum() == 0  # nothing was taken in
+
+
+def test_a_continuous_tracker_takes_buckets_instead_of_t():
+    tracker = rd.InfluenceTracker(4, num_buckets=3, num_timesteps=None)
+    tracker.update([0, 1, 2, 3], torch.tensor([0.5, 1.0, 0.2, 0.9]), bucket=torch.tensor([0, 2, 2, 1]))
+    assert tracker.counts(per_bucket=True).tolist() == [[1, 0, 0], [0, 0, 1], [0, 0, 1], [0, 1, 0]]
+    with pytest.raises(ValueError, match=r"this tracker has no timesteps \(num_timesteps=None, a continuous "
+                                         r"schedule\): pass bucket=criterion.buckets\(t\) instead of t"):
+        tracker.update([0], torch.ones(1), t=[0])
+    copy_ = rd.InfluenceTracker(4, num_buckets=3, num_timesteps=None)
+    copy_.load_state_dict(tracker.state_dict())
+    assert torch.equal(copy_.counts(per_bucket=True), tracker.counts(per_bucket=True))
+    with pytest.raises(ValueError, match=r"says num_timesteps=None, this tracker has 3"):
+        rd.InfluenceTracker(4, num_buckets=3, num_timesteps=3).load_state_dict(tracker.state_dict())
 
 
 def test_constructor_errors():

@@ -13,9 +13,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import robust_diffusion as rd
 from robust_diffusion.ddpm.models import UNet
-from robust_diffusion.ddpm.sampling import (ddim_sample, ddim_step, ddpm_sample, ddpm_step, inference_timesteps,
-                                       predict_x0_and_epsilon)
+from robust_diffusion.ddpm.sampling import (ddim_sample, ddim_step, ddpm_sample, ddpm_step, flow_sample,
+                                            inference_timesteps, predict_x0_and_epsilon)
 from robust_diffusion.schedules import NoiseSchedule
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -202,3 +203,64 @@ def test_sampler_errors():
         ddim_sample(lambda x, t: x, schedule, (3, 2), prediction_type="score")
     with pytest.raises(ValueError, match=r"num_steps must be an integer in \[1, 20\], got 50"):
         ddim_sample(lambda x, t: x, NoiseSchedule.linear(20), (3, 2), num_steps=50)
+
+
+# ---------------------------------------------------------------------------------------------- flow matching
+def _gaussian_velocity(spread):
+    """The exact velocity of rectified flow for data N(0, spread^2): v = (t - (1 - t) s^2) x / ((1 - t)^2 s^2 + t^2)
+    (E[eps | x_t] - E[x0 | x_t]); its ODE carries x(1) to x(0) = s x(1) along x(t) = x(1) sqrt((1 - t)^2 s^2 + t^2)."""
+    def model(x, timestep):
+        t = (timestep.double() / 1000).view(-1, *([1] * (x.dim() - 1)))
+        return ((t - (1 - t) * spread ** 2) * x.double() / ((1 - t) ** 2 * spread ** 2 + t ** 2)).to(x.dtype)
+    return model
+
+
+def test_flow_samplers_follow_the_exact_ode_and_heun_is_second_order():
+    schedule = rd.FlowMatchingSchedule()  # shift 1: a uniform grid, where the orders show from 10 steps on
+    x1 = torch.randn(64, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = 0.3 * x1
+    errors = {}
+    for solver in ("euler", "heun"):
+        for steps in (10, 20):
+            out = flow_sample(_gaussian_velocity(0.3), schedule, x1.shape, num_steps=steps, solver=solver, x_T=x1,
+                              dtype=torch.float64)
+            errors[solver, steps] = (out - exact).abs().max().item()
+    assert errors["heun", 10] < errors["euler", 10] / 10
+    assert errors["euler", 20] < errors["euler", 10] * 0.6  # first order: about halves
+    assert errors["heun", 20] < errors["heun", 10] * 0.35  # second order: about a quarter
+    shifted = rd.FlowMatchingSchedule(shift=3.0)
+    euler, heun = (flow_sample(_gaussian_velocity(0.3), shifted, x1.shape, num_steps=10, solver=solver, x_T=x1,
+                               dtype=torch.float64) for solver in ("euler", "heun"))
+    assert (heun - exact).abs().max() < (euler - exact).abs().max() / 10
+    # A single data point: the paths are straight lines and both solvers land on it exactly.
+    point = torch.full((1, 1, 2, 2), 0.7, dtype=torch.float64)
+    straight = lambda x, timestep: (x - point) / (timestep.double() / 1000).view(-1, 1, 1, 1)  # noqa: E731
+    for solver in ("euler", "heun"):
+        torch.testing.assert_close(flow_sample(straight, schedule, (4, 1, 2, 2), num_steps=7, solver=solver,
+                                               x_T=x1[:4], dtype=torch.float64), point.expand(4, 1, 2, 2))
+
+
+def test_flow_sampler_grid_calls_and_errors():
+    schedule = rd.FlowMatchingSchedule(shift=3.0)
+    grid = schedule.inference_times(4)
+    torch.testing.assert_close(grid, torch.cat([schedule.shifted(torch.tensor([1.0, 0.667, 0.334, 0.001],
+                                                                              dtype=torch.float64)), torch.zeros(1)]))
+    diffusers = pytest.importorskip("diffusers")  # at shift 1 our grid is diffusers'
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler()
+    scheduler.set_timesteps(6)
+    torch.testing.assert_close(rd.FlowMatchingSchedule().inference_times(6), scheduler.sigmas.double())
+    calls = []
+    model = lambda x, timestep: calls.append(timestep) or torch.zeros_like(x)  # noqa: E731
+    flow_sample(model, schedule, (2, 1, 2, 2), num_steps=4, solver="heun", generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 7 and calls[0].dtype == torch.float32 and float(calls[0][0]) == 1000.0  # 2 a step, 1 last
+    assert float(calls[-1][0]) == pytest.approx(1.0 * 3 / (1 + 2 * 0.001))  # the Euler step from t = 1 / T to 0
+    for kwargs, error, message in [
+            (dict(solver="rk4"), ValueError, "solver must be one of euler, heun"),
+            (dict(times=[1.0, 0.5]), ValueError, "times must fall strictly from at most 1 down to 0"),
+            (dict(times=[1.0, 0.5, 0.5, 0.0]), ValueError, "times must fall strictly"),
+            (dict(times=[1.5, 0.0]), ValueError, "times must fall strictly"),
+            (dict(num_steps=0), ValueError, "num_steps must be a positive integer")]:
+        with pytest.raises(error, match=message):
+            flow_sample(model, schedule, (2, 1, 2, 2), **kwargs)
+    with pytest.raises(TypeError, match="flow_sample: schedule must be a FlowMatchingSchedule, got NoiseSchedule"):
+        flow_sample(model, NoiseSchedule.linear(), (2, 1, 2, 2))

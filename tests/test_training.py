@@ -1,13 +1,16 @@
 """The Trainer and the training CLI: exact resume (also after SIGKILL), DDP equivalence, logging, errors."""
 
+import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -365,3 +368,78 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     for ra, rb in zip(rows_a, rows_b):
         for column in ("loss", "penalty", "influence_clean", "influence_contaminated"):
             assert ra[column] == pytest.approx(rb[column], rel=1e-4), column
+
+
+# ---------------------------------------------------------------------------------------------- flow matching
+def _flow_trainer(tmp_path, steps, loss="ned", schedule=None, **config):
+    schedule = schedule or rd.FlowMatchingSchedule(shift=2.0, timestep_sampling="logit_normal")
+    settings = dict(steps=steps, batch_size=8, lr=1e-3, log_every=2, checkpoint_every=3, progress=False)
+    settings.update(config)
+    return Trainer(_micro_model(), rd.RobustDiffusionLoss(loss, schedule), _toy_dataset(), schedule,
+                   TrainConfig(**settings), out_dir=tmp_path)
+
+
+def test_flow_matching_trains_tracks_log_snr_buckets_and_resumes_exactly(tmp_path):
+    calls = []
+    reference = _flow_trainer(tmp_path / "full", 7, sample_trust=True, influence_from_step=2)
+    forward = reference.loss_fn.forward
+    reference.loss_fn.forward = lambda output, target, t, weight=None: calls.append(t) or forward(  # noqa: E731
+        output, target, t, weight)
+    reference.train()
+    assert all(t.dtype == torch.float32 and bool(((t >= 0) & (t <= 1)).all()) for t in calls)
+    tracker = reference.influence
+    assert tracker.num_timesteps is None and tracker.counts().sum() == 5 * 8  # steps 2..6
+    assert torch.isfinite(torch.tensor([r["loss"] for r in read_log(reference.log_path)])).all()
+    # The buckets the tracker filed the draws under are the loss's own log-SNR buckets.
+    expected = torch.zeros(10)
+    for t in calls[2:]:
+        expected += torch.bincount(reference.loss_fn.buckets(t), minlength=10)
+    assert torch.equal(tracker.counts(per_bucket=True).sum(0).float(), expected)
+    first = _flow_trainer(tmp_path / "split", 3, sample_trust=True, influence_from_step=2).train()
+    resumed = _flow_trainer(tmp_path / "split", 7, sample_trust=True, influence_from_step=2)
+    assert resumed.resume() and first.step == 3
+    resumed.train()
+    _assert_states_equal(reference.model.state_dict(), resumed.model.state_dict())
+    for name, buffer in reference.influence.named_buffers():
+        assert torch.equal(buffer, getattr(resumed.influence, name)), name
+
+
+def test_flow_matching_refusals_name_the_problem(tmp_path):
+    flow = rd.FlowMatchingSchedule()
+    with pytest.raises(ValueError, match=r"the Trainer trains a discrete NoiseSchedule or flow matching .*EDMSchedule"):
+        Trainer(_micro_model(), rd.RobustDiffusionLoss("ned", rd.EDMSchedule()), _toy_dataset(), rd.EDMSchedule(),
+                TrainConfig(steps=1, batch_size=8, progress=False))
+    with pytest.raises(ValueError, match=r"loss_fn was built for a discrete schedule, the Trainer's is "
+                                         r"FlowMatchingSchedule"):
+        Trainer(_micro_model(), rd.RobustDiffusionLoss("ned"), _toy_dataset(), flow,
+                TrainConfig(steps=1, batch_size=8, progress=False))
+    with pytest.raises(ValueError, match=r"risk_free=True: the Trainer's risk-free training draws integer steps"):
+        _flow_trainer(tmp_path, 1, schedule=flow, risk_free=True)
+    with pytest.raises(ValueError, match=r"Trainer: prediction_type 'v_prediction' is defined for VP processes"):
+        Trainer(_micro_model(), rd.RobustDiffusionLoss("ned", flow), _toy_dataset(), flow,
+                TrainConfig(steps=1, batch_size=8, progress=False), prediction_type="v")
+
+
+def test_cli_trains_flow_matching_and_refuses_what_it_cannot_do(tmp_path, capsys):
+    assert cli.main(["--dataset", "folder", "--data-root", str(_npy(tmp_path)), "--objective", "flow", "--shift",
+                     "3", "--timestep-sampling", "logit_normal", "--loss", "diffusers_huber", "--model", "micro",
+                     "--steps", "3", "--batch-size", "8", "--out", str(tmp_path / "run"), "--no-progress",
+                     "--threads", "1"]) == 0
+    args = json.loads((tmp_path / "run" / "args.json").read_text())
+    assert args["objective"] == "flow" and args["shift"] == 3.0
+    assert cli.build_schedule("flow", 3.0, "logit_normal").shift == 3.0
+    for argv, message in [(["--objective", "flow", "--export"], r"--export: the C\+\+ sampler"),
+                          (["--shift", "3"], "--shift and --timestep-sampling apply to --objective flow only"),
+                          (["--objective", "flow", "--kind", "gaussian", "--contamination", "0.2", "--loss",
+                            "ned+risk_free"], r"\+risk_free trains DDPM steps")]:
+        with pytest.raises(SystemExit):
+            cli.main(["--dataset", "folder", "--data-root", str(_npy(tmp_path)), "--model", "micro", "--steps", "1",
+                      "--batch-size", "8", "--out", str(tmp_path / "bad"), "--no-progress"] + argv)
+        assert re.search(message, " ".join(capsys.readouterr().err.split())), message
+
+
+def _npy(tmp_path):
+    path = tmp_path / "images.npy"
+    if not path.is_file():
+        np.save(path, (np.random.default_rng(0).random((24, 12, 12)) * 255).astype(np.uint8))
+    return path

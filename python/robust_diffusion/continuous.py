@@ -218,7 +218,8 @@ class FlowMatchingSchedule(_UnitTimeSchedule):
     prediction_type = "flow_prediction"
 
     def __init__(self, shift: float = 1.0, timestep_sampling: str = "uniform", *, logit_mean: float = 0.0,
-                 logit_std: float = 1.0, mode_scale: float = 1.29, eps: float = 0.0):
+                 logit_std: float = 1.0, mode_scale: float = 1.29, eps: float = 0.0,
+                 num_train_timesteps: int = 1000):
         if not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
             raise ValueError(f"FlowMatchingSchedule: shift must be a positive number, got {shift!r}")
         if timestep_sampling not in FLOW_TIMESTEP_SAMPLING:
@@ -233,6 +234,10 @@ class FlowMatchingSchedule(_UnitTimeSchedule):
                              f"where the mode density is defined, got {mode_scale!r}")
         if not 0 <= eps < 1:
             raise ValueError(f"FlowMatchingSchedule: eps must lie in [0, 1), got {eps!r}")
+        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
+            raise ValueError(f"FlowMatchingSchedule: num_train_timesteps must be a positive integer, got "
+                             f"{num_train_timesteps!r}")
+        self.num_train_timesteps = num_train_timesteps
         self.shift, self.timestep_sampling = float(shift), timestep_sampling
         self.logit_mean, self.logit_std, self.mode_scale = float(logit_mean), float(logit_std), float(mode_scale)
         self.eps = float(eps)
@@ -255,7 +260,24 @@ class FlowMatchingSchedule(_UnitTimeSchedule):
         if getattr(config, "invert_sigmas", False):
             raise ValueError("FlowMatchingSchedule.from_diffusers: invert_sigmas=True (t = 1 is clean) is not "
                              "supported; this schedule has t = 0 clean")
-        return cls(shift=float(config.shift), timestep_sampling=timestep_sampling, **sampling)
+        return cls(shift=float(config.shift), timestep_sampling=timestep_sampling,
+                   num_train_timesteps=int(config.num_train_timesteps), **sampling)
+
+    def model_timestep(self, t: Tensor) -> Tensor:
+        """diffusers' convention: the network is given ``t * num_train_timesteps`` (float32)."""
+        return t.float() * self.num_train_timesteps
+
+    def inference_times(self, num_steps: int) -> Tensor:
+        """The times of a ``num_steps``-step sampler, float64 ``[num_steps + 1]``: ``num_steps`` points uniform in the
+        unshifted time from 1 to ``1 / num_train_timesteps``, shifted as training times are, then 0 (diffusers'
+        ``FlowMatchEulerDiscreteScheduler.set_timesteps`` grid, which shifts its lowest time twice where this shifts
+        it once: equal at shift 1). The last step, to 0, is tiny: where a Heun sampler takes its Euler step."""
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"FlowMatchingSchedule.inference_times: num_steps must be a positive integer, got "
+                             f"{num_steps!r}")
+        lowest = 1.0 / self.num_train_timesteps
+        grid = torch.linspace(1.0, lowest, num_steps, dtype=torch.float64) if num_steps > 1 else torch.ones(1).double()
+        return torch.cat([self.shifted(grid), torch.zeros(1, dtype=torch.float64)])
 
     def shifted(self, u: Tensor) -> Tensor:
         """The resolution shift ``shift u / (1 + (shift - 1) u)`` (identity at shift 1)."""

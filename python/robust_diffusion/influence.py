@@ -72,18 +72,23 @@ class InfluenceTracker(DtypeKeepingModule):
     Args:
         num_samples: the size of the training set; ``update()`` takes dataset indices in ``[0, num_samples)``.
         num_buckets: noise-level buckets (equal ranges of ``t``); 1 keeps only the totals' worth.
-        num_timesteps: the schedule's number of steps T; timesteps lie in ``[0, T)``.
+        num_timesteps: the schedule's number of steps T; timesteps lie in ``[0, T)``. ``None`` for a continuous
+            schedule: ``update()`` then takes each draw's noise-level ``bucket`` (``RobustDiffusionLoss.buckets(t)``,
+            equal ranges of log-SNR) instead of ``t``.
         gathered: every rank's ``update()`` is given the whole global batch (the tracker is then identical on every
             rank), so results need no synchronisation and ``sync=True`` does nothing.
     """
 
-    def __init__(self, num_samples: int, *, num_buckets: int = 10, num_timesteps: int = 1000, gathered: bool = False):
+    def __init__(self, num_samples: int, *, num_buckets: int = 10, num_timesteps: Optional[int] = 1000,
+                 gathered: bool = False):
         super().__init__()
         for name, value in (("num_samples", num_samples), ("num_buckets", num_buckets),
                             ("num_timesteps", num_timesteps)):
+            if name == "num_timesteps" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"InfluenceTracker: {name} must be a positive integer, got {value!r}")
-        if num_buckets > num_timesteps:
+        if num_timesteps is not None and num_buckets > num_timesteps:
             raise ValueError(f"InfluenceTracker: num_buckets ({num_buckets}) must not exceed num_timesteps "
                              f"({num_timesteps})")
         self.num_samples = num_samples
@@ -97,7 +102,7 @@ class InfluenceTracker(DtypeKeepingModule):
 
     def extra_repr(self) -> str:
         return (f"num_samples={self.num_samples}, num_buckets={self.num_buckets}, "
-                f"num_timesteps={self.num_timesteps}, gathered={self.gathered}")
+                f"num_timesteps={self.num_timesteps}, gathered={self.gathered}")  # None: continuous
 
     @property
     def device(self) -> torch.device:
@@ -106,22 +111,30 @@ class InfluenceTracker(DtypeKeepingModule):
     # ------------------------------------------------------------------ accumulate
     @torch.no_grad()
     def update(self, indices: IndexLike, influence: Tensor, penalty: Optional[Tensor] = None,
-               t: Optional[Tensor] = None) -> None:
+               t: Optional[Tensor] = None, *, bucket: Optional[Tensor] = None) -> None:
         """Take in one batch: ``indices`` [B] the dataset index of each sample (int), ``influence`` [B] their
         influence weights (``RobustDiffusionLoss.last_influence`` or ``rd.influence_weights(...)``), ``penalty``
-        [B] their penalties (``last_penalty``; optional) and ``t`` [B] their timesteps (required when
-        ``num_buckets > 1``). Non-finite weights and penalties are not counted. No host sync; inputs are moved to
-        the tracker's device (keep it on the training device: ``tracker.to(device)``)."""
+        [B] their penalties (``last_penalty``; optional) and ``t`` [B] their timesteps, or, on a continuous schedule
+        (``num_timesteps=None``), ``bucket`` [B] their noise-level buckets (``criterion.buckets(t)``); one of the
+        two is required when ``num_buckets > 1``. Non-finite weights and penalties are not counted. No host sync;
+        inputs are moved to the tracker's device (keep it on the training device: ``tracker.to(device)``)."""
         indices = self._check_integers("indices", indices, None, self.num_samples, "dataset indices")
         size = indices.shape[0]
         influence = self._check_values("influence", influence, size)
         penalty = self._check_values("penalty", penalty, size) if penalty is not None else None
-        if t is None:
+        if bucket is not None:
+            if t is not None:
+                raise ValueError("InfluenceTracker.update: give t or bucket, not both")
+            bucket = self._check_integers("bucket", bucket, size, self.num_buckets, "noise-level buckets")
+        elif t is None:
             if self.num_buckets > 1:
-                raise ValueError(f"InfluenceTracker.update: t is required with num_buckets={self.num_buckets} (the "
-                                 f"statistics are kept per noise level): pass the batch's timesteps, or build the "
-                                 f"tracker with num_buckets=1")
+                raise ValueError(f"InfluenceTracker.update: t (or bucket) is required with num_buckets="
+                                 f"{self.num_buckets} (the statistics are kept per noise level): pass the batch's "
+                                 f"timesteps, or build the tracker with num_buckets=1")
             bucket = torch.zeros_like(indices)
+        elif self.num_timesteps is None:
+            raise ValueError("InfluenceTracker.update: this tracker has no timesteps (num_timesteps=None, a continuous "
+                             "schedule): pass bucket=criterion.buckets(t) instead of t")
         else:
             t = self._check_integers("t", t, size, self.num_timesteps, "timesteps of the schedule")
             bucket = torch.div(t * self.num_buckets, self.num_timesteps, rounding_mode="floor")

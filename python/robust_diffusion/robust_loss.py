@@ -183,7 +183,6 @@ class RobustDiffusionLoss(DtypeKeepingModule):
         self.momentum = float(momentum)
         self.num_timesteps = schedule.num_timesteps if self.discrete else 0
         self.num_buckets = min(num_buckets, schedule.num_timesteps) if self.discrete else num_buckets
-        self.bucket_log_snr_range = BUCKET_LOG_SNR_RANGE
         self.prediction_type = kind
         self.dim_reduction = dim_reduction
         self.reduction = reduction
@@ -266,9 +265,7 @@ class RobustDiffusionLoss(DtypeKeepingModule):
 
     @torch.jit.unused
     def _log_snr_buckets(self, t: Tensor) -> Tensor:
-        low, high = self.bucket_log_snr_range
-        position = (high - self._schedule.log_snr(t)) * (self.num_buckets / (high - low))
-        return torch.floor(position).clamp(0, self.num_buckets - 1).long()  # +-inf log-SNR: the end buckets
+        return log_snr_buckets(self._schedule.log_snr(t), self.num_buckets)
 
     @torch.jit.unused
     def _continuous_terms(self, t: Tensor) -> Tuple[Optional[Tensor], Tensor]:
@@ -468,6 +465,14 @@ class RobustDiffusionLoss(DtypeKeepingModule):
         if not torch.jit.is_scripting():
             medians, skipped = _average_over_ranks(medians, skipped)
         return medians, skipped
+
+
+def log_snr_buckets(log_snr: Tensor, num_buckets: int) -> Tensor:
+    """The noise-level bucket of each log-SNR on a continuous schedule: ``num_buckets`` equal ranges of
+    :data:`BUCKET_LOG_SNR_RANGE`, 0 the least noisy, the end buckets open (+-inf included). int64."""
+    low, high = BUCKET_LOG_SNR_RANGE
+    position = (high - log_snr) * (num_buckets / (high - low))
+    return torch.floor(position).clamp(0, num_buckets - 1).long()
 
 
 def _check_timestep_range(t: Tensor, steps: int) -> None:

@@ -101,6 +101,11 @@ class Schedule:
         """The smallest SNR the schedule reaches (0 at zero terminal SNR or an unbounded sigma)."""
         raise NotImplementedError
 
+    def model_timestep(self, t: Tensor) -> Tensor:
+        """What a network is given as its timestep for time ``t``: ``t`` itself (the discrete step), unless the
+        process has a convention of its own (flow matching: diffusers' ``sigma * num_train_timesteps``)."""
+        return t
+
     def q_sample(self, x0: Tensor, t: Tensor, noise: Optional[Tensor] = None) -> Tensor:
         """``x_t = alpha_t x0 + sigma_t noise`` (noise drawn if not given)."""
         if noise is None:

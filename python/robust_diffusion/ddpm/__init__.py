@@ -7,7 +7,7 @@ never imports this package.
 - :mod:`~robust_diffusion.ddpm.trainer`: :class:`Trainer` and :class:`TrainConfig` (AdamW, EMA, AMP, exact resume, DDP),
   with :mod:`~robust_diffusion.ddpm.checkpoint` (crash-safe files, RNG state), :mod:`~robust_diffusion.ddpm.runlog`
   (``log.csv``) and :mod:`~robust_diffusion.ddpm.distributed` (torchrun).
-- :mod:`~robust_diffusion.ddpm.sampling`: DDPM and DDIM samplers.
+- :mod:`~robust_diffusion.ddpm.sampling`: DDPM and DDIM samplers, Euler and Heun for flow matching.
 - :mod:`~robust_diffusion.ddpm.metrics`: offline evaluation (Frechet distance in a classifier's features, AUROC, ...).
 - :mod:`~robust_diffusion.ddpm.export`: TorchScript / torch.export of a trained model for the C++ sampler.
 - :mod:`~robust_diffusion.ddpm.cli`: the command line, ``python -m robust_diffusion.train``.

@@ -34,12 +34,14 @@ from .data import (CONTAMINATION_KINDS, FASHION_MNIST_CLASSES, ContaminatedDatas
                    load_cifar10, load_fashion_mnist, load_images, unreadable_summary)
 from .models import UNET_PRESETS, UNet
 from ..robust_loss import LOSSES, RobustDiffusionLoss
-from ..schedules import NoiseSchedule
+from ..continuous import FLOW_TIMESTEP_SAMPLING, FlowMatchingSchedule
+from ..schedules import NoiseSchedule, Schedule
 from .distributed import init_distributed
 from .trainer import TrainConfig, Trainer
 
 __all__ = ["DATASETS", "LOSS_NAMES", "MODEL_PRESETS", "STANDARD_LOSSES", "TRAIN_DATASETS", "ExperimentData",
-           "LossChoice", "build_loss", "build_model", "load_experiment_data", "main", "parse_loss_name"]
+           "LossChoice", "OBJECTIVES", "build_loss", "build_model", "build_schedule", "load_experiment_data", "main",
+           "parse_loss_name"]
 
 #: The benchmark datasets: a training and a clean test split (what the experiments evaluate against).
 DATASETS = ("fashion-mnist", "cifar10")
@@ -252,7 +254,23 @@ def parse_scale(value: Union[str, float]) -> Union[str, float]:
     return scale
 
 
-def build_loss(spec: Union[str, LossChoice], schedule: NoiseSchedule, *, scale: Union[str, float] = "adaptive",
+#: The training objectives of the command line: DDPM (discrete, epsilon) and flow matching.
+OBJECTIVES = ("ddpm", "flow")
+
+
+def build_schedule(objective: str = "ddpm", shift: float = 1.0, timestep_sampling: str = "uniform") -> Schedule:
+    """The schedule of an objective: DDPM's linear :class:`NoiseSchedule`, or a :class:`FlowMatchingSchedule` with
+    ``shift`` and ``timestep_sampling`` (which only flow matching takes)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if objective == "flow":
+        return FlowMatchingSchedule(shift=shift, timestep_sampling=timestep_sampling)
+    if shift != 1.0 or timestep_sampling != "uniform":
+        raise ValueError("--shift and --timestep-sampling apply to --objective flow only")
+    return NoiseSchedule.linear()
+
+
+def build_loss(spec: Union[str, LossChoice], schedule: Schedule, *, scale: Union[str, float] = "adaptive",
                temperature: float = 1.0) -> RobustDiffusionLoss:
     """The :class:`~robust_diffusion.RobustDiffusionLoss` for a loss name such as ``"hellinger"`` or
     ``"ned+debias"``, with :data:`BASELINE_PARAMS` for the baselines."""
@@ -331,6 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument("--scale", default="adaptive", help="adaptive, vlb, batch or a number")
     loss.add_argument("--temperature", type=_positive_float, default=1.0, help="the adaptive scale's tau")
     train = parser.add_argument_group("training")
+    train.add_argument("--objective", choices=OBJECTIVES, default="ddpm",
+                       help="ddpm: the linear-beta DDPM (T = 1000, epsilon target); flow: flow matching (rectified "
+                            "flow, velocity target, as SD3 / Flux train)")
+    train.add_argument("--shift", type=_positive_float, default=1.0, help="flow: SD3's timestep shift")
+    train.add_argument("--timestep-sampling", choices=FLOW_TIMESTEP_SAMPLING, default="uniform",
+                       help="flow: how training times are drawn (diffusers' weighting_scheme names)")
     train.add_argument("--model", default="tiny", choices=sorted(MODEL_PRESETS))
     train.add_argument("--base-channels", type=_positive_int, default=None, help="override the preset's base channels")
     train.add_argument("--steps", type=_positive_int, default=2000)
@@ -379,7 +403,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              num_workers=args.num_workers, progress=not args.no_progress)
         rank, world_size, device = init_distributed(args.device)
         out = Path(args.out)
-        schedule = NoiseSchedule.linear()
+        schedule = build_schedule(args.objective, args.shift, args.timestep_sampling)
+        if args.export and not schedule.discrete:
+            raise ValueError("--export: the C++ sampler and the schedule file take DDPM models so far; a flow-matching "
+                             "model is sampled in Python (robust_diffusion.ddpm.sampling.flow_sample)")
+        if spec.risk_free and not schedule.discrete:
+            raise ValueError(f"--loss {args.loss}: +risk_free trains DDPM steps (--objective ddpm)")
         loss_fn = build_loss(spec, schedule, scale=scale, temperature=args.temperature)
         overrides = {"base_channels": args.base_channels} if args.base_channels else {}
         torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run of this seed

@@ -18,6 +18,18 @@ the current and next (smaller) timestep, and ``abar_prev = 1`` after the last st
 DDPM with ``fixed_small`` and DDIM with ``eta = 1`` are the same chain. Zero terminal SNR (``abar = 0`` at the
 first sampled step) works with ``sample`` and ``v_prediction``; with ``epsilon`` x0 is undefined there
 (Lin et al. 2023) and the samplers say so.
+
+Flow matching (:func:`flow_sample`) integrates the learned velocity ``v = eps - x0`` from pure noise at t = 1 to
+data at t = 0 over the grid ``t_0 = 1 > t_1 > ... > t_N = 0`` (:meth:`FlowMatchingSchedule.inference_times`, or
+diffusers' sigmas):
+
+    Euler:    x_{i+1} = x_i + (t_{i+1} - t_i) v(x_i, t_i)                 (diffusers' FlowMatchEulerDiscreteScheduler)
+    Heun:     x'      = x_i + (t_{i+1} - t_i) v(x_i, t_i)
+              x_{i+1} = x_i + (t_{i+1} - t_i) (v(x_i, t_i) + v(x', t_{i+1})) / 2   (Euler where t_{i+1} = 0)
+
+Heun takes a plain Euler step where the step ends at t = 0, as k-diffusion's and diffusers'
+``FlowMatchHeunDiscreteScheduler`` do: near t = 0 the velocity of a finite training set is (x - x0) / t, singular
+at 0. The default grid therefore ends with a tiny step, from 1 / num_train_timesteps to 0 (diffusers' grid).
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..continuous import FlowMatchingSchedule
 from ..schedules import NoiseSchedule, canonical_prediction_type
 from .models import model_prediction
 
@@ -37,11 +50,15 @@ __all__ = [
     "ddim_step",
     "ddpm_sample",
     "ddpm_step",
+    "FLOW_SOLVERS",
+    "flow_sample",
+    "flow_step",
     "inference_timesteps",
     "predict_x0_and_epsilon",
 ]
 
 TIMESTEP_SPACINGS = ("trailing", "leading", "linspace")
+FLOW_SOLVERS = ("euler", "heun")
 _VARIANCES = ("fixed_small", "fixed_large")
 
 
@@ -234,6 +251,64 @@ def _sample(model, schedule: NoiseSchedule, shape: Sequence[int], step, num_step
         noise = (torch.randn(shape, generator=generator, device=device, dtype=dtype)
                  if needs_noise and prev_t >= 0 else None)
         x = step(x, output.to(dtype), alphas_cumprod[t], abar_prev, noise, kind)
+    return x
+
+
+def flow_step(x: Tensor, velocity: Tensor, t: float, t_next: float) -> Tensor:
+    """One Euler step of the flow ODE from time ``t`` to ``t_next`` (< ``t``): ``x + (t_next - t) v``."""
+    return x + (t_next - t) * velocity
+
+
+@torch.no_grad()
+def flow_sample(model: Callable[[Tensor, Tensor], Tensor], schedule: FlowMatchingSchedule, shape: Sequence[int], *,
+                num_steps: int = 50, solver: str = "euler", times: Optional[Sequence[float]] = None,
+                generator: Optional[torch.Generator] = None, device: Optional[torch.device] = None,
+                dtype: torch.dtype = torch.float32, x_T: Optional[Tensor] = None, progress: bool = False) -> Tensor:
+    """Sample a flow-matching model (module docstring): Euler or Heun from noise at t = 1 to t = 0.
+
+    Args:
+        model: called as ``model(x_t, schedule.model_timestep(t))`` (``t * num_train_timesteps``, float32 ``[B]``)
+            and returns the velocity ``eps - x0`` (or an object with ``.sample``).
+        times: the descending grid from 1 (or below) to 0 (default: ``schedule.inference_times(num_steps)``); e.g.
+            a diffusers ``FlowMatchEulerDiscreteScheduler``'s ``sigmas`` after ``set_timesteps``.
+        solver: ``"euler"`` (one model call per step) or ``"heun"`` (two, second order; module docstring).
+        Other arguments as in :func:`ddim_sample`.
+    """
+    if not isinstance(schedule, FlowMatchingSchedule):
+        raise TypeError(f"flow_sample: schedule must be a FlowMatchingSchedule, got {type(schedule).__name__}")
+    if solver not in FLOW_SOLVERS:
+        raise ValueError(f"flow_sample: solver must be one of {', '.join(FLOW_SOLVERS)}, got {solver!r}")
+    grid = (schedule.inference_times(num_steps) if times is None
+            else torch.as_tensor(times, dtype=torch.float64).detach().cpu()).tolist()
+    if len(grid) < 2 or grid[-1] != 0.0 or not all(a > b for a, b in zip(grid, grid[1:])) or not grid[0] <= 1.0:
+        raise ValueError(f"flow_sample: times must fall strictly from at most 1 down to 0 (at least two), got "
+                         f"{[round(v, 4) for v in grid[:4]]}{' ...' if len(grid) > 4 else ''}")
+    shape = tuple(int(s) for s in shape)
+    if device is None:
+        device = x_T.device if x_T is not None else _module_device(model)
+    if x_T is None:
+        x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    else:
+        if tuple(x_T.shape) != shape:
+            raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
+        x = x_T.to(device=device, dtype=dtype)
+
+    def velocity(x: Tensor, t: float) -> Tensor:
+        time = schedule.model_timestep(torch.full((shape[0],), t, device=device, dtype=torch.float32))
+        return model_prediction(model(x, time), x).to(dtype)
+
+    steps = range(len(grid) - 1)
+    if progress:
+        from tqdm.auto import tqdm
+        steps = tqdm(steps, desc=f"flow {solver} sampling", unit="step")
+    for i in steps:
+        t, t_next = grid[i], grid[i + 1]
+        v = velocity(x, t)
+        euler = flow_step(x, v, t, t_next)
+        if solver == "heun" and t_next > 0:
+            x = flow_step(x, (v + velocity(euler, t_next)) / 2, t, t_next)
+        else:
+            x = euler
     return x
 
 

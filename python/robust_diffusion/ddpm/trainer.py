@@ -53,7 +53,8 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from ..influence import InfluenceTracker
-from ..schedules import NoiseSchedule, canonical_prediction_type
+from ..robust_loss import log_snr_buckets
+from ..schedules import NoiseSchedule, Schedule, prediction_type_for
 from .checkpoint import atomic_save, remove_stale_temporaries, rng_state, set_rng_state
 from .distributed import rank_and_world_size
 from .models import model_prediction
@@ -168,7 +169,9 @@ class Trainer:
         dataset: a map-style dataset whose items are an image tensor or a tuple starting with one (e.g. a
             :class:`~robust_diffusion.ddpm.data.ContaminatedDataset`). If it has an ``is_contaminated`` [N] bool
             tensor, the influence weights are logged separately for clean and contaminated samples.
-        schedule: the noise schedule (default: linear, T = 1000).
+        schedule: the noise schedule (default: linear, T = 1000): a discrete :class:`NoiseSchedule`, or a
+            :class:`~robust_diffusion.FlowMatchingSchedule` for flow matching (times drawn by its sampler, the
+            network given ``schedule.model_timestep(t)``, the velocity target, noise-level buckets in log-SNR).
         config: a :class:`TrainConfig`.
         out_dir: where the checkpoint and the log go (``None``: write nothing).
         device: defaults to the model's device.
@@ -176,7 +179,7 @@ class Trainer:
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor], dataset: Dataset,
-                 schedule: Optional[NoiseSchedule] = None, config: Optional[TrainConfig] = None,
+                 schedule: Optional[Schedule] = None, config: Optional[TrainConfig] = None,
                  out_dir: Optional[PathLike] = None, device: Optional[Union[str, torch.device]] = None,
                  prediction_type: Optional[str] = None):
         self.config = config = config or TrainConfig()
@@ -187,7 +190,11 @@ class Trainer:
         self.local_batch = config.batch_size // self.world_size
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.schedule = schedule or NoiseSchedule.linear()
-        self.prediction_type = canonical_prediction_type(prediction_type or self.schedule.prediction_type)
+        if not isinstance(self.schedule, Schedule) or not (self.schedule.discrete or self.schedule.process == "flow"):
+            raise ValueError(f"the Trainer trains a discrete NoiseSchedule or flow matching (FlowMatchingSchedule), "
+                             f"got {self.schedule!r} (EDM and the continuous VP / VE processes need their own "
+                             f"preconditioning and sampler)")
+        self.prediction_type = prediction_type_for(self.schedule, prediction_type, "Trainer")
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.is_main = self.rank == 0
 
@@ -203,6 +210,9 @@ class Trainer:
         self.loss_fn = loss_fn.to(self.device) if isinstance(loss_fn, nn.Module) else loss_fn
         from ..robust_loss import RobustDiffusionLoss
         if isinstance(self.loss_fn, RobustDiffusionLoss):
+            if self.loss_fn.discrete != self.schedule.discrete:
+                raise ValueError(f"loss_fn was built for a {'discrete' if self.loss_fn.discrete else 'continuous'} "
+                                 f"schedule, the Trainer's is {self.schedule!r}: build it with the same schedule")
             # The adaptive state takes in a batch only once its optimizer step went through: a step that the
             # GradScaler skips (non-finite gradients) leaves no trace in it (RobustDiffusionLoss.step).
             self.loss_fn.update = "step"
@@ -221,6 +231,9 @@ class Trainer:
                              f"{config.batch_size}")
         flags = getattr(dataset, "is_contaminated", None)
         self.is_contaminated = torch.as_tensor(flags).to(self.device, torch.bool) if flags is not None else None
+        if config.risk_free and not self.schedule.discrete:
+            raise ValueError("risk_free=True: the Trainer's risk-free training draws integer steps; with a continuous "
+                             "schedule call robust_diffusion.risk_noising / risk_free_loss in your own loop")
         self.risk = self._check_risk(dataset) if config.risk_free else None
         if config.sample_trust:
             self._check_trust()
@@ -239,9 +252,11 @@ class Trainer:
         self._stop_requested = threading.Event()
         self.train_time = 0.0  # seconds spent in train() over all (resumed) sessions
         # The same noise-level buckets as the adaptive scale's when the loss has them.
-        buckets = min(getattr(self.loss_fn, "num_buckets", 10), self.schedule.num_timesteps)
-        self.influence = InfluenceTracker(self.num_samples, num_buckets=buckets,
-                                          num_timesteps=self.schedule.num_timesteps, gathered=True).to(self.device)
+        # On a continuous schedule the tracker takes each draw's log-SNR bucket (num_timesteps=None).
+        steps = self.schedule.num_timesteps if self.schedule.discrete else None
+        buckets = getattr(self.loss_fn, "num_buckets", 10)
+        self.influence = InfluenceTracker(self.num_samples, num_buckets=min(buckets, steps or buckets),
+                                          num_timesteps=steps, gathered=True).to(self.device)
         self._reset_interval()
 
     # ------------------------------------------------------------------ public API
@@ -458,16 +473,7 @@ class Trainer:
         config = self.config
         # Timesteps and noise of the global batch; this rank's samples are rows rank, rank + W, ... (the
         # DistributedSampler interleaving), so every world size sees the same (sample, t, noise) triples.
-        # t uniform on [lower, T): lower = 0, or each sample's stability bound t_min(r) for the risk-free loss
-        # (0 where r = 0, so risk-free training on clean samples is bit-identical to standard training).
-        steps = self.schedule.num_timesteps
-        u = torch.rand(config.batch_size, device=self.device, dtype=torch.float64,
-                       generator=self.noise_generator)[self.rank::self.world_size]
-        if self.risk is None:
-            t = torch.floor(u * steps).long()
-        else:
-            lower = self.risk_lower[indices]
-            t = (lower + torch.floor(u * (steps - lower)).long()).clamp(max=steps - 1)
+        t = self._timesteps(indices)
         noise_all = torch.randn((config.batch_size, *x0.shape[1:]), device=self.device, dtype=x0.dtype,
                                 generator=self.noise_generator)
         noise = noise_all[self.rank::self.world_size]
@@ -484,7 +490,7 @@ class Trainer:
             group["lr"] = self.learning_rate(self.step)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            output = model_prediction(self.network(x_t, t), x_t)  # a diffusers UNet2DModel returns .sample
+            output = model_prediction(self.network(x_t, self.schedule.model_timestep(t)), x_t)  # diffusers: .sample
         trust = self.influence.trust(indices) if config.sample_trust else None
         if self.risk is None:
             loss = self.loss_fn(output.float(), target, t) if trust is None else self.loss_fn(
@@ -513,7 +519,7 @@ class Trainer:
         penalty = getattr(self.loss_fn, "last_penalty", None)
         penalty = (penalty.detach().to(torch.float64) if isinstance(penalty, Tensor)
                    else torch.full((t.shape[0],), math.nan, dtype=torch.float64, device=self.device))
-        self._record(loss.detach(), grad_norm.detach(), indices, influence, penalty, t)
+        self._record(loss.detach(), grad_norm.detach(), indices, influence, penalty, self._noise_level(t))
 
     def _check_risk(self, dataset: Dataset) -> Tensor:
         from ..risk import usable_samples
@@ -532,6 +538,29 @@ class Trainer:
                              f"where their noise is below the diffusion noise); drop them first "
                              f"(robust_diffusion.risk.usable_samples)")
         return risk
+
+    def _timesteps(self, indices: Tensor) -> Tensor:
+        """This rank's rows of the global batch's times, from the shared noise generator. Discrete: t uniform on
+        [lower, T), lower = 0, or each sample's stability bound t_min(r) for the risk-free loss (0 where r = 0, so
+        risk-free training on clean samples is bit-identical to standard training). Flow matching: the schedule's
+        own sampler (SD3's densities), float32."""
+        config = self.config
+        if not self.schedule.discrete:
+            return self.schedule.sample_timesteps(config.batch_size, device=self.device,
+                                                  generator=self.noise_generator)[self.rank::self.world_size].float()
+        steps = self.schedule.num_timesteps
+        u = torch.rand(config.batch_size, device=self.device, dtype=torch.float64,
+                       generator=self.noise_generator)[self.rank::self.world_size]
+        if self.risk is None:
+            return torch.floor(u * steps).long()
+        lower = self.risk_lower[indices]
+        return (lower + torch.floor(u * (steps - lower)).long()).clamp(max=steps - 1)
+
+    def _noise_level(self, t: Tensor) -> Tensor:
+        """What the tracker files a draw under: its step (discrete) or its log-SNR bucket (continuous)."""
+        if self.schedule.discrete:
+            return t
+        return log_snr_buckets(self.schedule.log_snr(t), self.influence.num_buckets)
 
     def _check_trust(self) -> None:
         from ..ops import LOSS_TABLE
@@ -584,8 +613,8 @@ class Trainer:
     def _record(self, loss: Tensor, grad_norm: Tensor, indices: Tensor, influence: Tensor, penalty: Tensor,
                 t: Tensor) -> None:
         """Accumulate the step into the log interval and the per-sample statistics of :attr:`influence` (on the
-        device, no host sync). Indices, influence weights, penalties and timesteps are gathered from every rank
-        so that all ranks hold the complete, identical statistics."""
+        device, no host sync). Indices, influence weights, penalties and timesteps (log-SNR buckets on a continuous
+        schedule) are gathered from every rank so that all ranks hold the complete, identical statistics."""
         if self.world_size > 1:
             local = torch.stack([indices.to(torch.float64), influence, penalty, t.to(torch.float64)])
             gathered = [torch.empty_like(local) for _ in range(self.world_size)]
@@ -612,7 +641,10 @@ class Trainer:
             interval["w_clean"] += (weight * ~contaminated).sum()
             interval["n_clean"] += (counted & ~contaminated).sum()
         if self.step >= self.config.influence_from_step:
-            self.influence.update(indices, influence, penalty, t)
+            if self.schedule.discrete:
+                self.influence.update(indices, influence, penalty, t)
+            else:
+                self.influence.update(indices, influence, penalty, bucket=t)
 
     def _log_row(self, epoch: int, seconds: float) -> Dict[str, float]:
         interval = self._interval
