@@ -82,10 +82,11 @@ import robust_diffusion as rd  # noqa: E402
 from robust_diffusion.ddpm import metrics  # noqa: E402
 from robust_diffusion.ddpm.data import CONTAMINATION_KINDS  # noqa: E402
 from robust_diffusion.ddpm.export import export_model  # noqa: E402
-from robust_diffusion.ddpm.sampling import ddim_sample  # noqa: E402
+from robust_diffusion.ddpm.sampling import ddim_sample, flow_sample  # noqa: E402
 from robust_diffusion.ddpm.audit import score_ranking, write_ranking  # noqa: E402
-from robust_diffusion.ddpm.cli import (DATASETS, build_loss, build_model, load_experiment_data,  # noqa: E402
-                                    loss_settings, parse_loss_name, parse_scale)
+from robust_diffusion.ddpm.cli import (DATASETS, OBJECTIVES, build_loss, build_model, build_schedule,  # noqa: E402
+                                    load_experiment_data, loss_settings, parse_loss_name, parse_scale)
+from robust_diffusion.continuous import FLOW_TIMESTEP_SAMPLING  # noqa: E402
 from robust_diffusion.ddpm.runlog import read_log
 from robust_diffusion.ddpm.trainer import TrainConfig, Trainer  # noqa: E402
 
@@ -104,17 +105,19 @@ START = time.perf_counter()
 # losses, the temperature and how many runs train at once); any option given on the command line overrides
 # it. `demo` and `quick` on Fashion-MNIST are sized for a 2-core CPU: a 0.27M-parameter UNet (no attention),
 # 28x28 images, a 2,400-image training subset. The demo's settings were fixed before its runs
-# (docs/RESULTS.md, Protocol, "The main job's demo preset").
+# (docs/RESULTS.md, Protocol, "The main job's demo preset"); its divergence losses carry `+trust` since the rule
+# "Per-sample trust" was met (finding 12).
 
 # %%
 PRESETS = {
-    # The main job: four losses, long enough that samples look like clothing, two at a time on a 2-core CPU
+    # The main job: four losses (Hellinger and NED with per-sample trust), long enough that samples look like
+    # clothing, two at a time on a 2-core CPU
     # (this small model gains nothing from a second thread: two single-thread runs train twice as fast).
     ("fashion-mnist", "demo"): dict(
         model="quick", model_overrides=dict(attention_levels=()), image_size=28, num_train=2400, steps=1000,
         batch_size=32, lr=2e-3, warmup_steps=20, ema_decay=0.995, samples=400, ddim_steps=10, reference=2000,
         classifier_train=10000, classifier_epochs=1, detector_train=2400, threads=None,
-        losses=["mse", "diffusers_huber", "hellinger", "ned"], temperature=0.25, jobs=2),
+        losses=["mse", "diffusers_huber", "hellinger+trust", "ned+trust"], temperature=0.25, jobs=2),
     ("fashion-mnist", "quick"): dict(
         model="quick", model_overrides=dict(attention_levels=()), image_size=28, num_train=2400, steps=250,
         batch_size=32, lr=2e-3, warmup_steps=20, ema_decay=0.995, samples=200, ddim_steps=10, reference=2000,
@@ -161,6 +164,12 @@ def build_parser():
     parser.add_argument("--samples", type=int, default=None, help="generated samples per loss (default: preset)")
     parser.add_argument("--ddim-steps", type=int, default=None)
     parser.add_argument("--scale", default="adaptive", help="RobustDiffusionLoss scale: adaptive, vlb, batch or a number")
+    parser.add_argument("--objective", choices=OBJECTIVES, default="ddpm",
+                        help="ddpm (linear betas, epsilon, DDIM sampling) or flow (flow matching, velocity, Euler "
+                             "sampling with as many steps as DDIM's; no export)")
+    parser.add_argument("--shift", type=float, default=1.0, help="flow: SD3's timestep shift")
+    parser.add_argument("--timestep-sampling", choices=FLOW_TIMESTEP_SAMPLING, default="uniform",
+                        help="flow: how training times are drawn")
     parser.add_argument("--temperature", type=float, default=None, help="the adaptive scale's tau (default: preset)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -206,6 +215,9 @@ def parse_args(argv=None):
         if len({spec.name for spec in args.specs}) != len(args.specs):
             raise ValueError(f"--losses names a loss twice: {' '.join(args.losses)}")
         parse_scale(args.scale)
+        args.schedule = build_schedule(args.objective, args.shift, args.timestep_sampling)
+        if any(spec.risk_free for spec in args.specs) and args.objective != "ddpm":
+            raise ValueError("+risk_free trains DDPM steps (--objective ddpm)")
         if not 0.0 <= args.contamination < 1.0:
             raise ValueError(f"contamination must be a fraction in [0, 1), got {args.contamination!r}")
         if not args.temperature > 0:
@@ -229,7 +241,7 @@ OUT = Path(args.out)
 OUT.mkdir(parents=True, exist_ok=True)
 if settings["threads"]:
     torch.set_num_threads(settings["threads"])
-print(f"dataset {args.dataset}, p = {args.contamination}, kind {args.kind}, preset {args.preset}, "
+print(f"dataset {args.dataset}, p = {args.contamination}, kind {args.kind}, objective {args.objective}, preset {args.preset}, "
       f"losses {[s.name for s in args.specs]}, device {args.device}, out {OUT}")
 print("settings:", {k: v for k, v in settings.items() if k != "model_overrides"})
 
@@ -357,7 +369,7 @@ for name, images in (("data: clean training images", train_set.images[~is_contam
 # generators, so its numbers are those of a run alone (tested), and on a 2-core CPU this halves the time.
 
 # %%
-schedule = rd.NoiseSchedule.linear()
+schedule = args.schedule  # DDPM's linear NoiseSchedule, or flow matching with --objective flow
 SAMPLE_CHUNK = 500
 influence_from = settings["steps"] // 5  # the first steps, with an untrained model, say little about outliers
 checkpoint_every = max(1, settings["steps"] // 10)  # what --resume continues from; saving changes no result
@@ -414,10 +426,12 @@ for spec in args.specs:
     trainer, run_dir = trainers[spec.name], OUT / "runs" / spec.name
     t0 = time.perf_counter()
     sample_generator = torch.Generator(args.device).manual_seed(args.seed)
+    sampler = ddim_sample if schedule.discrete else flow_sample  # flow: Euler, as many model calls as DDIM
     samples = torch.cat([  # in chunks, so that the full presets' 10,000 samples fit in GPU memory
-        ddim_sample(trainer.ema, schedule, (min(SAMPLE_CHUNK, n_samples - start), *image_shape),
-                    num_steps=settings["ddim_steps"], generator=sample_generator, device=args.device).cpu()
+        sampler(trainer.ema, schedule, (min(SAMPLE_CHUNK, n_samples - start), *image_shape),
+                num_steps=settings["ddim_steps"], generator=sample_generator, device=args.device).cpu()
         for start in range(0, n_samples, SAMPLE_CHUNK)])
+    samples = samples.clamp(-1, 1)  # images (DDIM clamps its x0 estimates; an ODE sampler does not)
     sample_seconds = time.perf_counter() - t0
     fd, fraction = evaluate_images(samples)
     mean_influence, count = trainer.average_influence()
@@ -575,30 +589,38 @@ else:
 # low noise a junk image is far harder to denoise than a garment and gets a small weight; at high noise every
 # image is mostly noise, the junk's error is typical, and it keeps nearly full weight, and the high noise levels
 # are where a sample's coarse content (garment or junk) is decided. The mean weight per noise-level bucket,
-# clean against contaminated training images:
+# clean against contaminated training images (with `+trust` the junk's low-noise weights, where they separate,
+# scale its loss at every noise level: docs/RESULTS.md, findings 11 and 12):
 
 # %%
 if audit is not None:
     tracker = trained[audit_name]["trainer"].influence
     per_bucket = tracker.mean_influence(per_bucket=True)
-    edges = torch.linspace(0, tracker.num_timesteps, tracker.num_buckets + 1).round().long().tolist()
+    if tracker.num_timesteps is not None:  # discrete steps: equal ranges of t
+        edges = torch.linspace(0, tracker.num_timesteps, tracker.num_buckets + 1).round().long().tolist()
+        spans, level = [f"{edges[b]}-{edges[b + 1] - 1}" for b in range(tracker.num_buckets)], "t"
+        centres = [(edges[b] + edges[b + 1]) / 2 for b in range(tracker.num_buckets)]
+    else:  # continuous time (flow matching): equal ranges of log-SNR, from the least noisy
+        low, high = rd.BUCKET_LOG_SNR_RANGE
+        edges = torch.linspace(high, low, tracker.num_buckets + 1).tolist()
+        spans, level = [f"{edges[b]:.0f} to {edges[b + 1]:.0f}" for b in range(tracker.num_buckets)], "log-SNR"
+        centres = [-(edges[b] + edges[b + 1]) / 2 for b in range(tracker.num_buckets)]
     bucket_rows = []
     for b in range(tracker.num_buckets):
         clean_b, junk_b = per_bucket[~is_contaminated, b], per_bucket[is_contaminated, b]
         clean_b, junk_b = clean_b[~clean_b.isnan()].mean().item(), junk_b[~junk_b.isnan()].mean().item()
-        bucket_rows.append((f"{edges[b]}-{edges[b + 1] - 1}", clean_b, junk_b))
-    lines = ["| t | clean | contaminated | ratio |", "|---|---|---|---|"]
+        bucket_rows.append((spans[b], clean_b, junk_b))
+    lines = [f"| {level} | clean | contaminated | ratio |", "|---|---|---|---|"]
     lines += [f"| {span} | {c:.3f} | {j:.3f} | {j / c:.2f} |" for span, c, j in bucket_rows]
     print("\n".join(lines))
     with open(OUT / "results.md", "a") as f:
         f.write(f"\nMean influence weight of {audit_name} per noise level (ratio: contaminated / clean):\n\n"
                 + "\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    centres = [(edges[b] + edges[b + 1]) / 2 for b in range(tracker.num_buckets)]
     ax.plot(centres, [c for _, c, _ in bucket_rows], "o-", label="clean")
     ax.plot(centres, [j for _, _, j in bucket_rows], "s--", label="contaminated")
-    ax.set(xlabel="timestep t (noise level)", ylabel="mean influence weight", title=f"{audit_name}: who is trusted, "
-           "by noise level")
+    ax.set(xlabel="timestep t (noise level)" if level == "t" else "minus log-SNR (noise level)",
+           ylabel="mean influence weight", title=f"{audit_name}: who is trusted, by noise level")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(OUT / "influence_by_noise_level.png", dpi=120)
@@ -659,7 +681,9 @@ plt.show() if IN_JUPYTER else plt.close(fig)
 export_name = args.export_loss or next((name for name in names if name.split("+")[0] == "ned"), names[-1])
 if export_name not in trained:
     raise ValueError(f"--export-loss {export_name!r} was not trained; trained: {', '.join(names)}")
-if not args.no_export:
+if not schedule.discrete and not args.no_export:
+    print("export skipped: the schedule file and the C++ sampler take DDPM models so far")
+elif not args.no_export:
     example = (torch.randn(2, *image_shape, device=args.device), torch.tensor([10, 500], device=args.device))
     paths = export_model(trained[export_name]["trainer"].ema, OUT / "export" / export_name, example,
                          schedule=schedule)

@@ -54,6 +54,7 @@ class Cell:
     question: str = ""
     steps: int | None = None  # training steps per loss (default: the preset's)
     temperature: float = 1.0  # the adaptive scale's tau
+    objective: str = "ddpm"  # or "flow": flow matching with SD3's logit-normal times (FLOW_SAMPLING)
 
 
 # The rule, fixed before its cells ran (docs/RESULTS.md, protocol), that decides whether scale="batch" becomes
@@ -141,8 +142,16 @@ CELLS = [
     Cell("gaussian-0.3-batch", 0.3, "gaussian", BATCH_RULE_LOSSES, scale="batch", question="stateless batch scale"),
     Cell("clean-batch", 0.0, "noise", BATCH_RULE_LOSSES, scale="batch",
          question="stateless batch scale, on clean data"),
+    # Added 2026-12-02 (issue 17), the reading rule written first (docs/RESULTS.md, protocol): the main
+    # comparison with flow matching instead of DDPM.
+    Cell("flow-noise-0.3", 0.3, "noise", ("mse", "kl", "hellinger", "ned", "pseudo_huber"), objective="flow",
+         question="flow matching: robustness to noise images"),
+    Cell("flow-gaussian-0.3", 0.3, "gaussian", ("mse", "kl", "hellinger", "ned", "pseudo_huber"), objective="flow",
+         question="flow matching: robustness to known-std Gaussian noise"),
 ]
 SEEDS = (0, 1)
+#: How the flow-matching cells draw training times (diffusers' SD3 script's default weighting_scheme).
+FLOW_SAMPLING = "logit_normal"
 
 
 def preset_cells(preset: str) -> list:
@@ -172,6 +181,7 @@ def command(cell: Cell, seed: int, out: Path, preset: str, threads: int | None) 
            "--eval-cache", str(out / "eval_cache"), "--resume", "--no-export"]
     cmd += ["--steps", str(cell.steps)] if cell.steps else []
     cmd += ["--temperature", str(cell.temperature)] if cell.temperature != 1.0 else []
+    cmd += ["--objective", "flow", "--timestep-sampling", FLOW_SAMPLING] if cell.objective == "flow" else []
     return cmd + (["--threads", str(threads)] if threads else [])
 
 
@@ -220,7 +230,8 @@ def kl_cell(cell: Cell) -> Cell:
     """The cell whose `kl` runs a cell is compared with: the adaptive-scale, temperature-1 cell with the same
     data and budget that trains `kl` (itself, when it is one)."""
     return next(c for c in CELLS if "kl" in c.losses and c.scale == "adaptive" and c.temperature == 1.0
-                and (c.contamination, c.kind, c.steps) == (cell.contamination, cell.kind, cell.steps))
+                and (c.contamination, c.kind, c.steps, c.objective)
+                == (cell.contamination, cell.kind, cell.steps, cell.objective))
 
 
 def sections(block: str) -> dict:
@@ -253,6 +264,7 @@ def tables(out: Path, kept: dict | None = None, cells: list | None = None) -> st
         scale = "" if cell.scale == "adaptive" else f", scale {cell.scale}"
         steps = f", {cell.steps} steps" if cell.steps else ""
         temperature = f", temperature {cell.temperature}" if cell.temperature != 1.0 else ""
+        steps += f", flow matching ({FLOW_SAMPLING} times, Euler)" if cell.objective == "flow" else ""
         lines += [f"### {cell.name}: p = {cell.contamination}, {cell.kind}{scale}{temperature}{steps} "
                   f"({cell.question})", ""]
         if not done:

@@ -49,6 +49,12 @@ def test_command_runs_the_example_with_the_cell(evidence, tmp_path):
     cold = next(c for c in evidence.CELLS if c.temperature != 1.0)
     cmd = evidence.command(cold, 0, tmp_path, "quick", threads=None)
     assert cmd[cmd.index("--temperature") + 1] == str(cold.temperature)
+    assert "--objective" not in cmd
+    flow = next(c for c in evidence.CELLS if c.name == "flow-noise-0.3")
+    joined = " ".join(evidence.command(flow, 0, tmp_path, "quick", threads=1))
+    assert "--objective flow --timestep-sampling logit_normal" in joined
+    assert evidence.kl_cell(flow) is flow  # flow cells compare with their own kl, not DDPM's
+    assert evidence.kl_cell(next(c for c in evidence.CELLS if c.name == "noise-0.3-mse")).name == "noise-0.3"
 
 
 def test_tables_aggregate_seeds_and_mark_missing_cells(evidence, tmp_path):

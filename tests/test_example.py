@@ -344,17 +344,38 @@ def test_example_resume_continues_an_interrupted_run(tmp_path):
 @needs_fashion_mnist
 @pytest.mark.slow
 def test_example_defaults_to_the_demo_preset(tmp_path):
-    """No --preset on Fashion-MNIST is the main job's demo: its four losses at temperature 0.25, two training at a
-    time (here shrunk to seconds; the evaluation networks are the demo's own)."""
+    """No --preset on Fashion-MNIST is the main job's demo: its four losses at temperature 0.25 (the divergences with
+    per-sample trust), two training at a time (here shrunk to seconds; the evaluation networks are the demo's own)."""
     result = _run_example("--out", tmp_path / "out", "--steps", "2", "--num-train", "64", "--samples", "8",
                           "--ddim-steps", "1", "--no-export")
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "preset demo, losses ['mse', 'diffusers_huber', 'hellinger', 'ned']" in result.stdout
+    assert "preset demo, losses ['mse', 'diffusers_huber', 'hellinger+trust', 'ned+trust']" in result.stdout
     assert "training 4 loss(es), 2 at a time" in result.stdout
     rows = _results(tmp_path / "out")
     assert [r["settings"] for r in rows[:4]] == ["scale=1", "scale=1 form=huber", "scale=adaptive temperature=0.25",
                                                  "scale=adaptive temperature=0.25"]
     assert (tmp_path / "out" / "summary.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "audit_ranking_ned+trust.csv").is_file()  # the audit reads NED's run
+    for name in ("hellinger+trust", "ned+trust"):
+        assert torch.load(tmp_path / "out" / "runs" / name / "checkpoint.pt",
+                          weights_only=False)["config"]["sample_trust"]
+
+
+@needs_fashion_mnist
+@pytest.mark.slow
+def test_example_trains_flow_matching(tmp_path):
+    """--objective flow: the same example with flow matching (velocity target, Euler sampling, log-SNR buckets)."""
+    result = _run_example("--preset", "smoke", "--objective", "flow", "--timestep-sampling", "logit_normal",
+                          "--losses", "mse", "ned", "--out", tmp_path / "out")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "objective flow" in result.stdout and "export skipped: the schedule file and the C++ sampler" in result.stdout
+    rows = _results(tmp_path / "out")
+    assert [r["loss"] for r in rows[:2]] == ["mse", "ned"]
+    assert all(0 <= float(r["contaminant_fraction"]) <= 1 and float(r["frechet_distance"]) >= 0 for r in rows[:2])
+    report = (tmp_path / "out" / "results.md").read_text()
+    assert "| log-SNR | clean | contaminated | ratio |" in report and "| 10 to 8 |" in report
+    state = torch.load(tmp_path / "out" / "runs" / "ned" / "checkpoint.pt", weights_only=False)
+    assert state["influence"]["_extra_state"]["num_timesteps"] is None  # the tracker's buckets are log-SNR ranges
 
 # Each case starts an interpreter that imports torch (seconds): the CLI tests in test_training.py cover the rest.
 @pytest.mark.parametrize("argv, message", [
@@ -363,6 +384,8 @@ def test_example_defaults_to_the_demo_preset(tmp_path):
     (["--losses", "ned", "mse", "ned"], "--losses names a loss twice: ned mse ned"),
     (["--jobs", "0"], "--jobs must be at least 1, got 0"),
     (["--temperature", "-1"], "--temperature must be positive, got -1.0"),
+    (["--shift", "3"], "--shift and --timestep-sampling apply to --objective flow only"),
+    (["--objective", "flow", "--kind", "gaussian", "--losses", "ned+risk_free"], "+risk_free trains DDPM steps"),
 ])
 def test_example_argument_errors(tmp_path, argv, message):
     result = subprocess.run([sys.executable, str(EXAMPLE), "--out", str(tmp_path), *argv], env=_env(),
