@@ -35,8 +35,8 @@ def recipes():
     return found
 
 
-def test_the_document_has_the_three_recipes():
-    assert [p.id for p in recipes()] == ["a", "b", "c"]
+def test_the_document_has_the_four_recipes():
+    assert [p.id for p in recipes()] == ["a", "b", "c", "d"]
 
 
 @pytest.mark.parametrize("code", recipes())
