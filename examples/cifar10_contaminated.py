@@ -166,7 +166,7 @@ def build_parser():
     parser.add_argument("--scale", default="adaptive", help="RobustDiffusionLoss scale: adaptive, vlb, batch or a number")
     parser.add_argument("--objective", choices=OBJECTIVES, default="ddpm",
                         help="ddpm (linear betas, epsilon, DDIM sampling) or flow (flow matching, velocity, Euler "
-                             "sampling with as many steps as DDIM's; no export)")
+                             "sampling with as many steps as DDIM's)")
     parser.add_argument("--shift", type=float, default=1.0, help="flow: SD3's timestep shift")
     parser.add_argument("--timestep-sampling", choices=FLOW_TIMESTEP_SAMPLING, default="uniform",
                         help="flow: how training times are drawn")
@@ -681,10 +681,9 @@ plt.show() if IN_JUPYTER else plt.close(fig)
 export_name = args.export_loss or next((name for name in names if name.split("+")[0] == "ned"), names[-1])
 if export_name not in trained:
     raise ValueError(f"--export-loss {export_name!r} was not trained; trained: {', '.join(names)}")
-if not schedule.discrete and not args.no_export:
-    print("export skipped: the schedule file and the C++ sampler take DDPM models so far")
-elif not args.no_export:
-    example = (torch.randn(2, *image_shape, device=args.device), torch.tensor([10, 500], device=args.device))
+if not args.no_export:
+    times = torch.tensor([10, 500]) if schedule.discrete else schedule.model_timestep(torch.tensor([0.1, 0.9]))
+    example = (torch.randn(2, *image_shape, device=args.device), times.to(args.device))
     paths = export_model(trained[export_name]["trainer"].ema, OUT / "export" / export_name, example,
                          schedule=schedule)
     for kind, path in paths.items():

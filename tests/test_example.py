@@ -23,8 +23,8 @@ from conftest import subprocess_pythonpath
 import robust_diffusion as rd
 from robust_diffusion.ddpm import cli
 from robust_diffusion.ddpm.data import fashion_mnist_root
-from robust_diffusion.ddpm.export import SCHEDULE_FORMAT, export_model, read_schedule_file
-from robust_diffusion.ddpm.sampling import ddim_sample, ddpm_sample
+from robust_diffusion.ddpm.export import SCHEDULE_FORMAT, export_model, read_schedule_file, write_schedule_file
+from robust_diffusion.ddpm.sampling import ddim_sample, ddpm_sample, flow_sample
 from robust_diffusion.ddpm.runlog import read_log
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,13 +142,20 @@ SAMPLER_VARIANTS = {
     "ddpm": (["--sampler", "ddpm"], lambda model, schedule, shape, steps, generator: ddpm_sample(
         model, schedule, shape, num_steps=steps, generator=generator)),
 }
+#: The same for a flow-matching export (sampling.flow_sample; Euler is the default for such a schedule file).
+FLOW_SAMPLER_VARIANTS = {
+    "euler": ([], lambda model, schedule, shape, steps, generator: flow_sample(
+        model, schedule, shape, num_steps=steps, generator=generator)),
+    "heun": (["--sampler", "heun"], lambda model, schedule, shape, steps, generator: flow_sample(
+        model, schedule, shape, num_steps=steps, solver="heun", generator=generator)),
+}
 
 
 def _check_cpp_against_python(binary, prefix, tmp_path, num_samples=4, steps=3, seed=7, variant="ddim",
                               image_format="png"):
     """rd_sample's samples must equal the Python sampler's with the same model, schedule and seed."""
     out = tmp_path / f"cpp_samples_{variant}_{image_format}"
-    arguments, python_sampler = SAMPLER_VARIANTS[variant]
+    arguments, python_sampler = {**SAMPLER_VARIANTS, **FLOW_SAMPLER_VARIANTS}[variant]
     result = subprocess.run([str(binary), "--model", f"{prefix}.torchscript.pt", "--schedule",
                              f"{prefix}.schedule.txt", "--out", str(out), "--num-samples", str(num_samples),
                              "--steps", str(steps), "--seed", str(seed), "--format", image_format, *arguments],
@@ -226,6 +233,47 @@ def test_cpp_sampler_matches_python(tmp_path, sampler_binary):
                                  str(paths["schedule"]), "--format", "jpeg"], capture_output=True, text=True,
                                 timeout=60)
     assert bad_format.returncode == 2 and "--format must be png or netpbm" in bad_format.stderr
+
+
+def _export_perturbed_flow_model(prefix, shift=3.0):
+    torch.manual_seed(0)
+    model = cli.build_model("micro", 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    schedule = rd.FlowMatchingSchedule(shift=shift)
+    return export_model(model, prefix, (torch.randn(2, 1, 12, 12), schedule.model_timestep(torch.tensor([0.1, 0.9]))),
+                        schedule=schedule)
+
+
+def test_flow_export_writes_a_schedule_file_without_values(tmp_path):
+    paths = _export_perturbed_flow_model(tmp_path / "flow", shift=2.5)
+    text = paths["schedule"].read_text()
+    assert "# process flow" in text and "# shift 2.5" in text and "# prediction_type flow_prediction" in text
+    assert all(line.startswith("#") for line in text.splitlines())
+    schedule, header = read_schedule_file(paths["schedule"])
+    assert isinstance(schedule, rd.FlowMatchingSchedule) and schedule.shift == 2.5
+    assert schedule.num_train_timesteps == 1000 and header["image_shape"] == "1 12 12"
+    with pytest.raises(TypeError, match="write_schedule_file: the samplers take a NoiseSchedule or a "
+                                        "FlowMatchingSchedule, got EDMSchedule"):
+        write_schedule_file(tmp_path / "edm.txt", rd.EDMSchedule(), (1, 4, 4))
+
+
+@pytest.mark.slow
+def test_cpp_sampler_matches_python_on_flow_matching(tmp_path, sampler_binary):
+    """rd_sample learns the flow sampler: Euler and Heun on a flow-matching export equal sampling.flow_sample."""
+    paths = _export_perturbed_flow_model(tmp_path / "flow")
+    for variant in FLOW_SAMPLER_VARIANTS:
+        _check_cpp_against_python(sampler_binary, tmp_path / "flow", tmp_path, variant=variant, steps=4)
+    wrong = subprocess.run([str(sampler_binary), "--model", str(paths["torchscript"]), "--schedule",
+                            str(paths["schedule"]), "--sampler", "ddim", "--out", str(tmp_path / "x")],
+                           capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 2 and "--sampler must be euler or heun for a flow-matching model" in wrong.stderr
+    ddpm = _export_perturbed_micro_model(tmp_path / "net", 1)
+    wrong = subprocess.run([str(sampler_binary), "--model", str(ddpm["torchscript"]), "--schedule",
+                            str(ddpm["schedule"]), "--sampler", "heun", "--out", str(tmp_path / "y")],
+                           capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 2 and "--sampler must be ddim or ddpm for a DDPM model" in wrong.stderr
 
 
 @pytest.mark.slow
@@ -368,7 +416,8 @@ def test_example_trains_flow_matching(tmp_path):
     result = _run_example("--preset", "smoke", "--objective", "flow", "--timestep-sampling", "logit_normal",
                           "--losses", "mse", "ned", "--out", tmp_path / "out")
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "objective flow" in result.stdout and "export skipped: the schedule file and the C++ sampler" in result.stdout
+    assert "objective flow" in result.stdout
+    assert "# process flow" in (tmp_path / "out" / "export" / "ned.schedule.txt").read_text()
     rows = _results(tmp_path / "out")
     assert [r["loss"] for r in rows[:2]] == ["mse", "ned"]
     assert all(0 <= float(r["contaminant_fraction"]) <= 1 and float(r["frechet_distance"]) >= 0 for r in rows[:2])

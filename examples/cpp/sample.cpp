@@ -1,18 +1,22 @@
 // rd_sample: generate images from an exported robust_diffusion denoiser with LibTorch only (no Python).
 //
 //   rd_sample --model out/model.torchscript.pt --schedule out/model.schedule.txt --out samples \
-//             [--num-samples 16] [--steps 50] [--sampler ddim|ddpm] [--eta 0] [--seed 0] [--device cpu|cuda]
-//             [--batch-size N] [--no-clip] [--format png|netpbm]
+//             [--num-samples 16] [--steps 50] [--sampler ddim|ddpm|euler|heun] [--eta 0] [--seed 0]
+//             [--device cpu|cuda] [--batch-size N] [--no-clip] [--format png|netpbm]
 //
 // Inputs, both written by robust_diffusion.ddpm.export.export_model:
 //   * the TorchScript model, called as model(x_t [B,C,H,W] float32, t [B] int64) -> prediction;
 //   * the schedule file: "# key value" header lines (format, prediction_type, num_train_timesteps,
 //     image_shape C H W), then alphas_cumprod of every training step, one float64 per line. Storing
 //     alphas_cumprod (rather than, say, the linear schedule's beta range) lets any schedule reach this sampler.
+//     A flow-matching model's file says "process flow" and gives "shift" instead of values: the model then takes
+//     the float time t * num_train_timesteps and predicts the velocity eps - x0.
 //
 // The sampler mirrors python/robust_diffusion/sampling.py step by step, with the schedule coefficients in
 // double precision on the host: "trailing" timestep spacing, DDIM (eta = 0 deterministic, eta = 1 = DDPM's
-// posterior) or ancestral DDPM with the "fixed_small" posterior variance, x0 clamped to [-1, 1] by default.
+// posterior) or ancestral DDPM with the "fixed_small" posterior variance, x0 clamped to [-1, 1] by default; for
+// flow matching sampling.flow_sample: Euler (the default) or Heun from t = 1 to 0 on the grid of
+// FlowMatchingSchedule.inference_times.
 // The noise is drawn on the CPU from a seeded generator (reproducible whatever the device).
 //
 // Output: sample_0000.png ... (8-bit greyscale or RGB PNG), pixel = round((x + 1) * 127.5), and grid.png with
@@ -47,7 +51,7 @@ struct Options {
   int64_t num_samples = 16;
   int64_t batch_size = 0;  // 0: all samples in one batch
   int64_t steps = 50;
-  std::string sampler = "ddim";
+  std::string sampler;  // default: ddim for a DDPM schedule, euler for flow matching
   double eta = 0.0;
   uint64_t seed = 0;
   std::string device = "cpu";
@@ -58,8 +62,8 @@ struct Options {
 [[noreturn]] void usage_error(const std::string& message) {
   if (!message.empty()) std::cerr << "rd_sample: " << message << "\n";
   std::cerr << "usage: rd_sample --model MODEL.torchscript.pt --schedule MODEL.schedule.txt [--out DIR]\n"
-               "                 [--num-samples N] [--batch-size N] [--steps S] [--sampler ddim|ddpm] [--eta E]\n"
-               "                 [--seed S] [--device cpu|cuda] [--no-clip] [--format png|netpbm]\n";
+               "                 [--num-samples N] [--batch-size N] [--steps S] [--sampler ddim|ddpm|euler|heun]\n"
+               "                 [--eta E] [--seed S] [--device cpu|cuda] [--no-clip] [--format png|netpbm]\n";
   std::exit(message.empty() ? 0 : 2);
 }
 
@@ -108,13 +112,18 @@ Options parse_args(int argc, char** argv) {
   }
   if (options.model.empty()) usage_error("--model is required");
   if (options.schedule.empty()) usage_error("--schedule is required");
-  if (options.sampler != "ddim" && options.sampler != "ddpm") usage_error("--sampler must be ddim or ddpm");
+  if (!options.sampler.empty() && options.sampler != "ddim" && options.sampler != "ddpm" &&
+      options.sampler != "euler" && options.sampler != "heun")
+    usage_error("--sampler must be ddim, ddpm (DDPM models), euler or heun (flow matching)");
   if (options.format != "png" && options.format != "netpbm") usage_error("--format must be png or netpbm");
   return options;
 }
 
 struct Schedule {
+  std::string process = "vp";  // "vp": a DDPM schedule (alphas_cumprod); "flow": flow matching
   std::vector<double> alphas_cumprod;
+  double shift = 1.0;          // flow matching
+  int64_t num_train = 0;       // the training steps (flow: the model's timestep is t * num_train)
   std::string prediction_type;
   std::vector<int64_t> image_shape;  // C, H, W
 };
@@ -144,6 +153,15 @@ Schedule read_schedule(const std::string& path) {
   for (int64_t size; shape >> size;) schedule.image_shape.push_back(size);
   if (schedule.image_shape.size() != 3) throw std::runtime_error(path + ": image_shape must be C H W");
   const auto expected = std::stoll(header["num_train_timesteps"]);
+  schedule.num_train = expected;
+  if (header.count("process")) schedule.process = header["process"];
+  if (schedule.process == "flow") {
+    schedule.shift = std::stod(header["shift"]);
+    if (!(schedule.shift > 0.0) || expected < 1 || !schedule.alphas_cumprod.empty())
+      throw std::runtime_error(path + ": a flow schedule needs a positive shift and num_train_timesteps, no values");
+    return schedule;
+  }
+  if (schedule.process != "vp") throw std::runtime_error(path + ": unknown process '" + schedule.process + "'");
   if (static_cast<int64_t>(schedule.alphas_cumprod.size()) != expected)
     throw std::runtime_error(path + ": expected " + std::to_string(expected) + " alphas_cumprod values");
   return schedule;
@@ -157,6 +175,18 @@ std::vector<int64_t> trailing_timesteps(int64_t num_train, int64_t num_steps) {
     steps.push_back(static_cast<int64_t>(std::nearbyint(value)) - 1);
   }
   return steps;
+}
+
+// FlowMatchingSchedule.inference_times: num_steps times uniform from 1 to 1 / num_train, shifted, then 0 (the same
+// linspace kernel and shift arithmetic as in Python, so the grids are equal to the last bit).
+std::vector<double> flow_times(const Schedule& schedule, int64_t num_steps) {
+  const at::Tensor u = num_steps > 1 ? at::linspace(1.0, 1.0 / static_cast<double>(schedule.num_train), num_steps,
+                                                    at::TensorOptions(at::kDouble))
+                                     : at::ones({1}, at::TensorOptions(at::kDouble));
+  const at::Tensor shifted = schedule.shift * u / (1.0 + (schedule.shift - 1.0) * u);
+  std::vector<double> times(shifted.data_ptr<double>(), shifted.data_ptr<double>() + shifted.numel());
+  times.push_back(0.0);
+  return times;
 }
 
 // sampling.predict_x0_and_epsilon.
@@ -339,8 +369,14 @@ int main(int argc, char** argv) {
   const Options options = parse_args(argc, argv);
   try {
     const Schedule schedule = read_schedule(options.schedule);
-    const int64_t num_train = static_cast<int64_t>(schedule.alphas_cumprod.size());
-    if (options.steps > num_train)
+    const bool flow = schedule.process == "flow";
+    const std::string sampler = !options.sampler.empty() ? options.sampler : flow ? "euler" : "ddim";
+    if (flow && sampler != "euler" && sampler != "heun")
+      usage_error("--sampler must be euler or heun for a flow-matching model, got " + sampler);
+    if (!flow && sampler != "ddim" && sampler != "ddpm")
+      usage_error("--sampler must be ddim or ddpm for a DDPM model, got " + sampler);
+    const int64_t num_train = schedule.num_train;
+    if (!flow && options.steps > num_train)
       usage_error("--steps must be at most the number of training steps, " + std::to_string(num_train));
     if (!std::filesystem::is_regular_file(options.model))
       throw std::runtime_error("model file not found: " + options.model);
@@ -350,13 +386,19 @@ int main(int argc, char** argv) {
     c10::InferenceMode inference;
 
     const auto& abar = schedule.alphas_cumprod;
-    const auto timesteps = trailing_timesteps(num_train, options.steps);
+    const auto timesteps = flow ? std::vector<int64_t>{} : trailing_timesteps(num_train, options.steps);
+    const auto times = flow ? flow_times(schedule, options.steps) : std::vector<double>{};
     const auto& shape = schedule.image_shape;
     const std::string& kind = schedule.prediction_type;
     if (kind == "epsilon" && abar[timesteps[0]] == 0.0)
       throw std::runtime_error("zero terminal SNR: epsilon prediction cannot recover x0 at the first step");
     auto generator = at::make_generator<at::CPUGeneratorImpl>(options.seed);
-    const bool needs_noise = options.sampler == "ddpm" || options.eta > 0.0;
+    const bool needs_noise = sampler == "ddpm" || options.eta > 0.0;
+    // sampling.flow_sample's velocity: the model at time t, given t * num_train_timesteps as float32.
+    auto velocity = [&](const at::Tensor& x, double t) {
+      const at::Tensor time = at::full({x.size(0)}, t, at::TensorOptions(at::kFloat).device(device)) * num_train;
+      return model.forward({x, time}).toTensor().to(at::kFloat);
+    };
     auto randn = [&](int64_t batch) {
       return at::randn({batch, shape[0], shape[1], shape[2]}, generator, at::TensorOptions(at::kFloat)).to(device);
     };
@@ -366,6 +408,12 @@ int main(int argc, char** argv) {
     for (int64_t start = 0; start < options.num_samples; start += batch_size) {
       const int64_t batch = std::min(batch_size, options.num_samples - start);
       at::Tensor x = randn(batch);
+      for (size_t i = 0; i + 1 < times.size(); ++i) {  // flow matching (sampling.flow_step)
+        const double t = times[i], t_next = times[i + 1];
+        const at::Tensor v = velocity(x, t);
+        const at::Tensor euler = x + (t_next - t) * v;
+        x = sampler == "heun" && t_next > 0.0 ? x + (t_next - t) * ((v + velocity(euler, t_next)) / 2) : euler;
+      }
       for (size_t i = 0; i < timesteps.size(); ++i) {
         const int64_t t = timesteps[i];
         const int64_t prev_t = i + 1 < timesteps.size() ? timesteps[i + 1] : -1;
@@ -374,7 +422,7 @@ int main(int argc, char** argv) {
         const at::Tensor output = model.forward({x, t_batch}).toTensor().to(at::kFloat);
         std::optional<at::Tensor> noise;
         if (needs_noise && prev_t >= 0) noise = randn(batch);
-        x = options.sampler == "ddim"
+        x = sampler == "ddim"
                 ? ddim_step(x, output, abar[t], abar_prev, options.eta, noise, kind, options.clip)
                 : ddpm_step(x, output, abar[t], abar_prev, noise, kind, options.clip);
       }
@@ -391,7 +439,7 @@ int main(int argc, char** argv) {
       write_image(out / name, Image{to_bytes(samples[i]), shape[0], shape[1], shape[2]}, options.format);
     }
     write_image(out / "grid", make_grid(samples), options.format);
-    std::cout << "wrote " << samples.size(0) << " samples (" << options.sampler << ", " << options.steps
+    std::cout << "wrote " << samples.size(0) << " samples (" << sampler << ", " << options.steps
               << " steps, " << kind << " prediction) to " << out.string() << "; mean "
               << samples.mean().item<double>() << ", std " << samples.std().item<double>() << std::endl;
   } catch (const c10::Error& error) {  // LibTorch's errors carry a C++ backtrace: print the message only

@@ -404,9 +404,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rank, world_size, device = init_distributed(args.device)
         out = Path(args.out)
         schedule = build_schedule(args.objective, args.shift, args.timestep_sampling)
-        if args.export and not schedule.discrete:
-            raise ValueError("--export: the C++ sampler and the schedule file take DDPM models so far; a flow-matching "
-                             "model is sampled in Python (robust_diffusion.ddpm.sampling.flow_sample)")
         if spec.risk_free and not schedule.discrete:
             raise ValueError(f"--loss {args.loss}: +risk_free trains DDPM steps (--objective ddpm)")
         loss_fn = build_loss(spec, schedule, scale=scale, temperature=args.temperature)
@@ -447,7 +444,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"{auroc(-mean[seen], flags[seen]):.4f}", flush=True)
         if args.export:
             from .export import export_model
-            example = (torch.randn(2, *data.image_shape, device=device), torch.tensor([10, 500], device=device))
+            times = torch.tensor([10, 500]) if schedule.discrete else schedule.model_timestep(torch.tensor([0.1, 0.9]))
+            example = (torch.randn(2, *data.image_shape, device=device), times.to(device))
             paths = export_model(trainer.ema, out / "model", example, schedule=schedule)
             print("exported: " + ", ".join(str(p) for p in paths.values()), flush=True)
     if world_size > 1:

@@ -11,7 +11,9 @@
   ``prediction_type``, ``num_train_timesteps``, ``image_shape C H W``) and then ``alphas_cumprod`` of every training
   step, one float64 per line (``%.17g``, exact round trip). Storing ``alphas_cumprod`` rather than the
   schedule's parameters lets any schedule (linear, cosine, zero terminal SNR, a diffusers scheduler's) reach the
-  C++ sampler, which only needs the cumulative alphas for DDPM and DDIM.
+  C++ sampler, which only needs the cumulative alphas for DDPM and DDIM. A flow-matching model's file has
+  ``process flow`` and ``shift`` in its header and no values: its sampler grid and the model's timestep input
+  (``t * num_train_timesteps``) follow from them (:meth:`FlowMatchingSchedule.inference_times`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ..schedules import NoiseSchedule, canonical_prediction_type
+from ..continuous import FlowMatchingSchedule
+from ..schedules import NoiseSchedule, Schedule, canonical_prediction_type
 
 __all__ = ["SCHEDULE_FORMAT", "export_model", "read_schedule_file", "script_model", "write_schedule_file"]
 
@@ -40,22 +43,36 @@ def script_model(model: nn.Module) -> torch.jit.ScriptModule:
         return torch.jit.script(model)
 
 
-def write_schedule_file(path: PathLike, schedule: NoiseSchedule, image_shape: Sequence[int],
+def write_schedule_file(path: PathLike, schedule: Schedule, image_shape: Sequence[int],
                         prediction_type: Optional[str] = None) -> Path:
-    """Write the schedule file described in the module docstring."""
+    """Write the schedule file described in the module docstring (a :class:`NoiseSchedule` or a
+    :class:`FlowMatchingSchedule`)."""
     path = Path(path)
+    shape = "# image_shape " + " ".join(str(int(s)) for s in image_shape)
+    if isinstance(schedule, FlowMatchingSchedule):
+        if (prediction_type or schedule.prediction_type) not in ("flow_prediction", "flow"):
+            raise ValueError(f"write_schedule_file: a flow-matching model predicts the velocity "
+                             f"('flow_prediction'), got prediction_type {prediction_type!r}")
+        lines = [f"# format {SCHEDULE_FORMAT}", "# process flow", "# prediction_type flow_prediction",
+                 f"# num_train_timesteps {schedule.num_train_timesteps}", f"# shift {schedule.shift:.17g}", shape]
+        path.write_text("\n".join(lines) + "\n")
+        return path
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"write_schedule_file: the samplers take a NoiseSchedule or a FlowMatchingSchedule, got "
+                        f"{type(schedule).__name__}")
     kind = canonical_prediction_type(prediction_type or schedule.prediction_type)
     lines = [f"# format {SCHEDULE_FORMAT}",
              f"# prediction_type {kind}",
              f"# num_train_timesteps {schedule.num_timesteps}",
-             "# image_shape " + " ".join(str(int(s)) for s in image_shape)]
+             shape]
     lines += [f"{value:.17g}" for value in schedule.alphas_cumprod.tolist()]
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def read_schedule_file(path: PathLike) -> Tuple[NoiseSchedule, Dict[str, str]]:
-    """Read a schedule file back: the :class:`NoiseSchedule` and the header fields."""
+def read_schedule_file(path: PathLike) -> Tuple[Schedule, Dict[str, str]]:
+    """Read a schedule file back: the :class:`NoiseSchedule` (or :class:`FlowMatchingSchedule`) and the header
+    fields."""
     header: Dict[str, str] = {}
     values = []
     for line in Path(path).read_text().splitlines():
@@ -67,12 +84,15 @@ def read_schedule_file(path: PathLike) -> Tuple[NoiseSchedule, Dict[str, str]]:
             values.append(float(line))
     if header.get("format") != SCHEDULE_FORMAT:
         raise ValueError(f"{path} is not a {SCHEDULE_FORMAT} file (format {header.get('format')!r})")
+    if header.get("process") == "flow":
+        return FlowMatchingSchedule(shift=float(header["shift"]),
+                                    num_train_timesteps=int(header["num_train_timesteps"])), header
     abar = torch.tensor(values, dtype=torch.float64)
     return NoiseSchedule.from_alphas_cumprod(abar, prediction_type=header["prediction_type"]), header
 
 
 def export_model(model: nn.Module, path_prefix: PathLike, example_inputs: Tuple[Tensor, Tensor], *,
-                 schedule: Optional[NoiseSchedule] = None, prediction_type: Optional[str] = None,
+                 schedule: Optional[Schedule] = None, prediction_type: Optional[str] = None,
                  dynamic_batch: bool = True, check: bool = True) -> Dict[str, Path]:
     """Export ``model`` (called as ``model(x_t, t)``) as TorchScript and ``torch.export`` programs.
 
@@ -80,7 +100,8 @@ def export_model(model: nn.Module, path_prefix: PathLike, example_inputs: Tuple[
         model: the denoiser (e.g. a trainer's EMA model). It is put in eval mode; its device is kept.
         path_prefix: ``<dir>/<name>``; the files are ``<prefix>.torchscript.pt``, ``<prefix>.pt2`` and
             ``<prefix>.schedule.txt`` (the latter only with ``schedule``).
-        example_inputs: ``(x_t, t)``, e.g. ``(torch.randn(2, 1, 28, 28), torch.tensor([10, 500]))``.
+        example_inputs: ``(x_t, t)``, e.g. ``(torch.randn(2, 1, 28, 28), torch.tensor([10, 500]))`` (flow
+            matching: the model's float timestep input, ``schedule.model_timestep(torch.tensor([0.1, 0.9]))``).
         schedule: the training schedule, written to the schedule file for samplers.
         prediction_type: defaults to the schedule's.
         dynamic_batch: export the batch dimension as dynamic (sizes 1..4096), so one ``.pt2`` serves any
