@@ -372,3 +372,39 @@ def test_flow_euler_sampler_equals_the_schedulers_step(shift, steps):
     for a, b in zip(calls, their_calls):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheduler_name", ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"])
+def test_edm_schedulers_map_exactly(scheduler_name):
+    scheduler = getattr(diffusers, scheduler_name)(sigma_min=0.01, sigma_max=50.0, sigma_data=0.7)
+    schedule = rd.schedule_from_diffusers(scheduler, p_mean=-1.0, p_std=1.4)
+    assert isinstance(schedule, rd.EDMSchedule)
+    assert (schedule.sigma_min, schedule.sigma_max, schedule.sigma_data, schedule.p_mean, schedule.p_std) == (
+        0.01, 50.0, 0.7, -1.0, 1.4)
+    with pytest.raises(TypeError, match="EDMSchedule.from_diffusers: expected an EDM scheduler"):
+        rd.EDMSchedule.from_diffusers(DDPMScheduler())
+
+
+def test_edm_preconditioned_loss_is_the_papers_in_float64():
+    """EDM (Karras et al. 2022, eq. 2 and table 1): the loss lambda(sigma) ||D(x; sigma) - x0||^2 with
+    lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 and D = c_skip x + c_out F (diffusers'
+    precondition_outputs). Ours: the loss module on D with prediction_type "sample" and the "edm" weighting.
+    It also equals the unweighted error of the raw network output F (lambda c_out^2 = 1)."""
+    scheduler = diffusers.EDMEulerScheduler(sigma_data=0.7)
+    schedule = rd.schedule_from_diffusers(scheduler)
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.randn(16, 2, 4, 4, generator=generator, dtype=torch.float64)
+    sigma = schedule.sample_timesteps(16, generator=generator)
+    x = x0 + sigma.view(-1, 1, 1, 1) * torch.randn(16, 2, 4, 4, generator=generator, dtype=torch.float64)
+    F = torch.randn(16, 2, 4, 4, generator=generator, dtype=torch.float64)  # the raw network output
+    D = scheduler.precondition_outputs(x, F, sigma.view(-1, 1, 1, 1))
+    module = rd.RobustDiffusionLoss("kl", schedule, scale=1.0, weighting="edm", weighting_params={"sigma_data": 0.7},
+                                    prediction_type="sample", reduction="none")
+    ours = module(D, x0, sigma)
+    lam = (sigma ** 2 + 0.7 ** 2) / (sigma * 0.7) ** 2
+    paper = lam * (D - x0).square().flatten(1).mean(1)
+    assert ours.dtype == torch.float64
+    torch.testing.assert_close(ours, paper, rtol=1e-12, atol=0)
+    c_skip, c_out = 0.7 ** 2 / (sigma ** 2 + 0.7 ** 2), sigma * 0.7 / (sigma ** 2 + 0.7 ** 2).sqrt()
+    F_target = (x0 - c_skip.view(-1, 1, 1, 1) * x) / c_out.view(-1, 1, 1, 1)
+    torch.testing.assert_close(ours, (F - F_target).square().flatten(1).mean(1), rtol=1e-10, atol=0)

@@ -141,18 +141,40 @@ class EDMSchedule(Schedule):
 
     Training draws ``log sigma ~ N(p_mean, p_std^2)``; :meth:`sample_timesteps_above` draws from that distribution
     truncated to ``sigma > lower`` (and to ``sigma <= sigma_max`` when given; with ``sigma_max=None``, EDM's
-    training default, every bound has times past it).
+    training default, every bound has times past it). ``sigma_data`` (the data's std, EDM's preconditioning and its
+    loss weight ``(sigma^2 + sigma_data^2) / (sigma sigma_data)^2``, the ``"edm"`` weighting in x0 space) and
+    ``sigma_min`` (the sampler's lowest level) are carried for the sampler and the weighting; training times are
+    not clipped to ``sigma_min``, as in EDM.
     """
 
     process = "edm"
 
-    def __init__(self, p_mean: float = -1.2, p_std: float = 1.2, sigma_max: Optional[float] = None):
+    def __init__(self, p_mean: float = -1.2, p_std: float = 1.2, sigma_max: Optional[float] = None, *,
+                 sigma_min: float = 0.002, sigma_data: float = 0.5):
         if not p_std > 0:
             raise ValueError(f"p_std must be positive, got {p_std!r}")
         if sigma_max is not None and not sigma_max > 0:
             raise ValueError(f"sigma_max must be positive or None, got {sigma_max!r}")
+        if not (sigma_min > 0 and sigma_data > 0) or (sigma_max is not None and not sigma_min < sigma_max):
+            raise ValueError(f"EDMSchedule: sigma_min and sigma_data must be positive and sigma_min below sigma_max, "
+                             f"got sigma_min={sigma_min!r}, sigma_data={sigma_data!r}, sigma_max={sigma_max!r}")
         self.p_mean, self.p_std = float(p_mean), float(p_std)
         self.sigma_max = None if sigma_max is None else float(sigma_max)
+        self.sigma_min, self.sigma_data = float(sigma_min), float(sigma_data)
+
+    @classmethod
+    def from_diffusers(cls, scheduler, p_mean: float = -1.2, p_std: float = 1.2) -> "EDMSchedule":
+        """The schedule of a diffusers ``EDMEulerScheduler`` / ``EDMDPMSolverMultistepScheduler``: its ``sigma_min``,
+        ``sigma_max`` and ``sigma_data`` (the training density ``p_mean``, ``p_std`` is the training script's:
+        pass it). Its ``prediction_type`` names the preconditioned network's output (EDM's F), which this schedule
+        does not model: train on the denoised ``D = c_skip x + c_out F`` with ``prediction_type="sample"`` and the
+        ``"edm"`` weighting (docs/DESIGN.md, Weighting)."""
+        config = getattr(scheduler, "config", None)
+        if config is None or not all(hasattr(config, key) for key in ("sigma_min", "sigma_max", "sigma_data")):
+            raise TypeError(f"EDMSchedule.from_diffusers: expected an EDM scheduler (a config with sigma_min, "
+                            f"sigma_max and sigma_data), got {type(scheduler).__name__}")
+        return cls(p_mean=p_mean, p_std=p_std, sigma_max=float(config.sigma_max), sigma_min=float(config.sigma_min),
+                   sigma_data=float(config.sigma_data))
 
     def check_timesteps(self, t: Tensor, argument: str = "t", *, caller: Optional[str] = None) -> Tensor:
         where = _checked_float_times(t, argument, caller, "noise levels sigma for EDMSchedule")
@@ -198,7 +220,8 @@ class EDMSchedule(Schedule):
         return torch.where(torch.isfinite(sigma), torch.maximum(sigma, just_above), just_above)
 
     def __repr__(self) -> str:
-        return f"EDMSchedule(p_mean={self.p_mean}, p_std={self.p_std}, sigma_max={self.sigma_max})"
+        return (f"EDMSchedule(p_mean={self.p_mean}, p_std={self.p_std}, sigma_max={self.sigma_max}, "
+                f"sigma_min={self.sigma_min}, sigma_data={self.sigma_data})")
 
 
 class FlowMatchingSchedule(_UnitTimeSchedule):
@@ -362,16 +385,19 @@ class FlowMatchingSchedule(_UnitTimeSchedule):
 
 def schedule_from_diffusers(scheduler, **sampling) -> Schedule:
     """The schedule of a diffusers scheduler: a :class:`~robust_diffusion.NoiseSchedule` for the DDPM family (an
-    ``alphas_cumprod`` table), a :class:`FlowMatchingSchedule` for ``FlowMatchEulerDiscreteScheduler`` (``sampling``:
-    its training-time options, e.g. ``timestep_sampling="logit_normal"``)."""
+    ``alphas_cumprod`` table), a :class:`FlowMatchingSchedule` for ``FlowMatchEulerDiscreteScheduler`` and an
+    :class:`EDMSchedule` for the EDM schedulers (``sampling``: the training-time options, e.g.
+    ``timestep_sampling="logit_normal"`` or ``p_mean=-1.2, p_std=1.2``)."""
     if getattr(scheduler, "alphas_cumprod", None) is not None:
         if sampling:
             raise TypeError(f"schedule_from_diffusers: {', '.join(sampling)} apply to flow matching only")
         return NoiseSchedule.from_diffusers(scheduler)
     if hasattr(getattr(scheduler, "config", None), "shift"):
         return FlowMatchingSchedule.from_diffusers(scheduler, **sampling)
+    if hasattr(getattr(scheduler, "config", None), "sigma_data"):
+        return EDMSchedule.from_diffusers(scheduler, **sampling)
     raise TypeError(f"schedule_from_diffusers: {type(scheduler).__name__} is neither a DDPM-family scheduler "
-                    f"(alphas_cumprod) nor a flow-matching one (config.shift); EDM schedulers are not mapped yet")
+                    f"(alphas_cumprod), a flow-matching one (config.shift) nor an EDM one (config.sigma_data)")
 
 
 def _check_values(t: Tensor, ok: Tensor, message: str, found) -> None:

@@ -268,10 +268,12 @@ class RobustDiffusionLoss(DtypeKeepingModule):
         return log_snr_buckets(self._schedule.log_snr(t), self.num_buckets)
 
     @torch.jit.unused
-    def _continuous_terms(self, t: Tensor) -> Tuple[Optional[Tensor], Tensor]:
-        """Continuous schedules: the timestep weights (None when constant) and pseudo-Huber c of this call's t."""
+    def _continuous_terms(self, t: Tensor, dtype: torch.dtype) -> Tuple[Optional[Tensor], Tensor]:
+        """Continuous schedules: the timestep weights (None when constant; float64 for float64 inputs) and
+        pseudo-Huber c of this call's t."""
         scheme, kind, terminal, params = self._weight_args
-        weights = (loss_weights(self._schedule, t, scheme, kind, terminal=terminal, **params)
+        weights = (loss_weights(self._schedule, t, scheme, kind, terminal=terminal,
+                                dtype=torch.float64 if dtype == torch.float64 else torch.float32, **params)
                    if self.uses_weighting else None)
         c = (pseudo_huber_c(self._schedule, t, *self._huber_args) if self._huber_args is not None
              else torch.ones(t.shape, dtype=torch.float32, device=t.device))
@@ -286,7 +288,7 @@ class RobustDiffusionLoss(DtypeKeepingModule):
             timestep_weight = self.timestep_weight[t] if self.uses_weighting else None
             c = self.huber_c[t]
         else:
-            timestep_weight, c = self._continuous_terms(t)
+            timestep_weight, c = self._continuous_terms(t, input.dtype)
         sample_weight = weight
         if timestep_weight is not None:
             sample_weight = timestep_weight if weight is None else timestep_weight * weight
