@@ -12,6 +12,7 @@ from robust_diffusion import risk as rk
 SCHEDULES = {
     "discrete": rd.NoiseSchedule.linear(),
     "vp": rd.ContinuousVPSchedule(),
+    "cosine-vp": rd.CosineVPSchedule(),
     "ve": rd.VESchedule(),
     "edm": rd.EDMSchedule(sigma_max=80.0),
     "flow": rd.FlowMatchingSchedule(shift=3.0, timestep_sampling="logit_normal"),
@@ -53,6 +54,20 @@ def test_every_process_is_a_schedule_with_consistent_answers(name):
     drawn = schedule.sample_timesteps_above(bound, torch.Generator().manual_seed(2))
     assert bool((drawn >= bound).all()) and bool((torch.exp(schedule.log_snr(drawn)) * q < 1).all())
     assert schedule.min_snr() >= 0
+
+
+def test_cosine_vp_is_the_limit_of_the_discrete_cosine_schedule():
+    discrete, continuous = rd.NoiseSchedule.cosine(1000), rd.CosineVPSchedule()
+    steps = torch.arange(0, 950)  # before the discrete betas reach their 0.999 cap
+    at = (steps + 1).double() / 1000  # abar_k = f((k + 1) / T) / f(0), the product of the uncapped betas
+    torch.testing.assert_close(continuous.coefficients(at, torch.float64)[0].square(), discrete.alphas_cumprod[steps],
+                               rtol=1e-9, atol=1e-12)
+    bound = continuous.lower_time_bound(torch.tensor([0.5, 4.0], dtype=torch.float64))
+    torch.testing.assert_close(continuous.log_snr(bound).exp() * torch.tensor([0.5, 4.0], dtype=torch.float64),
+                               torch.ones(2, dtype=torch.float64))  # SNR q = 1 exactly at the bound
+    assert continuous.min_snr() < 1e-30
+    with pytest.raises(ValueError, match="CosineVPSchedule: s must be positive"):
+        rd.CosineVPSchedule(s=0.0)
 
 
 def test_noise_schedule_log_snr_is_the_table_without_t_and_per_sample_with_it():

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .schedules import NoiseSchedule, Schedule
 
-__all__ = ["ContinuousVPSchedule", "EDMSchedule", "FLOW_TIMESTEP_SAMPLING", "FlowMatchingSchedule", "VESchedule",
+__all__ = ["ContinuousVPSchedule", "CosineVPSchedule", "EDMSchedule", "FLOW_TIMESTEP_SAMPLING", "FlowMatchingSchedule", "VESchedule",
            "schedule_from_diffusers"]
 
 #: How :class:`FlowMatchingSchedule` draws training times (diffusers' ``weighting_scheme`` names).
@@ -100,6 +100,47 @@ class ContinuousVPSchedule(_UnitTimeSchedule):
 
     def __repr__(self) -> str:
         return f"ContinuousVPSchedule(beta_min={self.beta_min}, beta_max={self.beta_max}, eps={self.eps})"
+
+
+class CosineVPSchedule(_UnitTimeSchedule):
+    """The continuous-time cosine VP process (Nichol & Dhariwal; the limit of ``NoiseSchedule.cosine`` as T grows):
+    ``abar(t) = f(t) / f(0)`` with ``f(t) = cos^2((t + s) / (1 + s) pi / 2)`` on ``t`` in ``[eps, 1]``; ``alpha =
+    sqrt(abar)``, ``sigma = sqrt(1 - abar)``. ``abar(1)`` is 0 up to rounding (SNR about 1e-33: the losses bound
+    log-SNR), and the stability bound is closed form: ``SNR(t) q < 1`` for ``abar < 1 / (1 + q)``, i.e. ``t >
+    (1 + s) (2 / pi) arccos(sqrt(f(0) / (1 + q))) - s``.
+    """
+
+    process = "vp"
+
+    def __init__(self, s: float = 0.008, eps: float = 1e-5):
+        if not s > 0:
+            raise ValueError(f"CosineVPSchedule: s must be positive, got {s!r}")
+        if not 0 <= eps < 1:
+            raise ValueError(f"eps must lie in [0, 1), got {eps!r}")
+        self.s, self.eps = float(s), float(eps)
+        self._f0 = math.cos(self.s / (1 + self.s) * math.pi / 2) ** 2
+
+    def _angle(self, t: Tensor) -> Tensor:
+        return (t.double() + self.s) / (1 + self.s) * (math.pi / 2)
+
+    def log_snr(self, t: Tensor) -> Tensor:
+        abar = torch.cos(self._angle(t)).square() / self._f0
+        return torch.log(abar) - torch.log1p(-abar)
+
+    def _coefficients(self, t: Tensor) -> Tuple[Optional[Tensor], Tensor]:
+        abar = (torch.cos(self._angle(t)).square() / self._f0).clamp(0.0, 1.0)
+        return torch.sqrt(abar), torch.sqrt(1.0 - abar)
+
+    def _boundary(self, q: Tensor) -> Tensor:
+        angle = torch.arccos(torch.sqrt(self._f0 / (1.0 + q)))
+        return ((1 + self.s) * angle / (math.pi / 2) - self.s).clamp(min=0.0)
+
+    def min_snr(self) -> float:
+        abar = math.cos((1 + self.s) / (1 + self.s) * math.pi / 2) ** 2 / self._f0
+        return abar / (1.0 - abar)
+
+    def __repr__(self) -> str:
+        return f"CosineVPSchedule(s={self.s}, eps={self.eps})"
 
 
 class VESchedule(_UnitTimeSchedule):
