@@ -84,9 +84,9 @@ from robust_diffusion.ddpm.data import CONTAMINATION_KINDS  # noqa: E402
 from robust_diffusion.ddpm.export import export_model  # noqa: E402
 from robust_diffusion.ddpm.sampling import ddim_sample, flow_sample  # noqa: E402
 from robust_diffusion.ddpm.audit import score_ranking, write_ranking  # noqa: E402
-from robust_diffusion.ddpm.cli import (DATASETS, OBJECTIVES, build_loss, build_model, build_schedule,  # noqa: E402
-                                    load_experiment_data, loss_settings, parse_loss_name, parse_scale)
-from robust_diffusion.continuous import FLOW_TIMESTEP_SAMPLING  # noqa: E402
+from robust_diffusion.ddpm.cli import (DATASETS, add_objective_arguments, build_loss, build_model,  # noqa: E402
+                                    build_schedule, load_experiment_data, loss_settings, parse_loss_name,
+                                    parse_scale)
 from robust_diffusion.ddpm.runlog import read_log
 from robust_diffusion.ddpm.trainer import TrainConfig, Trainer  # noqa: E402
 
@@ -164,12 +164,7 @@ def build_parser():
     parser.add_argument("--samples", type=int, default=None, help="generated samples per loss (default: preset)")
     parser.add_argument("--ddim-steps", type=int, default=None)
     parser.add_argument("--scale", default="adaptive", help="RobustDiffusionLoss scale: adaptive, vlb, batch or a number")
-    parser.add_argument("--objective", choices=OBJECTIVES, default="ddpm",
-                        help="ddpm (linear betas, epsilon, DDIM sampling) or flow (flow matching, velocity, Euler "
-                             "sampling with as many steps as DDIM's)")
-    parser.add_argument("--shift", type=float, default=1.0, help="flow: SD3's timestep shift")
-    parser.add_argument("--timestep-sampling", choices=FLOW_TIMESTEP_SAMPLING, default="uniform",
-                        help="flow: how training times are drawn")
+    add_objective_arguments(parser)  # --objective flow samples with Euler, as many model calls as DDIM's
     parser.add_argument("--temperature", type=float, default=None, help="the adaptive scale's tau (default: preset)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")

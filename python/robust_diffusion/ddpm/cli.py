@@ -40,8 +40,8 @@ from .distributed import init_distributed
 from .trainer import TrainConfig, Trainer
 
 __all__ = ["DATASETS", "LOSS_NAMES", "MODEL_PRESETS", "STANDARD_LOSSES", "TRAIN_DATASETS", "ExperimentData",
-           "LossChoice", "OBJECTIVES", "build_loss", "build_model", "build_schedule", "load_experiment_data", "main",
-           "parse_loss_name"]
+           "LossChoice", "OBJECTIVES", "add_objective_arguments", "build_loss", "build_model", "build_schedule",
+           "load_experiment_data", "main", "parse_loss_name"]
 
 #: The benchmark datasets: a training and a clean test split (what the experiments evaluate against).
 DATASETS = ("fashion-mnist", "cifar10")
@@ -258,6 +258,17 @@ def parse_scale(value: Union[str, float]) -> Union[str, float]:
 OBJECTIVES = ("ddpm", "flow")
 
 
+def add_objective_arguments(parser) -> None:
+    """``--objective``, ``--shift`` and ``--timestep-sampling`` (for :func:`build_schedule`), shared by the training
+    command and the example."""
+    parser.add_argument("--objective", choices=OBJECTIVES, default="ddpm",
+                        help="ddpm: the linear-beta DDPM (T = 1000, epsilon target, DDIM / DDPM sampling); flow: flow "
+                             "matching (rectified flow, velocity target, Euler / Heun sampling), as SD3 / Flux train")
+    parser.add_argument("--shift", type=_positive_float, default=1.0, help="flow: SD3's timestep shift")
+    parser.add_argument("--timestep-sampling", choices=FLOW_TIMESTEP_SAMPLING, default="uniform",
+                        help="flow: how training times are drawn (diffusers' weighting_scheme names)")
+
+
 def build_schedule(objective: str = "ddpm", shift: float = 1.0, timestep_sampling: str = "uniform") -> Schedule:
     """The schedule of an objective: DDPM's linear :class:`NoiseSchedule`, or a :class:`FlowMatchingSchedule` with
     ``shift`` and ``timestep_sampling`` (which only flow matching takes)."""
@@ -349,12 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument("--scale", default="adaptive", help="adaptive, vlb, batch or a number")
     loss.add_argument("--temperature", type=_positive_float, default=1.0, help="the adaptive scale's tau")
     train = parser.add_argument_group("training")
-    train.add_argument("--objective", choices=OBJECTIVES, default="ddpm",
-                       help="ddpm: the linear-beta DDPM (T = 1000, epsilon target); flow: flow matching (rectified "
-                            "flow, velocity target, as SD3 / Flux train)")
-    train.add_argument("--shift", type=_positive_float, default=1.0, help="flow: SD3's timestep shift")
-    train.add_argument("--timestep-sampling", choices=FLOW_TIMESTEP_SAMPLING, default="uniform",
-                       help="flow: how training times are drawn (diffusers' weighting_scheme names)")
+    add_objective_arguments(train)
     train.add_argument("--model", default="tiny", choices=sorted(MODEL_PRESETS))
     train.add_argument("--base-channels", type=_positive_int, default=None, help="override the preset's base channels")
     train.add_argument("--steps", type=_positive_int, default=2000)

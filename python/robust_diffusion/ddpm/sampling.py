@@ -231,14 +231,7 @@ def _sample(model, schedule: NoiseSchedule, shape: Sequence[int], step, num_step
         raise ValueError(f"the schedule has zero terminal SNR (alphas_cumprod[{timesteps[0]}] = 0), where "
                          f"prediction_type 'epsilon' cannot recover x0; train with 'v_prediction' or 'sample'")
     shape = tuple(int(s) for s in shape)
-    if device is None:
-        device = x_T.device if x_T is not None else _module_device(model)
-    if x_T is None:
-        x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
-    else:
-        if tuple(x_T.shape) != shape:
-            raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
-        x = x_T.to(device=device, dtype=dtype)
+    x, device = _starting_noise(model, shape, generator, device, dtype, x_T)
 
     iterator = timesteps
     if progress:
@@ -284,14 +277,7 @@ def flow_sample(model: Callable[[Tensor, Tensor], Tensor], schedule: FlowMatchin
         raise ValueError(f"flow_sample: times must fall strictly from at most 1 down to 0 (at least two), got "
                          f"{[round(v, 4) for v in grid[:4]]}{' ...' if len(grid) > 4 else ''}")
     shape = tuple(int(s) for s in shape)
-    if device is None:
-        device = x_T.device if x_T is not None else _module_device(model)
-    if x_T is None:
-        x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
-    else:
-        if tuple(x_T.shape) != shape:
-            raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
-        x = x_T.to(device=device, dtype=dtype)
+    x, device = _starting_noise(model, shape, generator, device, dtype, x_T)
 
     def velocity(x: Tensor, t: float) -> Tensor:
         time = schedule.model_timestep(torch.full((shape[0],), t, device=device, dtype=torch.float32))
@@ -310,6 +296,20 @@ def flow_sample(model: Callable[[Tensor, Tensor], Tensor], schedule: FlowMatchin
         else:
             x = euler
     return x
+
+
+def _starting_noise(model, shape: Tuple[int, ...], generator: Optional[torch.Generator],
+                    device: Optional[torch.device], dtype: torch.dtype,
+                    x_T: Optional[Tensor]) -> Tuple[Tensor, torch.device]:
+    """The chain's start, ``x_T`` or a fresh draw, and the device it runs on (default: ``x_T``'s, else the
+    model's)."""
+    if device is None:
+        device = x_T.device if x_T is not None else _module_device(model)
+    if x_T is None:
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype), device
+    if tuple(x_T.shape) != shape:
+        raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
+    return x_T.to(device=device, dtype=dtype), device
 
 
 def _module_device(model) -> torch.device:
