@@ -66,7 +66,9 @@ def _default_cuda_archs() -> str:
 
 # The CPU kernels are compiled once per instruction set (csrc/cpu/isa/loss_kernel_<isa>.cpp, as in ATen);
 # these are the flags of each file that needs its own. cpu/loss_kernel.cpp picks the build at run time.
-ISA_FLAGS = {"_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"]} if platform.machine().lower() in ("x86_64", "amd64") else {}
+ISA_FLAGS = {"_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
+             "_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]} \
+    if platform.machine().lower() in ("x86_64", "amd64") else {}
 
 
 class BuildExtensionPerISA(BuildExtension):
@@ -100,6 +102,12 @@ class BuildExtensionPerISA(BuildExtension):
 def extension():
     sources = _sources("*.cpp", "cpu/*.cpp", "cpu/isa/*.cpp", "autograd/*.cpp", "python/*.cpp")
     cxx_flags = ["-O3", "-fno-math-errno"]
+    # at::parallel_for is inline: without OpenMP here the CPU kernels would run on one thread whatever
+    # torch.get_num_threads() says. The pip wheels' own libgomp.so.1 is the one loaded (same soname).
+    link_flags = []
+    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     include_dirs = [os.path.join(ROOT, "csrc")]
     if _build_cuda():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -112,9 +120,10 @@ def extension():
             include_dirs=include_dirs,
             define_macros=[("RD_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
+            extra_link_args=link_flags,
         )
     return CppExtension("robust_diffusion._C", sources, include_dirs=include_dirs,
-                        extra_compile_args={"cxx": cxx_flags})
+                        extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
 
 if __name__ == "__main__":  # pip's backend runs this file as __main__; tests import its helpers

@@ -1,21 +1,30 @@
 """Forward + backward time of the fused losses against the same loss written in eager PyTorch, that
-composite under torch.compile, and plain F.mse_loss (docs/DESIGN.md, Losses, issue 3).
+composite under torch.compile, and plain F.mse_loss (docs/DESIGN.md, Kernels; issues 3 and 18).
 
-The memory floor of one training step's loss is 5N elements moved: the forward reads input and target
-(2N), the backward reads them again and writes the input gradient (3N). ``floor %`` is that traffic
-at the measured device-to-device copy bandwidth divided by the measured time (100% = at the floor).
+Bytes moved: a per-sample loss has to read input and target and write the input's gradient, 3N elements,
+the one-pass floor that the CPU path (<loss>_with_grad, the gradient computed in the forward's pass)
+aims at. A forward and a separate backward (what autograd gives torch.compile, and what our CUDA path
+does) read input and target twice: 5N, the two-pass floor. ``% of 3N`` and ``% of 5N`` are those
+bytes at the measured copy bandwidth divided by the measured time (100% = at the floor). The input sets
+rotate through a working set of at least twice the last-level cache (on a GPU, 256 MB), so every run
+reads from memory, not from a cache the previous run filled.
 
     python benchmarks/bench_losses.py                      # CPU, writes benchmarks/RESULTS.md section
     python benchmarks/bench_losses.py --device cuda        # on a GPU
 
-Results are appended to benchmarks/RESULTS.md with the device, torch version and date.
+Columns: ``ours`` is the loss through autograd as a training loop calls it (``loss.backward()``);
+``two-pass`` the forward operator and then the backward operator, without autograd (the CUDA path, and
+the CPU path before the one-pass kernel). Results are appended to benchmarks/RESULTS.md with the device,
+torch version and date.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
+import sys
 import statistics
 import time
 from pathlib import Path
@@ -25,8 +34,13 @@ import torch.nn.functional as F
 
 import robust_diffusion as rd
 
+# glibc returns large freed blocks to the system and faults fresh pages in (zeroed by the kernel) on the next
+# allocation: every contender allocates its gradient each step, and on a virtual machine those faults are slow
+# and erratic. Keeping freed memory in the process measures the kernels; --system-malloc measures with them.
+KEEP_FREED_MEMORY = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
+
 SHAPES = [(128, 3, 32, 32), (64, 4, 64, 64), (16, 16, 128, 128), (256, 3, 64, 64)]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def hellinger_composite(x, y, scale):
@@ -37,6 +51,19 @@ def hellinger_composite(x, y, scale):
 
 def ours(x, y, scale):
     return rd.hellinger_loss(x, y, scale=scale)
+
+
+class TwoPass:
+    """The forward operator, then the backward operator for an upstream gradient of 1, without autograd."""
+
+    def __init__(self, x, y, scale):
+        self.x, self.y, self.scale = x.detach(), y, scale
+        self.one = torch.ones((), device=x.device)
+
+    def __call__(self):
+        ops = torch.ops.robust_diffusion
+        influence = ops.hellinger_loss(self.x, self.y, self.scale, None, "mean", "mean")[2]
+        ops.hellinger_loss_backward(self.one, self.x, self.y, self.scale, None, influence, "mean", "mean")
 
 
 def mse(x, y, scale):
@@ -78,11 +105,37 @@ def cpu_model() -> str:
 
 def copy_bandwidth(device: torch.device, timer: Timer) -> float:
     """Bytes per second of a large device-to-device copy, counting bytes read plus bytes written."""
-    numel = (256 << 20) // 4 if device.type == "cuda" else (64 << 20) // 4
+    numel = (256 << 20) // 4 if device.type == "cuda" else max(64 << 20, 2 * last_level_cache_bytes()) // 4
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
     ms = timer(lambda: dst.copy_(src), warmup=3, repeat=20)
     return 2 * src.numel() * 4 / (ms * 1e-3)
+
+
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache (Linux sysfs), or 64 MB where it cannot be read."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip()
+        scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KM")) * scale)
+    return max(sizes, default=64 << 20)
+
+
+def input_sets(device: torch.device, numel: int, itemsize: int) -> int:
+    """How many input sets to rotate through so that they do not fit in the last-level cache."""
+    working_set = (256 << 20) if device.type == "cuda" else 2 * last_level_cache_bytes()
+    return max(1, min(256, -(-working_set // (2 * numel * itemsize))))
+
+
+def rotate(fns):
+    """One call of the next function of fns per run."""
+    index = [0]
+
+    def run():
+        fns[index[0] % len(fns)]()
+        index[0] += 1
+    return run
 
 
 def step(loss_fn, inputs, index):
@@ -101,8 +154,17 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=None)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
+    parser.add_argument("--shapes", default=",".join("x".join(map(str, shape)) for shape in SHAPES),
+                        help="comma-separated shapes such as 128x3x32x32")
+    parser.add_argument("--dtypes", default=",".join(DTYPES), help=f"comma-separated, of {', '.join(DTYPES)}")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="keep glibc's default of returning freed memory (pays page faults each step)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if device.type == "cpu" and not args.system_malloc and sys.platform.startswith("linux") and \
+            "GLIBC_TUNABLES" not in os.environ:
+        os.execve(sys.executable, [sys.executable] + sys.argv, dict(os.environ, GLIBC_TUNABLES=KEEP_FREED_MEMORY))
+    malloc = os.environ.get("GLIBC_TUNABLES", "system malloc") if device.type == "cpu" else None
     timer = Timer(device)
     repeat = args.repeat or 50
     bandwidth = copy_bandwidth(device, timer)
@@ -110,47 +172,52 @@ def main() -> None:
         f"{cpu_model()}, {torch.get_num_threads()} threads, {torch.ops.robust_diffusion.cpu_instruction_set()} kernels"
     compiled = torch.compile(hellinger_composite, dynamic=False) if not args.no_compile else None
 
+    shapes = [tuple(int(size) for size in text.split("x")) for text in args.shapes.split(",")]
+    dtypes = {name: DTYPES[name] for name in args.dtypes.split(",")}
     rows = []
-    for shape in SHAPES:
-        for dtype_name, dtype in DTYPES.items():
+    for shape in shapes:
+        for dtype_name, dtype in dtypes.items():
             numel = 1
-            for s in shape:
-                numel *= s
-            sets = max(1, min(8, (256 << 20) // (2 * numel * dtype.itemsize))) if device.type == "cuda" else 1
+            for size in shape:
+                numel *= size
             inputs = []
-            for _ in range(sets):
+            for _ in range(input_sets(device, numel, dtype.itemsize)):
                 x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
                 y = torch.randn(shape, device=device, dtype=dtype)
                 inputs.append((x, y, torch.full((shape[0],), 0.5, device=device)))
             times = {}
             for label, fn in (("ours", ours), ("eager", hellinger_composite), ("compile", compiled), ("mse", mse)):
-                if fn is None:
-                    continue
-                times[label] = timer(step(fn, inputs, [0]), warmup=10, repeat=repeat)
-            floor_ms = 5 * numel * dtype.itemsize / bandwidth * 1e3
-            rows.append((shape, dtype_name, times, floor_ms))
-            print(f"{str(shape):22s} {dtype_name:8s} " + "  ".join(f"{k} {v:8.3f} ms" for k, v in times.items())
-                  + f"  floor {floor_ms:.3f} ms ({100 * floor_ms / times['ours']:.0f}% of floor)", flush=True)
+                if fn is not None:
+                    times[label] = timer(step(fn, inputs, [0]), warmup=10, repeat=repeat)
+            times["two-pass"] = timer(rotate([TwoPass(*i) for i in inputs]), warmup=10, repeat=repeat)
+            bytes3 = 3 * numel * dtype.itemsize
+            rows.append((shape, dtype_name, len(inputs), times, bytes3))
+            print(f"{str(shape):22s} {dtype_name:8s} sets {len(inputs):3d} "
+                  + "  ".join(f"{k} {v:8.3f} ms" for k, v in times.items())
+                  + f"  {100 * bytes3 / bandwidth / (times['ours'] * 1e-3):.0f}% of the 3N floor", flush=True)
 
-    header = ("| shape | dtype | ours ms | eager ms | compile ms | F.mse_loss ms | ours GB/s | floor % | "
-              "vs eager | vs compile |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    header = ("| shape | dtype | ours ms | two-pass ms | eager ms | compile ms | F.mse_loss ms | 3N floor ms | "
+              "ours % of 3N | two-pass % of 5N | compile % of 5N | vs eager | vs compile |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
-    for shape, dtype_name, times, floor_ms in rows:
-        numel = 1
-        for s in shape:
-            numel *= s
-        gbps = 5 * numel * DTYPES[dtype_name].itemsize / (times["ours"] * 1e-3) / 1e9
+    for shape, dtype_name, sets, times, bytes3 in rows:
+        floor3 = bytes3 / bandwidth * 1e3
+        floor5 = floor3 * 5 / 3
         compile_ms = times.get("compile")
-        lines.append(
-            f"| {tuple(shape)} | {dtype_name} | {times['ours']:.3f} | {times['eager']:.3f} | "
-            f"{compile_ms:.3f} | {times['mse']:.3f} | {gbps:.1f} | {100 * floor_ms / times['ours']:.0f}% | "
-            f"{times['eager'] / times['ours']:.2f}x | {compile_ms / times['ours']:.2f}x |" if compile_ms else
-            f"| {tuple(shape)} | {dtype_name} | {times['ours']:.3f} | {times['eager']:.3f} | - | {times['mse']:.3f} | "
-            f"{gbps:.1f} | {100 * floor_ms / times['ours']:.0f}% | {times['eager'] / times['ours']:.2f}x | - |")
+        cells = [str(tuple(shape)), dtype_name, f"{times['ours']:.3f}", f"{times['two-pass']:.3f}",
+                 f"{times['eager']:.3f}", f"{compile_ms:.3f}" if compile_ms else "-", f"{times['mse']:.3f}",
+                 f"{floor3:.3f}", f"{100 * floor3 / times['ours']:.0f}%", f"{100 * floor5 / times['two-pass']:.0f}%",
+                 f"{100 * floor5 / compile_ms:.0f}%" if compile_ms else "-", f"{times['eager'] / times['ours']:.2f}x",
+                 f"{compile_ms / times['ours']:.2f}x" if compile_ms else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    cache = "256 MB" if device.type == "cuda" else f"2x the {last_level_cache_bytes() >> 20} MB last-level cache"
     section = (f"\n## {name}: torch {torch.__version__}, {datetime.date.today().isoformat()}\n\n"
-               f"Hellinger loss, forward + backward, median of {repeat} runs; measured copy bandwidth "
-               f"{bandwidth / 1e9:.1f} GB/s (read + write). Command: `python benchmarks/bench_losses.py "
-               f"--device {args.device}`.\n\n" + header + "\n".join(lines) + "\n")
+               f"Hellinger loss, forward + backward, median of {repeat} runs, input sets rotating through {cache}; "
+               f"measured copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write), at which the 3N floor (read "
+               f"input and target, write the gradient) takes the time shown."
+               + (f" Allocator: `GLIBC_TUNABLES={malloc}` (freed memory kept, no page faults per step)."
+                  if malloc and malloc != "system malloc" else " Allocator: glibc's default." if malloc else "")
+               + f" Command: `python benchmarks/bench_losses.py --device {args.device}`.\n\n" + header + "\n".join(lines) + "\n")
     out = Path(args.out)
     if not out.exists():
         out.write_text("# Benchmark results\n\nWritten by `benchmarks/bench_losses.py`; newest sections last.\n")

@@ -71,8 +71,13 @@ at::Tensor per_sample_grad(const LossConfig& config, const at::Tensor& grad_loss
 // Allocates the forward outputs: loss ([] or [B]), penalty [B], influence [B], all in the compute dtype.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_outputs(const LossConfig& config, const LossInputs& in);
 
+// (loss, penalty, influence, grad_input): the forward's outputs and d loss / d input for an upstream gradient of 1
+// (ones for reduction "none"), computed in one pass (docs/DESIGN.md, Kernels).
+using LossOutputsWithGrad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
 // Backends. Forward returns (loss, penalty R_b, influence w_b); backward returns d loss / d input.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cpu(const LossConfig& config, const LossInputs& in);
+LossOutputsWithGrad loss_forward_with_grad_cpu(const LossConfig& config, const LossInputs& in);
 at::Tensor loss_backward_cpu(const LossConfig& config, const LossInputs& in, const at::Tensor& grad_per_sample,
                              const at::Tensor& influence);
 #ifdef RD_WITH_CUDA

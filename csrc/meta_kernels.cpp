@@ -39,6 +39,13 @@ struct LossMeta<Loss, c10::guts::typelist::typelist<P...>> {
     return {loss, at::empty_symint({batch}, options), at::empty_symint({batch}, options)};
   }
 
+  static LossOutputsWithGrad with_grad(const at::Tensor& input, const at::Tensor& target, const at::Tensor& scale,
+                                       const std::optional<at::Tensor>& weight, c10::string_view dim_reduction,
+                                       c10::string_view reduction, P... params) {
+    auto [loss, penalty, influence] = forward(input, target, scale, weight, dim_reduction, reduction, params...);
+    return {loss, penalty, influence, at::empty_symint(input.sym_sizes(), input.options())};
+  }
+
   static at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
                              const at::Tensor& scale, const std::optional<at::Tensor>& weight,
                              const at::Tensor& influence, c10::string_view dim_reduction, c10::string_view reduction,
@@ -64,6 +71,7 @@ TORCH_LIBRARY_IMPL(robust_diffusion, Meta, m) {
   losses::for_each_loss([&](auto loss) {
     using Loss = decltype(loss);
     m.impl(Loss::name, &LossMeta<Loss>::forward);
+    m.impl((std::string(Loss::name) + "_with_grad").c_str(), &LossMeta<Loss>::with_grad);
     m.impl((std::string(Loss::name) + "_backward").c_str(), &LossMeta<Loss>::backward);
   });
   m.impl("risk_noising", &risk_noising_meta);

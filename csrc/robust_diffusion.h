@@ -24,7 +24,7 @@ namespace robust_diffusion {
 
 using LossOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // (loss, penalty R_b, influence w_b)
 
-// The dispatcher handles of one loss's forward and backward operators, typed from its entry in losses.h.
+// The dispatcher handles of one loss's forward, with-gradient and backward operators, typed from its entry in losses.h.
 template <class Loss, class Params = LossParams<Loss>>
 struct LossOperator;
 
@@ -38,6 +38,14 @@ struct LossOperator<Loss, c10::guts::typelist::typelist<P...>> {
 
   static const c10::TypedOperatorHandle<ForwardSignature>& forward() {
     static const auto op = find(Loss::name).template typed<ForwardSignature>();
+    return op;
+  }
+  using WithGradSignature = LossOutputsWithGrad(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                 const std::optional<at::Tensor>&, c10::string_view, c10::string_view,
+                                                 P...);
+
+  static const c10::TypedOperatorHandle<WithGradSignature>& with_grad() {
+    static const auto op = find(std::string(Loss::name) + "_with_grad").template typed<WithGradSignature>();
     return op;
   }
   static const c10::TypedOperatorHandle<BackwardSignature>& backward() {

@@ -1,5 +1,5 @@
-// The operator schemas: torch.ops.robust_diffusion.<loss> and <loss>_backward for every loss in
-// losses.h. Backends register their kernels in cpu/ and cuda/, autograd in autograd/.
+// The operator schemas: torch.ops.robust_diffusion.<loss>, <loss>_with_grad (the forward and the input's
+// gradient in one pass, which autograd uses on the CPU) and <loss>_backward for every loss in losses.h. Backends register their kernels in cpu/ and cuda/, autograd in autograd/.
 #include <torch/library.h>
 
 #include <string>
@@ -12,6 +12,8 @@ namespace {
 constexpr const char* kForwardArgs =
     "(Tensor input, Tensor target, Tensor scale, Tensor? weight, str dim_reduction, str reduction";
 constexpr const char* kForwardReturns = ") -> (Tensor loss, Tensor penalty, Tensor influence)";
+constexpr const char* kWithGradReturns =
+    ") -> (Tensor loss, Tensor penalty, Tensor influence, Tensor grad_input)";
 constexpr const char* kBackwardArgs =
     "_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor scale, Tensor? weight, Tensor influence, "
     "str dim_reduction, str reduction";
@@ -22,6 +24,7 @@ TORCH_LIBRARY(robust_diffusion, m) {
   losses::for_each_loss([&](auto loss) {
     using Loss = decltype(loss);
     m.def((std::string(Loss::name) + kForwardArgs + Loss::params + kForwardReturns).c_str());
+    m.def((std::string(Loss::name) + "_with_grad" + kForwardArgs + Loss::params + kWithGradReturns).c_str());
     m.def((std::string(Loss::name) + kBackwardArgs + Loss::params + ") -> Tensor").c_str());
   });
 }

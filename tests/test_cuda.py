@@ -141,3 +141,18 @@ def test_cuda_cpu_device_mismatch_names_the_argument(argument, input_device, oth
     if argument == "target":  # through the Python API too
         with pytest.raises(ValueError, match=r"hellinger_loss: target must be on input's device"):
             rd.hellinger_loss(x, args["target"])
+
+
+def test_cuda_keeps_two_passes():
+    """On CUDA autograd runs the forward and the backward operator (a one-pass gradient would cost a host sync
+    per step; docs/DESIGN.md, Kernels), and <loss>_with_grad, registered for every backend, is those two."""
+    x = torch.randn(4, 3, 9, 9, device="cuda")
+    y = torch.randn(4, 3, 9, 9, device="cuda")
+    scale = torch.rand(4, device="cuda")
+    a = x.clone().requires_grad_()
+    with torch.autograd.profiler.profile() as prof:
+        OPS.ned_loss(a, y, scale, None, "mean", "mean")[0].backward()
+    names = {e.name for e in prof.function_events if e.name.startswith("robust_diffusion::")}
+    assert names == {"robust_diffusion::ned_loss", "robust_diffusion::ned_loss_backward"}
+    loss, penalty, influence, grad = OPS.ned_loss_with_grad(x, y, scale, None, "mean", "mean")
+    assert torch.equal(grad, a.grad) and torch.equal(loss, OPS.ned_loss(x, y, scale, None, "mean", "mean")[0])

@@ -5,10 +5,15 @@
 // traceable by compiled autograd; torch.compile and torch.export see both operators as opaque.
 // scale and weight get no gradient, so a scale or weight that requires grad is refused (it would
 // silently stay without one). Differentiating the gradient (double backward) is refused too.
-// (docs/DESIGN.md, Kernels)
+//
+// On the CPU in eager mode the forward computes the input's gradient in the same pass (<loss>_with_grad) and the
+// node keeps it: a backward whose upstream gradient is 1 (loss.backward()) then moves no data at all, any other
+// only scales it. Traced calls (torch.compile, torch.export, dispatch modes), CUDA, create_graph and compiled
+// autograd keep the two-pass <loss>_backward. (docs/DESIGN.md, Kernels)
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/utils.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
@@ -89,6 +94,18 @@ void check_param_no_grad(const char* op, const std::string& argument, const at::
 void check_param_no_grad(const char*, const std::string&, double) {}
 void check_param_no_grad(const char*, const std::string&, c10::string_view) {}
 
+// Whether the forward computes the input's gradient in the same pass: an eager call on CPU tensors whose input
+// needs a gradient. Traced calls (FakeTensor, functionalisation, tensor subclasses, a TorchDispatchMode) keep the
+// two operators, so a compiled or exported graph is what it was: there the gradient buffer would only add memory.
+bool fuse_input_gradient(const at::Tensor& input, const at::Tensor& target) {
+  constexpr c10::DispatchKeySet traced({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
+                                        c10::DispatchKey::Functionalize, c10::DispatchKey::FuncTorchBatched,
+                                        c10::DispatchKey::FuncTorchGradWrapper});
+  return at::GradMode::is_enabled() && input.requires_grad() && input.device().is_cpu() &&
+         input.layout() == at::kStrided && !(input.key_set() | target.key_set()).has_any(traced) &&
+         !c10::impl::dispatch_mode_enabled();
+}
+
 // The backward of a backward: attached to the gradient when the graph is kept (create_graph=True), it
 // raises if anything differentiates through it instead of silently returning zero.
 struct DoubleBackwardRefused : public Node {
@@ -114,10 +131,31 @@ struct LossAutograd<Loss, c10::guts::typelist::typelist<P...>> {
       const bool need_input = should_compute_output(0), need_target = should_compute_output(1);
       if (!grads[0].defined() || !(need_input || need_target)) return result;
       const at::Tensor target = target_.unpack();
-      const at::Tensor grad = call_backward(grads[0], input_.unpack(), target, std::index_sequence_for<P...>{});
-      if (need_input) result[0] = grad;
+      // create_graph needs the backward operator (it refuses double backward); compiled autograd traces it.
+      const bool use_unit_grad = unit_grad_.defined() && !at::GradMode::is_enabled() && !compiled_;
+      const at::Tensor grad = use_unit_grad ? scale_unit_grad(grads[0])
+                                            : call_backward(grads[0], input_.unpack(), target,
+                                                            std::index_sequence_for<P...>{});
       if (need_target) result[1] = grad.neg().to(target.scalar_type());  // d r / d target = -1
+      if (need_input) result[0] = grad;
       return result;
+    }
+
+    // The forward's gradient (for an upstream gradient of 1) times the upstream gradient g. When the graph is
+    // being freed (no retain_graph) the buffer is handed over: returned as it is when g is 1, so AccumulateGrad
+    // can adopt it as .grad with no copy, else scaled in place. A kept graph gets a new tensor every time, so the
+    // buffer stays as the forward wrote it for the next backward. Reading g costs no sync: it is on the CPU.
+    at::Tensor scale_unit_grad(const at::Tensor& g) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      at::Tensor grad = releasing_ ? std::exchange(unit_grad_, at::Tensor()) : unit_grad_;
+      const bool none = reduction_ == "none";
+      const bool unit = none ? at::all(g == 1).item<bool>() : g.item<double>() == 1.0;
+      if (unit) return releasing_ ? grad : grad.clone();
+      std::vector<int64_t> per_sample(grad.dim(), 1);  // "none": g_b for every element of sample b
+      per_sample[0] = grad.size(0);
+      const at::Tensor factor = none ? g.reshape(per_sample) : g;
+      at::Tensor out = releasing_ ? grad : at::empty_like(grad);
+      return at::mul_out(out, grad, factor);
     }
 
     template <size_t... I>
@@ -128,8 +166,11 @@ struct LossAutograd<Loss, c10::guts::typelist::typelist<P...>> {
                                                  dim_reduction_, reduction_, FromIValue<P>::get(params_[I])...);
     }
 
+    void will_release_variables() override { releasing_ = true; }
+
     void release_variables() override {
       std::lock_guard<std::mutex> lock(mutex_);
+      unit_grad_.reset();
       input_.reset_data();
       target_.reset_data();
       scale_.reset_data();
@@ -152,7 +193,9 @@ struct LossAutograd<Loss, c10::guts::typelist::typelist<P...>> {
                                    torch::dynamo::autograd::SwapSavedVariables& saved) override {
       saved.before(input_), saved.before(target_), saved.before(scale_), saved.before(weight_);
       saved.before(influence_), saved.before(params_);
+      compiled_ = true;  // traced on proxies: the backward operator, never the forward's buffer
       variable_list result = apply(variable_list(inputs));
+      compiled_ = false;
       saved.after(input_), saved.after(target_), saved.after(scale_), saved.after(weight_);
       saved.after(influence_), saved.after(params_);
       return result;
@@ -161,6 +204,10 @@ struct LossAutograd<Loss, c10::guts::typelist::typelist<P...>> {
     SavedVariable input_, target_, scale_, weight_, influence_;
     std::string dim_reduction_, reduction_;
     std::vector<c10::IValue> params_;
+    // The input's gradient from <loss>_with_grad (undefined on the two-pass path): private to this node until
+    // a backward that frees the graph hands it over. It holds N elements from the forward to the backward.
+    at::Tensor unit_grad_;
+    bool releasing_ = false, compiled_ = false;
   };
 
   template <size_t... I>
@@ -178,8 +225,15 @@ struct LossAutograd<Loss, c10::guts::typelist::typelist<P...>> {
       check_no_grad(Loss::name, "weight", weight.value_or(at::Tensor()));
       check_params_no_grad(std::index_sequence_for<P...>{}, params...);
     }
-    LossOutputs outputs = [&] {
+    at::Tensor unit_grad;
+    LossOutputs outputs = [&]() -> LossOutputs {
       at::AutoDispatchBelowADInplaceOrView guard;
+      if (differentiable && fuse_input_gradient(input, target)) {
+        auto [loss, penalty, influence, grad] =
+            LossOperator<Loss>::with_grad().call(input, target, scale, weight, dim_reduction, reduction, params...);
+        unit_grad = std::move(grad);
+        return {loss, penalty, influence};
+      }
       return LossOperator<Loss>::forward().call(input, target, scale, weight, dim_reduction, reduction, params...);
     }();
     if (differentiable) {
@@ -193,9 +247,21 @@ struct LossAutograd<Loss, c10::guts::typelist::typelist<P...>> {
       node->dim_reduction_ = std::string(dim_reduction);
       node->reduction_ = std::string(reduction);
       node->params_ = {to_ivalue(params)...};
+      node->unit_grad_ = std::move(unit_grad);
       torch::autograd::set_history(std::get<0>(outputs), node);  // penalty and influence get no history
     }
     return outputs;
+  }
+
+  // The autograd kernel of <loss>_with_grad, an operator for the forward above: it has no derivative itself.
+  static LossOutputsWithGrad with_grad(const at::Tensor& input, const at::Tensor& target, const at::Tensor& scale,
+                                       const std::optional<at::Tensor>& weight, c10::string_view dim_reduction,
+                                       c10::string_view reduction, P... params) {
+    TORCH_CHECK(!torch::autograd::compute_requires_grad(input, target), "robust_diffusion::", Loss::name,
+                "_with_grad: input and target must not require grad (it returns the gradient; call ", Loss::name,
+                " for a differentiable loss)");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return LossOperator<Loss>::with_grad().call(input, target, scale, weight, dim_reduction, reduction, params...);
   }
 
   // The autograd kernel of <loss>_backward: computes it, and refuses to be differentiated.
@@ -225,6 +291,7 @@ TORCH_LIBRARY_IMPL(robust_diffusion, Autograd, m) {
   losses::for_each_loss([&](auto loss) {
     using Loss = decltype(loss);
     m.impl(Loss::name, &LossAutograd<Loss>::forward);
+    m.impl((std::string(Loss::name) + "_with_grad").c_str(), &LossAutograd<Loss>::with_grad);
     m.impl((std::string(Loss::name) + "_backward").c_str(), &LossAutograd<Loss>::backward);
   });
 }

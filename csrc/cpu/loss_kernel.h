@@ -70,11 +70,6 @@ inline void store2(T* p, const Vectorized<acc_t>& a, const Vectorized<acc_t>& b)
 template <typename acc_t>
 constexpr int64_t kBlock = 2 * Vectorized<acc_t>::size();
 
-template <typename Penalty, typename acc_t>
-Penalty penalty_for_sample(const LossConfig& config, const acc_t* c, int64_t b) {
-  return Penalty::make(config.penalty_param, c != nullptr ? static_cast<double>(c[b]) : 0.0);
-}
-
 // Sum of e(input - target) over [begin, end): SIMD accumulators, then a scalar tail, in a fixed order.
 template <typename acc_t, typename in_t, typename tgt_t, typename Penalty>
 double chunk_penalty_sum(const Penalty& e, const in_t* x, const tgt_t* y, int64_t begin, int64_t end) {
@@ -96,46 +91,135 @@ double chunk_penalty_sum(const Penalty& e, const in_t* x, const tgt_t* y, int64_
   return static_cast<double>(sum);
 }
 
+// grad[i] = coef * e'(input[i] - target[i]) over [begin, end) of one sample.
+template <typename acc_t, typename in_t, typename tgt_t, typename Penalty>
+void write_chunk_grad(const Penalty& e, acc_t coef, const in_t* x, const tgt_t* y, in_t* out, int64_t begin,
+                      int64_t end) {
+  using Vec = Vectorized<acc_t>;
+  const Vec coef_v(coef);
+  int64_t i = begin;
+  for (; i + kBlock<acc_t> <= end; i += kBlock<acc_t>) {
+    Vec x0, x1, y0, y1;
+    load2<acc_t>(x + i, x0, x1);
+    load2<acc_t>(y + i, y0, y1);
+    store2<acc_t>(out + i, coef_v * e.template grad<Vec>(x0 - y0), coef_v * e.template grad<Vec>(x1 - y1));
+  }
+  for (; i < end; ++i) out[i] = static_cast<in_t>(coef * e.grad(static_cast<acc_t>(x[i]) - static_cast<acc_t>(y[i])));
+}
+
+// One call's data as the kernels read it: the two [B, D] operands and the per-sample arguments.
+template <typename acc_t, typename in_t, typename tgt_t>
+struct KernelArgs {
+  KernelArgs(const LossConfig& config, const LossInputs& in)
+      : config(config),
+        B(in.batch),
+        D(in.numel_per_sample),
+        chunks((in.numel_per_sample + kChunk - 1) / kChunk),
+        x(in.input.const_data_ptr<in_t>()),
+        y(in.target.const_data_ptr<tgt_t>()),
+        scale(in.scale.const_data_ptr<acc_t>()),
+        weight(in.weight.defined() ? in.weight.const_data_ptr<acc_t>() : nullptr),
+        c(in.c.defined() ? in.c.const_data_ptr<acc_t>() : nullptr) {}
+
+  template <typename Penalty>
+  Penalty penalty(int64_t b) const {
+    return Penalty::make(config.penalty_param, c != nullptr ? static_cast<double>(c[b]) : 0.0);
+  }
+  template <typename Penalty>
+  double chunk_sum(const Penalty& e, int64_t b, int64_t k) const {
+    return chunk_penalty_sum<acc_t>(e, x + b * D, y + b * D, k * kChunk, std::min(D, (k + 1) * kChunk));
+  }
+  // The sample's gradient coefficient for the upstream gradient g_b and its influence w_b (both as stored
+  // in acc_t, so the fused and the two-pass gradients are bitwise the same).
+  acc_t coefficient(int64_t b, acc_t g_b, acc_t w_b) const {
+    return static_cast<acc_t>(math::sample_grad_coefficient(g_b, weight != nullptr ? static_cast<double>(weight[b]) : 1.0,
+                                                            w_b, scale[b], D, config.mean_over_elements));
+  }
+  template <typename Penalty>
+  void chunk_grad(const Penalty& e, acc_t coef, in_t* out, int64_t b, int64_t k) const {
+    const int64_t offset = b * D;
+    write_chunk_grad<acc_t>(e, coef, x + offset, y + offset, out + offset, k * kChunk, std::min(D, (k + 1) * kChunk));
+  }
+
+  const LossConfig& config;
+  const int64_t B, D, chunks;
+  const in_t* x;
+  const tgt_t* y;
+  const acc_t *scale, *weight, *c;
+};
+
+// The forward, and with grad_input the gradient of the same call for an upstream gradient of 1 (ones for
+// reduction "none") in the same pass: each sample's data is read from memory once, summed, and read again
+// from cache to write its gradient once the sample's coefficient is known (3N moved instead of the 5N of a
+// forward and a backward; docs/DESIGN.md, Kernels). Every sum has the order of the forward alone and the
+// gradient is the backward kernel's, so both are bitwise what the two passes give.
 template <typename Penalty, typename acc_t, typename in_t, typename tgt_t>
 void forward_kernel(const LossConfig& config, const LossInputs& in, at::Tensor& loss, at::Tensor& penalty,
-                    at::Tensor& influence) {
-  const int64_t B = in.batch, D = in.numel_per_sample;
-  const int64_t chunks = (D + kChunk - 1) / kChunk;
-  const in_t* x = in.input.const_data_ptr<in_t>();
-  const tgt_t* y = in.target.const_data_ptr<tgt_t>();
-  const acc_t* c = in.c.defined() ? in.c.const_data_ptr<acc_t>() : nullptr;
-
-  std::vector<double> partial(B * chunks);
-  at::parallel_for(0, B * chunks, 1, [&](int64_t task_begin, int64_t task_end) {
-    for (int64_t task = task_begin; task < task_end; ++task) {
-      const int64_t b = task / chunks, k = task % chunks;
-      const Penalty e = penalty_for_sample<Penalty>(config, c, b);
-      const int64_t offset = b * D;
-      partial[task] = chunk_penalty_sum<acc_t>(e, x + offset, y + offset, k * kChunk, std::min(D, (k + 1) * kChunk));
-    }
-  });
-
-  const acc_t* scale = in.scale.const_data_ptr<acc_t>();
-  const acc_t* weight = in.weight.defined() ? in.weight.const_data_ptr<acc_t>() : nullptr;
+                    at::Tensor& influence, at::Tensor* grad_input) {
+  const KernelArgs<acc_t, in_t, tgt_t> a(config, in);
+  const int64_t B = a.B, chunks = a.chunks;
   acc_t* penalty_out = penalty.mutable_data_ptr<acc_t>();
   acc_t* influence_out = influence.mutable_data_ptr<acc_t>();
-  acc_t* loss_out = loss.mutable_data_ptr<acc_t>();
-  double total = 0.0;
-  for (int64_t b = 0; b < B; ++b) {
-    double sum = 0.0;
-    for (int64_t k = 0; k < chunks; ++k) sum += partial[b * chunks + k];
-    const math::SampleForward s = math::sample_forward(config.transform, config.transform_param, sum, D,
-                                                       config.mean_over_elements, scale[b],
-                                                       weight != nullptr ? static_cast<double>(weight[b]) : 1.0);
+  in_t* grad_out = grad_input != nullptr ? grad_input->mutable_data_ptr<in_t>() : nullptr;
+  // The upstream gradient of each sample's loss when the loss's own gradient is 1: 1 / B under "mean",
+  // computed in acc_t as per_sample_grad computes it for the backward.
+  const acc_t unit_grad = config.reduction == Reduction::Mean ? acc_t(1) / static_cast<acc_t>(B) : acc_t(1);
+
+  std::vector<double> sample_loss(B);
+  // phi, w and the loss of sample b from its penalty sum; returns its gradient coefficient.
+  const auto finish = [&](int64_t b, double sum) {
+    const math::SampleForward s = math::sample_forward(config.transform, config.transform_param, sum, a.D,
+                                                       config.mean_over_elements, a.scale[b],
+                                                       a.weight != nullptr ? static_cast<double>(a.weight[b]) : 1.0);
     penalty_out[b] = static_cast<acc_t>(s.penalty);
     influence_out[b] = static_cast<acc_t>(s.influence);
-    if (config.reduction == Reduction::None) {
-      loss_out[b] = static_cast<acc_t>(s.loss);
-    } else {
-      total += s.loss;
+    sample_loss[b] = s.loss;
+    return a.coefficient(b, unit_grad, influence_out[b]);
+  };
+
+  if (chunks == 1) {  // samples are the tasks: sum, finish and (fused) write each one while it is in cache
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const Penalty e = a.template penalty<Penalty>(b);
+        const acc_t coef = finish(b, a.chunk_sum(e, b, 0));
+        if (grad_out != nullptr) a.chunk_grad(e, coef, grad_out, b, 0);
+      }
+    });
+  } else if (grad_out == nullptr) {  // chunks of every sample are the tasks
+    std::vector<double> partial(B * chunks);
+    at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / chunks;
+        partial[task] = a.chunk_sum(a.template penalty<Penalty>(b), b, task % chunks);
+      }
+    });
+    for (int64_t b = 0; b < B; ++b) {
+      double sum = 0.0;
+      for (int64_t k = 0; k < chunks; ++k) sum += partial[b * chunks + k];
+      finish(b, sum);
+    }
+  } else {  // fused, large samples: one sample at a time, its chunks shared by the threads in both passes
+    std::vector<double> partial(chunks);
+    for (int64_t b = 0; b < B; ++b) {
+      const Penalty e = a.template penalty<Penalty>(b);
+      at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t k = begin; k < end; ++k) partial[k] = a.chunk_sum(e, b, k);
+      });
+      double sum = 0.0;
+      for (int64_t k = 0; k < chunks; ++k) sum += partial[k];
+      const acc_t coef = finish(b, sum);
+      at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t k = begin; k < end; ++k) a.chunk_grad(e, coef, grad_out, b, k);
+      });
     }
   }
-  if (config.reduction != Reduction::None) {
+
+  acc_t* loss_out = loss.mutable_data_ptr<acc_t>();
+  if (config.reduction == Reduction::None) {
+    for (int64_t b = 0; b < B; ++b) loss_out[b] = static_cast<acc_t>(sample_loss[b]);
+  } else {
+    double total = 0.0;
+    for (int64_t b = 0; b < B; ++b) total += sample_loss[b];
     loss_out[0] = static_cast<acc_t>(config.reduction == Reduction::Mean ? total / static_cast<double>(B) : total);
   }
 }
@@ -143,37 +227,15 @@ void forward_kernel(const LossConfig& config, const LossInputs& in, at::Tensor& 
 template <typename Penalty, typename acc_t, typename in_t, typename tgt_t>
 void backward_kernel(const LossConfig& config, const LossInputs& in, const at::Tensor& grad_per_sample,
                      const at::Tensor& influence, at::Tensor& grad_input) {
-  using Vec = Vectorized<acc_t>;
-  const int64_t B = in.batch, D = in.numel_per_sample;
-  const int64_t chunks = (D + kChunk - 1) / kChunk;
-  const in_t* x = in.input.const_data_ptr<in_t>();
-  const tgt_t* y = in.target.const_data_ptr<tgt_t>();
+  const KernelArgs<acc_t, in_t, tgt_t> a(config, in);
+  const int64_t chunks = a.chunks;
   in_t* out = grad_input.mutable_data_ptr<in_t>();
-  const acc_t* c = in.c.defined() ? in.c.const_data_ptr<acc_t>() : nullptr;
   const acc_t* g = grad_per_sample.const_data_ptr<acc_t>();
   const acc_t* w = influence.const_data_ptr<acc_t>();
-  const acc_t* scale = in.scale.const_data_ptr<acc_t>();
-  const acc_t* weight = in.weight.defined() ? in.weight.const_data_ptr<acc_t>() : nullptr;
-
-  at::parallel_for(0, B * chunks, 1, [&](int64_t task_begin, int64_t task_end) {
-    for (int64_t task = task_begin; task < task_end; ++task) {
-      const int64_t b = task / chunks, k = task % chunks;
-      const Penalty e = penalty_for_sample<Penalty>(config, c, b);
-      const acc_t coef = static_cast<acc_t>(math::sample_grad_coefficient(
-          g[b], weight != nullptr ? static_cast<double>(weight[b]) : 1.0, w[b], scale[b], D,
-          config.mean_over_elements));
-      const int64_t end = b * D + std::min(D, (k + 1) * kChunk);
-      int64_t i = b * D + k * kChunk;
-      const Vec coef_v(coef);
-      for (; i + kBlock<acc_t> <= end; i += kBlock<acc_t>) {
-        Vec x0, x1, y0, y1;
-        load2<acc_t>(x + i, x0, x1);
-        load2<acc_t>(y + i, y0, y1);
-        store2<acc_t>(out + i, coef_v * e.template grad<Vec>(x0 - y0), coef_v * e.template grad<Vec>(x1 - y1));
-      }
-      for (; i < end; ++i) {
-        out[i] = static_cast<in_t>(coef * e.grad(static_cast<acc_t>(x[i]) - static_cast<acc_t>(y[i])));
-      }
+  at::parallel_for(0, a.B * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / chunks;
+      a.chunk_grad(a.template penalty<Penalty>(b), a.coefficient(b, g[b], w[b]), out, b, task % chunks);
     }
   });
 }
@@ -183,9 +245,18 @@ void backward_kernel(const LossConfig& config, const LossInputs& in, const at::T
 std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward(const LossConfig& config, const LossInputs& in) {
   auto [loss, penalty, influence] = allocate_outputs(config, in);
   dispatch_loss_kernel(config, in, [&]<typename Penalty, typename acc_t, typename in_t, typename tgt_t>() {
-    forward_kernel<Penalty, acc_t, in_t, tgt_t>(config, in, loss, penalty, influence);
+    forward_kernel<Penalty, acc_t, in_t, tgt_t>(config, in, loss, penalty, influence, nullptr);
   });
   return {loss, penalty, influence};
+}
+
+LossOutputsWithGrad loss_forward_with_grad(const LossConfig& config, const LossInputs& in) {
+  auto [loss, penalty, influence] = allocate_outputs(config, in);
+  at::Tensor grad_input = at::empty_like(in.input, at::MemoryFormat::Contiguous);
+  dispatch_loss_kernel(config, in, [&]<typename Penalty, typename acc_t, typename in_t, typename tgt_t>() {
+    forward_kernel<Penalty, acc_t, in_t, tgt_t>(config, in, loss, penalty, influence, &grad_input);
+  });
+  return {loss, penalty, influence, grad_input};
 }
 
 at::Tensor loss_backward(const LossConfig& config, const LossInputs& in, const at::Tensor& grad_per_sample,

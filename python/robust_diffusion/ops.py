@@ -10,8 +10,13 @@ Every loss operator has the schema::
 
     <name>(Tensor input, Tensor target, Tensor scale, Tensor? weight, str dim_reduction,
            str reduction, <its parameters>) -> (Tensor loss, Tensor penalty, Tensor influence)
+    <name>_with_grad(<the arguments of <name>>)
+        -> (Tensor loss, Tensor penalty, Tensor influence, Tensor grad_input)
     <name>_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor scale, Tensor? weight,
                     Tensor influence, str dim_reduction, str reduction, <its parameters>) -> Tensor
+
+``<name>_with_grad`` also returns the input's gradient for an upstream gradient of 1, computed in the
+forward's pass; autograd uses it for eager CPU calls whose input requires grad (docs/DESIGN.md, Kernels).
 
 ``scale`` and ``weight`` hold one value per sample; ``penalty`` is the per-sample reduced penalty
 R_b and ``influence`` the per-sample weight w(scale_b R_b). Outputs are float32 (float64 for float64
