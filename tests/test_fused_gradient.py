@@ -225,3 +225,15 @@ def test_torchscript_and_jit_trace_take_the_one_pass_path():
         a = x.clone().requires_grad_()
         assert "ned_loss_with_grad" in str(operators_run(lambda: fn(a, y, scale).backward()))
         assert torch.equal(a.grad, expected)
+
+
+def test_the_one_pass_path_can_be_turned_off():
+    x, y, scale, _ = inputs((4, 3, 5, 5), DTYPES["bfloat16"], seed=14)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with rd.ops.cpu_one_pass(False):
+        assert operators_run(lambda: rd.ned_loss(a, y).backward()) == {"ned_loss", "ned_loss_backward"}
+    assert operators_run(lambda: rd.ned_loss(b, y).backward()) == {"ned_loss", "ned_loss_with_grad"}
+    assert torch.equal(a.grad, b.grad)
+    with pytest.raises(KeyError), rd.ops.cpu_one_pass(False):
+        raise KeyError  # restored however the block ends
+    assert OPS.set_cpu_one_pass(True) is True

@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cctype>
 #include <mutex>
 #include <string>
@@ -97,11 +98,17 @@ void check_param_no_grad(const char*, const std::string&, c10::string_view) {}
 // Whether the forward computes the input's gradient in the same pass: an eager call on CPU tensors whose input
 // needs a gradient. Traced calls (FakeTensor, functionalisation, tensor subclasses, a TorchDispatchMode) keep the
 // two operators, so a compiled or exported graph is what it was: there the gradient buffer would only add memory.
+// Off only for comparisons (the benchmark's two-pass column) and for anyone who suspects the path:
+// torch.ops.robust_diffusion.set_cpu_one_pass(False), or robust_diffusion.ops.cpu_one_pass(False) in Python.
+std::atomic<bool> cpu_one_pass{true};
+
+bool set_cpu_one_pass(bool enabled) { return cpu_one_pass.exchange(enabled); }
+
 bool fuse_input_gradient(const at::Tensor& input, const at::Tensor& target) {
   constexpr c10::DispatchKeySet traced({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
                                         c10::DispatchKey::Functionalize, c10::DispatchKey::FuncTorchBatched,
                                         c10::DispatchKey::FuncTorchGradWrapper});
-  return at::GradMode::is_enabled() && input.requires_grad() && input.device().is_cpu() &&
+  return cpu_one_pass.load() && at::GradMode::is_enabled() && input.requires_grad() && input.device().is_cpu() &&
          input.layout() == at::kStrided && !(input.key_set() | target.key_set()).has_any(traced) &&
          !c10::impl::dispatch_mode_enabled();
 }
@@ -286,6 +293,11 @@ struct LossAutograd<Loss, c10::guts::typelist::typelist<P...>> {
 };
 
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(robust_diffusion, m) {
+  // Turns the one-pass CPU gradient on or off for the whole process; returns the previous setting.
+  m.def("set_cpu_one_pass(bool enabled) -> bool", &set_cpu_one_pass);
+}
 
 TORCH_LIBRARY_IMPL(robust_diffusion, Autograd, m) {
   losses::for_each_loss([&](auto loss) {

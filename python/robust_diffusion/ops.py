@@ -25,7 +25,8 @@ inputs).
 
 from __future__ import annotations
 
-from typing import Any, Dict, NamedTuple
+import contextlib
+from typing import Any, Dict, Iterator, NamedTuple
 
 import torch  # noqa: F401  (loads libtorch, which _C links against)
 
@@ -62,3 +63,15 @@ LOSS_TABLE = (
 
 #: Every loss operator, by its name in ``torch.ops.robust_diffusion``.
 LOSS_OPS = tuple(f"{entry.name}_loss" for entry in LOSS_TABLE)
+
+
+@contextlib.contextmanager
+def cpu_one_pass(enabled: bool) -> Iterator[None]:
+    """Turns the one-pass CPU gradient (docs/DESIGN.md, Kernels) on or off inside the block, for the whole
+    process: ``with cpu_one_pass(False):`` runs the forward and backward operators as two passes, e.g. to
+    compare the two. Values are the same either way and gradients bitwise the same for ``loss.backward()``."""
+    previous = torch.ops.robust_diffusion.set_cpu_one_pass(enabled)
+    try:
+        yield
+    finally:
+        torch.ops.robust_diffusion.set_cpu_one_pass(previous)
