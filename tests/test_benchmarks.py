@@ -46,5 +46,5 @@ def test_loss_benchmark_writes_its_section(tmp_path):
     assert [row.split("|")[2].strip() for row in rows] == ["float32", "bfloat16"]
     for row in rows:
         cells = [cell.strip() for cell in row.strip("|").split("|")]
-        assert len(cells) == 13 and all(float(c) > 0 for c in cells[2:5]) and cells[5] == "-"
-        assert cells[8].endswith("%") and cells[9].endswith("%")
+        assert len(cells) == 14 and all(float(c) > 0 for c in cells[2:5]) and cells[5] == "-"
+        assert float(cells[7]) > 0 and cells[9].endswith("%") and cells[10].endswith("%")

@@ -91,13 +91,35 @@ double chunk_penalty_sum(const Penalty& e, const in_t* x, const tgt_t* y, int64_
   return static_cast<double>(sum);
 }
 
-// grad[i] = coef * e'(input[i] - target[i]) over [begin, end) of one sample.
+// Asks for the cache lines of one block of T at p (a hint: it never faults).
+template <typename acc_t, typename T>
+inline void prefetch_block(const T* p) {
+  for (size_t offset = 0; offset < kBlock<acc_t> * sizeof(T); offset += 64) {
+    __builtin_prefetch(reinterpret_cast<const char*>(p) + offset);
+  }
+}
+
+// grad[i] = coef * e'(input[i] - target[i]) over [begin, end) of one sample. With next (the distance to the
+// next sample's data, 0 for none) it also prefetches that sample's input and target at the same offsets: the
+// one-pass kernel writes a gradient from cache, and the memory would otherwise idle meanwhile (3-20% faster for
+// samples of one chunk on a 2-core Xeon, 2026-12-02; samples of several chunks need their cache for themselves
+// and get no prefetch).
 template <typename acc_t, typename in_t, typename tgt_t, typename Penalty>
 void write_chunk_grad(const Penalty& e, acc_t coef, const in_t* x, const tgt_t* y, in_t* out, int64_t begin,
-                      int64_t end) {
+                      int64_t end, int64_t next = 0) {
   using Vec = Vectorized<acc_t>;
   const Vec coef_v(coef);
   int64_t i = begin;
+  if (next != 0) {
+    for (; i + kBlock<acc_t> <= end; i += kBlock<acc_t>) {
+      prefetch_block<acc_t>(x + i + next);
+      prefetch_block<acc_t>(y + i + next);
+      Vec x0, x1, y0, y1;
+      load2<acc_t>(x + i, x0, x1);
+      load2<acc_t>(y + i, y0, y1);
+      store2<acc_t>(out + i, coef_v * e.template grad<Vec>(x0 - y0), coef_v * e.template grad<Vec>(x1 - y1));
+    }
+  }
   for (; i + kBlock<acc_t> <= end; i += kBlock<acc_t>) {
     Vec x0, x1, y0, y1;
     load2<acc_t>(x + i, x0, x1);
@@ -135,10 +157,12 @@ struct KernelArgs {
     return static_cast<acc_t>(math::sample_grad_coefficient(g_b, weight != nullptr ? static_cast<double>(weight[b]) : 1.0,
                                                             w_b, scale[b], D, config.mean_over_elements));
   }
+  // prefetch_next: also prefetch the same chunk of sample b + 1 (the one-pass kernel's next sample).
   template <typename Penalty>
-  void chunk_grad(const Penalty& e, acc_t coef, in_t* out, int64_t b, int64_t k) const {
+  void chunk_grad(const Penalty& e, acc_t coef, in_t* out, int64_t b, int64_t k, bool prefetch_next = false) const {
     const int64_t offset = b * D;
-    write_chunk_grad<acc_t>(e, coef, x + offset, y + offset, out + offset, k * kChunk, std::min(D, (k + 1) * kChunk));
+    write_chunk_grad<acc_t>(e, coef, x + offset, y + offset, out + offset, k * kChunk, std::min(D, (k + 1) * kChunk),
+                            prefetch_next && b + 1 < B ? D : 0);
   }
 
   const LossConfig& config;
@@ -182,7 +206,7 @@ void forward_kernel(const LossConfig& config, const LossInputs& in, at::Tensor& 
       for (int64_t b = begin; b < end; ++b) {
         const Penalty e = a.template penalty<Penalty>(b);
         const acc_t coef = finish(b, a.chunk_sum(e, b, 0));
-        if (grad_out != nullptr) a.chunk_grad(e, coef, grad_out, b, 0);
+        if (grad_out != nullptr) a.chunk_grad(e, coef, grad_out, b, 0, /*prefetch_next=*/b + 1 < end);
       }
     });
   } else if (grad_out == nullptr) {  // chunks of every sample are the tasks
