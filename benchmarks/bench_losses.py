@@ -18,8 +18,12 @@ reads from memory, not from a cache the previous run filled.
 
 Columns: ``ours`` is the loss through autograd as a training loop calls it (``loss.backward()``);
 ``two-pass`` the same with the one-pass gradient off (``robust_diffusion.ops.cpu_one_pass(False)``): the
-forward operator, then the backward operator (the CUDA path, and the CPU path before the one-pass kernel). Results are appended to benchmarks/RESULTS.md with the device,
-torch version and date.
+forward operator, then the backward operator (the CUDA path, and the CPU path before the one-pass kernel);
+``kernel`` the operator that computes the loss and its gradient (``hellinger_loss_with_grad``) called
+alone, without Python and autograd around it: ``ours`` less ``kernel`` is what a call costs besides moving
+the data. That cost is also measured on its own, for ours and for ``F.mse_loss``: one call on a 4x8 input
+right after a copy that evicts the caches, as each call in the table finds them. Results are appended to
+benchmarks/RESULTS.md with the device, torch version and date.
 """
 
 from __future__ import annotations
@@ -55,6 +59,11 @@ def hellinger_composite(x, y, scale):
 
 def ours(x, y, scale):
     return rd.hellinger_loss(x, y, scale=scale)
+
+
+def kernel(x, y, scale):
+    """The fused forward + gradient operator alone (one pass on the CPU; on CUDA it runs the two passes)."""
+    return torch.ops.robust_diffusion.hellinger_loss_with_grad(x.detach(), y, scale, None, "mean", "mean")
 
 
 def mse(x, y, scale):
@@ -133,20 +142,52 @@ def last_level_cache_bytes() -> int:
     return max(sizes, default=64 << 20)
 
 
+def working_set_bytes(device: torch.device) -> int:
+    """Bytes that do not fit in the caches: twice the CPU's last-level cache, 256 MB on a GPU."""
+    return (256 << 20) if device.type == "cuda" else 2 * last_level_cache_bytes()
+
+
 def input_sets(device: torch.device, numel: int, itemsize: int) -> int:
     """How many input sets to rotate through so that they do not fit in the last-level cache."""
-    working_set = (256 << 20) if device.type == "cuda" else 2 * last_level_cache_bytes()
-    return max(1, min(256, -(-working_set // (2 * numel * itemsize))))
+    return max(1, min(256, -(-working_set_bytes(device) // (2 * numel * itemsize))))
 
 
-def step(loss_fn, inputs, index):
-    """One forward + backward on the next input set (sets rotate so caches do not flatter small shapes)."""
+def step(loss_fn, inputs, index, backward=True):
+    """One forward + backward on the next input set (sets rotate so caches do not flatter small shapes).
+    Without backward, loss_fn returns the gradient itself, kept with its set until the set's next call, as
+    autograd keeps .grad: a buffer freed at once would be handed back warm to the next call."""
+    kept = [None] * len(inputs)
+
     def run():
-        x, y, scale = inputs[index[0] % len(inputs)]
+        i = index[0] % len(inputs)
         index[0] += 1
-        x.grad = None
-        loss_fn(x, y, scale).backward()
+        x, y, scale = inputs[i]
+        if backward:
+            x.grad = None
+            loss_fn(x, y, scale).backward()
+        else:
+            kept[i] = None
+            kept[i] = loss_fn(x, y, scale)
     return run
+
+
+def fixed_cost_us(timer: Timer, device: torch.device, rounds: int) -> dict:
+    """Microseconds of one forward + backward of ours and of F.mse_loss on a 4x8 input, each call right after
+    a copy through twice the last-level cache (so code and data come from memory, as for a call in the table):
+    the per-call cost besides moving the data."""
+    numel = working_set_bytes(device) // 8  # a float32 source and destination of half the working set each
+    evict_src, evict_dst = torch.randn(numel, device=device), torch.empty(numel, device=device)
+    x = torch.randn(4, 8, device=device, requires_grad=True)
+    y, scale = torch.randn(4, 8, device=device), torch.full((4,), 0.5, device=device)
+    times = {"ours": [], "mse": []}
+    for label in times:
+        for _ in range(3):
+            step({"ours": ours, "mse": mse}[label], [(x, y, scale)], [0])()
+    for _ in range(rounds):
+        for label, fn in (("ours", ours), ("mse", mse)):
+            evict_dst.copy_(evict_src)
+            times[label].append(1e3 * timer.once(step(fn, [(x, y, scale)], [0])))
+    return {label: statistics.median(t) for label, t in times.items()}
 
 
 def main() -> None:
@@ -190,6 +231,7 @@ def main() -> None:
                 contenders["compile"] = torch.compile(hellinger_composite, dynamic=False)
             contenders["two-pass"] = two_pass
             fns = {label: step(fn, inputs, [0]) for label, fn in contenders.items()}
+            fns["kernel"] = step(kernel, inputs, [0], backward=False)
             fns["copy"] = Copy(inputs)
             times = timer.compare(fns, warmup=10, repeat=repeat)
             bytes3 = 3 * numel * dtype.itemsize
@@ -199,9 +241,10 @@ def main() -> None:
                   + "  ".join(f"{k} {v:8.3f} ms" for k, v in times.items())
                   + f"  {100 * bytes3 / bandwidth / (times['ours'] * 1e-3):.0f}% of the 3N floor", flush=True)
 
+    fixed = fixed_cost_us(timer, device, repeat)
     header = ("| shape | dtype | ours ms | two-pass ms | eager ms | compile ms | F.mse_loss ms | copy GB/s | "
-              "3N floor ms | ours % of 3N | two-pass % of 5N | compile % of 5N | vs eager | vs compile |\n"
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+              "3N floor ms | ours % of 3N | two-pass % of 5N | compile % of 5N | vs eager | vs compile | kernel ms | "
+              "kernel % of 3N |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for shape, dtype_name, times, bytes3, bandwidth in rows:
         floor3 = bytes3 / bandwidth * 1e3
@@ -211,16 +254,20 @@ def main() -> None:
                  f"{times['eager']:.3f}", f"{compile_ms:.3f}" if compile_ms else "-", f"{times['mse']:.3f}",
                  f"{bandwidth / 1e9:.1f}", f"{floor3:.3f}", f"{100 * floor3 / times['ours']:.0f}%", f"{100 * floor5 / times['two-pass']:.0f}%",
                  f"{100 * floor5 / compile_ms:.0f}%" if compile_ms else "-", f"{times['eager'] / times['ours']:.2f}x",
-                 f"{compile_ms / times['ours']:.2f}x" if compile_ms else "-"]
+                 f"{compile_ms / times['ours']:.2f}x" if compile_ms else "-", f"{times['kernel']:.3f}",
+                 f"{100 * floor3 / times['kernel']:.0f}%"]
         lines.append("| " + " | ".join(cells) + " |")
     cache = "256 MB" if device.type == "cuda" else f"2x the {last_level_cache_bytes() >> 20} MB last-level cache"
-    section = (f"\n## {name}: torch {torch.__version__}, {datetime.date.today().isoformat()}\n\n"
+    written = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    section = (f"\n## {name}: torch {torch.__version__}, {written}\n\n"
                f"Hellinger loss, forward + backward, median of {repeat} runs, input sets rotating through {cache}; "
                f"the copy bandwidth (read + write) is measured in each row's own rounds, and the 3N floor (read "
                f"input and target, write the gradient) is that row's bytes at it."
                + (f" Allocator: `GLIBC_TUNABLES={malloc}` (freed memory kept, no page faults per step)."
                   if malloc and malloc != "system malloc" else " Allocator: glibc's default." if malloc else "")
-               + f" Command: `python benchmarks/bench_losses.py --device {args.device}`.\n\n" + header + "\n".join(lines) + "\n")
+               + f" Command: `python benchmarks/bench_losses.py --device {args.device}`.\n\n" + header + "\n".join(lines)
+               + f"\n\nFixed cost of one call (forward + backward on a 4x8 input, caches evicted before it, median of "
+               f"{repeat}): ours {fixed['ours']:.0f} us, F.mse_loss {fixed['mse']:.0f} us.\n")
     out = Path(args.out)
     if not out.exists():
         out.write_text("# Benchmark results\n\nWritten by `benchmarks/bench_losses.py`; newest sections last.\n")

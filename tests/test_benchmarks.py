@@ -1,6 +1,7 @@
 """The benchmark scripts run and write their section (tiny budgets: the numbers themselves are not tested)."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,5 +47,8 @@ def test_loss_benchmark_writes_its_section(tmp_path):
     assert [row.split("|")[2].strip() for row in rows] == ["float32", "bfloat16"]
     for row in rows:
         cells = [cell.strip() for cell in row.strip("|").split("|")]
-        assert len(cells) == 14 and all(float(c) > 0 for c in cells[2:5]) and cells[5] == "-"
+        assert len(cells) == 16 and all(float(c) > 0 for c in cells[2:5]) and cells[5] == "-"
         assert float(cells[7]) > 0 and cells[9].endswith("%") and cells[10].endswith("%")
+        assert float(cells[14]) > 0 and cells[15].endswith("%")
+    fixed = re.search(r"Fixed cost of one call .*: ours (\d+) us, F.mse_loss (\d+) us", text)
+    assert fixed and int(fixed.group(1)) > 0 and int(fixed.group(2)) > 0
