@@ -128,6 +128,42 @@ def test_log_and_influence_statistics(tmp_path):
     assert (tmp_path / "checkpoint.pt").is_file()  # the last step always writes one
 
 
+@pytest.mark.parametrize("loss", ["hellinger", "plain mse"])
+def test_a_step_with_non_finite_gradients_is_skipped_not_applied(tmp_path, loss):
+    """Without a GradScaler (float32, bfloat16) nothing else stops a NaN gradient: AdamW would write it into the
+    weights, its moments and the EMA for good. The Trainer skips such a step, counts it in log.csv and warns;
+    training goes on from the weights before it, and the adaptive scale does not take in that batch."""
+    trainer = _trainer(tmp_path, steps=8, checkpoint_every=0)
+    if loss == "plain mse":  # a loss without state of its own
+        trainer = Trainer(_micro_model(), lambda output, target, t: torch.nn.functional.mse_loss(output, target),
+                          _toy_dataset(), rd.NoiseSchedule.linear(100),
+                          TrainConfig(steps=8, batch_size=8, lr=1e-3, log_every=2, checkpoint_every=0,
+                                      progress=False), out_dir=tmp_path)
+    forward, before_step = trainer.network.forward, {}
+
+    def forward_with_a_bad_step(x, t):
+        before_step[trainer.step] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        output = forward(x, t)
+        return output * math.nan if trainer.step == 4 else output
+
+    trainer.network.forward = forward_with_a_bad_step
+    with pytest.warns(RuntimeWarning, match=r"step 6: skipped 1 optimizer step\(s\) since the last log row"):
+        trainer.train()
+    _assert_states_equal(before_step[4], before_step[5])  # the bad step changed nothing
+    assert not all(torch.equal(before_step[5][k], before_step[6][k]) for k in before_step[5])  # the next one did
+    states = [("model", trainer.model.state_dict()), ("ema", trainer.ema.state_dict())]
+    if loss == "hellinger":
+        states.append(("loss_fn", trainer.loss_fn.state_dict()))
+    for name, state in states:
+        for key, value in state.items():
+            assert torch.isfinite(value.double()).all(), f"{name}.{key}"
+    for group in trainer.optimizer.state.values():
+        assert all(torch.isfinite(v).all() for v in group.values() if isinstance(v, torch.Tensor))
+    assert [(r["step"], r["steps_skipped"]) for r in read_log(trainer.log_path)] == [(2, 0), (4, 0), (6, 1), (8, 0)]
+    if loss == "hellinger":
+        assert int(trainer.loss_fn.skipped_updates) == 1  # the scale's state dropped the bad batch's statistic
+
+
 def test_data_order_is_independent_of_contamination_choice():
     dataset = _toy_dataset(n=200)
     schedule = rd.NoiseSchedule.linear(100)

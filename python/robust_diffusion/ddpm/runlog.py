@@ -15,8 +15,10 @@ __all__ = ["LOG_COLUMNS", "append_row", "read_log", "read_rows", "write_rows"]
 PathLike = Union[str, os.PathLike]
 
 #: Columns of ``log.csv``. Influence columns are empty when the interval had no sample of that kind.
+#: ``steps_skipped``: optimizer steps of the interval not applied because their gradients were not finite.
 LOG_COLUMNS = ("step", "epoch", "lr", "loss", "penalty", "grad_norm", "influence_mean", "influence_clean",
-               "influence_contaminated", "samples_per_s", "elapsed_s", "scale_skipped", "scale_limited")
+               "influence_contaminated", "samples_per_s", "elapsed_s", "scale_skipped", "scale_limited",
+               "steps_skipped")
 
 def read_log(path: PathLike) -> List[Dict[str, float]]:
     """The rows of a ``log.csv`` as dicts of floats (empty cells become NaN)."""

@@ -432,8 +432,9 @@ class Trainer:
             warnings.warn(f"{path} was written by {state['world_size']} rank(s), this run has {self.world_size}: "
                           f"the data order and diffusion noise continue exactly, dropout streams are reseeded")
             torch.manual_seed(derive_seed(self.config.seed, f"rank {self.rank} step {state['step']}"))
-        self._interval = {k: v.to(self.device) if isinstance(v, Tensor) else v
-                          for k, v in state["interval"].items()}
+        self._reset_interval()  # a checkpoint written before a counter was kept in the interval lacks it
+        self._interval.update({k: v.to(self.device) if isinstance(v, Tensor) else v
+                               for k, v in state["interval"].items()})
         self.step = state["step"]
         self.train_time = state["train_time"]
         if self.is_main and self.log_path is not None and self.log_path.is_file():
@@ -507,10 +508,14 @@ class Trainer:
         else:
             grad_norm = torch.linalg.vector_norm(torch.stack([
                 p.grad.detach().norm() for p in self.model.parameters() if p.grad is not None]))
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        finite = torch.isfinite(grad_norm)  # the GradScaler's own test: it skips a step with non-finite gradients
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif finite:  # without a scaler (float32, bfloat16) skip such a step here, or AdamW writes NaN into the
+            self.optimizer.step()  # weights, its moments and the EMA for good (one host sync, as the scaler's)
         if getattr(self.loss_fn, "update", None) == "step":
-            self.loss_fn.step(torch.isfinite(grad_norm))  # the scaler's own test: it skips non-finite gradients
+            self.loss_fn.step(finite)
         self._update_ema()
 
         influence = getattr(self.loss_fn, "last_influence", None)
@@ -519,7 +524,7 @@ class Trainer:
         penalty = getattr(self.loss_fn, "last_penalty", None)
         penalty = (penalty.detach().to(torch.float64) if isinstance(penalty, Tensor)
                    else torch.full((t.shape[0],), math.nan, dtype=torch.float64, device=self.device))
-        self._record(loss.detach(), grad_norm.detach(), indices, influence, penalty, self._noise_level(t))
+        self._record(loss.detach(), grad_norm.detach(), indices, influence, penalty, self._noise_level(t), ~finite)
 
     def _check_risk(self, dataset: Dataset) -> Tensor:
         from ..risk import usable_samples
@@ -608,10 +613,10 @@ class Trainer:
         zero = lambda: torch.zeros((), dtype=torch.float64, device=self.device)  # noqa: E731
         self._interval = {"steps": 0, "loss": zero(), "penalty": zero(), "grad_norm": zero(), "samples": 0,
                           "w_all": zero(), "n_all": zero(), "w_clean": zero(), "n_clean": zero(),
-                          "w_cont": zero(), "n_cont": zero()}
+                          "w_cont": zero(), "n_cont": zero(), "steps_skipped": zero()}
 
     def _record(self, loss: Tensor, grad_norm: Tensor, indices: Tensor, influence: Tensor, penalty: Tensor,
-                t: Tensor) -> None:
+                t: Tensor, skipped: Tensor) -> None:
         """Accumulate the step into the log interval and the per-sample statistics of :attr:`influence` (on the
         device, no host sync). Indices, influence weights, penalties and timesteps (log-SNR buckets on a continuous
         schedule) are gathered from every rank so that all ranks hold the complete, identical statistics."""
@@ -628,6 +633,7 @@ class Trainer:
         interval["loss"] += loss.to(torch.float64)
         interval["penalty"] += penalty.mean()
         interval["grad_norm"] += grad_norm.to(torch.float64)
+        interval["steps_skipped"] += skipped
         # A non-finite influence weight (NaN data, an overflowed forward pass) is not counted: one bad step must not
         # turn the interval's mean into NaN (InfluenceTracker does the same for the per-sample averages).
         counted = torch.isfinite(influence)
@@ -664,7 +670,11 @@ class Trainer:
                "influence_mean": ratio("w_all", "n_all"), "influence_clean": ratio("w_clean", "n_clean"),
                "influence_contaminated": ratio("w_cont", "n_cont"),
                "samples_per_s": host["samples"] / seconds if seconds > 0 else math.nan,
-               "elapsed_s": self.train_time, **self._scale_faults()}
+               "elapsed_s": self.train_time, **self._scale_faults(), "steps_skipped": int(host["steps_skipped"])}
+        if row["steps_skipped"] and self.is_main:
+            warnings.warn(f"step {self.step}: skipped {row['steps_skipped']} optimizer step(s) since the last log row: "
+                          f"their gradients were not finite (NaN or inf: bad data, an overflow or a diverging run), "
+                          f"so the weights are those from before them", RuntimeWarning)
         if self.is_main and self.log_path is not None:
             append_row(self.log_path, row)
         self._reset_interval()
