@@ -122,13 +122,13 @@ class Copy:
     """copy_ of the next input set's input into a buffer of its own: the memory-speed reference of a row,
     timed in the same rounds as the losses so that the machine's speed at that moment is the one measured."""
 
-    def __init__(self, inputs):
+    def __init__(self, inputs, index):
         self.pairs = [(x.detach(), x.detach().clone()) for x, _, _ in inputs]  # buffers already touched
-        self.index = 0
+        self.index = index
 
     def __call__(self):
-        src, dst = self.pairs[self.index % len(self.pairs)]
-        self.index += 1
+        src, dst = self.pairs[self.index[0] % len(self.pairs)]
+        self.index[0] += 1
         dst.copy_(src)
 
 
@@ -230,9 +230,12 @@ def main() -> None:
             if not args.no_compile:
                 contenders["compile"] = torch.compile(hellinger_composite, dynamic=False)
             contenders["two-pass"] = two_pass
-            fns = {label: step(fn, inputs, [0]) for label, fn in contenders.items()}
-            fns["kernel"] = step(kernel, inputs, [0], backward=False)
-            fns["copy"] = Copy(inputs)
+            # One rotation shared by all contenders: each call takes the next input set, so the set a call reads was
+            # last read a whole rotation (2x the last-level cache) ago, not by the contender timed just before it.
+            index = [0]
+            fns = {label: step(fn, inputs, index) for label, fn in contenders.items()}
+            fns["kernel"] = step(kernel, inputs, index, backward=False)
+            fns["copy"] = Copy(inputs, index)
             times = timer.compare(fns, warmup=10, repeat=repeat)
             bytes3 = 3 * numel * dtype.itemsize
             bandwidth = 2 * numel * dtype.itemsize / (times["copy"] * 1e-3)  # read + write, bytes per second
