@@ -9,9 +9,9 @@ bytes at the copy bandwidth (a copy_ timed in the same rounds) divided by the me
 floor). On a CPU each
 line written is first read (write-allocate), in the copy as in every kernel here, so a kernel at the
 hardware's limit shows 112% of the 3N floor (4 moves for 3 counted, against the copy's 3 for 2) and 125%
-of the 5N floor. The input sets
-rotate through a working set of at least twice the last-level cache (on a GPU, 256 MB), so every run
-reads from memory, not from a cache the previous run filled.
+of the 5N floor. The input sets rotate through a working set of at least twice the last-level cache (on a
+GPU, 256 MB), one rotation shared by all contenders: each call takes the next set, so every call reads
+from memory, not from a cache the call before it filled.
 
     python benchmarks/bench_losses.py                      # CPU, writes benchmarks/RESULTS.md section
     python benchmarks/bench_losses.py --device cuda        # on a GPU
@@ -21,8 +21,9 @@ Columns: ``ours`` is the loss through autograd as a training loop calls it (``lo
 forward operator, then the backward operator (the CUDA path, and the CPU path before the one-pass kernel);
 ``kernel`` the operator that computes the loss and its gradient (``hellinger_loss_with_grad``) called
 alone, without Python and autograd around it: ``ours`` less ``kernel`` is what a call costs besides moving
-the data. That cost is also measured on its own, for ours and for ``F.mse_loss``: one call on a 4x8 input
-right after a copy that evicts the caches, as each call in the table finds them. Results are appended to
+the data. That cost is also measured on its own, for ours, ``F.mse_loss`` and ``x.sum().backward()`` (the
+least any call through ``loss.backward()`` costs): one call on a 4x8 input right after a copy that evicts
+the caches, as each call in the table finds them. Results are appended to
 benchmarks/RESULTS.md with the device, torch version and date.
 """
 
@@ -68,6 +69,11 @@ def kernel(x, y, scale):
 
 def mse(x, y, scale):
     return F.mse_loss(x, y)
+
+
+def least(x, y, scale):
+    """The cheapest differentiable call there is: the fixed cost of any loss called through loss.backward()."""
+    return x.sum()
 
 
 def two_pass(x, y, scale):
@@ -172,19 +178,20 @@ def step(loss_fn, inputs, index, backward=True):
 
 
 def fixed_cost_us(timer: Timer, device: torch.device, rounds: int) -> dict:
-    """Microseconds of one forward + backward of ours and of F.mse_loss on a 4x8 input, each call right after
-    a copy through twice the last-level cache (so code and data come from memory, as for a call in the table):
-    the per-call cost besides moving the data."""
+    """Microseconds of one forward + backward of ours, F.mse_loss and x.sum() on a 4x8 input, each call right
+    after a copy through twice the last-level cache (so code and data come from memory, as for a call in the
+    table): the per-call cost besides moving the data."""
     numel = working_set_bytes(device) // 8  # a float32 source and destination of half the working set each
     evict_src, evict_dst = torch.randn(numel, device=device), torch.empty(numel, device=device)
     x = torch.randn(4, 8, device=device, requires_grad=True)
     y, scale = torch.randn(4, 8, device=device), torch.full((4,), 0.5, device=device)
-    times = {"ours": [], "mse": []}
-    for label in times:
+    fns = {"ours": ours, "mse": mse, "sum": least}
+    times = {label: [] for label in fns}
+    for fn in fns.values():
         for _ in range(3):
-            step({"ours": ours, "mse": mse}[label], [(x, y, scale)], [0])()
+            step(fn, [(x, y, scale)], [0])()
     for _ in range(rounds):
-        for label, fn in (("ours", ours), ("mse", mse)):
+        for label, fn in fns.items():
             evict_dst.copy_(evict_src)
             times[label].append(1e3 * timer.once(step(fn, [(x, y, scale)], [0])))
     return {label: statistics.median(t) for label, t in times.items()}
@@ -270,7 +277,8 @@ def main() -> None:
                   if malloc and malloc != "system malloc" else " Allocator: glibc's default." if malloc else "")
                + f" Command: `python benchmarks/bench_losses.py --device {args.device}`.\n\n" + header + "\n".join(lines)
                + f"\n\nFixed cost of one call (forward + backward on a 4x8 input, caches evicted before it, median of "
-               f"{repeat}): ours {fixed['ours']:.0f} us, F.mse_loss {fixed['mse']:.0f} us.\n")
+               f"{repeat}): ours {fixed['ours']:.0f} us, F.mse_loss {fixed['mse']:.0f} us, x.sum() {fixed['sum']:.0f} us "
+               f"(the least a call through loss.backward() costs).\n")
     out = Path(args.out)
     if not out.exists():
         out.write_text("# Benchmark results\n\nWritten by `benchmarks/bench_losses.py`; newest sections last.\n")
