@@ -233,6 +233,24 @@ def test_audit_resume_continues_and_refuses_other_data(tmp_path, capsys):
     assert code == 0 and "no checkpoint in" in printed.out
 
 
+def test_audit_with_flow_matching_and_a_resume_that_changes_the_objective(tmp_path, capsys):
+    np.save(tmp_path / "a.npy", np.random.default_rng(3).integers(0, 256, (16, 8, 8), dtype=np.uint8))
+    out = tmp_path / "out"
+    flow = ["--objective", "flow", "--shift", "3"]
+    code, printed = _run([str(tmp_path / "a.npy"), "--out", str(out)] + TINY + flow, capsys)
+    assert code == 0 and "training: flow matching (velocity target, shift 3, uniform timesteps)" in printed.out
+    assert sum(int(r["times_seen"]) for r in _ranking(out)) == 4 * 8
+    assert "- objective: flow matching" in (out / "report.md").read_text()
+    longer = [a if a != "4" else "8" for a in TINY]
+    code, printed = _run([str(tmp_path / "a.npy"), "--out", str(out), "--resume"] + longer + flow, capsys)
+    assert code == 0 and "at step 4" in printed.out
+    # Resuming the flow audit as DDPM (the default objective) would train another model on the same weights.
+    error = _usage_error([str(tmp_path / "a.npy"), "--out", str(out), "--resume"] + longer, capsys)
+    assert "it trained with a FlowMatchingSchedule, this run has a NoiseSchedule" in error
+    error = _usage_error([str(tmp_path / "a.npy"), "--out", str(out), "--shift", "2"] + TINY, capsys)
+    assert "--shift and --timestep-sampling apply to --objective flow only" in error
+
+
 def test_audit_without_matplotlib_writes_plain_grids_and_says_so(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
@@ -267,8 +285,10 @@ def test_audit_labels_errors(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_audit_finds_planted_noise_images(tmp_path, capsys):
-    """64 8x8 discs, 6 replaced by noise; 120 steps of the micro UNet (seconds): the noise images rank first."""
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_audit_finds_planted_noise_images(tmp_path, capsys, objective):
+    """64 8x8 discs, 6 replaced by noise; 120 steps of the micro UNet (seconds): the noise images rank first,
+    with DDPM and with flow matching."""
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:8, :8]
     images = np.zeros((64, 8, 8), dtype=np.uint8)
@@ -283,7 +303,7 @@ def test_audit_finds_planted_noise_images(tmp_path, capsys):
     np.save(tmp_path / "labels.npy", flags)
     out = tmp_path / "out"
     code, printed = _run([str(tmp_path / "data.npy"), "--out", str(out), "--model", "micro", "--steps", "120",
-                          "--batch-size", "16", "--no-progress", "--device", "cpu",
+                          "--batch-size", "16", "--no-progress", "--device", "cpu", "--objective", objective,
                           "--labels", str(tmp_path / "labels.npy")], capsys)
     assert code == 0
     line = next(line for line in printed.out.splitlines() if line.startswith("against --labels: AUROC "))

@@ -465,6 +465,13 @@ def test_cli_trains_flow_matching_and_refuses_what_it_cannot_do(tmp_path, capsys
     args = json.loads((tmp_path / "run" / "args.json").read_text())
     assert args["objective"] == "flow" and args["shift"] == 3.0
     assert cli.build_schedule("flow", 3.0, "logit_normal").shift == 3.0
+    # Resuming that run as DDPM is refused (the checkpoint names its schedule), and its args.json stays the run's.
+    with pytest.raises(SystemExit):
+        cli.main(["--dataset", "folder", "--data-root", str(_npy(tmp_path)), "--loss", "diffusers_huber", "--model",
+                  "micro", "--steps", "4", "--batch-size", "8", "--out", str(tmp_path / "run"), "--no-progress",
+                  "--resume"])
+    assert "it trained with a FlowMatchingSchedule, this run has a NoiseSchedule" in capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["objective"] == "flow"
     for argv, message in [(["--shift", "3"], "--shift and --timestep-sampling apply to --objective flow only"),
                           (["--objective", "flow", "--kind", "gaussian", "--contamination", "0.2", "--loss",
                             "ned+risk_free"], r"\+risk_free trains DDPM steps")]:

@@ -3,9 +3,11 @@
     python -m robust_diffusion.audit my_images/ --out audit/            # a folder of PNG/JPEG/... files
     python -m robust_diffusion.audit images.npy --out audit/ --steps 2000
     python -m robust_diffusion.audit my_images/ --out audit/ --steps 4000 --resume   # train on, from audit/
+    python -m robust_diffusion.audit my_images/ --out audit/ --objective flow        # with flow matching
 
 It trains a small diffusion model on the images with a robust loss (NED at the adaptive scale by default) for a
-budget of ``--steps``, and keeps every image's influence weight each time it is drawn
+budget of ``--steps`` (DDPM by default; ``--objective flow`` trains flow matching, as SD3 / Flux do, with
+``--shift`` and ``--timestep-sampling``), and keeps every image's influence weight each time it is drawn
 (:class:`~robust_diffusion.InfluenceTracker`): 1 when the loss learns from the image as from a typical one, near 0
 when it treats it as an outlier. Averaged over the draws (at random noise levels), the weight ranks the images from
 least to most trusted. It writes into ``--out``:
@@ -48,9 +50,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-from ..schedules import NoiseSchedule
-from .cli import LOSS_NAMES, MODEL_PRESETS, _non_negative_int, _positive_float, _positive_int, build_loss, \
-    build_model, loss_settings, parse_loss_name
+from .cli import LOSS_NAMES, MODEL_PRESETS, _non_negative_int, _positive_float, _positive_int, \
+    add_objective_arguments, build_loss, build_model, build_schedule, loss_settings, parse_loss_name
 from .data import ContaminatedDataset, ImageSet, load_images, unreadable_summary
 from .distributed import init_distributed
 from .trainer import TrainConfig, Trainer
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                        f"{', '.join(LOSS_NAMES)}")
     train.add_argument("--temperature", type=_positive_float, default=1.0, help="the adaptive scale's tau")
     train.add_argument("--model", default="quick", choices=sorted(MODEL_PRESETS), help="UNet preset (default quick)")
+    add_objective_arguments(train)
     train.add_argument("--score-from-step", type=_non_negative_int, default=None,
                        help="count the influence weights from this step on (default: a fifth of --steps; the first "
                             "steps, with an untrained model, say little)")
@@ -123,7 +125,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              checkpoint_every=200, influence_from_step=score_from,
                              sample_trust=spec.trust, seed=args.seed,
                              progress=not args.no_progress)
-        schedule = NoiseSchedule.linear()
+        schedule = build_schedule(args.objective, args.shift, args.timestep_sampling)
         loss_fn = build_loss(spec, schedule, temperature=args.temperature)
         torch.manual_seed(args.seed)  # the same initial weights in every run of this seed
         model = build_model(args.model, images.shape[1])
@@ -157,7 +159,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         settings = {k: v for k, v in vars(args).items()}
         (out / "audit.json").write_text(json.dumps({"args": settings, "num_images": images.shape[0],
                                                     "fingerprint": fingerprint}, indent=2) + "\n")
-        print(f"training: loss {spec.name} ({loss_settings(loss_fn)}), model {args.model} "
+        print(f"training: {_objective(args)}, loss {spec.name} ({loss_settings(loss_fn)}), model {args.model} "
               f"({sum(p.numel() for p in model.parameters()):,} parameters), {args.steps} steps of "
               f"{args.batch_size} on {device}; influence weights counted from step {score_from}", flush=True)
     started = time.perf_counter()
@@ -354,6 +356,12 @@ def score_ranking(table, flags: Tensor) -> Dict[str, object]:
     return result
 
 
+def _objective(args) -> str:
+    if args.objective == "flow":
+        return f"flow matching (velocity target, shift {args.shift:g}, {args.timestep_sampling} timesteps)"
+    return "DDPM (linear betas, T = 1000, epsilon target)"
+
+
 def _num(value, digits: int = 3) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
@@ -375,6 +383,7 @@ def _report(args, source: str, loaded: ImageSet, table, files, loss_name: str, s
         lines.append(f"- **{len(loaded.unreadable)} unreadable image file(s)**, left out of the audit (all listed at "
                      f"the end)")
     lines += ["", "## Training", "",
+              f"- objective: {_objective(args)}",
               f"- loss: {loss_name} ({settings}); model: `{args.model}` preset "
               f"({sum(p.numel() for p in trainer.model.parameters()):,} parameters); seed {args.seed}",
               f"- budget: {trainer.step} steps of {args.batch_size} images "

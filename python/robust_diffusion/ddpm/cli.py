@@ -427,10 +427,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if data.unreadable:
                 print(f"  {unreadable_summary(data.unreadable)}; all of them in {out / 'unreadable.txt'}", flush=True)
                 (out / "unreadable.txt").write_text("".join(f"{path}\t{reason}\n" for path, reason in data.unreadable))
-            (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
         resumed = args.resume and trainer.resume()
     except (ValueError, FileNotFoundError, ImportError) as error:
         parser.error(str(error))
+    if rank == 0:  # after the resume's checks: a refused run leaves the run's args.json as it was
+        (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
     if resumed:
         if rank == 0:
             print(f"resumed from {trainer.checkpoint_path} at step {trainer.step}", flush=True)

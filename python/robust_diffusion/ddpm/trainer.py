@@ -369,6 +369,7 @@ class Trainer:
                 "batch_size": self.config.batch_size,
                 "num_samples": self.num_samples,
                 "config": asdict(self.config),
+                "schedule": type(self.schedule).__name__,
                 "model": self.model.state_dict(),
                 "ema": self.ema.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
@@ -408,6 +409,10 @@ class Trainer:
                              f"({type(error).__name__}: {reason}); delete it or pass another --out") from error
         written = state.get("config") if isinstance(state.get("config"), dict) else {}
         # What the run trains: a resume that changed it would silently continue another method.
+        trained = state.get("schedule")  # absent in checkpoints written before it was kept
+        if trained is not None and trained != type(self.schedule).__name__:
+            raise ValueError(f"cannot resume from {path}: it trained with a {trained}, this run has a "
+                             f"{type(self.schedule).__name__} (another objective, e.g. --objective ddpm / flow)")
         for key in ("risk_free", "sample_trust"):
             if written.get(key, False) != getattr(self.config, key):
                 raise ValueError(f"cannot resume from {path}: it was written with {key}={written.get(key, False)}, "
