@@ -376,9 +376,11 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
 
 @needs_fashion_mnist
 @pytest.mark.slow
-def test_two_process_ddp_matches_single_process(tmp_path):
+@pytest.mark.parametrize("objective", [[], ["--objective", "flow", "--shift", "3", "--timestep-sampling",
+                                            "logit_normal"]], ids=["ddpm", "flow"])
+def test_two_process_ddp_matches_single_process(tmp_path, objective):
     # A fixed scale: the adaptive scale's per-bucket medians are averaged over ranks, not global medians.
-    extra = ["--loss", "hellinger", "--scale", "1.0", "--checkpoint-every", "0"]
+    extra = ["--loss", "hellinger", "--scale", "1.0", "--checkpoint-every", "0"] + objective
     steps = "6"
     single = subprocess.run([sys.executable, "-m", "robust_diffusion.train",
                              *_cli_args(tmp_path / "single", steps, extra)],
@@ -392,8 +394,10 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     a = torch.load(tmp_path / "single" / "checkpoint.pt", weights_only=False)
     b = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=False)
     assert b["world_size"] == 2 and a["world_size"] == 1
+    # Adam moves a weight by up to lr (1e-3) per step whatever its gradient's size, so where a gradient is near 0
+    # the all-reduce's summation order shows in the weight: 2e-5 is 2% of one step (flow: 9e-6 seen, 2 weights).
     for key in a["model"]:
-        torch.testing.assert_close(b["model"][key], a["model"][key], rtol=1e-5, atol=1e-6, msg=key)
+        torch.testing.assert_close(b["model"][key], a["model"][key], rtol=1e-5, atol=2e-5, msg=key)
     # Every rank's influence weights reach the statistics: the same samples were seen the same number of times.
     for key in ("influence_count", "bucket_influence_count", "penalty_count"):
         assert torch.equal(a["influence"][key], b["influence"][key]), key
