@@ -395,9 +395,11 @@ def test_two_process_ddp_matches_single_process(tmp_path, objective):
     b = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=False)
     assert b["world_size"] == 2 and a["world_size"] == 1
     # Adam moves a weight by up to lr (1e-3) per step whatever its gradient's size, so where a gradient is near 0
-    # the all-reduce's summation order shows in the weight: 2e-5 is 2% of one step (flow: 9e-6 seen, 2 weights).
+    # the all-reduce's summation order shows in the weight: flow's run has such weights (9e-6 seen, 2 of them);
+    # 2e-5 is 2% of one step.
+    atol = 2e-5 if objective else 1e-6
     for key in a["model"]:
-        torch.testing.assert_close(b["model"][key], a["model"][key], rtol=1e-5, atol=2e-5, msg=key)
+        torch.testing.assert_close(b["model"][key], a["model"][key], rtol=1e-5, atol=atol, msg=key)
     # Every rank's influence weights reach the statistics: the same samples were seen the same number of times.
     for key in ("influence_count", "bucket_influence_count", "penalty_count"):
         assert torch.equal(a["influence"][key], b["influence"][key]), key
