@@ -8,6 +8,7 @@
 #include <string>
 #include <tuple>
 
+#include "adaptive_scale.h"
 #include "loss_registration.h"
 #include "risk_config.h"
 
@@ -65,6 +66,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> risk_noising_meta(
           at::empty_symint(risk.sym_sizes(), risk_options)};
 }
 
+at::Tensor bucket_statistic_meta(const at::Tensor& penalty, const at::Tensor& bucket, int64_t num_buckets,
+                                 double floor) {
+  check_statistic_arguments(penalty, bucket, num_buckets, floor);
+  return at::empty({statistic_size(num_buckets)}, penalty.options().dtype(at::kFloat));
+}
+
+void adaptive_scale_update_meta(const at::Tensor& bucket_penalty, const at::Tensor& initialized,
+                                const at::Tensor& skipped_updates, const at::Tensor& limited_updates,
+                                const at::Tensor& statistic, const std::optional<at::Tensor>& ok, double momentum,
+                                double max_ratio, double floor) {
+  check_update_arguments(bucket_penalty, initialized, skipped_updates, limited_updates, statistic, ok, momentum,
+                         max_ratio, floor);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(robust_diffusion, Meta, m) {
@@ -75,6 +90,8 @@ TORCH_LIBRARY_IMPL(robust_diffusion, Meta, m) {
     m.impl((std::string(Loss::name) + "_backward").c_str(), &LossMeta<Loss>::backward);
   });
   m.impl("risk_noising", &risk_noising_meta);
+  m.impl("bucket_statistic", &bucket_statistic_meta);
+  m.impl("adaptive_scale_update", &adaptive_scale_update_meta);
 }
 
 }  // namespace robust_diffusion

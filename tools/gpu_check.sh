@@ -29,6 +29,7 @@ python3 -c "import torch, robust_diffusion; assert torch._C._dispatch_has_kernel
 echo "== tests on CUDA tensors"
 # test_cuda.py is the GPU suite; the others parametrise over devices and so run on CUDA too.
 timeout 240 python3 -m pytest tests/test_cuda.py tests/test_losses.py tests/test_risk.py tests/test_robust_loss.py \
+  tests/test_adaptive_scale_ops.py \
   -q -p no:cacheprovider -rs --continue-on-collection-errors >"$OUT/pytest.log" 2>&1
 echo "pytest exit $?"; tail -15 "$OUT/pytest.log"
 

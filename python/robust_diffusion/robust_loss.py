@@ -129,8 +129,7 @@ class RobustDiffusionLoss(DtypeKeepingModule):
 
     last_influence: Optional[Tensor]
     last_penalty: Optional[Tensor]
-    staged_medians: Optional[Tensor]
-    staged_skipped: Optional[Tensor]
+    staged_statistic: Optional[Tensor]
 
     def __init__(self, loss: str = "hellinger", schedule: Optional[NoiseSchedule] = None, *,
                  scale: Union[str, float] = "adaptive", temperature: float = 1.0, num_buckets: int = 10,
@@ -227,10 +226,10 @@ class RobustDiffusionLoss(DtypeKeepingModule):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.register_buffer("skipped_updates", torch.zeros((), dtype=torch.int64))
         self.register_buffer("limited_updates", torch.zeros((), dtype=torch.int64))
-        # update="step": the statistics staged since the last step(): per bucket the sum of medians and their
-        # count, and the refused batches. Not saved (a resumed run redoes the step).
-        self.staged_medians = None
-        self.staged_skipped = None
+        # update="step": the sum of the batch statistics staged since the last step() (bucket_statistic's layout:
+        # per bucket the sum of medians and their count, then the refused batches). Not saved (a resumed run
+        # redoes the step).
+        self.staged_statistic = None
         self._seeded = False  # host mirror of `initialized`, so no step syncs to read it
 
     def __prepare_scriptable__(self):
@@ -268,15 +267,14 @@ class RobustDiffusionLoss(DtypeKeepingModule):
         return log_snr_buckets(self._schedule.log_snr(t), self.num_buckets)
 
     @torch.jit.unused
-    def _continuous_terms(self, t: Tensor, dtype: torch.dtype) -> Tuple[Optional[Tensor], Tensor]:
+    def _continuous_terms(self, t: Tensor, dtype: torch.dtype) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """Continuous schedules: the timestep weights (None when constant; float64 for float64 inputs) and
-        pseudo-Huber c of this call's t."""
+        pseudo-Huber c (None for the other losses) of this call's t."""
         scheme, kind, terminal, params = self._weight_args
         weights = (loss_weights(self._schedule, t, scheme, kind, terminal=terminal,
                                 dtype=torch.float64 if dtype == torch.float64 else torch.float32, **params)
                    if self.uses_weighting else None)
-        c = (pseudo_huber_c(self._schedule, t, *self._huber_args) if self._huber_args is not None
-             else torch.ones(t.shape, dtype=torch.float32, device=t.device))
+        c = pseudo_huber_c(self._schedule, t, *self._huber_args) if self._huber_args is not None else None
         return weights, c
 
     def forward(self, input: Tensor, target: Tensor, t: Tensor, weight: Optional[Tensor] = None) -> Tensor:
@@ -286,7 +284,7 @@ class RobustDiffusionLoss(DtypeKeepingModule):
         self._check_call(input, t)
         if self.discrete:
             timestep_weight = self.timestep_weight[t] if self.uses_weighting else None
-            c = self.huber_c[t]
+            c = self.huber_c[t] if self.loss == "pseudo_huber" else None
         else:
             timestep_weight, c = self._continuous_terms(t, input.dtype)
         sample_weight = weight
@@ -302,18 +300,19 @@ class RobustDiffusionLoss(DtypeKeepingModule):
             scale = self.vlb_scale[t]
         elif self.scale_mode == "batch":
             with torch.no_grad():  # stateless: this batch's penalties at scale 1, their medians by noise level
-                penalty = self._call(input.detach(), target.detach(), torch.ones_like(c), None, c, "none")[1]
+                penalty = self._call(input.detach(), target.detach(), _ones(t), None, c, "none")[1]
             scale = batch_scale(penalty, t, self.temperature)
         else:
-            scale = torch.full_like(c, self.fixed_scale)
+            scale = torch.full(t.shape, self.fixed_scale, dtype=torch.float32, device=t.device)
         loss, penalty, influence = self._call(input, target, scale, sample_weight, c, self.reduction)
         if self.scale_mode == "adaptive" and self.training:
-            medians, skipped = self._bucket_medians(penalty.detach(), bucket)
+            statistic = self._statistic(penalty.detach(), bucket)
             if self.update == "forward":
-                self._take_in(medians, skipped)
+                self._take_in(statistic, None)
                 self._seeded = True
             else:
-                self._stage(medians, skipped)
+                staged = self.staged_statistic
+                self.staged_statistic = statistic if staged is None else staged + statistic
         self.last_influence = influence.detach()
         self.last_penalty = penalty.detach()
         if self.normalize_influence:
@@ -329,20 +328,13 @@ class RobustDiffusionLoss(DtypeKeepingModule):
         ``update="forward"``."""
         if not torch.jit.is_scripting():
             ok = self._step_flag(ok)
-        staged, staged_skipped = self.staged_medians, self.staged_skipped
-        if self.update != "step" or staged is None or staged_skipped is None:
+        staged = self.staged_statistic
+        if self.update != "step" or staged is None:
             return
-        with torch.no_grad():
-            total, count = staged[0], staged[1]
-            medians = torch.where(count > 0, total / count.clamp_min(1.0), torch.full_like(total, float("nan")))
-            skipped = staged_skipped
-            if ok is not None:
-                keep = ok.to(device=medians.device, dtype=torch.bool).reshape(())
-                skipped = skipped + (~keep & (count > 0).any()).to(torch.int64)
-                medians = torch.where(keep, medians, torch.full_like(medians, float("nan")))
-            self._take_in(medians, skipped)
-        self.staged_medians = None
-        self.staged_skipped = None
+        if ok is not None:
+            ok = ok.to(self.bucket_penalty.device)
+        self._take_in(staged, ok)
+        self.staged_statistic = None
         self._seeded = True
 
     @torch.jit.unused
@@ -388,7 +380,7 @@ class RobustDiffusionLoss(DtypeKeepingModule):
     def _check_continuous_times(self, t: Tensor) -> None:
         self._schedule.check_timesteps(t, caller="RobustDiffusionLoss")
 
-    def _call(self, input: Tensor, target: Tensor, scale: Tensor, weight: Optional[Tensor], c: Tensor,
+    def _call(self, input: Tensor, target: Tensor, scale: Tensor, weight: Optional[Tensor], c: Optional[Tensor],
               reduction: str):
         # One explicit branch per operator: TorchScript cannot look an operator up by a name held in a string.
         ops = torch.ops.robust_diffusion
@@ -412,61 +404,47 @@ class RobustDiffusionLoss(DtypeKeepingModule):
         if self.loss == "huber":
             return ops.huber_loss(input, target, scale, weight, dr, reduction, self.delta)
         if self.loss == "pseudo_huber":
+            assert c is not None  # forward passes pseudo-Huber's c
             return ops.pseudo_huber_loss(input, target, scale, weight, dr, reduction, c, self.form)
         return ops.clipped_mse_loss(input, target, scale, weight, dr, reduction, self.tau, self.mode)
 
-    def _provisional_penalty(self, input: Tensor, target: Tensor, bucket: Tensor, c: Tensor) -> Tensor:
+    def _provisional_penalty(self, input: Tensor, target: Tensor, bucket: Tensor, c: Optional[Tensor]) -> Tensor:
         """Before the first training batch has been taken in: the state where it is initialised (loaded into a
         TorchScript module, where ``_load_from_state_dict`` does not run and so cannot set the host flag), else
-        this batch's own bucket medians (the median over buckets where a bucket has none), at the cost of one
-        extra pass over the batch. Changes no state."""
+        what this batch's own statistic would seed it to (its bucket medians; the median over buckets where a
+        bucket has none), at the cost of one extra pass over the batch. Changes no state."""
         with torch.no_grad():
-            penalty = self._call(input.detach(), target.detach(), torch.ones_like(c), None, c, "none")[1]
-            medians, _ = self._bucket_medians(penalty, bucket)
-            estimate = torch.where(torch.isnan(medians), torch.nanmedian(medians), medians)
-            estimate = torch.where(torch.isnan(estimate), self.bucket_penalty, estimate)
-            return torch.where(self.initialized, self.bucket_penalty, estimate)
+            penalty = self._call(input.detach(), target.detach(), _ones(bucket), None, c, "none")[1]
+            seeded = self.bucket_penalty.clone()
+            counter = torch.zeros((), dtype=torch.int64, device=seeded.device)
+            torch.ops.robust_diffusion.adaptive_scale_update(
+                seeded, torch.zeros((), dtype=torch.bool, device=seeded.device), counter, counter.clone(),
+                self._statistic(penalty, bucket), None, self.momentum, self.max_update_ratio, self.penalty_floor)
+            return torch.where(self.initialized, self.bucket_penalty, seeded)
 
-    def _take_in(self, medians: Tensor, skipped: Tensor) -> None:
-        """Move the state towards a batch statistic (NaN where a bucket has none). The first statistic seeds every
-        bucket (those it lacks with its median over buckets); later ones are clamped to at most MAX_UPDATE_RATIO
-        times the bucket's value (downward the EMA itself bounds the move), then averaged in with the EMA."""
-        with torch.no_grad():
-            current = self.bucket_penalty
-            present = ~torch.isnan(medians)
-            seed = torch.where(present, medians, torch.nanmedian(medians))
-            seeded = torch.where(torch.isnan(seed), current, seed)
-            # Only upward: downward the EMA already moves a bucket by at most a factor momentum per update.
-            bounded = torch.minimum(medians, current * self.max_update_ratio)
-            ema = self.momentum * current + (1.0 - self.momentum) * bounded
-            updated = torch.where(self.initialized, torch.where(present, ema, current), seeded)
-            limited = self.initialized & present & (bounded != medians)
-            self.bucket_penalty.copy_(updated.clamp_min(self.penalty_floor))
-            self.limited_updates.add_(limited.sum())
-            self.skipped_updates.add_(skipped)
-            self.initialized.copy_(self.initialized | present.any())
+    def _take_in(self, statistic: Tensor, ok: Optional[Tensor]) -> None:
+        """Move the state towards a batch statistic, in place (docs/DESIGN.md, Scale; csrc/math/adaptive_scale.h):
+        the first statistic seeds every bucket (those it lacks with its median over buckets); later ones are
+        clamped to at most MAX_UPDATE_RATIO times the bucket's value, then averaged in with the EMA. ``ok`` False
+        drops the statistic and counts the step as skipped."""
+        torch.ops.robust_diffusion.adaptive_scale_update(
+            self.bucket_penalty, self.initialized, self.skipped_updates, self.limited_updates, statistic, ok,
+            self.momentum, self.max_update_ratio, self.penalty_floor)
 
-    def _stage(self, medians: Tensor, skipped: Tensor) -> None:
-        statistic = torch.stack([torch.nan_to_num(medians), (~torch.isnan(medians)).float()])
-        staged, staged_skipped = self.staged_medians, self.staged_skipped
-        self.staged_medians = statistic if staged is None else staged + statistic
-        self.staged_skipped = skipped if staged_skipped is None else staged_skipped + skipped
-
-    def _bucket_medians(self, penalty: Tensor, bucket: Tensor) -> Tuple[Tensor, Tensor]:
-        """This batch's statistic: the median penalty per bucket (NaN for a bucket with no sample, or when the
-        statistic is refused), averaged over data-parallel ranks, and how many rank-batches were refused
-        (int64). A batch is refused whole when any penalty is non-finite (a forward pass that overflowed, NaN
-        data: GradScaler will skip that step); a bucket median below PENALTY_FLOOR is dropped (no scale
-        information); a batch left with no bucket counts as refused."""
-        member = bucket.unsqueeze(0) == torch.arange(self.num_buckets, device=bucket.device).unsqueeze(1)
-        values = torch.where(member, penalty.float().unsqueeze(0), torch.full_like(member, float("nan"), dtype=torch.float32))
-        medians = torch.nanmedian(values, dim=1).values
-        accepted = torch.isfinite(medians) & (medians >= self.penalty_floor) & torch.isfinite(penalty).all()
-        medians = torch.where(accepted, medians, torch.full_like(medians, float("nan")))
-        skipped = (~accepted.any()).to(torch.int64)
+    def _statistic(self, penalty: Tensor, bucket: Tensor) -> Tensor:
+        """This batch's statistic (``bucket_statistic``): per bucket its median penalty with count 1, or nothing
+        (no sample, a median below PENALTY_FLOOR: no scale information); a batch with a non-finite penalty (a
+        forward pass that overflowed, NaN data: GradScaler will skip that step) or with no bucket left is refused
+        whole and counted. Averaged over data-parallel ranks."""
+        statistic = torch.ops.robust_diffusion.bucket_statistic(penalty, bucket, self.num_buckets, self.penalty_floor)
         if not torch.jit.is_scripting():
-            medians, skipped = _average_over_ranks(medians, skipped)
-        return medians, skipped
+            statistic = _average_over_ranks(statistic)
+        return statistic
+
+
+def _ones(t: Tensor) -> Tensor:
+    """A scale of 1 per sample (float32, on t's device)."""
+    return torch.ones(t.shape, dtype=torch.float32, device=t.device)
 
 
 def log_snr_buckets(log_snr: Tensor, num_buckets: int) -> Tensor:
@@ -482,27 +460,26 @@ def _check_timestep_range(t: Tensor, steps: int) -> None:
     elsewhere (an accelerator, where reading them would sync; torch.compile, where it would break the graph)."""
     expected = f"RobustDiffusionLoss: t must lie in [0, {steps}) (the step indices of the module's schedule)"
     if t.device.type == "cpu" and not torch.compiler.is_compiling():
-        low, high = int(t.min()), int(t.max())
+        low, high = (int(v) for v in torch.aminmax(t))
         if low < 0 or high >= steps:
             raise ValueError(f"{expected}, got values in [{low}, {high}]")
     elif t.device.type != "meta":
         torch._assert_async(((t >= 0) & (t < steps)).all(), expected)
 
 
-def _average_over_ranks(medians: Tensor, skipped: Tensor) -> Tuple[Tensor, Tensor]:
-    """Mean of each bucket's median over the ranks that saw it, and the refused rank-batches summed over ranks
-    (one all-reduce), so every rank keeps identical state."""
+def _average_over_ranks(statistic: Tensor) -> Tensor:
+    """A batch statistic with each bucket's median averaged over the ranks that saw it (count 1) and the refused
+    rank-batches summed (one all-reduce), so every rank keeps identical state."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return medians, skipped
-    present = ~torch.isnan(medians)
-    stacked = torch.cat([torch.nan_to_num(medians), present.float(), skipped.float().reshape(1)])
-    dist.all_reduce(stacked)
-    k = medians.numel()
-    total, count = stacked[:k], stacked[k:2 * k]
-    averaged = torch.where(count > 0, total / count.clamp_min(1), torch.full_like(medians, float("nan")))
-    return averaged, stacked[2 * k].round().to(torch.int64)
+        return statistic
+    dist.all_reduce(statistic)
+    k = (statistic.numel() - 1) // 2
+    total, count = statistic[:k], statistic[k:2 * k]
+    present = count > 0
+    averaged = torch.where(present, total / count.clamp_min(1.0), torch.zeros_like(total))
+    return torch.cat([averaged, present.float(), statistic[2 * k:]])
 
 
 def _vlb_scale(schedule: NoiseSchedule, prediction_type: str) -> Tensor:
