@@ -162,6 +162,38 @@ def test_torch_compile_fullgraph_with_adaptive_state():
         torch.testing.assert_close(g_got, g_expected)
 
 
+@pytest.mark.slow
+def test_compiled_forward_and_step_and_an_exported_training_module_keep_the_eager_state():
+    """The state update is two operators (one mutating the buffers in place): a fullgraph-compiled training step
+    (forward + step with a skipped step among them) and a module exported in training mode update the state
+    exactly as eager mode does."""
+    torch._dynamo.reset()
+    eager, compiled_module = (rd.RobustDiffusionLoss("ned", update="step") for _ in range(2))
+
+    def train_step(x, y, t, ok):
+        loss = compiled_module(x, y, t)
+        compiled_module.step(ok)
+        return loss
+
+    compiled = torch.compile(train_step, fullgraph=True)
+    for seed in range(5):
+        x, y, t = batch(seed=seed)
+        ok = torch.tensor(seed != 2)
+        expected = eager(x, y, t)
+        eager.step(ok)
+        torch.testing.assert_close(compiled(x, y, t, ok), expected)
+        for name in ("bucket_penalty", "initialized", "skipped_updates", "limited_updates"):
+            assert torch.equal(getattr(compiled_module, name), getattr(eager, name)), (seed, name)
+    assert int(eager.skipped_updates) == 1
+
+    module, reference = rd.RobustDiffusionLoss("hellinger"), rd.RobustDiffusionLoss("hellinger")
+    module(*batch(seed=0)), reference(*batch(seed=0))
+    exported = torch.export.export(module, batch(seed=1)).module()
+    for seed in range(1, 4):
+        torch.testing.assert_close(exported(*batch(seed=seed)), reference(*batch(seed=seed)))
+        assert torch.equal(exported.bucket_penalty, reference.bucket_penalty), seed
+
+
 def test_scripted_module_keeps_loaded_state_on_its_first_call():
     """TorchScript does not run _load_from_state_dict, so the host flag says "not seeded"; the first call
     must still keep the loaded buckets (changing them only by the usual EMA update), like the eager module."""
