@@ -104,10 +104,12 @@ def measure(preset: str, side: int, batch: int, device: torch.device, budget: fl
         output.grad = None
         F.mse_loss(output, target).backward()
 
+    ok = torch.isfinite(torch.ones((), device=device))  # a flag on the device, as the Trainer's
+
     def loss_robust():
         output.grad = None
         robust(output, target, t).backward()
-        robust.step(True)
+        robust.step(ok)
 
     loss_times = blocks([loss_mse, loss_robust], device, 0.2, min(10.0, budget / 4))
     return dict(model=preset, parameters=sum(p.numel() for p in model.parameters()), side=side, batch=batch,

@@ -6,8 +6,8 @@
 # Builds the extension in place with its CUDA kernels for Hopper (the machine has torch, nvcc, ninja and
 # pytest, and no network), runs the tests that exercise CUDA tensors (CUDA/CPU parity for every operator,
 # dtype and reduction, opcheck, torch.compile incl. CUDA graphs, determinism), then the benchmark. Everything
-# lands in $OUT: device.txt, build.log, pytest.log and bench.md (a benchmarks/RESULTS.md section: append it
-# there, with the device it names). Each stage has its own time limit so a slow one cannot eat the lease.
+# lands in $OUT: device.txt, build.log, pytest.log, bench.md and train_step.md (benchmarks/RESULTS.md sections:
+# append them there, with the device they name). Each stage has its own time limit so a slow one cannot eat the lease.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-outputs/gpu}"
@@ -36,3 +36,8 @@ echo "pytest exit $?"; tail -15 "$OUT/pytest.log"
 echo "== benchmark"
 timeout 200 python3 benchmarks/bench_losses.py --device cuda --repeat 100 --out "$OUT/bench.md" >"$OUT/bench.log" 2>&1
 echo "bench exit $?"; tail -14 "$OUT/bench.md" 2>/dev/null || tail -20 "$OUT/bench.log"
+
+echo "== training step (what robustness costs per step on the GPU, issue 18 item 4)"
+timeout 120 python3 benchmarks/bench_train_step.py --device cuda --budget 15 --out "$OUT/train_step.md" \
+  >"$OUT/train_step.log" 2>&1
+echo "train step exit $?"; tail -8 "$OUT/train_step.md" 2>/dev/null || tail -20 "$OUT/train_step.log"
