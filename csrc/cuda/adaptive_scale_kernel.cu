@@ -3,7 +3,7 @@
 //
 // bucket_statistic ranks each sample among its bucket's samples by (value, index), so exactly one sample of each
 // bucket has the lower middle rank and writes the median: O(B^2) comparisons spread over B threads, no sort, the
-// same value as the CPU kernel's. A second, one-block kernel applies the acceptance rules.
+// same value as the CPU kernel's (B up to a few thousand is what it is for). A second, one-block kernel applies the acceptance rules.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -20,25 +20,40 @@ namespace {
 using cuda::kThreads;
 
 // statistic: zeros on entry. Each bucket's median sample writes its value to total[k] and the bucket's size to
-// count[k]; any non-finite penalty sets refused to 1.
+// count[k]; any non-finite penalty sets refused to 1. The block reads the batch through shared memory, a tile at
+// a time.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) bucket_medians_kernel(const scalar_t* __restrict__ penalty,
                                                                   const int64_t* __restrict__ bucket, int64_t B,
                                                                   int64_t K, float* __restrict__ statistic) {
+  __shared__ int64_t tile_bucket[kThreads];
+  __shared__ float tile_value[kThreads];
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (i >= B) return;
-  const int64_t k = bucket[i];
-  CUDA_KERNEL_ASSERT(k >= 0 && k < K && "bucket_statistic: bucket must lie in [0, num_buckets)");
-  if (!isfinite(static_cast<double>(penalty[i]))) statistic[2 * K] = 1.0f;
-  const float value = static_cast<float>(penalty[i]);
-  int64_t rank = 0, size = 0;
-  for (int64_t j = 0; j < B; ++j) {
-    if (bucket[j] != k) continue;
-    const float other = static_cast<float>(penalty[j]);
-    ++size;
-    rank += (other < value || (other == value && j < i)) ? 1 : 0;
+  const bool mine = i < B;  // threads past the batch still load tiles
+  const int64_t k = mine ? bucket[i] : -1;
+  const float value = mine ? static_cast<float>(penalty[i]) : 0.0f;
+  if (mine) {
+    CUDA_KERNEL_ASSERT(k >= 0 && k < K && "bucket_statistic: bucket must lie in [0, num_buckets)");
+    if (!isfinite(static_cast<double>(penalty[i]))) statistic[2 * K] = 1.0f;
   }
-  if (rank == (size - 1) / 2) {
+  int64_t rank = 0, size = 0;
+  for (int64_t base = 0; base < B; base += kThreads) {
+    const int64_t j = base + threadIdx.x;
+    if (j < B) {
+      tile_bucket[threadIdx.x] = bucket[j];
+      tile_value[threadIdx.x] = static_cast<float>(penalty[j]);
+    }
+    __syncthreads();
+    const int64_t tile = B - base < kThreads ? B - base : kThreads;
+    for (int64_t jj = 0; jj < tile; ++jj) {
+      if (tile_bucket[jj] != k) continue;
+      const float other = tile_value[jj];
+      ++size;
+      rank += (other < value || (other == value && base + jj < i)) ? 1 : 0;
+    }
+    __syncthreads();
+  }
+  if (mine && rank == (size - 1) / 2) {
     statistic[k] = value;
     statistic[K + k] = static_cast<float>(size);
   }
