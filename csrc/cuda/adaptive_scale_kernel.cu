@@ -3,7 +3,8 @@
 //
 // bucket_statistic ranks each sample among its bucket's samples by (value, index), so exactly one sample of each
 // bucket has the lower middle rank and writes the median: O(B^2) comparisons spread over B threads, no sort, the
-// same value as the CPU kernel's (B up to a few thousand is what it is for). A second, one-block kernel applies the acceptance rules.
+// same value as the CPU kernel's (meant for batches of up to a few thousand). A second, one-block kernel applies
+// the acceptance rules.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
