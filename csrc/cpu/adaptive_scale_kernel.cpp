@@ -7,7 +7,6 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <utility>
 #include <vector>
 
 #include "../adaptive_scale.h"
@@ -32,39 +31,33 @@ at::Tensor bucket_statistic_cpu(const at::Tensor& penalty, const at::Tensor& buc
   const int64_t* k_of = buckets.const_data_ptr<int64_t>();
   if (B > 0) {
     const auto [low, high] = std::minmax_element(k_of, k_of + B);
-    TORCH_CHECK_VALUE(*low >= 0 && *high < K, "bucket_statistic: bucket must lie in [0, ", K, ") (num_buckets), got values in [",
-                      *low, ", ", *high, "]");
+    TORCH_CHECK_VALUE(*low >= 0 && *high < K, "bucket_statistic: bucket must lie in [0, ", K,
+                      ") (num_buckets), got values in [", *low, ", ", *high, "]");
   }
   at::Tensor statistic = at::zeros({statistic_size(K)}, penalty.options().dtype(at::kFloat));
   float* total = statistic.mutable_data_ptr<float>();
   float* count = total + K;
   float* refused = total + 2 * K;
 
-  // (bucket, penalty as float32) of every sample, sorted: each bucket's values are then one sorted run.
-  std::vector<std::pair<int64_t, float>> members(static_cast<size_t>(B));
+  // Each bucket's penalties as float32; a non-finite one (in its own dtype) refuses the whole batch (an
+  // overflowed forward pass, NaN data).
+  std::vector<std::vector<float>> members(static_cast<size_t>(K));
   bool finite = true;
   const at::Tensor values = penalty.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "bucket_statistic_cpu", [&] {
     const scalar_t* p = values.const_data_ptr<scalar_t>();
     for (int64_t b = 0; b < B; ++b) {
       finite = finite && std::isfinite(static_cast<double>(p[b]));
-      members[b] = {k_of[b], static_cast<float>(p[b])};
+      members[k_of[b]].push_back(static_cast<float>(p[b]));
     }
   });
   bool any_accepted = false;
-  if (finite) {  // a non-finite penalty refuses the whole batch (an overflowed forward pass, NaN data)
-    std::sort(members.begin(), members.end());
-    const float least = static_cast<float>(floor);
-    for (size_t begin = 0; begin < members.size();) {
-      size_t end = begin;
-      while (end < members.size() && members[end].first == members[begin].first) ++end;
-      const float median = members[begin + (end - begin - 1) / 2].second;  // the lower middle value
-      if (std::isfinite(median) && median >= least) {
-        total[members[begin].first] = median;
-        count[members[begin].first] = 1.0f;
-        any_accepted = true;
-      }
-      begin = end;
+  for (int64_t k = 0; finite && k < K; ++k) {
+    const float median = lower_median(members[k]);  // NaN for an empty bucket
+    if (std::isfinite(median) && median >= static_cast<float>(floor)) {
+      total[k] = median;
+      count[k] = 1.0f;
+      any_accepted = true;
     }
   }
   *refused = any_accepted ? 0.0f : 1.0f;
