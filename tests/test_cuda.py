@@ -125,28 +125,32 @@ def test_cuda_robust_loss_module():
 
 def test_cuda_adaptive_scale_follows_the_cpu_and_never_syncs():
     """RobustDiffusionLoss's state on CUDA (bucket_statistic, adaptive_scale_update) tracks the CPU module's
-    through seeding, EMA steps and a skipped step, and a training call plus step() never waits for the GPU."""
+    through a skipped first step, seeding, EMA steps and a later skipped step, the losses too (the batch after
+    the skipped first step is scored against its own medians, as on the CPU), and a training call plus step()
+    never waits for the GPU."""
     cpu = rd.RobustDiffusionLoss("ned", weighting="min_snr", update="step")
     gpu = rd.RobustDiffusionLoss("ned", weighting="min_snr", update="step").cuda()
     for step in range(6):
         g = torch.Generator().manual_seed(step)
         x, y = torch.randn(48, 1, 8, 8, generator=g), torch.randn(48, 1, 8, 8, generator=g)
         t = torch.randint(0, 1000, (48,), generator=g)
-        ok = step != 3
-        cpu(x, y, t)
+        ok = step not in (0, 3)
+        expected = cpu(x, y, t)
         cpu.step(torch.tensor(ok))
         args, ok_gpu = (x.cuda().requires_grad_(), y.cuda(), t.cuda()), torch.tensor(ok, device="cuda")
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            gpu(*args).backward()
+            loss = gpu(*args)
+            loss.backward()
             gpu.step(ok_gpu)
         finally:
             torch.cuda.set_sync_debug_mode(0)
+        torch.testing.assert_close(loss.cpu(), expected, rtol=1e-5, atol=0)
         torch.testing.assert_close(gpu.bucket_penalty.cpu(), cpu.bucket_penalty, rtol=1e-5, atol=0)
         for name in ("initialized", "skipped_updates", "limited_updates"):
             assert torch.equal(getattr(gpu, name).cpu(), getattr(cpu, name)), name
-    assert int(gpu.skipped_updates) == 1
+    assert int(gpu.skipped_updates) == 2 and gpu._seeded  # the host flag followed, no extra pass once seeded
 
 
 @pytest.mark.parametrize("argument", ["target", "scale", "weight", "c"])

@@ -1,8 +1,8 @@
 """Fault injection: the promises of "nothing fails silently" (README, "Failure behaviour"), one test each.
 
 1-5   The adaptive scale's running state: no overflowing, non-finite or zero batch enters it; seeding never
-      freezes a bucket; it stays float32 whatever the module's dtype; one absurd batch is forgotten within a
-      few clean ones.
+      freezes a bucket, and a batch after an unseeding first one is scored like a first batch; it stays float32
+      whatever the module's dtype; one absurd batch is forgotten within a few clean ones.
 6     RobustDiffusionLoss checks t (range, dtype, length, device) with messages that name it.
 7     The Meta kernels run the real kernels' checks: meta tensors, FakeTensorMode, torch.compile and
       torch.export reject what eager rejects, with the same message.
@@ -123,6 +123,33 @@ def test_4_a_fresh_module_in_eval_mode_does_not_seed_itself():
     assert not bool(module.initialized) and torch.equal(module.bucket_penalty, torch.ones(10))
     training = rd.RobustDiffusionLoss("ned")
     torch.testing.assert_close(loss, training(x, y, T))  # the same provisional scale, from the batch itself
+
+
+@pytest.mark.parametrize("first", ["nan", "zero residual", "skipped step", "skipped step, host bool"])
+def test_4_the_batch_after_an_unseeding_first_one_is_scored_against_its_own_medians(first):
+    """A first batch that does not seed the state leaves the next batch where a fresh module's first batch is:
+    scored against its own medians, same loss and gradient (it was scored at the initial scale of 1)."""
+    update = "step" if first.startswith("skipped") else "forward"
+    module = rd.RobustDiffusionLoss("hellinger", update=update)
+    x0 = {"nan": torch.full((32, 16), math.nan), "zero residual": torch.zeros(32, 16)}.get(first, clean_batch(0)[0])
+    module(x0, torch.zeros(32, 16), T)
+    if update == "step":
+        module.step(False if first.endswith("bool") else torch.tensor(False))
+    assert not bool(module.initialized) and not module._seeded
+    fresh = rd.RobustDiffusionLoss("hellinger", update=update)
+    x, y = clean_batch(1, scale=3.0)
+    grads = []
+    for m in (module, fresh):
+        xg = x.clone().requires_grad_()
+        loss = m(xg, y, T)
+        loss.backward()
+        m.step()
+        grads.append((loss.detach(), xg.grad))
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    at_initial_scale = rd.RobustDiffusionLoss("hellinger").eval()
+    at_initial_scale.load_state_dict({**at_initial_scale.state_dict(), "initialized": torch.tensor(True)})
+    assert abs(float(grads[0][0]) - float(at_initial_scale(x, y, T))) > 0.05  # what it was: not vacuous
+    assert module._seeded and torch.equal(module.bucket_penalty, fresh.bucket_penalty)
 
 
 @pytest.mark.parametrize("cast", ["half", "bfloat16", "double"])

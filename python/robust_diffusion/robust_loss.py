@@ -230,7 +230,8 @@ class RobustDiffusionLoss(DtypeKeepingModule):
         # per bucket the sum of medians and their count, then the refused batches). Not saved (a resumed run
         # redoes the step).
         self.staged_statistic = None
-        self._seeded = False  # host mirror of `initialized`, so no step syncs to read it
+        self._seeded = False  # host mirror of `initialized`, so no step syncs to read it (_follow_initialized)
+        self._seeded_probe = None  # (pinned copy of `initialized`, its CUDA event), in flight
 
     def __prepare_scriptable__(self):
         """torch.jit.script calls this first: a continuous schedule is Python code TorchScript cannot compile."""
@@ -255,6 +256,7 @@ class RobustDiffusionLoss(DtypeKeepingModule):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self._seeded = bool(self.initialized)
+        self._seeded_probe = None
 
     def buckets(self, t: Tensor) -> Tensor:
         """The adaptive-scale bucket of each timestep: equal ranges of t (discrete), of log-SNR (continuous)."""
@@ -293,6 +295,8 @@ class RobustDiffusionLoss(DtypeKeepingModule):
         bucket = self.buckets(t)
         if self.scale_mode == "adaptive":
             typical = self.bucket_penalty
+            if not self._seeded and not torch.jit.is_scripting():
+                self._read_seeded_probe()
             if not self._seeded:
                 typical = self._provisional_penalty(input, target, bucket, c)
             scale = 1.0 / (self.temperature * typical[bucket])
@@ -309,7 +313,7 @@ class RobustDiffusionLoss(DtypeKeepingModule):
             statistic = self._statistic(penalty.detach(), bucket)
             if self.update == "forward":
                 self._take_in(statistic, None)
-                self._seeded = True
+                self._follow_initialized()
             else:
                 staged = self.staged_statistic
                 self.staged_statistic = statistic if staged is None else staged + statistic
@@ -335,7 +339,7 @@ class RobustDiffusionLoss(DtypeKeepingModule):
             ok = ok.to(self.bucket_penalty.device)
         self._take_in(staged, ok)
         self.staged_statistic = None
-        self._seeded = True
+        self._follow_initialized()
 
     @torch.jit.unused
     def _step_flag(self, ok: Optional[Tensor]) -> Optional[Tensor]:
@@ -421,6 +425,43 @@ class RobustDiffusionLoss(DtypeKeepingModule):
                 seeded, torch.zeros((), dtype=torch.bool, device=seeded.device), counter, counter.clone(),
                 self._statistic(penalty, bucket), None, self.momentum, self.max_update_ratio, self.penalty_floor)
             return torch.where(self.initialized, self.bucket_penalty, seeded)
+
+    def _follow_initialized(self) -> None:
+        """After an update attempt: the host flag follows ``initialized`` without a host sync. An attempt need not
+        seed the state (a refused first statistic, a skipped first step), and until it is seeded each batch is
+        scored against its own medians. On the CPU the flag is read at once; on a GPU through a non-blocking copy
+        that a later forward reads once it has landed (until then it takes the provisional path, which is right
+        either way). Compiled and scripted code cannot read a tensor on the host: there the flag is set by the
+        first attempt, so a batch after a refused first one is scored at the initial scale of 1."""
+        if self._seeded:
+            return
+        if torch.jit.is_scripting():
+            self._seeded = True
+        else:
+            self._probe_initialized()
+
+    @torch.jit.unused
+    def _probe_initialized(self) -> None:
+        flag = self.initialized
+        if torch.compiler.is_compiling() or flag.device.type == "meta":
+            self._seeded = True
+        elif flag.device.type == "cpu":
+            self._seeded = bool(flag)
+        elif flag.device.type == "cuda":
+            landing = torch.empty((), dtype=torch.bool, pin_memory=True)
+            landing.copy_(flag, non_blocking=True)
+            landed = torch.cuda.Event()
+            landed.record()
+            self._seeded_probe = (landing, landed)
+        else:  # another accelerator: one read per attempt until seeded
+            self._seeded = bool(flag)
+
+    @torch.jit.unused
+    def _read_seeded_probe(self) -> None:
+        probe = self._seeded_probe
+        if probe is not None and not torch.compiler.is_compiling() and probe[1].query():
+            self._seeded = bool(probe[0])
+            self._seeded_probe = None
 
     def _take_in(self, statistic: Tensor, ok: Optional[Tensor]) -> None:
         """Move the state towards a batch statistic, in place (docs/DESIGN.md, Scale; csrc/math/adaptive_scale.h):
