@@ -47,8 +47,9 @@ def test_loss_benchmark_writes_its_section(tmp_path):
     assert [row.split("|")[2].strip() for row in rows] == ["float32", "bfloat16"]
     for row in rows:
         cells = [cell.strip() for cell in row.strip("|").split("|")]
-        assert len(cells) == 16 and all(float(c) > 0 for c in cells[2:5]) and cells[5] == "-"
-        assert float(cells[7]) > 0 and cells[9].endswith("%") and cells[10].endswith("%")
-        assert float(cells[14]) > 0 and cells[15].endswith("%")
+        assert len(cells) == 17 and all(float(c) > 0 for c in cells[2:6]) and cells[6] == "-"
+        assert float(cells[2]) == pytest.approx(3 * 4 * 3 * 8 * 8 * {"float32": 4, "bfloat16": 2}[cells[1]] / 1e6, rel=1e-2)
+        assert float(cells[8]) > 0 and cells[10].endswith("%") and cells[11].endswith("%")
+        assert float(cells[15]) > 0 and cells[16].endswith("%")
     fixed = re.search(r"Fixed cost of one call .*: ours (\d+) us, F.mse_loss (\d+) us", text)
     assert fixed and int(fixed.group(1)) > 0 and int(fixed.group(2)) > 0

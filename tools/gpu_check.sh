@@ -34,7 +34,9 @@ timeout 240 python3 -m pytest tests/test_cuda.py tests/test_losses.py tests/test
 echo "pytest exit $?"; tail -15 "$OUT/pytest.log"
 
 echo "== benchmark"
-timeout 200 python3 benchmarks/bench_losses.py --device cuda --repeat 100 --out "$OUT/bench.md" >"$OUT/bench.log" 2>&1
+# The four listed shapes (13-50 MB of 3N in float32, about an H100/H200's 50 MB L2) and one beyond any cache.
+timeout 240 python3 benchmarks/bench_losses.py --device cuda --repeat 100 --out "$OUT/bench.md" \
+  --shapes 128x3x32x32,64x4x64x64,16x16x128x128,256x3x64x64,2048x4x64x64 >"$OUT/bench.log" 2>&1
 echo "bench exit $?"; tail -14 "$OUT/bench.md" 2>/dev/null || tail -20 "$OUT/bench.log"
 
 echo "== training step (what robustness costs per step on the GPU, issue 18 item 4)"
