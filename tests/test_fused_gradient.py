@@ -4,10 +4,15 @@ accumulation, hook or second backward can see changed."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import robust_diffusion as rd
+from conftest import subprocess_pythonpath
 from loss_reference import CASE_IDS
 from test_losses import OPS, call, case_for, make_inputs
 
@@ -58,6 +63,50 @@ def test_one_pass_equals_two_passes_bitwise(case_id, dtype, reduction):
         out = getattr(OPS, case.op)(a, y, scale, weight, "mean", reduction, *params)[0]
         (out.sum() if reduction == "none" else out).backward()
         assert torch.equal(a.grad, two_pass)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("D", [16384, 262144, 3 * 16384 + 5], ids=["one chunk", "sixteen chunks", "misaligned"])
+def test_beyond_the_last_level_cache_the_streamed_gradient_is_the_same(dtype, D):
+    """Where input, target and gradient exceed the last-level cache the one-pass gradient goes out with
+    non-temporal stores (where a chunk is aligned for them; samples of 3 * 16384 + 5 elements mostly are not):
+    bitwise the two passes' gradient, and what loss.backward() hands over."""
+    llc = OPS.cpu_last_level_cache_bytes()
+    if llc > (256 << 20):
+        pytest.skip(f"a {llc >> 20} MB last-level cache: the test would need over 1.5 GB")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    B = -(-2 * llc // (3 * D * itemsize))  # input, target and gradient twice the cache
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, D, generator=g).to(dtype)
+    y = (x.float() + torch.randn(B, D, generator=g).mul_(torch.rand(B, 1, generator=g) * 3)).to(dtype)
+    scale = torch.full((B,), 0.5)
+    loss, penalty, influence, grad = OPS.hellinger_loss_with_grad(x, y, scale, None, "mean", "mean")
+    two_pass = OPS.hellinger_loss_backward(torch.ones_like(loss), x, y, scale, None, influence, "mean", "mean")
+    assert torch.equal(grad, two_pass), (grad - two_pass).abs().max()
+    assert influence.min() < 0.9  # not vacuous: the samples differ in their weight
+    del grad
+    a = x.requires_grad_()
+    OPS.hellinger_loss(a, y, scale, None, "mean", "mean")[0].backward()
+    assert torch.equal(a.grad, two_pass)
+
+
+@pytest.mark.slow
+def test_the_avx2_build_streams_the_same_gradient():
+    """The AVX2 build's non-temporal stores (32 bytes each, against AVX-512's 64), run here by ATen's switch."""
+    if OPS.cpu_instruction_set() not in ("avx2", "avx512"):
+        pytest.skip("this CPU runs no AVX2 build")
+    if OPS.cpu_last_level_cache_bytes() > (256 << 20):
+        pytest.skip("a last-level cache too large for this test's memory")
+    script = ("import torch, test_fused_gradient as t; "
+              "assert torch.ops.robust_diffusion.cpu_instruction_set() == 'avx2'\n"
+              "for dtype in (torch.float32, torch.bfloat16, torch.float64):\n"
+              "    for D in (16384, 3 * 16384 + 5):\n"
+              "        t.test_beyond_the_last_level_cache_the_streamed_gradient_is_the_same(dtype, D)")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env["PYTHONPATH"] = os.pathsep.join(subprocess_pythonpath() + [tests, env.get("PYTHONPATH", "")])
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "../loss_registration.h"
+#include "chunks.h"
 
 namespace robust_diffusion {
 namespace cpu {
@@ -86,6 +87,9 @@ TORCH_LIBRARY_FRAGMENT(robust_diffusion, m) {
   m.def("cpu_instruction_set() -> str", &cpu::instruction_set);
   // "openmp" when the CPU kernels use torch's threads, "serial" when built without OpenMP.
   m.def("cpu_parallel_backend() -> str", &cpu::parallel_backend);
+  // The last-level cache the kernels assume (bytes): a one-pass call whose input, target and gradient exceed it
+  // streams the gradient past the caches.
+  m.def("cpu_last_level_cache_bytes() -> int", &cpu::last_level_cache_bytes);
 }
 
 TORCH_LIBRARY_IMPL(robust_diffusion, CPU, m) { register_loss_kernels<&loss_forward_cpu, &loss_backward_cpu, &loss_forward_with_grad_cpu>(m); }

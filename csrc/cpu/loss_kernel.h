@@ -18,7 +18,12 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <cstring>
 #include <vector>
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
 
 #include "../kernel_dispatch.h"
 #include "chunks.h"
@@ -70,6 +75,53 @@ inline void store2(T* p, const Vectorized<acc_t>& a, const Vectorized<acc_t>& b)
 template <typename acc_t>
 constexpr int64_t kBlock = 2 * Vectorized<acc_t>::size();
 
+// Non-temporal stores: where a call's data exceeds the last-level cache, the gradient cannot stay cached for
+// whoever reads it next, and an ordinary store first reads every line it writes (write-allocate), a third of
+// the one-pass kernel's traffic. Streaming it took 7-20% off beyond the cache (benchmarks/RESULTS.md, the
+// 2026-12-03 11:39 UTC rule and its runs); below it the gradient stays ordinary, cached for the backward.
+// The alignment non-temporal stores need in this build (one vector), 0 where it has none (stream2 then stores
+// as store2 does).
+constexpr uintptr_t kStreamAlignment =
+#if defined(CPU_CAPABILITY_AVX512)
+    64;
+#elif defined(CPU_CAPABILITY_AVX2)
+    32;
+#else
+    0;
+#endif
+
+// store2 with non-temporal stores (straight to memory, no read of the lines first); p kStreamAlignment-aligned.
+template <typename acc_t, typename T>
+inline void stream2(T* p, const Vectorized<acc_t>& a, const Vectorized<acc_t>& b) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+  using I = __m512i;
+  const auto put = [](void* q, I v) { _mm512_stream_si512(static_cast<I*>(q), v); };
+#else
+  using I = __m256i;
+  const auto put = [](void* q, I v) { _mm256_stream_si256(static_cast<I*>(q), v); };
+#endif
+  if constexpr (std::is_same_v<acc_t, T>) {
+    const auto bits = [](const Vectorized<acc_t>& v) {
+      I out;
+      static_assert(sizeof(v) == sizeof(I), "one vector register");
+      std::memcpy(&out, &v, sizeof(I));
+      return out;
+    };
+    put(p, bits(a));
+    put(p + Vectorized<acc_t>::size(), bits(b));
+  } else {
+    const Vectorized<T> packed = at::vec::convert_from_float<T>(a, b);
+    I out;
+    static_assert(sizeof(packed) == sizeof(I), "one vector register");
+    std::memcpy(&out, &packed, sizeof(I));
+    put(p, out);
+  }
+#else
+  store2<acc_t>(p, a, b);
+#endif
+}
+
 // Sum of e(input - target) over [begin, end): SIMD accumulators, then a scalar tail, in a fixed order.
 template <typename acc_t, typename in_t, typename tgt_t, typename Penalty>
 double chunk_penalty_sum(const Penalty& e, const in_t* x, const tgt_t* y, int64_t begin, int64_t end) {
@@ -103,13 +155,29 @@ inline void prefetch_block(const T* p) {
 // next sample's data, 0 for none) it also prefetches that sample's input and target at the same offsets: the
 // one-pass kernel writes a gradient from cache, and the memory would otherwise idle meanwhile (3-20% faster for
 // samples of one chunk on a 2-core Xeon, 2026-12-02; samples of several chunks need their cache for themselves
-// and get no prefetch).
+// and get no prefetch). With stream, the blocks go out with non-temporal stores where out + begin is aligned for
+// them (stream2); the values are the same.
 template <typename acc_t, typename in_t, typename tgt_t, typename Penalty>
 void write_chunk_grad(const Penalty& e, acc_t coef, const in_t* x, const tgt_t* y, in_t* out, int64_t begin,
-                      int64_t end, int64_t next = 0) {
+                      int64_t end, int64_t next = 0, bool stream = false) {
   using Vec = Vectorized<acc_t>;
   const Vec coef_v(coef);
   int64_t i = begin;
+  if (stream && kStreamAlignment != 0 && reinterpret_cast<uintptr_t>(out + begin) % kStreamAlignment == 0) {
+    for (; i + kBlock<acc_t> <= end; i += kBlock<acc_t>) {
+      if (next != 0) {
+        prefetch_block<acc_t>(x + i + next);
+        prefetch_block<acc_t>(y + i + next);
+      }
+      Vec x0, x1, y0, y1;
+      load2<acc_t>(x + i, x0, x1);
+      load2<acc_t>(y + i, y0, y1);
+      stream2<acc_t>(out + i, coef_v * e.template grad<Vec>(x0 - y0), coef_v * e.template grad<Vec>(x1 - y1));
+    }
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    _mm_sfence();  // order the streamed stores before whatever reads the gradient next
+#endif
+  }
   if (next != 0) {
     for (; i + kBlock<acc_t> <= end; i += kBlock<acc_t>) {
       prefetch_block<acc_t>(x + i + next);
@@ -159,10 +227,11 @@ struct KernelArgs {
   }
   // prefetch_next: also prefetch the same chunk of sample b + 1 (the one-pass kernel's next sample).
   template <typename Penalty>
-  void chunk_grad(const Penalty& e, acc_t coef, in_t* out, int64_t b, int64_t k, bool prefetch_next = false) const {
+  void chunk_grad(const Penalty& e, acc_t coef, in_t* out, int64_t b, int64_t k, bool prefetch_next = false,
+                  bool stream = false) const {
     const int64_t offset = b * D;
     write_chunk_grad<acc_t>(e, coef, x + offset, y + offset, out + offset, k * kChunk, std::min(D, (k + 1) * kChunk),
-                            prefetch_next && b + 1 < B ? D : 0);
+                            prefetch_next && b + 1 < B ? D : 0, stream);
   }
 
   const LossConfig& config;
@@ -190,6 +259,8 @@ void forward_kernel(const LossConfig& config, const LossInputs& in, at::Tensor& 
   const acc_t unit_grad = config.reduction == Reduction::Mean ? acc_t(1) / static_cast<acc_t>(B) : acc_t(1);
 
   std::vector<double> sample_loss(B);
+  // Stream the gradient when input, target and gradient together exceed the last-level cache (see stream2).
+  const bool stream = B * a.D * static_cast<int64_t>(2 * sizeof(in_t) + sizeof(tgt_t)) > last_level_cache_bytes();
   // phi, w and the loss of sample b from its penalty sum; returns its gradient coefficient.
   const auto finish = [&](int64_t b, double sum) {
     const math::SampleForward s = math::sample_forward(config.transform, config.transform_param, sum, a.D,
@@ -206,7 +277,7 @@ void forward_kernel(const LossConfig& config, const LossInputs& in, at::Tensor& 
       for (int64_t b = begin; b < end; ++b) {
         const Penalty e = a.template penalty<Penalty>(b);
         const acc_t coef = finish(b, a.chunk_sum(e, b, 0));
-        if (grad_out != nullptr) a.chunk_grad(e, coef, grad_out, b, 0, /*prefetch_next=*/b + 1 < end);
+        if (grad_out != nullptr) a.chunk_grad(e, coef, grad_out, b, 0, /*prefetch_next=*/b + 1 < end, stream);
       }
     });
   } else if (grad_out == nullptr) {  // chunks of every sample are the tasks
@@ -233,7 +304,7 @@ void forward_kernel(const LossConfig& config, const LossInputs& in, at::Tensor& 
       for (int64_t k = 0; k < chunks; ++k) sum += partial[k];
       const acc_t coef = finish(b, sum);
       at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t k = begin; k < end; ++k) a.chunk_grad(e, coef, grad_out, b, k);
+        for (int64_t k = begin; k < end; ++k) a.chunk_grad(e, coef, grad_out, b, k, /*prefetch_next=*/false, stream);
       });
     }
   }
