@@ -157,42 +157,44 @@ inline void prefetch_block(const T* p) {
 // samples of one chunk on a 2-core Xeon, 2026-12-02; samples of several chunks need their cache for themselves
 // and get no prefetch). With stream, the blocks go out with non-temporal stores where out + begin is aligned for
 // them (stream2); the values are the same.
-template <typename acc_t, typename in_t, typename tgt_t, typename Penalty>
-void write_chunk_grad(const Penalty& e, acc_t coef, const in_t* x, const tgt_t* y, in_t* out, int64_t begin,
-                      int64_t end, int64_t next = 0, bool stream = false) {
+// The whole blocks of [i, end) of write_chunk_grad, one loop per (prefetch, streamed) so neither is a branch in
+// it; returns where the blocks end.
+template <bool prefetch, bool streamed, typename acc_t, typename in_t, typename tgt_t, typename Penalty>
+inline int64_t write_grad_blocks(const Penalty& e, const Vectorized<acc_t>& coef_v, const in_t* x, const tgt_t* y,
+                                 in_t* out, int64_t i, int64_t end, int64_t next) {
   using Vec = Vectorized<acc_t>;
-  const Vec coef_v(coef);
-  int64_t i = begin;
-  if (stream && kStreamAlignment != 0 && reinterpret_cast<uintptr_t>(out + begin) % kStreamAlignment == 0) {
-    for (; i + kBlock<acc_t> <= end; i += kBlock<acc_t>) {
-      if (next != 0) {
-        prefetch_block<acc_t>(x + i + next);
-        prefetch_block<acc_t>(y + i + next);
-      }
-      Vec x0, x1, y0, y1;
-      load2<acc_t>(x + i, x0, x1);
-      load2<acc_t>(y + i, y0, y1);
-      stream2<acc_t>(out + i, coef_v * e.template grad<Vec>(x0 - y0), coef_v * e.template grad<Vec>(x1 - y1));
-    }
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-    _mm_sfence();  // order the streamed stores before whatever reads the gradient next
-#endif
-  }
-  if (next != 0) {
-    for (; i + kBlock<acc_t> <= end; i += kBlock<acc_t>) {
+  for (; i + kBlock<acc_t> <= end; i += kBlock<acc_t>) {
+    if constexpr (prefetch) {
       prefetch_block<acc_t>(x + i + next);
       prefetch_block<acc_t>(y + i + next);
-      Vec x0, x1, y0, y1;
-      load2<acc_t>(x + i, x0, x1);
-      load2<acc_t>(y + i, y0, y1);
-      store2<acc_t>(out + i, coef_v * e.template grad<Vec>(x0 - y0), coef_v * e.template grad<Vec>(x1 - y1));
     }
-  }
-  for (; i + kBlock<acc_t> <= end; i += kBlock<acc_t>) {
     Vec x0, x1, y0, y1;
     load2<acc_t>(x + i, x0, x1);
     load2<acc_t>(y + i, y0, y1);
-    store2<acc_t>(out + i, coef_v * e.template grad<Vec>(x0 - y0), coef_v * e.template grad<Vec>(x1 - y1));
+    const Vec g0 = coef_v * e.template grad<Vec>(x0 - y0), g1 = coef_v * e.template grad<Vec>(x1 - y1);
+    if constexpr (streamed) {
+      stream2<acc_t>(out + i, g0, g1);
+    } else {
+      store2<acc_t>(out + i, g0, g1);
+    }
+  }
+  return i;
+}
+
+template <typename acc_t, typename in_t, typename tgt_t, typename Penalty>
+void write_chunk_grad(const Penalty& e, acc_t coef, const in_t* x, const tgt_t* y, in_t* out, int64_t begin,
+                      int64_t end, int64_t next = 0, bool stream = false) {
+  const Vectorized<acc_t> coef_v(coef);
+  int64_t i = begin;
+  if (stream && kStreamAlignment != 0 && reinterpret_cast<uintptr_t>(out + begin) % kStreamAlignment == 0) {
+    i = next != 0 ? write_grad_blocks<true, true, acc_t>(e, coef_v, x, y, out, i, end, next)
+                  : write_grad_blocks<false, true, acc_t>(e, coef_v, x, y, out, i, end, next);
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    _mm_sfence();  // order the streamed stores before whatever reads the gradient next
+#endif
+  } else {
+    i = next != 0 ? write_grad_blocks<true, false, acc_t>(e, coef_v, x, y, out, i, end, next)
+                  : write_grad_blocks<false, false, acc_t>(e, coef_v, x, y, out, i, end, next);
   }
   for (; i < end; ++i) out[i] = static_cast<in_t>(coef * e.grad(static_cast<acc_t>(x[i]) - static_cast<acc_t>(y[i])));
 }
