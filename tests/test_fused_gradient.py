@@ -65,13 +65,27 @@ def test_one_pass_equals_two_passes_bitwise(case_id, dtype, reduction):
         assert torch.equal(a.grad, two_pass)
 
 
+def gradient_with_ordinary_stores(x, y, scale, influence):
+    """The backward operator's gradient for loss.backward() of hellinger_loss(x, y, scale) (reduction "mean"),
+    computed over slices of the batch small enough that no call streams its gradient: the reference for the
+    streamed one. Each slice gets the upstream gradient 1 / B per sample, rounded as the operator rounds it."""
+    B, D = x.shape
+    slice_bytes = OPS.cpu_last_level_cache_bytes() // 4
+    step = max(1, slice_bytes // (3 * D * x.element_size()))
+    per_sample = (torch.ones((), dtype=influence.dtype) / B).expand(B)  # the operator's 0-dim division
+    return torch.cat([OPS.hellinger_loss_backward(per_sample[i:i + step].contiguous(), x[i:i + step], y[i:i + step],
+                                                  scale[i:i + step], None, influence[i:i + step], "mean", "none")
+                      for i in range(0, B, step)])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("D", [16384, 262144, 3 * 16384 + 5], ids=["one chunk", "sixteen chunks", "misaligned"])
 def test_beyond_the_last_level_cache_the_streamed_gradient_is_the_same(dtype, D):
-    """Where input, target and gradient exceed the last-level cache the one-pass gradient goes out with
-    non-temporal stores (where a chunk is aligned for them; samples of 3 * 16384 + 5 elements mostly are not):
-    bitwise the two passes' gradient, and what loss.backward() hands over."""
+    """Where input, target and gradient exceed the last-level cache both kernels write the gradient with
+    non-temporal stores (where a chunk is aligned for them; samples of 3 * 16384 + 5 elements mostly are not): the
+    one-pass gradient, the backward operator's and what loss.backward() hands over are bitwise the gradient written
+    with ordinary stores."""
     llc = OPS.cpu_last_level_cache_bytes()
     if llc > (256 << 20):
         pytest.skip(f"a {llc >> 20} MB last-level cache: the test would need over 1.5 GB")
@@ -82,13 +96,22 @@ def test_beyond_the_last_level_cache_the_streamed_gradient_is_the_same(dtype, D)
     y = (x.float() + torch.randn(B, D, generator=g).mul_(torch.rand(B, 1, generator=g) * 3)).to(dtype)
     scale = torch.full((B,), 0.5)
     loss, penalty, influence, grad = OPS.hellinger_loss_with_grad(x, y, scale, None, "mean", "mean")
-    two_pass = OPS.hellinger_loss_backward(torch.ones_like(loss), x, y, scale, None, influence, "mean", "mean")
-    assert torch.equal(grad, two_pass), (grad - two_pass).abs().max()
     assert influence.min() < 0.9  # not vacuous: the samples differ in their weight
+    # the reference itself, where the whole call stays below the cache: the backward of the whole batch
+    few = max(1, llc // (8 * D * itemsize))
+    few_influence = OPS.hellinger_loss(x[:few], y[:few], scale[:few], None, "mean", "mean")[2]
+    assert torch.equal(gradient_with_ordinary_stores(x[:few], y[:few], scale[:few], few_influence),
+                       OPS.hellinger_loss_backward(torch.ones(()), x[:few], y[:few], scale[:few], None, few_influence,
+                                                   "mean", "mean"))
+    reference = gradient_with_ordinary_stores(x, y, scale, influence)
+    assert torch.equal(grad, reference), (grad - reference).abs().max()
     del grad
+    backward = OPS.hellinger_loss_backward(torch.ones_like(loss), x, y, scale, None, influence, "mean", "mean")
+    assert torch.equal(backward, reference), (backward - reference).abs().max()
+    del backward
     a = x.requires_grad_()
     OPS.hellinger_loss(a, y, scale, None, "mean", "mean")[0].backward()
-    assert torch.equal(a.grad, two_pass)
+    assert torch.equal(a.grad, reference)
 
 
 @pytest.mark.slow

@@ -77,8 +77,9 @@ constexpr int64_t kBlock = 2 * Vectorized<acc_t>::size();
 
 // Non-temporal stores: where a call's data exceeds the last-level cache, the gradient cannot stay cached for
 // whoever reads it next, and an ordinary store first reads every line it writes (write-allocate), a third of
-// the one-pass kernel's traffic. Streaming it took 7-20% off beyond the cache (benchmarks/RESULTS.md, the
-// 2026-12-03 11:39 UTC rule and its runs); below it the gradient stays ordinary, cached for the backward.
+// the one-pass kernel's traffic and a quarter of the backward kernel's. Streaming it took 7-20% off the one-pass
+// kernel and 10-20% off the backward beyond the cache (benchmarks/RESULTS.md, the 2026-12-03 11:39 and 13:33 UTC
+// rules and their runs); below it the gradient stays ordinary, cached for the model's backward.
 // The alignment non-temporal stores need in this build (one vector), 0 where it has none (stream2 then stores
 // as store2 does).
 constexpr uintptr_t kStreamAlignment =
@@ -183,7 +184,7 @@ inline int64_t write_grad_blocks(const Penalty& e, const Vectorized<acc_t>& coef
 
 template <typename acc_t, typename in_t, typename tgt_t, typename Penalty>
 void write_chunk_grad(const Penalty& e, acc_t coef, const in_t* x, const tgt_t* y, in_t* out, int64_t begin,
-                      int64_t end, int64_t next = 0, bool stream = false) {
+                      int64_t end, int64_t next, bool stream) {
   const Vectorized<acc_t> coef_v(coef);
   int64_t i = begin;
   if (stream && kStreamAlignment != 0 && reinterpret_cast<uintptr_t>(out + begin) % kStreamAlignment == 0) {
@@ -229,11 +230,17 @@ struct KernelArgs {
   }
   // prefetch_next: also prefetch the same chunk of sample b + 1 (the one-pass kernel's next sample).
   template <typename Penalty>
-  void chunk_grad(const Penalty& e, acc_t coef, in_t* out, int64_t b, int64_t k, bool prefetch_next = false,
-                  bool stream = false) const {
+  void chunk_grad(const Penalty& e, acc_t coef, in_t* out, int64_t b, int64_t k, bool prefetch_next,
+                  bool stream) const {
     const int64_t offset = b * D;
     write_chunk_grad<acc_t>(e, coef, x + offset, y + offset, out + offset, k * kChunk, std::min(D, (k + 1) * kChunk),
                             prefetch_next && b + 1 < B ? D : 0, stream);
+  }
+
+  // Whether the gradient is streamed past the caches (stream2): where input, target and gradient together
+  // exceed the last-level cache.
+  bool streams_gradient() const {
+    return B * D * static_cast<int64_t>(2 * sizeof(in_t) + sizeof(tgt_t)) > last_level_cache_bytes();
   }
 
   const LossConfig& config;
@@ -261,8 +268,7 @@ void forward_kernel(const LossConfig& config, const LossInputs& in, at::Tensor& 
   const acc_t unit_grad = config.reduction == Reduction::Mean ? acc_t(1) / static_cast<acc_t>(B) : acc_t(1);
 
   std::vector<double> sample_loss(B);
-  // Stream the gradient when input, target and gradient together exceed the last-level cache (see stream2).
-  const bool stream = B * a.D * static_cast<int64_t>(2 * sizeof(in_t) + sizeof(tgt_t)) > last_level_cache_bytes();
+  const bool stream = a.streams_gradient();
   // phi, w and the loss of sample b from its penalty sum; returns its gradient coefficient.
   const auto finish = [&](int64_t b, double sum) {
     const math::SampleForward s = math::sample_forward(config.transform, config.transform_param, sum, a.D,
@@ -329,10 +335,12 @@ void backward_kernel(const LossConfig& config, const LossInputs& in, const at::T
   in_t* out = grad_input.mutable_data_ptr<in_t>();
   const acc_t* g = grad_per_sample.const_data_ptr<acc_t>();
   const acc_t* w = influence.const_data_ptr<acc_t>();
+  const bool stream = a.streams_gradient();
   at::parallel_for(0, a.B * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks;
-      a.chunk_grad(a.template penalty<Penalty>(b), a.coefficient(b, g[b], w[b]), out, b, task % chunks);
+      a.chunk_grad(a.template penalty<Penalty>(b), a.coefficient(b, g[b], w[b]), out, b, task % chunks,
+                   /*prefetch_next=*/false, stream);
     }
   });
 }
