@@ -20,8 +20,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cctype>
+#include <memory>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -47,6 +49,18 @@ std::string camel_case(const char* snake) {
     }
   }
   return out;
+}
+
+// A new autograd node, held the way the installed torch holds them: std::shared_ptr<Node> in torch 2.11 (Node
+// derives from std::enable_shared_from_this), c10::intrusive_ptr<Node> in 2.15 (Node is an intrusive_ptr_target).
+// set_history and collect_next_edges take whichever the headers declare.
+template <class T, class... Args>
+auto make_node(Args&&... args) {
+  if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, T>) {
+    return c10::make_intrusive<T>(std::forward<Args>(args)...);
+  } else {
+    return std::make_shared<T>(std::forward<Args>(args)...);
+  }
 }
 
 // Loss parameters are kept as IValues: a string_view argument must not outlive the call.
@@ -244,7 +258,7 @@ struct LossAutograd<Loss, c10::guts::typelist::typelist<P...>> {
       return LossOperator<Loss>::forward().call(input, target, scale, weight, dim_reduction, reduction, params...);
     }();
     if (differentiable) {
-      auto node = c10::make_intrusive<Backward>();
+      auto node = make_node<Backward>();
       node->set_next_edges(torch::autograd::collect_next_edges(input, target));
       node->input_ = SavedVariable(input, false);
       node->target_ = SavedVariable(target, false);
@@ -284,7 +298,7 @@ struct LossAutograd<Loss, c10::guts::typelist::typelist<P...>> {
                                                  reduction, params...);
     }();
     if (differentiable) {
-      auto node = c10::make_intrusive<DoubleBackwardRefused>(Loss::name);
+      auto node = make_node<DoubleBackwardRefused>(Loss::name);
       node->set_next_edges(torch::autograd::collect_next_edges(grad_loss, input, target, scale, weight, influence));
       torch::autograd::set_history(grad, node);
     }

@@ -265,7 +265,8 @@ def _weight_key(schedule: NoiseSchedule, scheme: str, prediction_type: Optional[
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
     resolved = _resolve_params(scheme, params)
-    return ("weights", scheme, tuple(sorted(resolved.items())), kind, terminal, normalize)
+    # Sorted by name alone: torch 2.11's dynamo cannot sort (name, value) pairs under dynamic=True.
+    return ("weights", scheme, tuple((name, resolved[name]) for name in sorted(resolved)), kind, terminal, normalize)
 
 
 def _float64_table(schedule: NoiseSchedule, key: tuple) -> Tensor:
