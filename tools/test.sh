@@ -2,7 +2,8 @@
 # The README's test command, and what CI runs (.ci/run). Installs everything the tests need on a fresh
 # machine (Debian packages, torch and the test dependencies from PyPI), builds and installs the
 # extension against that torch (CUDA kernels too when nvcc is present: a CUDA compile error fails here
-# even without a GPU), then runs the Python tests and the C++ (Catch2 / ctest) tests.
+# even without a GPU), then runs the Python tests and the C++ (Catch2 / ctest) tests; last, it builds the CPU
+# kernels against the oldest torch pyproject.toml accepts and runs the operator tests there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,7 +32,8 @@ MIN_TORCH=$(sed -n 's/.*"torch>=\([0-9.]*\)".*/\1/p' pyproject.toml)
 MIN=build/min-torch
 rm -rf "$MIN" && mkdir -p "$MIN/src"
 python3 -m venv "$MIN/venv"
-"$MIN/venv/bin/python" -m pip install -q "torch==$MIN_TORCH.*" numpy tqdm pytest scipy mpmath setuptools wheel ninja
+"$MIN/venv/bin/python" -m pip install -q --upgrade pip setuptools wheel  # a venv's own setuptools is too old
+"$MIN/venv/bin/python" -m pip install -q "torch==$MIN_TORCH.*" numpy tqdm pytest scipy mpmath ninja
 git ls-files -z | xargs -0 cp --parents -t "$MIN/src"
 (cd "$MIN/src" && FORCE_CUDA=0 ../venv/bin/python setup.py -q build_ext --inplace >build.log 2>&1 || { tail -40 build.log; exit 1; }
  ../venv/bin/python -c "import torch; print('oldest supported torch:', torch.__version__)"
