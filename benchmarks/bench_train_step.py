@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import robust_diffusion as rd
-from robust_diffusion.ddpm.cli import build_model
+from robust_diffusion.training.experiment import build_model
 
 from bench_losses import cpu_model
 

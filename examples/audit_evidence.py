@@ -57,7 +57,7 @@ def contaminated_images(kind: str, fraction: float):
     [-1, 1] [N, 1, 28, 28] and their 0/1 labels. ``inverted`` (not one of the training kit's kinds) replaces an
     image by its own negative: the same garment, white on black, a contaminant that looks like data. Images are
     clipped to [-1, 1], as an image file stores them (only ``gaussian`` leaves that range)."""
-    from robust_diffusion.ddpm.cli import load_experiment_data
+    from robust_diffusion.training.experiment import load_experiment_data
     if kind == "inverted":
         data = load_experiment_data("fashion-mnist", fraction, "noise", num_train=NUM_IMAGES, seed=SEED)
         clean = load_experiment_data("fashion-mnist", 0.0, "noise", num_train=NUM_IMAGES, seed=SEED)
@@ -86,7 +86,7 @@ def audit_command(run: Run, out: Path, steps: int, threads: int | None) -> list:
 def score(ranking_csv: Path, labels: np.ndarray) -> dict:
     """AUROC and precision at k of the audit's ranking (by mean influence, low first) and of the baseline
     (by mean penalty, high first)."""
-    from robust_diffusion.ddpm.metrics import auroc
+    from robust_diffusion.training.metrics import auroc
     with open(ranking_csv) as f:
         rows = list(csv.DictReader(f))
     index = torch.tensor([int(r["index"]) for r in rows])

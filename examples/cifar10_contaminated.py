@@ -46,7 +46,7 @@
 # Then we sample with DDIM and measure
 #
 # * the **Frechet distance** between generated and clean test images in the feature space of a small CNN
-#   trained on the clean data (`robust_diffusion.ddpm.metrics.FeatureClassifier`; no Inception weights needed);
+#   trained on the clean data (`robust_diffusion.training.metrics.FeatureClassifier`; no Inception weights needed);
 # * the **fraction of contaminant-like samples**, judged by the same CNN architecture trained to tell clean images
 #   from this kind of contaminant;
 # * the **AUROC** of a training sample's average influence weight as a detector of contaminated samples
@@ -79,16 +79,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 import robust_diffusion as rd  # noqa: E402
-from robust_diffusion.ddpm import metrics  # noqa: E402
-from robust_diffusion.ddpm.data import CONTAMINATION_KINDS  # noqa: E402
-from robust_diffusion.ddpm.export import export_model  # noqa: E402
-from robust_diffusion.ddpm.sampling import ddim_sample, flow_sample  # noqa: E402
-from robust_diffusion.ddpm.audit import score_ranking, write_ranking  # noqa: E402
-from robust_diffusion.ddpm.cli import (DATASETS, add_objective_arguments, build_loss, build_model,  # noqa: E402
-                                    build_schedule, load_experiment_data, loss_settings, parse_loss_name,
-                                    parse_scale)
-from robust_diffusion.ddpm.runlog import read_log
-from robust_diffusion.ddpm.trainer import TrainConfig, Trainer  # noqa: E402
+from robust_diffusion.training import metrics  # noqa: E402
+from robust_diffusion.training.data import CONTAMINATION_KINDS  # noqa: E402
+from robust_diffusion.training.export import export_model  # noqa: E402
+from robust_diffusion.training.sampling import ddim_sample, flow_sample  # noqa: E402
+from robust_diffusion.training.audit_command import score_ranking, write_ranking  # noqa: E402
+from robust_diffusion.training.arguments import add_objective_arguments  # noqa: E402
+from robust_diffusion.training.experiment import (DATASETS, build_loss, build_model, build_schedule,  # noqa: E402
+                                                  load_experiment_data, loss_settings, parse_loss_name, parse_scale)
+from robust_diffusion.training.runlog import read_log
+from robust_diffusion.training.trainer import TrainConfig, Trainer  # noqa: E402
 
 IN_JUPYTER = "ipykernel" in sys.modules or sys.argv[0].endswith("ipykernel_launcher.py")
 if not IN_JUPYTER:

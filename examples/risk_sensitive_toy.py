@@ -34,9 +34,9 @@ from tqdm.auto import tqdm
 
 import robust_diffusion as rd
 from robust_diffusion import risk as rk
-from robust_diffusion.ddpm.metrics import mmd_rbf, sliced_wasserstein
-from robust_diffusion.ddpm.models import timestep_embedding
-from robust_diffusion.ddpm.sampling import ddpm_sample
+from robust_diffusion.training.metrics import mmd_rbf, sliced_wasserstein
+from robust_diffusion.training.models import timestep_embedding
+from robust_diffusion.training.sampling import ddpm_sample
 
 MODES = 8
 RADIUS = 1.0

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import subprocess_pythonpath
-from robust_diffusion.ddpm import audit, cli
-from robust_diffusion.ddpm.data import load_array_file, load_image_folder, load_images
+from robust_diffusion.training import audit_command, train_command
+from robust_diffusion.training.data import load_array_file, load_image_folder, load_images
 
 Image = pytest.importorskip("PIL.Image")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,7 +40,7 @@ def _folder(root, n_grey=10, n_rgb=6, corrupt=True):
 
 
 def _run(argv, capsys):
-    code = audit.main(argv)
+    code = audit_command.main(argv)
     return code, capsys.readouterr()
 
 
@@ -49,7 +49,7 @@ def _ranking(out):
         return list(csv.DictReader(f))
 
 
-def _usage_error(argv, capsys, main=audit.main):
+def _usage_error(argv, capsys, main=audit_command.main):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
@@ -168,7 +168,7 @@ def test_audit_of_a_folder_writes_the_ranking_figures_and_report(tmp_path, capsy
                  "checkpoint.pt", "log.csv", "audit.json"):
         assert (out / name).is_file(), name
     rows = _ranking(out)
-    assert list(rows[0]) == list(audit.RANKING_COLUMNS)
+    assert list(rows[0]) == list(audit_command.RANKING_COLUMNS)
     assert [int(r["rank"]) for r in rows] == list(range(1, 17))
     assert sorted(int(r["index"]) for r in rows) == list(range(16))
     assert sorted(r["file"] for r in rows) == sorted(str(p) for p in root.rglob("*.*")
@@ -317,7 +317,7 @@ def test_audit_finds_planted_noise_images(tmp_path, capsys, objective):
 # ---------------------------------------------------------------------------------------------- the training CLI
 def test_train_cli_on_a_folder(tmp_path, capsys):
     root, out = _folder(tmp_path / "data"), tmp_path / "out"
-    code = cli.main(["--dataset", "folder", "--data-root", str(root), "--out", str(out), "--model", "micro",
+    code = train_command.main(["--dataset", "folder", "--data-root", str(root), "--out", str(out), "--model", "micro",
                      "--steps", "2", "--batch-size", "8", "--image-size", "8", "--no-progress", "--device", "cpu"])
     printed = capsys.readouterr().out
     assert code == 0
@@ -330,15 +330,15 @@ def test_train_cli_on_a_folder(tmp_path, capsys):
 
 
 def test_train_cli_folder_errors_and_the_contamination_default(tmp_path, capsys):
-    assert cli.build_parser().get_default("contamination") == 0.0
+    assert train_command.build_parser().get_default("contamination") == 0.0
     base = ["--out", str(tmp_path / "out"), "--model", "micro", "--steps", "1", "--no-progress"]
-    assert "--dataset folder needs --data-root" in _usage_error(["--dataset", "folder"] + base, capsys, cli.main)
+    assert "--dataset folder needs --data-root" in _usage_error(["--dataset", "folder"] + base, capsys, train_command.main)
     (tmp_path / "empty").mkdir()
-    error = _usage_error(["--dataset", "folder", "--data-root", str(tmp_path / "empty")] + base, capsys, cli.main)
+    error = _usage_error(["--dataset", "folder", "--data-root", str(tmp_path / "empty")] + base, capsys, train_command.main)
     assert f"no images found in {tmp_path / 'empty'}" in error
     root = _folder(tmp_path / "data", corrupt=False)
     error = _usage_error(["--dataset", "folder", "--data-root", str(root), "--contamination", "0.2",
-                          "--kind", "dataset"] + base, capsys, cli.main)
+                          "--kind", "dataset"] + base, capsys, train_command.main)
     assert "contamination kind 'dataset'" in error
 
 
@@ -346,7 +346,7 @@ def test_entry_points_expose_main():
     import robust_diffusion.audit
     import robust_diffusion.train
 
-    assert robust_diffusion.audit.main is audit.main and robust_diffusion.train.main is cli.main
+    assert robust_diffusion.audit.main is audit_command.main and robust_diffusion.train.main is train_command.main
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(subprocess_pythonpath() + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     result = subprocess.run([sys.executable, "-m", "robust_diffusion.audit", "--help"], env=env, capture_output=True,

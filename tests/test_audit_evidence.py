@@ -25,7 +25,7 @@ def test_protocol_covers_the_issue(audit_evidence):
 
 
 def test_inverted_contamination_is_the_negative_of_the_same_images(audit_evidence):
-    pytest.importorskip("robust_diffusion.ddpm.data").fashion_mnist_root()
+    pytest.importorskip("robust_diffusion.training.data").fashion_mnist_root()
     images, flags = audit_evidence.contaminated_images("inverted", 0.1)
     clean, _ = audit_evidence.contaminated_images("noise", 0.0)
     assert images.shape == (audit_evidence.NUM_IMAGES, 1, 28, 28) and int(flags.sum()) == 200

@@ -95,7 +95,7 @@ def test_batch_scale_scripts_compiles_and_exports():
 
 
 def test_the_cli_accepts_batch():
-    from robust_diffusion.ddpm.cli import parse_scale
+    from robust_diffusion.training.experiment import parse_scale
     assert parse_scale("batch") == "batch"
     with pytest.raises(ValueError, match="'batch'"):
         parse_scale("median")

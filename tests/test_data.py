@@ -1,4 +1,4 @@
-"""Tests for robust_diffusion.ddpm.data: IDX reading, Fashion-MNIST / CIFAR-10 loading, contamination."""
+"""Tests for robust_diffusion.training.data: IDX reading, Fashion-MNIST / CIFAR-10 loading, contamination."""
 
 import gzip
 import os
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from robust_diffusion.ddpm import data
-from robust_diffusion.ddpm.data import (CONTAMINATION_KINDS, FASHION_MNIST_ROOT, ContaminatedDataset, contaminate,
+from robust_diffusion.training import data
+from robust_diffusion.training.data import (CONTAMINATION_KINDS, FASHION_MNIST_ROOT, ContaminatedDataset, contaminate,
                                    fashion_mnist_root, load_cifar10, load_fashion_mnist, read_idx, to_unit_range)
 
 FASHION_TEST_IMAGES = FASHION_MNIST_ROOT / "t10k-images-idx3-ubyte.gz"
@@ -100,7 +100,7 @@ def _fake_fashion_mnist(root, n=3):
 
 
 def _fake_dpkg(monkeypatch, stdout="", returncode=0, error=None):
-    """Replace subprocess.run for robust_diffusion.ddpm.data; returns the list of commands it was called with."""
+    """Replace subprocess.run for robust_diffusion.training.data; returns the list of commands it was called with."""
     calls = []
 
     def run(command, **kwargs):

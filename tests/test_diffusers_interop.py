@@ -69,11 +69,11 @@ def test_pseudo_huber_matches_diffusers_training_script(form, c_schedule, rescal
 def test_the_training_kits_diffusers_huber_is_diffusers_default_pseudo_huber():
     """`--loss diffusers_huber` (the main job's baseline) trains with the loss of diffusers' scheduled-Huber
     training script at its defaults (loss_type huber, huber_schedule snr, huber_c 0.1), whatever --scale says."""
-    from robust_diffusion.ddpm import cli
+    from robust_diffusion.training import experiment
 
     scheduler = DDPMScheduler()
     schedule = rd.NoiseSchedule.from_diffusers(scheduler)
-    loss_fn = cli.build_loss("diffusers_huber", schedule, scale="adaptive", temperature=0.25)
+    loss_fn = experiment.build_loss("diffusers_huber", schedule, scale="adaptive", temperature=0.25)
     assert loss_fn.scale_mode == "fixed" and loss_fn.fixed_scale == 1.0
     g = torch.Generator().manual_seed(1)
     pred, target = torch.randn(5, 1, 6, 6, generator=g), torch.randn(5, 1, 6, 6, generator=g)
@@ -171,7 +171,7 @@ def test_ddim_matches_diffusers_ddim_scheduler_step_by_step(spacing, prediction_
     agree). Its "linspace" spacing takes prev = t - T // N, not the next visited timestep, so only the two
     spacings where those coincide are compared."""
     from diffusers import DDIMScheduler
-    from robust_diffusion.ddpm.sampling import ddim_sample, ddim_step, inference_timesteps
+    from robust_diffusion.training.sampling import ddim_sample, ddim_step, inference_timesteps
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type=prediction_type,
                               clip_sample=True, set_alpha_to_one=True, timestep_spacing=spacing)
     scheduler.set_timesteps(10)
@@ -205,7 +205,7 @@ def test_ddpm_matches_diffusers_ddpm_scheduler_step_by_step(spacing, prediction_
     and generators seeded alike (both draw one noise per step after the model call), compared at every step
     (each step from the same x_t) and end to end through ddpm_sample."""
     from diffusers import DDPMScheduler
-    from robust_diffusion.ddpm.sampling import ddpm_sample, ddpm_step, inference_timesteps
+    from robust_diffusion.training.sampling import ddpm_sample, ddpm_step, inference_timesteps
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type=prediction_type,
                               variance_type=variance_type, clip_sample=True, timestep_spacing=spacing)
     scheduler.set_timesteps(10)
@@ -240,8 +240,8 @@ def test_trainer_trains_and_resumes_a_diffusers_unet2dmodel(tmp_path):
     """The kit's Trainer with diffusers' UNet2DModel as it is (its output is a UNet2DOutput), a checkpoint
     resumed exactly, and our DDIM sampler on the trained EMA model."""
     from torch.utils.data import TensorDataset
-    from robust_diffusion.ddpm.sampling import ddim_sample
-    from robust_diffusion.ddpm.trainer import TrainConfig, Trainer
+    from robust_diffusion.training.sampling import ddim_sample
+    from robust_diffusion.training.trainer import TrainConfig, Trainer
     images = torch.rand(16, 1, 8, 8) * 2 - 1
     schedule = rd.NoiseSchedule.from_diffusers(DDPMScheduler(num_train_timesteps=100))
     config = TrainConfig(steps=4, batch_size=8, log_every=1, checkpoint_every=2, progress=False)
@@ -264,7 +264,7 @@ def test_trainer_trains_and_resumes_a_diffusers_unet2dmodel(tmp_path):
 
 
 def test_a_model_that_returns_something_else_is_a_clear_error():
-    from robust_diffusion.ddpm.models import model_prediction
+    from robust_diffusion.training.models import model_prediction
     x = torch.zeros(2, 1, 4, 4)
     assert model_prediction((x + 1,), x).eq(1).all()
     with pytest.raises(ValueError, match=r"tensor of its input's shape \(2, 1, 4, 4\).*got dict"):
@@ -349,7 +349,7 @@ def test_flow_euler_sampler_equals_the_schedulers_step(shift, steps):
     """flow_sample on diffusers' sigmas is FlowMatchEulerDiscreteScheduler.step, call for call: the same model
     inputs (x and timestep = sigma * 1000) and the same result."""
     from diffusers import FlowMatchEulerDiscreteScheduler
-    from robust_diffusion.ddpm.sampling import flow_sample
+    from robust_diffusion.training.sampling import flow_sample
 
     scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
     scheduler.set_timesteps(steps)

@@ -21,11 +21,11 @@ import torch
 from conftest import subprocess_pythonpath
 
 import robust_diffusion as rd
-from robust_diffusion.ddpm import cli
-from robust_diffusion.ddpm.data import fashion_mnist_root
-from robust_diffusion.ddpm.export import SCHEDULE_FORMAT, export_model, read_schedule_file, write_schedule_file
-from robust_diffusion.ddpm.sampling import ddim_sample, ddpm_sample, flow_sample
-from robust_diffusion.ddpm.runlog import read_log
+from robust_diffusion.training import experiment
+from robust_diffusion.training.data import fashion_mnist_root
+from robust_diffusion.training.export import SCHEDULE_FORMAT, export_model, read_schedule_file, write_schedule_file
+from robust_diffusion.training.sampling import ddim_sample, ddpm_sample, flow_sample
+from robust_diffusion.training.runlog import read_log
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "cifar10_contaminated.py"
@@ -188,7 +188,7 @@ def _check_cpp_against_python(binary, prefix, tmp_path, num_samples=4, steps=3, 
 # ---------------------------------------------------------------------------------------------- export
 def test_export_round_trip(tmp_path):
     torch.manual_seed(0)
-    model = cli.build_model("micro", 1)
+    model = experiment.build_model("micro", 1)
     with torch.no_grad():
         for p in model.parameters():  # the zero-initialised output layers would make every output 0
             p.add_(0.05 * torch.randn_like(p))
@@ -209,7 +209,7 @@ def test_export_round_trip(tmp_path):
 
 def _export_perturbed_micro_model(prefix, channels):
     torch.manual_seed(0)
-    model = cli.build_model("micro", channels)
+    model = experiment.build_model("micro", channels)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -237,7 +237,7 @@ def test_cpp_sampler_matches_python(tmp_path, sampler_binary):
 
 def _export_perturbed_flow_model(prefix, shift=3.0):
     torch.manual_seed(0)
-    model = cli.build_model("micro", 1)
+    model = experiment.build_model("micro", 1)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -479,7 +479,7 @@ def test_example_passes_download_to_the_cifar10_loader(tmp_path, monkeypatch, ca
         calls.append((args, kwargs))
         raise FileNotFoundError("stub loader: stop before any download")
 
-    monkeypatch.setattr(cli, "load_experiment_data", loader)
+    monkeypatch.setattr(experiment, "load_experiment_data", loader)
     # Options through RD_EXAMPLE_ARGS, which the example reads whether or not it thinks it is in a notebook.
     monkeypatch.setattr(sys, "argv", [str(EXAMPLE)])
     monkeypatch.setenv("RD_EXAMPLE_ARGS", f"--dataset cifar10 --preset quick --device cpu "

@@ -27,8 +27,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import robust_diffusion as rd
 from conftest import subprocess_pythonpath
-from robust_diffusion.ddpm import cli
-from robust_diffusion.ddpm.data import fashion_mnist_root
+from robust_diffusion.training import experiment, train_command
+from robust_diffusion.training.data import fashion_mnist_root
 
 OPS = torch.ops.robust_diffusion
 T = torch.arange(32) * 31  # one timestep per sample, every bucket of the default 10 hit
@@ -400,7 +400,7 @@ needs_fashion_mnist = pytest.mark.skipif(not HAS_FASHION_MNIST, reason="dataset-
 @needs_fashion_mnist
 def test_10_cli_misconfiguration_is_a_one_line_usage_error(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["--out", str(tmp_path), "--model", "micro", "--num-train", "64", "--batch-size", "8",
+        train_command.main(["--out", str(tmp_path), "--model", "micro", "--num-train", "64", "--batch-size", "8",
                   "--steps", "1", "--no-progress", "--device", "cpu"] + argv)
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
@@ -412,7 +412,7 @@ def test_10_cli_misconfiguration_is_a_one_line_usage_error(tmp_path, capsys, arg
 @needs_fashion_mnist
 def test_10_cli_cuda_without_a_gpu(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        cli.main(["--out", str(tmp_path), "--model", "micro", "--num-train", "64", "--steps", "1", "--device", "cuda"])
+        train_command.main(["--out", str(tmp_path), "--model", "micro", "--num-train", "64", "--steps", "1", "--device", "cuda"])
     assert "no CUDA device is available here" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
@@ -421,7 +421,7 @@ def test_10_cli_cuda_without_a_gpu(tmp_path, capsys):
 def test_10_cli_resume_from_a_corrupted_checkpoint(tmp_path, capsys, content):
     (tmp_path / "checkpoint.pt").write_bytes(content)
     with pytest.raises(SystemExit):
-        cli.main(["--out", str(tmp_path), "--model", "micro", "--num-train", "64", "--batch-size", "8",
+        train_command.main(["--out", str(tmp_path), "--model", "micro", "--num-train", "64", "--batch-size", "8",
                   "--steps", "1", "--no-progress", "--device", "cpu", "--resume"])
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "cannot resume from" in error and "is not a readable checkpoint" in error
@@ -485,7 +485,7 @@ def test_amp_fp16_overflow_steps_leave_no_trace_and_training_reaches_the_same_lo
 def test_a_nan_influence_weight_never_poisons_the_trainers_influence_averages(tmp_path):
     """The per-sample influence averages (what the data audit ranks) and the logged means skip a draw whose
     weight is NaN, instead of turning that sample's average NaN for the rest of the run."""
-    from robust_diffusion.ddpm.trainer import TrainConfig, Trainer
+    from robust_diffusion.training.trainer import TrainConfig, Trainer
 
     class NaNOnce(rd.RobustDiffusionLoss):
         calls = 0
@@ -500,7 +500,7 @@ def test_a_nan_influence_weight_never_poisons_the_trainers_influence_averages(tm
     images = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     schedule = rd.NoiseSchedule.linear(50)
     torch.manual_seed(0)
-    model = cli.build_model("micro", 1)
+    model = experiment.build_model("micro", 1)
     trainer = Trainer(model, NaNOnce("hellinger", schedule), torch.utils.data.TensorDataset(images), schedule,
                       TrainConfig(steps=4, batch_size=8, log_every=2, progress=False), out_dir=tmp_path)
     trainer.train()
@@ -516,9 +516,9 @@ _KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     import torch
     import robust_diffusion as rd
-    from robust_diffusion.ddpm.data import contaminate
-    from robust_diffusion.ddpm.cli import build_model
-    from robust_diffusion.ddpm.trainer import TrainConfig, Trainer
+    from robust_diffusion.training.data import contaminate
+    from robust_diffusion.training.experiment import build_model
+    from robust_diffusion.training.trainer import TrainConfig, Trainer
 
     out, kill_at = sys.argv[1], int(sys.argv[2])
     torch.set_num_threads(1)

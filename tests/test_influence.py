@@ -11,9 +11,9 @@ from torch.utils.data import TensorDataset
 
 import robust_diffusion as rd
 from conftest import DEVICES, subprocess_pythonpath
-from robust_diffusion.ddpm.cli import build_model
-from robust_diffusion.ddpm.data import contaminate
-from robust_diffusion.ddpm.trainer import TrainConfig, Trainer
+from robust_diffusion.training.experiment import build_model
+from robust_diffusion.training.data import contaminate
+from robust_diffusion.training.trainer import TrainConfig, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NAN = math.nan

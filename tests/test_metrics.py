@@ -1,4 +1,4 @@
-"""Tests for robust_diffusion.ddpm.metrics: Frechet distance, AUROC, sliced Wasserstein, MMD, classifiers."""
+"""Tests for robust_diffusion.training.metrics: Frechet distance, AUROC, sliced Wasserstein, MMD, classifiers."""
 
 import itertools
 import sys
@@ -7,9 +7,9 @@ import types
 import pytest
 import torch
 
-import robust_diffusion.ddpm.metrics as metrics
-from robust_diffusion.ddpm.data import contaminate
-from robust_diffusion.ddpm.metrics import (FeatureClassifier, auroc, classifier_accuracy, contaminant_fraction,
+import robust_diffusion.training.metrics as metrics
+from robust_diffusion.training.data import contaminate
+from robust_diffusion.training.metrics import (FeatureClassifier, auroc, classifier_accuracy, contaminant_fraction,
                                       extract_features, frechet_distance, frechet_distance_from_moments, mmd_rbf,
                                       sliced_wasserstein, train_classifier, train_contaminant_detector)
 

@@ -1,4 +1,4 @@
-"""Tests for robust_diffusion.ddpm.models: the UNet's shapes, conditioning, TorchScript and torch.export."""
+"""Tests for robust_diffusion.training.models: the UNet's shapes, conditioning, TorchScript and torch.export."""
 
 import io
 import warnings
@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from robust_diffusion.ddpm.models import UNET_PRESETS, UNet, timestep_embedding
+from robust_diffusion.training.models import UNET_PRESETS, UNet, timestep_embedding
 
 
 def _micro_unet(in_channels: int = 1, seed: int = 0) -> UNet:

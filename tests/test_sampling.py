@@ -1,4 +1,4 @@
-"""Tests for robust_diffusion.ddpm.sampling: step math, exact-oracle samplers, determinism, errors.
+"""Tests for robust_diffusion.training.sampling: step math, exact-oracle samplers, determinism, errors.
 
 The oracles are the exact minimisers of the training loss for simple data: a single point, where
 eps_hat(x_t) = (x_t - sqrt(abar) x*) / sqrt(1 - abar), and a 1-D Gaussian N(mu, s^2), where
@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import robust_diffusion as rd
-from robust_diffusion.ddpm.models import UNet
-from robust_diffusion.ddpm.sampling import (ddim_sample, ddim_step, ddpm_sample, ddpm_step, flow_sample,
+from robust_diffusion.training.models import UNet
+from robust_diffusion.training.sampling import (ddim_sample, ddim_step, ddpm_sample, ddpm_step, flow_sample,
                                             inference_timesteps, predict_x0_and_epsilon)
 from robust_diffusion.schedules import NoiseSchedule
 

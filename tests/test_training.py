@@ -18,11 +18,11 @@ from conftest import subprocess_pythonpath
 from torch.utils.data import TensorDataset
 
 import robust_diffusion as rd
-from robust_diffusion.ddpm import cli
-from robust_diffusion.ddpm.data import contaminate, fashion_mnist_root
-from robust_diffusion.ddpm.checkpoint import atomic_save
-from robust_diffusion.ddpm.runlog import LOG_COLUMNS, read_log
-from robust_diffusion.ddpm.trainer import TrainConfig, Trainer
+from robust_diffusion.training import experiment, train_command
+from robust_diffusion.training.data import contaminate, fashion_mnist_root
+from robust_diffusion.training.checkpoint import atomic_save
+from robust_diffusion.training.runlog import LOG_COLUMNS, read_log
+from robust_diffusion.training.trainer import TrainConfig, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_FASHION_MNIST = (fashion_mnist_root() / "train-images-idx3-ubyte.gz").is_file()
@@ -41,7 +41,7 @@ def _env():
 
 def _micro_model(seed=0):
     torch.manual_seed(seed)
-    return cli.build_model("micro", 1)
+    return experiment.build_model("micro", 1)
 
 
 def _toy_dataset(n=48, seed=0):
@@ -219,7 +219,7 @@ def test_resume_removes_the_temporary_file_of_a_killed_checkpoint_write(tmp_path
     checkpoint = first.checkpoint_path
     writer = subprocess.Popen([sys.executable, "-c", (
         "import sys, time, torch\n"
-        "from robust_diffusion.ddpm import checkpoint\n"
+        "from robust_diffusion.training import checkpoint\n"
         "def slow_save(obj, f):\n"
         "    f.write(b'half a checkpoint'); f.flush(); print('writing', flush=True); time.sleep(600)\n"
         "torch.save = slow_save\n"
@@ -248,11 +248,11 @@ def test_mse_is_the_standard_mse_and_kl_the_adaptive_one():
     schedule = rd.NoiseSchedule.linear()
     x, y = torch.randn(6, 1, 5, 5), torch.randn(6, 1, 5, 5)
     t = torch.tensor([0, 100, 300, 500, 700, 999])
-    mse = cli.build_loss("mse", schedule, scale="adaptive", temperature=0.5)  # scale arguments do not apply to it
+    mse = experiment.build_loss("mse", schedule, scale="adaptive", temperature=0.5)  # scale arguments do not apply to it
     assert mse.loss == "kl" and mse.scale_mode == "fixed" and mse.fixed_scale == 1.0
     torch.testing.assert_close(mse(x, y, t), torch.nn.functional.mse_loss(x, y))
-    assert cli.build_loss("kl", schedule).scale_mode == "adaptive"
-    assert cli.build_loss("mse+debias", schedule).uses_weighting
+    assert experiment.build_loss("kl", schedule).scale_mode == "adaptive"
+    assert experiment.build_loss("mse+debias", schedule).uses_weighting
 
 
 def test_config_and_trainer_errors():
@@ -289,41 +289,41 @@ def test_resume_rejects_a_different_batch_size(tmp_path):
 ])
 def test_cli_errors_are_clear(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["--out", str(tmp_path), "--steps", "1"] + argv)
+        train_command.main(["--out", str(tmp_path), "--steps", "1"] + argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 
 
 def test_api_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="Fashion-MNIST directory not found"):
-        cli.load_experiment_data("fashion-mnist", 0.3, root=tmp_path / "missing")
+        experiment.load_experiment_data("fashion-mnist", 0.3, root=tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="Fashion-MNIST file not found"):
-        cli.load_experiment_data("fashion-mnist", 0.3, root=tmp_path)  # exists, but holds no IDX files
+        experiment.load_experiment_data("fashion-mnist", 0.3, root=tmp_path)  # exists, but holds no IDX files
     with pytest.raises(ValueError, match=r"contamination must be a fraction in \[0, 1\), got 1"):
-        cli.load_experiment_data("fashion-mnist", 1)
+        experiment.load_experiment_data("fashion-mnist", 1)
     with pytest.raises(ValueError, match="unknown dataset 'mnist'; expected one of fashion-mnist, cifar10"):
-        cli.load_experiment_data("mnist", 0.3)
+        experiment.load_experiment_data("mnist", 0.3)
     with pytest.raises(ValueError, match="unknown contamination kind 'salt'"):
-        cli.load_experiment_data("fashion-mnist", 0.3, "salt")
+        experiment.load_experiment_data("fashion-mnist", 0.3, "salt")
     with pytest.raises(ValueError, match="unknown loss 'l2'"):
-        cli.build_loss("l2", rd.NoiseSchedule.linear())
-    assert cli.parse_loss_name("ned+debias") == ("ned", "debias", False, False)
-    assert cli.parse_loss_name("kl+risk_free+debias").name == "kl+debias+risk_free"
-    assert cli.parse_loss_name("ned+trust") == ("ned", "constant", False, True)
-    assert cli.parse_loss_name("ned+trust+debias+risk_free").name == "ned+debias+risk_free+trust"
+        experiment.build_loss("l2", rd.NoiseSchedule.linear())
+    assert experiment.parse_loss_name("ned+debias") == ("ned", "debias", False, False)
+    assert experiment.parse_loss_name("kl+risk_free+debias").name == "kl+debias+risk_free"
+    assert experiment.parse_loss_name("ned+trust") == ("ned", "constant", False, True)
+    assert experiment.parse_loss_name("ned+trust+debias+risk_free").name == "ned+debias+risk_free+trust"
     for bad in ("ned+trust+trust", "ned+risk_free+risk_free", "ned+debias+p2", "ned+truth"):
         with pytest.raises(ValueError, match=r"unknown or repeated suffix '(trust|risk_free|p2|truth)' in loss"):
-            cli.parse_loss_name(bad)
-    assert cli.build_loss("ned+debias", rd.NoiseSchedule.linear()).uses_weighting
+            experiment.parse_loss_name(bad)
+    assert experiment.build_loss("ned+debias", rd.NoiseSchedule.linear()).uses_weighting
 
 
 @needs_fashion_mnist
 def test_experiment_data_kinds():
-    data = cli.load_experiment_data("fashion-mnist", 0.25, "dataset", num_train=400)
+    data = experiment.load_experiment_data("fashion-mnist", 0.25, "dataset", num_train=400)
     assert data.image_shape == (1, 28, 28) and data.train.num_contaminated == 100
-    held_out = set(cli._HELD_OUT_CLASSES)
+    held_out = set(experiment._HELD_OUT_CLASSES)
     assert not held_out & set(data.train_labels.tolist()) and not held_out & set(data.test_labels.tolist())
-    noisy = cli.load_experiment_data("fashion-mnist", 0.1, "gaussian", num_train=100, image_size=32)
+    noisy = experiment.load_experiment_data("fashion-mnist", 0.1, "gaussian", num_train=100, image_size=32)
     assert noisy.image_shape == (1, 32, 32) and noisy.train.risk.max() == 0.5
 
 
@@ -463,17 +463,17 @@ def test_flow_matching_refusals_name_the_problem(tmp_path):
 
 
 def test_cli_trains_flow_matching_and_refuses_what_it_cannot_do(tmp_path, capsys):
-    assert cli.main(["--dataset", "folder", "--data-root", str(_npy(tmp_path)), "--objective", "flow", "--shift",
+    assert train_command.main(["--dataset", "folder", "--data-root", str(_npy(tmp_path)), "--objective", "flow", "--shift",
                      "3", "--timestep-sampling", "logit_normal", "--loss", "diffusers_huber", "--model", "micro",
                      "--steps", "3", "--batch-size", "8", "--out", str(tmp_path / "run"), "--no-progress",
                      "--threads", "1", "--export"]) == 0
     assert "# process flow" in (tmp_path / "run" / "model.schedule.txt").read_text()  # the C++ sampler's input
     args = json.loads((tmp_path / "run" / "args.json").read_text())
     assert args["objective"] == "flow" and args["shift"] == 3.0
-    assert cli.build_schedule("flow", 3.0, "logit_normal").shift == 3.0
+    assert experiment.build_schedule("flow", 3.0, "logit_normal").shift == 3.0
     # Resuming that run as DDPM is refused (the checkpoint names its schedule), and its args.json stays the run's.
     with pytest.raises(SystemExit):
-        cli.main(["--dataset", "folder", "--data-root", str(_npy(tmp_path)), "--loss", "diffusers_huber", "--model",
+        train_command.main(["--dataset", "folder", "--data-root", str(_npy(tmp_path)), "--loss", "diffusers_huber", "--model",
                   "micro", "--steps", "4", "--batch-size", "8", "--out", str(tmp_path / "run"), "--no-progress",
                   "--resume"])
     assert "it trained with a FlowMatchingSchedule, this run has a NoiseSchedule" in capsys.readouterr().err
@@ -482,7 +482,7 @@ def test_cli_trains_flow_matching_and_refuses_what_it_cannot_do(tmp_path, capsys
                           (["--objective", "flow", "--kind", "gaussian", "--contamination", "0.2", "--loss",
                             "ned+risk_free"], r"\+risk_free trains DDPM steps")]:
         with pytest.raises(SystemExit):
-            cli.main(["--dataset", "folder", "--data-root", str(_npy(tmp_path)), "--model", "micro", "--steps", "1",
+            train_command.main(["--dataset", "folder", "--data-root", str(_npy(tmp_path)), "--model", "micro", "--steps", "1",
                       "--batch-size", "8", "--out", str(tmp_path / "bad"), "--no-progress"] + argv)
         assert re.search(message, " ".join(capsys.readouterr().err.split())), message
 

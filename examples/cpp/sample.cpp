@@ -4,7 +4,7 @@
 //             [--num-samples 16] [--steps 50] [--sampler ddim|ddpm|euler|heun] [--eta 0] [--seed 0]
 //             [--device cpu|cuda] [--batch-size N] [--no-clip] [--format png|netpbm]
 //
-// Inputs, both written by robust_diffusion.ddpm.export.export_model:
+// Inputs, both written by robust_diffusion.training.export.export_model:
 //   * the TorchScript model, called as model(x_t [B,C,H,W] float32, t [B] int64) -> prediction;
 //   * the schedule file: "# key value" header lines (format, prediction_type, num_train_timesteps,
 //     image_shape C H W), then alphas_cumprod of every training step, one float64 per line. Storing

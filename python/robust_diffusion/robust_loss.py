@@ -18,7 +18,7 @@ most :data:`MAX_UPDATE_RATIO` (2) times the bucket's current value before the EM
 the default momentum) and the next clean batches bring it back (the excess shrinks by ``momentum`` per batch).
 The state stays float32 whatever the module's dtype (``.half()`` leaves it alone), and ``load_state_dict``
 refuses a non-finite or non-positive scale.
-With ``update="step"`` (what :class:`~robust_diffusion.ddpm.trainer.Trainer` uses) a forward pass only stages its
+With ``update="step"`` (what :class:`~robust_diffusion.training.trainer.Trainer` uses) a forward pass only stages its
 statistic and :meth:`RobustDiffusionLoss.step` commits it after the optimizer step, or drops it when that step
 was skipped (``step(ok=torch.isfinite(grad_norm))``: GradScaler's own test), so a skipped step leaves no trace.
 

@@ -1,47 +1,28 @@
-"""Command line: train a DDPM with a robust loss, on your images or on (contaminated) benchmark data.
-
-    python -m robust_diffusion.train --dataset folder --data-root my_images/ --loss ned --out runs/mine
-    python -m robust_diffusion.train --dataset fashion-mnist --contamination 0.3 --kind noise \\
-        --loss ned --steps 2000 --out runs/ned --export
-    torchrun --nproc_per_node 2 -m robust_diffusion.train ...        # data parallel (gloo on CPU, nccl on GPU)
-
-``--dataset folder`` reads ``--data-root``, a folder of image files (resized and centre-cropped to
-``--image-size``, default 32) or a ``.npy``/``.npz``/IDX array file, with
-:func:`~robust_diffusion.ddpm.data.load_images` (the loader of ``python -m robust_diffusion.audit``). Nothing is
-contaminated unless ``--contamination`` says so (default 0).
-
-It writes ``checkpoint.pt`` and ``log.csv`` (see :mod:`robust_diffusion.ddpm.trainer`), ``influence.pt`` (each
-training sample's average influence weight and contamination label) and with ``--export`` the EMA model as
-TorchScript + ``torch.export`` + schedule file (:mod:`robust_diffusion.ddpm.export`). ``--resume`` continues from
-``<out>/checkpoint.pt``. The helpers here (:func:`load_experiment_data`, :func:`build_loss`,
-:func:`build_model`) are shared with ``examples/cifar10_contaminated.py``.
-"""
+"""The experiments' building blocks, shared by the training command, the audit, the examples and the benchmarks:
+the (contaminated) datasets, the UNet presets, loss names such as ``ned+debias+trust`` and the schedules of the
+training objectives. The command lines (:mod:`.train_command`, :mod:`.audit_command`) only parse arguments into
+these."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from .data import (CONTAMINATION_KINDS, FASHION_MNIST_CLASSES, ContaminatedDataset, LabelledImages, contaminate,
-                   load_cifar10, load_fashion_mnist, load_images, unreadable_summary)
-from .models import UNET_PRESETS, UNet
+from ..continuous import FlowMatchingSchedule
 from ..robust_loss import LOSSES, RobustDiffusionLoss
-from ..continuous import FLOW_TIMESTEP_SAMPLING, FlowMatchingSchedule
 from ..schedules import NoiseSchedule, Schedule
-from .distributed import init_distributed
-from .trainer import TrainConfig, Trainer
+from .data import (CONTAMINATION_KINDS, FASHION_MNIST_CLASSES, ContaminatedDataset, LabelledImages, contaminate,
+                   load_cifar10, load_fashion_mnist, load_images)
+from .models import UNET_PRESETS, UNet
 
-__all__ = ["DATASETS", "LOSS_NAMES", "MODEL_PRESETS", "STANDARD_LOSSES", "TRAIN_DATASETS", "ExperimentData",
-           "LossChoice", "OBJECTIVES", "add_objective_arguments", "build_loss", "build_model", "build_schedule",
-           "load_experiment_data", "main", "parse_loss_name"]
+__all__ = ["BASELINE_PARAMS", "DATASETS", "LOSS_NAMES", "LOSS_WEIGHTINGS", "MODEL_PRESETS", "OBJECTIVES",
+           "STANDARD_LOSSES", "TRAIN_DATASETS", "ExperimentData", "LossChoice", "build_loss", "build_model",
+           "build_schedule", "load_experiment_data", "loss_settings", "parse_loss_name", "parse_scale"]
 
 #: The benchmark datasets: a training and a clean test split (what the experiments evaluate against).
 DATASETS = ("fashion-mnist", "cifar10")
@@ -111,7 +92,7 @@ def load_experiment_data(dataset: str, contamination: float, kind: str = "noise"
     Args:
         dataset: ``"fashion-mnist"`` (Debian's ``dataset-fashion-mnist``, offline), ``"cifar10"``
             (torchvision's layout under ``root``) or ``"folder"``: your images at ``root``, a folder of image
-            files or a ``.npy``/``.npz``/IDX file (:func:`~robust_diffusion.ddpm.data.load_images`; no test split).
+            files or a ``.npy``/``.npz``/IDX file (:func:`~robust_diffusion.training.data.load_images`; no test split).
         contamination: the fraction p in [0, 1) (0: train on the data as it is).
         kind: ``"noise"`` (uniform noise images), ``"gaussian"`` (images plus N(0, noise_std^2) noise, with the
             known std as risk) or ``"dataset"`` (images of another distribution: for Fashion-MNIST the held-out
@@ -194,7 +175,7 @@ def load_experiment_data(dataset: str, contamination: float, kind: str = "noise"
 
 # ---------------------------------------------------------------------------------------------- model / loss
 def build_model(preset: str, in_channels: int, **overrides) -> UNet:
-    """A :class:`~robust_diffusion.ddpm.models.UNet` from :data:`MODEL_PRESETS`."""
+    """A :class:`~robust_diffusion.training.models.UNet` from :data:`MODEL_PRESETS`."""
     if preset not in MODEL_PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; expected one of {', '.join(MODEL_PRESETS)}")
     return UNet(in_channels=in_channels, **{**MODEL_PRESETS[preset], **overrides})
@@ -258,17 +239,6 @@ def parse_scale(value: Union[str, float]) -> Union[str, float]:
 OBJECTIVES = ("ddpm", "flow")
 
 
-def add_objective_arguments(parser) -> None:
-    """``--objective``, ``--shift`` and ``--timestep-sampling`` (for :func:`build_schedule`), shared by the training
-    command and the example."""
-    parser.add_argument("--objective", choices=OBJECTIVES, default="ddpm",
-                        help="ddpm: the linear-beta DDPM (T = 1000, epsilon target, DDIM / DDPM sampling); flow: flow "
-                             "matching (rectified flow, velocity target, Euler / Heun sampling), as SD3 / Flux train")
-    parser.add_argument("--shift", type=_positive_float, default=1.0, help="flow: SD3's timestep shift")
-    parser.add_argument("--timestep-sampling", choices=FLOW_TIMESTEP_SAMPLING, default="uniform",
-                        help="flow: how training times are drawn (diffusers' weighting_scheme names)")
-
-
 def build_schedule(objective: str = "ddpm", shift: float = 1.0, timestep_sampling: str = "uniform") -> Schedule:
     """The schedule of an objective: DDPM's linear :class:`NoiseSchedule`, or a :class:`FlowMatchingSchedule` with
     ``shift`` and ``timestep_sampling`` (which only flow matching takes)."""
@@ -307,160 +277,3 @@ def loss_settings(loss_fn: RobustDiffusionLoss) -> str:
     if loss_fn.loss == "pseudo_huber":
         parts.append(f"form={loss_fn.form}")
     return " ".join(parts)
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-def _number(kind, lowest: float, inclusive: bool, what: str):
-    """An argparse type: a number of ``kind`` above ``lowest`` (or equal when ``inclusive``); argparse turns the
-    error into a one-line usage message naming the option."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-        if not (value >= lowest if inclusive else value > lowest) or value != value or abs(value) == float("inf"):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
-        return value
-
-    return parse
-
-
-_positive_int = _number(int, 0, False, "a positive integer")
-_non_negative_int = _number(int, 0, True, "a non-negative integer")
-_positive_float = _number(float, 0.0, False, "a positive number")
-_non_negative_float = _number(float, 0.0, True, "a non-negative number")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m robust_diffusion.train",
-                                     description="Train a DDPM with a robust loss, on your images (--dataset folder) "
-                                                 "or on (contaminated) Fashion-MNIST / CIFAR-10.")
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", choices=TRAIN_DATASETS, default="fashion-mnist",
-                      help="folder: your images at --data-root")
-    data.add_argument("--data-root", default=None, help="dataset directory (default: Debian's for Fashion-MNIST); "
-                      "for --dataset folder a folder of PNG/JPEG/... images or a .npy/.npz/IDX file")
-    data.add_argument("--download", action="store_true", help="CIFAR-10: download into --data-root")
-    data.add_argument("--contamination", type=float, default=0.0,
-                      help="replace this fraction p in [0, 1) of the training images by outliers (default 0: none)")
-    data.add_argument("--kind", choices=CONTAMINATION_KINDS, default="noise")
-    data.add_argument("--noise-std", type=_positive_float, default=0.5, help="std of --kind gaussian")
-    data.add_argument("--num-train", type=_positive_int, default=None, help="use the first N training images")
-    data.add_argument("--image-size", type=_positive_int, default=None,
-                      help="Fashion-MNIST: 28 or 32; folder: resize and centre-crop to this (default 32 for image "
-                           "files, an array's own size)")
-    data.add_argument("--channels", type=int, choices=(1, 3), default=None,
-                      help="folder: 1 (grey) or 3 (RGB); default 1 if every image is greyscale, else 3")
-    loss = parser.add_argument_group("loss")
-    loss.add_argument("--loss", default="hellinger", help=f"one of {', '.join(LOSS_NAMES)}, optionally "
-                      f"+weighting ({', '.join(LOSS_WEIGHTINGS)}), +risk_free (needs --kind gaussian) and/or "
-                      f"+trust (weight each image by its low-noise influence, TrainConfig.sample_trust), e.g. "
-                      f"ned+debias")
-    loss.add_argument("--scale", default="adaptive", help="adaptive, vlb, batch or a number")
-    loss.add_argument("--temperature", type=_positive_float, default=1.0, help="the adaptive scale's tau")
-    train = parser.add_argument_group("training")
-    add_objective_arguments(train)
-    train.add_argument("--model", default="tiny", choices=sorted(MODEL_PRESETS))
-    train.add_argument("--base-channels", type=_positive_int, default=None, help="override the preset's base channels")
-    train.add_argument("--steps", type=_positive_int, default=2000)
-    train.add_argument("--batch-size", type=_positive_int, default=64, help="global batch (split over ranks)")
-    train.add_argument("--lr", type=_positive_float, default=2e-4)
-    train.add_argument("--warmup-steps", type=_non_negative_int, default=0)
-    train.add_argument("--ema-decay", type=float, default=0.999, help="in [0, 1)")
-    train.add_argument("--grad-clip", type=_non_negative_float, default=1.0,
-                       help="clip the gradient norm to this; 0 turns clipping off")
-    train.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "bf16", "fp16"))
-    train.add_argument("--log-every", type=_positive_int, default=50)
-    train.add_argument("--checkpoint-every", type=_non_negative_int, default=500)
-    train.add_argument("--num-workers", type=_non_negative_int, default=0)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    train.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads per process")
-    out = parser.add_argument_group("output")
-    out.add_argument("--out", required=True, help="output directory")
-    out.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt if it exists")
-    out.add_argument("--export", action="store_true", help="export the EMA model (TorchScript, torch.export)")
-    out.add_argument("--no-progress", action="store_true")
-    return parser
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        spec = parse_loss_name(args.loss)
-        if spec.risk_free and args.kind != "gaussian":
-            raise ValueError(f"--loss {args.loss}: +risk_free needs --kind gaussian (samples with a known noise std); "
-                             f"with --kind {args.kind} every sample's risk is 0 and it would train plain {spec.loss}")
-        scale = parse_scale(args.scale)
-        data = load_experiment_data(args.dataset, args.contamination, args.kind, root=args.data_root,
-                                    num_train=args.num_train, image_size=args.image_size,
-                                    noise_std=args.noise_std, seed=args.seed, download=args.download,
-                                    channels=args.channels)
-        config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                             warmup_steps=args.warmup_steps, ema_decay=args.ema_decay,
-                             grad_clip=args.grad_clip if args.grad_clip > 0 else None,
-                             mixed_precision=args.mixed_precision, log_every=args.log_every,
-                             checkpoint_every=args.checkpoint_every, risk_free=spec.risk_free,
-                             sample_trust=spec.trust, seed=args.seed,
-                             num_workers=args.num_workers, progress=not args.no_progress)
-        rank, world_size, device = init_distributed(args.device)
-        out = Path(args.out)
-        schedule = build_schedule(args.objective, args.shift, args.timestep_sampling)
-        if spec.risk_free and not schedule.discrete:
-            raise ValueError(f"--loss {args.loss}: +risk_free trains DDPM steps (--objective ddpm)")
-        loss_fn = build_loss(spec, schedule, scale=scale, temperature=args.temperature)
-        overrides = {"base_channels": args.base_channels} if args.base_channels else {}
-        torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run of this seed
-        model = build_model(args.model, data.image_shape[0], **overrides)
-        trainer = Trainer(model, loss_fn, data.train, schedule, config, out_dir=out, device=device)
-        if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            print(f"{data.description}; loss {spec.name} ({loss_settings(loss_fn)}); model {args.model} "
-                  f"({sum(p.numel() for p in model.parameters()):,} parameters); {world_size} process(es) on "
-                  f"{device}", flush=True)
-            for note in data.notes:
-                print(f"  {note}", flush=True)
-            if data.unreadable:
-                print(f"  {unreadable_summary(data.unreadable)}; all of them in {out / 'unreadable.txt'}", flush=True)
-                (out / "unreadable.txt").write_text("".join(f"{path}\t{reason}\n" for path, reason in data.unreadable))
-        resumed = args.resume and trainer.resume()
-    except (ValueError, FileNotFoundError, ImportError) as error:
-        parser.error(str(error))
-    if rank == 0:  # after the resume's checks: a refused run leaves the run's args.json as it was
-        (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
-    if resumed:
-        if rank == 0:
-            print(f"resumed from {trainer.checkpoint_path} at step {trainer.step}", flush=True)
-    elif rank == 0 and trainer.log_path.is_file():
-        trainer.log_path.unlink()  # a fresh run starts a fresh log
-    trainer.train()
-
-    if rank == 0:
-        mean, count = trainer.average_influence()
-        torch.save({"mean_influence": mean, "count": count, "is_contaminated": data.train.is_contaminated.cpu()},
-                   out / "influence.pt")
-        seen = count > 0
-        flags = data.train.is_contaminated.cpu()
-        if flags[seen].any() and (~flags[seen]).any():
-            from .metrics import auroc
-            print(f"AUROC of low average influence as a contamination detector: "
-                  f"{auroc(-mean[seen], flags[seen]):.4f}", flush=True)
-        if args.export:
-            from .export import export_model
-            times = torch.tensor([10, 500]) if schedule.discrete else schedule.model_timestep(torch.tensor([0.1, 0.9]))
-            example = (torch.randn(2, *data.image_shape, device=device), times.to(device))
-            paths = export_model(trainer.ema, out / "model", example, schedule=schedule)
-            print("exported: " + ", ".join(str(p) for p in paths.values()), flush=True)
-    if world_size > 1:
-        import torch.distributed as dist
-        dist.barrier()
-        dist.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,7 +5,7 @@
   downloaded Inception weights). Report which network and its test accuracy next to any number it produces.
 - :func:`train_contaminant_detector` / :func:`contaminant_fraction`: the fraction of generated samples that
   look like the contaminant, judged by the same CNN architecture trained to tell the clean training images
-  from the contaminated ones (the ground truth a :class:`~robust_diffusion.ddpm.data.ContaminatedDataset` keeps).
+  from the contaminated ones (the ground truth a :class:`~robust_diffusion.training.data.ContaminatedDataset` keeps).
   It works for every contamination kind alike, noise, noisy images or another dataset.
 - :func:`auroc`: area under the ROC curve with ties, e.g. of ``-mean_influence_weight`` as a detector of the
   contaminated training samples.

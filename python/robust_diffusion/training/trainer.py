@@ -29,7 +29,7 @@ on W ranks with local batch B / W equals one process with batch B, and the resul
 Exceptions: dropout masks (drawn from each rank's own stream) and the adaptive scale, whose per-bucket medians
 are averaged over ranks rather than taken over the global batch.
 
-Launch data-parallel runs with ``torchrun --nproc_per_node N``; :func:`~robust_diffusion.ddpm.distributed.init_distributed` reads torchrun's
+Launch data-parallel runs with ``torchrun --nproc_per_node N``; :func:`~robust_diffusion.training.distributed.init_distributed` reads torchrun's
 environment and picks gloo on the CPU, nccl on GPUs. Only rank 0 writes logs, checkpoints and progress bars.
 """
 
@@ -167,7 +167,7 @@ class Trainer:
             :class:`~robust_diffusion.RobustDiffusionLoss` (its buffers are checkpointed, its
             ``last_influence`` is logged; other callables count as influence 1).
         dataset: a map-style dataset whose items are an image tensor or a tuple starting with one (e.g. a
-            :class:`~robust_diffusion.ddpm.data.ContaminatedDataset`). If it has an ``is_contaminated`` [N] bool
+            :class:`~robust_diffusion.training.data.ContaminatedDataset`). If it has an ``is_contaminated`` [N] bool
             tensor, the influence weights are logged separately for clean and contaminated samples.
         schedule: the noise schedule (default: linear, T = 1000): a discrete :class:`NoiseSchedule`, or a
             :class:`~robust_diffusion.FlowMatchingSchedule` for flow matching (times drawn by its sampler, the
@@ -689,7 +689,7 @@ class Trainer:
 # ---------------------------------------------------------------------------------------------- helpers
 def derive_seed(seed: int, purpose: str) -> int:
     """An independent 63-bit seed for each purpose. Using ``seed`` itself everywhere would correlate streams:
-    e.g. :func:`~robust_diffusion.ddpm.data.contaminate` and the data order would draw the same permutation, and
+    e.g. :func:`~robust_diffusion.training.data.contaminate` and the data order would draw the same permutation, and
     every contaminated sample would come first in each epoch."""
     digest = hashlib.sha256(f"robust_diffusion:{seed}:{purpose}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1

@@ -26,7 +26,7 @@ least to most trusted. It writes into ``--out``:
 
 DATA is a folder of images (searched recursively, resized and centre-cropped to ``--image-size``, default 32;
 grey or RGB), a ``.npy``/``.npz`` array (uint8 0..255 or floats in [0, 1] or [-1, 1]; ``[N, H, W]``,
-``[N, H, W, C]`` or ``[N, C, H, W]``) or an IDX file: :func:`~robust_diffusion.ddpm.data.load_images`.
+``[N, H, W, C]`` or ``[N, C, H, W]``) or an IDX file: :func:`~robust_diffusion.training.data.load_images`.
 
 ``--labels FILE`` (for evaluating the audit, e.g. on data contaminated on purpose): a ``.npy`` of 0/1 flags, one per
 image in ``index`` order (1 = contaminated); the report then gives the AUROC of the ranking, its precision at k (k =
@@ -50,8 +50,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-from .cli import LOSS_NAMES, MODEL_PRESETS, _non_negative_int, _positive_float, _positive_int, \
-    add_objective_arguments, build_loss, build_model, build_schedule, loss_settings, parse_loss_name
+from .arguments import add_objective_arguments, non_negative_int, positive_float, positive_int
+from .experiment import (LOSS_NAMES, MODEL_PRESETS, build_loss, build_model, build_schedule, loss_settings,
+                         parse_loss_name)
 from .data import ContaminatedDataset, ImageSet, load_images, unreadable_summary
 from .distributed import init_distributed
 from .trainer import TrainConfig, Trainer
@@ -72,28 +73,28 @@ def build_parser() -> argparse.ArgumentParser:
                         ".npy/.npz array or an IDX file")
     parser.add_argument("--out", required=True, metavar="DIR", help="where ranking.csv, the grids and report.md go")
     data = parser.add_argument_group("data")
-    data.add_argument("--image-size", type=_positive_int, default=None,
+    data.add_argument("--image-size", type=positive_int, default=None,
                       help="resize and centre-crop to this (default: 32 for a folder, an array's own size)")
     data.add_argument("--channels", type=int, choices=(1, 3), default=None,
                       help="1 (grey) or 3 (RGB); default: 1 if every image is greyscale, else 3")
     train = parser.add_argument_group("training")
-    train.add_argument("--steps", type=_positive_int, default=1000, help="the training budget (optimizer steps)")
-    train.add_argument("--batch-size", type=_positive_int, default=64)
-    train.add_argument("--lr", type=_positive_float, default=2e-3)
+    train.add_argument("--steps", type=positive_int, default=1000, help="the training budget (optimizer steps)")
+    train.add_argument("--batch-size", type=positive_int, default=64)
+    train.add_argument("--lr", type=positive_float, default=2e-3)
     train.add_argument("--loss", default="ned", help=f"the robust loss (default ned, at the adaptive scale); one of "
                        f"{', '.join(LOSS_NAMES)}")
-    train.add_argument("--temperature", type=_positive_float, default=1.0, help="the adaptive scale's tau")
+    train.add_argument("--temperature", type=positive_float, default=1.0, help="the adaptive scale's tau")
     train.add_argument("--model", default="quick", choices=sorted(MODEL_PRESETS), help="UNet preset (default quick)")
     add_objective_arguments(train)
-    train.add_argument("--score-from-step", type=_non_negative_int, default=None,
+    train.add_argument("--score-from-step", type=non_negative_int, default=None,
                        help="count the influence weights from this step on (default: a fifth of --steps; the first "
                             "steps, with an untrained model, say little)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    train.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    train.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     train.add_argument("--resume", action="store_true", help="continue the audit in --out (up to --steps)")
     out = parser.add_argument_group("output")
-    out.add_argument("--show", type=_positive_int, default=64, help="images in each grid (default 64)")
+    out.add_argument("--show", type=positive_int, default=64, help="images in each grid (default 64)")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     advanced = parser.add_argument_group("evaluation (advanced)")
     advanced.add_argument("--labels", default=None, metavar="FILE",
