@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import adaptive_scale_reference as reference
-from robust_diffusion.robust_loss import MAX_UPDATE_RATIO, PENALTY_FLOOR
+from robust_diffusion.adaptive_scale import MAX_UPDATE_RATIO, PENALTY_FLOOR
 
 OPS = torch.ops.robust_diffusion
 

@@ -69,7 +69,7 @@ def test_functional_and_module_give_the_same_loss_and_gradient(loss):
     b.backward()
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(x1.grad, x2.grad)
-    assert module.bucket_penalty.eq(1).all() and not module.initialized  # no state was touched
+    assert module.adaptive_scale.bucket_penalty.eq(1).all() and not module.adaptive_scale.initialized  # no state was touched
 
 
 def test_batch_scale_has_no_gradient_path_and_leaves_the_default_alone():

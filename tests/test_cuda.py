@@ -120,7 +120,7 @@ def test_cuda_robust_loss_module():
     y = torch.randn(16, 1, 8, 8, device="cuda")
     t = torch.randint(0, 1000, (16,), device="cuda")
     module(x, y, t).backward()
-    assert module.bucket_penalty.is_cuda and torch.isfinite(x.grad).all()
+    assert module.adaptive_scale.bucket_penalty.is_cuda and torch.isfinite(x.grad).all()
 
 
 def test_cuda_adaptive_scale_follows_the_cpu_and_never_syncs():
@@ -147,10 +147,10 @@ def test_cuda_adaptive_scale_follows_the_cpu_and_never_syncs():
         finally:
             torch.cuda.set_sync_debug_mode(0)
         torch.testing.assert_close(loss.cpu(), expected, rtol=1e-5, atol=0)
-        torch.testing.assert_close(gpu.bucket_penalty.cpu(), cpu.bucket_penalty, rtol=1e-5, atol=0)
+        torch.testing.assert_close(gpu.adaptive_scale.bucket_penalty.cpu(), cpu.adaptive_scale.bucket_penalty, rtol=1e-5, atol=0)
         for name in ("initialized", "skipped_updates", "limited_updates"):
-            assert torch.equal(getattr(gpu, name).cpu(), getattr(cpu, name)), name
-    assert int(gpu.skipped_updates) == 2 and gpu._seeded  # the host flag followed, no extra pass once seeded
+            assert torch.equal(getattr(gpu.adaptive_scale, name).cpu(), getattr(cpu.adaptive_scale, name)), name
+    assert int(gpu.adaptive_scale.skipped_updates) == 2 and gpu.adaptive_scale.seeded_on_host  # the host flag followed, no extra pass once seeded
 
 
 @pytest.mark.parametrize("argument", ["target", "scale", "weight", "c"])

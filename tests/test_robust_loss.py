@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import robust_diffusion as rd
-from robust_diffusion.robust_loss import _average_over_ranks
+from robust_diffusion.adaptive_scale import _average_over_ranks
 
 
 def batch(n=16, seed=0, shape=(1, 6, 6)):
@@ -58,7 +58,7 @@ def test_adaptive_scale_is_relative_to_the_typical_sample_per_bucket():
     y[0] *= 4.0   # 16x the typical penalty in bucket 0
     y[8] *= 4.0   # 16x the typical penalty in bucket 1
     module(x, y, t)  # seeds and updates the buckets
-    torch.testing.assert_close(module.bucket_penalty, torch.tensor([1.0, 0.01]), rtol=1e-5, atol=0)
+    torch.testing.assert_close(module.adaptive_scale.bucket_penalty, torch.tensor([1.0, 0.01]), rtol=1e-5, atol=0)
     module(x, y, t)
     w = module.last_influence
     assert w[0] < 0.01 and w[8] < 0.01, "16x outliers are silenced at both noise levels"
@@ -71,7 +71,7 @@ def test_adaptive_median_ignores_a_minority_of_outliers():
     y = torch.ones(10, 32)
     y[:4] *= 100.0  # 40% contamination
     module(x, y, torch.full((10,), 5))
-    assert module.bucket_penalty.item() == pytest.approx(1.0)
+    assert module.adaptive_scale.bucket_penalty.item() == pytest.approx(1.0)
 
 
 def test_state_dict_round_trip_keeps_the_running_scale():
@@ -80,8 +80,8 @@ def test_state_dict_round_trip_keeps_the_running_scale():
         module(*batch(seed=seed))
     restored = rd.RobustDiffusionLoss("ned")
     restored.load_state_dict(module.state_dict())
-    assert bool(restored.initialized) and restored._seeded
-    torch.testing.assert_close(restored.bucket_penalty, module.bucket_penalty)
+    assert bool(restored.adaptive_scale.initialized) and restored.adaptive_scale.seeded_on_host
+    torch.testing.assert_close(restored.adaptive_scale.bucket_penalty, module.adaptive_scale.bucket_penalty)
     x, y, t = batch(seed=9)
     module.eval(), restored.eval()
     torch.testing.assert_close(restored(x, y, t), module(x, y, t))
@@ -90,10 +90,10 @@ def test_state_dict_round_trip_keeps_the_running_scale():
 def test_eval_mode_does_not_update_the_scale():
     module = rd.RobustDiffusionLoss("ned")
     module(*batch(seed=1))
-    before = module.bucket_penalty.clone()
+    before = module.adaptive_scale.bucket_penalty.clone()
     module.eval()
     module(*batch(seed=2))
-    assert torch.equal(before, module.bucket_penalty)
+    assert torch.equal(before, module.adaptive_scale.bucket_penalty)
 
 
 def test_normalize_influence_divides_by_the_mean_weight():
@@ -156,7 +156,7 @@ def test_torch_compile_fullgraph_with_adaptive_state():
         expected = eager(x, y, t)
         got = compiled(x, y, t)
         torch.testing.assert_close(got, expected)
-        torch.testing.assert_close(compiled_module.bucket_penalty, eager.bucket_penalty)
+        torch.testing.assert_close(compiled_module.adaptive_scale.bucket_penalty, eager.adaptive_scale.bucket_penalty)
         (g_expected,) = torch.autograd.grad(expected, x)
         (g_got,) = torch.autograd.grad(got, x)
         torch.testing.assert_close(g_got, g_expected)
@@ -183,15 +183,16 @@ def test_compiled_forward_and_step_and_an_exported_training_module_keep_the_eage
         eager.step(ok)
         torch.testing.assert_close(compiled(x, y, t, ok), expected)
         for name in ("bucket_penalty", "initialized", "skipped_updates", "limited_updates"):
-            assert torch.equal(getattr(compiled_module, name), getattr(eager, name)), (seed, name)
-    assert int(eager.skipped_updates) == 1
+            assert torch.equal(getattr(compiled_module.adaptive_scale, name), getattr(eager.adaptive_scale, name)), \
+                (seed, name)
+    assert int(eager.adaptive_scale.skipped_updates) == 1
 
     module, reference = rd.RobustDiffusionLoss("hellinger"), rd.RobustDiffusionLoss("hellinger")
     module(*batch(seed=0)), reference(*batch(seed=0))
     exported = torch.export.export(module, batch(seed=1)).module()
     for seed in range(1, 4):
         torch.testing.assert_close(exported(*batch(seed=seed)), reference(*batch(seed=seed)))
-        assert torch.equal(exported.bucket_penalty, reference.bucket_penalty), seed
+        assert torch.equal(exported.adaptive_scale.bucket_penalty, reference.adaptive_scale.bucket_penalty), seed
 
 
 def test_scripted_module_keeps_loaded_state_on_its_first_call():
@@ -212,10 +213,10 @@ def test_scripted_module_keeps_loaded_state_on_its_first_call():
     result = scripted.load_state_dict(state, strict=False)
     assert sorted(result.missing_keys) == ["huber_c", "timestep_weight", "vlb_scale"] and not result.unexpected_keys
     torch.testing.assert_close(scripted(x, y, t), eager(x, y, t))
-    torch.testing.assert_close(scripted.bucket_penalty, eager.bucket_penalty, rtol=1e-6, atol=0)
+    torch.testing.assert_close(scripted.adaptive_scale.bucket_penalty, eager.adaptive_scale.bucket_penalty, rtol=1e-6, atol=0)
     reseeded = rd.RobustDiffusionLoss("ned", num_buckets=4)
     reseeded(x, y, t)
-    assert not torch.allclose(scripted.bucket_penalty, reseeded.bucket_penalty, rtol=0.5)
+    assert not torch.allclose(scripted.adaptive_scale.bucket_penalty, reseeded.adaptive_scale.bucket_penalty, rtol=0.5)
 
     frozen = torch.jit.script(rd.RobustDiffusionLoss("ned", num_buckets=4))
     frozen.load_state_dict(state, strict=False)
@@ -223,7 +224,7 @@ def test_scripted_module_keeps_loaded_state_on_its_first_call():
     eager.load_state_dict(state)
     eager.eval()
     torch.testing.assert_close(frozen(x, y, t), eager(x, y, t))
-    assert torch.equal(frozen.bucket_penalty, state["bucket_penalty"]) and bool(frozen.initialized)
+    assert torch.equal(frozen.adaptive_scale.bucket_penalty, state["adaptive_scale.bucket_penalty"]) and bool(frozen.adaptive_scale.initialized)
 
 
 def test_a_fresh_scripted_module_still_seeds_from_its_first_batch():
@@ -231,8 +232,8 @@ def test_a_fresh_scripted_module_still_seeds_from_its_first_batch():
     eager = rd.RobustDiffusionLoss("hellinger", num_buckets=3)
     scripted = torch.jit.script(rd.RobustDiffusionLoss("hellinger", num_buckets=3))
     torch.testing.assert_close(scripted(x, y, t), eager(x, y, t))
-    torch.testing.assert_close(scripted.bucket_penalty, eager.bucket_penalty, rtol=1e-6, atol=0)
-    assert not torch.equal(scripted.bucket_penalty, torch.ones(3))
+    torch.testing.assert_close(scripted.adaptive_scale.bucket_penalty, eager.adaptive_scale.bucket_penalty, rtol=1e-6, atol=0)
+    assert not torch.equal(scripted.adaptive_scale.bucket_penalty, torch.ones(3))
 
 
 def test_prediction_types_give_one_loss_for_one_model_error():
@@ -346,6 +347,6 @@ def test_small_batches_train_and_the_adaptive_state_converges(batch_size):
     buckets = torch.arange(10)
     typical = torch.stack([draw(torch.randint(100 * k, 100 * k + 100, (4000,), generator=g))[0].pow(2).mean(1)
                            .median() for k in buckets])
-    ratio = module.bucket_penalty / typical
+    ratio = module.adaptive_scale.bucket_penalty / typical
     assert ((ratio > 0.67) & (ratio < 1.5)).all(), ratio
-    assert int(module.skipped_updates) == 0
+    assert int(module.adaptive_scale.skipped_updates) == 0

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import subprocess_pythonpath
-from robust_diffusion.robust_loss import MAX_UPDATE_RATIO
+from robust_diffusion.adaptive_scale import MAX_UPDATE_RATIO
 
 NUM_BUCKETS = 5  # bucket k holds t in [200 k, 200 k + 200)
 MOMENTUM = 0.5
@@ -38,8 +38,8 @@ WORKER = textwrap.dedent("""
     history = []
     for x, y, t in torch.load(data):
         module(x, y, t)
-        history.append(module.bucket_penalty.clone())
-    torch.save({"history": torch.stack(history), "skipped": int(module.skipped_updates)}, out)
+        history.append(module.adaptive_scale.bucket_penalty.clone())
+    torch.save({"history": torch.stack(history), "skipped": int(module.adaptive_scale.skipped_updates)}, out)
     dist.barrier()
     dist.destroy_process_group()
 """)

@@ -212,12 +212,12 @@ def test_the_continuous_adaptive_state_trains_and_refuses_poison():
     module = rd.RobustDiffusionLoss("ned", schedule, temperature=0.5)
     for seed in range(3):
         module(*_continuous_batch(schedule, seed))
-    assert bool(module.initialized) and torch.isfinite(module.bucket_penalty).all()
-    state = module.bucket_penalty.clone()
+    assert bool(module.adaptive_scale.initialized) and torch.isfinite(module.adaptive_scale.bucket_penalty).all()
+    state = module.adaptive_scale.bucket_penalty.clone()
     x, y, t = _continuous_batch(schedule, 5)
     x[3, 0, 0, 0] = float("nan")
     module(x, y, t)
-    assert torch.equal(module.bucket_penalty, state) and int(module.skipped_updates) == 1
+    assert torch.equal(module.adaptive_scale.bucket_penalty, state) and int(module.adaptive_scale.skipped_updates) == 1
     # The outlier of every batch gets the lowest influence weight.
     module(*_continuous_batch(schedule, 6))
     assert int(module.last_influence.argmin()) == 0
@@ -231,7 +231,7 @@ def test_continuous_loss_under_torch_compile_fullgraph_and_torch_export_matches_
     for seed in range(2):
         batch = _continuous_batch(schedule, seed)
         torch.testing.assert_close(compiled(*batch), eager(*batch))
-    torch.testing.assert_close(compiled_module.bucket_penalty, eager.bucket_penalty)
+    torch.testing.assert_close(compiled_module.adaptive_scale.bucket_penalty, eager.adaptive_scale.bucket_penalty)
     eager.eval()
     batch = _continuous_batch(schedule, 7)
     exported = torch.export.export(eager, batch)

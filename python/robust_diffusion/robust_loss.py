@@ -1,32 +1,16 @@
-"""RobustDiffusionLoss: one module combining a loss, its scale, a timestep weighting and a prediction type.
+"""RobustDiffusionLoss: one module that composes a loss, its scale and a timestep weighting.
 
-The scale decides what "an outlier" means (docs/DESIGN.md, Scale). ``scale="adaptive"`` (the default)
-sets, per sample, ``delta_b = R_b / (temperature * m_k(t_b))`` where ``m_k`` is a running robust
-estimate of the penalty R of a typical sample at noise level bucket ``k``: an exponential moving
-average of the batch median of R per timestep bucket, kept in buffers (so it is saved in
-``state_dict``) and averaged across data-parallel ranks when ``torch.distributed`` is initialised.
-An outlier is then "``temperature`` times worse than a typical sample at this noise level", whatever
-the data dimension, dataset or schedule; the median tolerates up to 50% contamination per bucket.
-The estimate used for a batch is the one from the batches before it (the update follows the loss),
-so a step's gradient never depends on its own outliers' penalties through the scale.
+- the loss: one of :data:`LOSSES`, a fused operator (docs/DESIGN.md, Losses);
+- the scale: what counts as an outlier (docs/DESIGN.md, Scale). The default ``"adaptive"`` divides each sample's
+  penalty by ``temperature`` times the running typical penalty at its noise level, kept by the submodule
+  :class:`~robust_diffusion.adaptive_scale.AdaptiveScale`; ``"vlb"``, ``"batch"`` and a number need no state;
+- the weighting: a timestep weighting of :func:`~robust_diffusion.loss_weights`, converted to the prediction type.
 
-The running state is fault tolerant (README "Failure behaviour"): a batch with a non-finite penalty (an fp16
-forward pass that overflowed, a NaN in the data) or whose bucket medians are all below 1e-12 (a zero residual)
-never enters it, and is counted in the ``skipped_updates`` buffer; an accepted bucket median is clamped to at
-most :data:`MAX_UPDATE_RATIO` (2) times the bucket's current value before the EMA (counted in
-``limited_updates``), so one absurd batch moves a bucket by at most ``momentum + (1 - momentum) * 2`` (1.1x at
-the default momentum) and the next clean batches bring it back (the excess shrinks by ``momentum`` per batch).
-The state stays float32 whatever the module's dtype (``.half()`` leaves it alone), and ``load_state_dict``
-refuses a non-finite or non-positive scale.
-With ``update="step"`` (what :class:`~robust_diffusion.training.trainer.Trainer` uses) a forward pass only stages its
-statistic and :meth:`RobustDiffusionLoss.step` commits it after the optimizer step, or drops it when that step
-was skipped (``step(ok=torch.isfinite(grad_norm))``: GradScaler's own test), so a skipped step leaves no trace.
-
-Why adaptive is the default: on contaminated Fashion-MNIST it gave the bounded divergences lower Frechet
-distances, fewer contaminant-like samples and influence weights that flag the contaminated samples far better
-than a fixed scale or ``"vlb"`` (docs/RESULTS.md has the protocol and the numbers). The normalisation by m_k is
-also a timestep weighting, which helped even with every influence weight 1 (``"kl"``), clean data included.
-``RobustDiffusionLoss("kl", scale=1.0)`` is ``F.mse_loss``.
+Why adaptive is the default: on contaminated Fashion-MNIST it gave the bounded divergences better models and
+influence weights that flag the contaminated samples far better than a fixed scale or ``"vlb"`` (docs/RESULTS.md).
+The normalisation by the typical penalty is also a timestep weighting, and it applies to every loss, KL included:
+``RobustDiffusionLoss("kl", scale=1.0)`` is ``F.mse_loss``, ``RobustDiffusionLoss("kl")`` is not. What bad batches
+do to the running state: docs/DESIGN.md, Failure behaviour.
 """
 
 from typing import Dict, Optional, Tuple, Union
@@ -35,7 +19,8 @@ import torch
 from torch import Tensor
 
 from ._buffers import DtypeKeepingModule
-from .functional import PENALTY_FLOOR, batch_scale, default_schedule
+from .adaptive_scale import BUCKET_LOG_SNR_RANGE, MAX_UPDATE_RATIO, PENALTY_FLOOR, AdaptiveScale, log_snr_buckets
+from .functional import batch_scale, default_schedule
 from .ops import LOSS_TABLE
 from .schedules import NoiseSchedule, Schedule, prediction_type_for
 from .weighting import loss_weights, pseudo_huber_c
@@ -44,16 +29,7 @@ __all__ = ["RobustDiffusionLoss", "BUCKET_LOG_SNR_RANGE", "LOSSES", "MAX_UPDATE_
 
 #: Every loss the module accepts.
 LOSSES = tuple(entry.name for entry in LOSS_TABLE)
-#: The adaptive scale takes an accepted bucket median only up to this factor times the bucket's current value.
-MAX_UPDATE_RATIO = 2.0
-#: Continuous schedules: the adaptive buckets split this log-SNR range into equal parts, from the least noisy
-#: (bucket 0, everything above 10) to the noisiest (everything below -10). It covers the training noise levels of
-#: the usual processes (flow matching with logit-normal times: about [-4, 4]; SD3's shift 3: 2.2 lower; EDM's
-#: log-normal sigma: about [-2.4, 7.2]; DDPM's linear schedule: [-10.1, 9.2]).
-BUCKET_LOG_SNR_RANGE = (-10.0, 10.0)
-# PENALTY_FLOOR (functional.py): bucket medians below it carry no scale information and are not taken in; the
-# state never goes below it.
-_UPDATE_MODES = ("forward", "step")
+SCALES = ("adaptive", "vlb", "batch")
 
 
 class RobustDiffusionLoss(DtypeKeepingModule):
@@ -90,8 +66,8 @@ class RobustDiffusionLoss(DtypeKeepingModule):
         temperature: the adaptive scale's tau: a sample whose penalty is ``temperature`` times the typical
             one at its noise level gets delta = 1. Default 1, by the decision rule written in docs/RESULTS.md
             before its runs; 0.25 is worth trying with Hellinger.
-        num_buckets: noise-level buckets of the adaptive scale: equal ranges of t on a discrete schedule (as
-            before continuous time; equal shares of uniformly drawn steps), equal ranges of log-SNR over
+        num_buckets: noise-level buckets of the adaptive scale: equal ranges of t on a discrete schedule (equal
+            shares of uniformly drawn steps), equal ranges of log-SNR over
             :data:`BUCKET_LOG_SNR_RANGE` on a continuous one (one bucket is one noise level whatever the
             process and the timestep sampler).
         momentum: EMA momentum of the per-bucket medians.
@@ -117,9 +93,11 @@ class RobustDiffusionLoss(DtypeKeepingModule):
             ``tau``, ``mode`` (clipped_mse).
 
     After each call, ``last_influence`` and ``last_penalty`` hold the batch's per-sample influence weights
-    and penalties R_b (detached), for logging. The buffers ``skipped_updates`` (batch statistics the adaptive
-    state refused: non-finite, zero, or from a step reported as skipped) and ``limited_updates`` (bucket updates
-    clamped to :data:`MAX_UPDATE_RATIO` times the bucket) count faults; the Trainer logs them.
+    and penalties R_b (detached), for logging. The adaptive state is the submodule ``adaptive_scale`` (an
+    :class:`~robust_diffusion.adaptive_scale.AdaptiveScale`): its buffers ``bucket_penalty``, ``initialized``,
+    ``skipped_updates`` (batch statistics refused: non-finite, zero, or from a step reported as skipped) and
+    ``limited_updates`` (bucket updates clamped to :data:`MAX_UPDATE_RATIO` times the bucket) are saved in
+    ``state_dict`` under ``adaptive_scale.``; the Trainer logs the two counters.
 
     ``t`` is checked on every call: integer dtype, one per sample, on the input's device, in ``[0, T)`` (on
     the CPU at once; on an accelerator and under torch.compile by an asynchronous device assertion, no sync).
@@ -129,66 +107,29 @@ class RobustDiffusionLoss(DtypeKeepingModule):
 
     last_influence: Optional[Tensor]
     last_penalty: Optional[Tensor]
-    staged_statistic: Optional[Tensor]
 
-    def __init__(self, loss: str = "hellinger", schedule: Optional[NoiseSchedule] = None, *,
+    def __init__(self, loss: str = "hellinger", schedule: Optional[Schedule] = None, *,
                  scale: Union[str, float] = "adaptive", temperature: float = 1.0, num_buckets: int = 10,
                  momentum: float = 0.9, weighting: str = "constant", weighting_params: Optional[Dict[str, float]] = None,
                  terminal: str = "clamp", normalize_weights: bool = False, prediction_type: Optional[str] = None,
                  dim_reduction: str = "mean", reduction: str = "mean", normalize_influence: bool = False,
                  update: str = "forward", **loss_params):
         super().__init__()
-        if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-        params = dict(LOSS_TABLE[LOSSES.index(loss)].defaults)
-        unknown = sorted(set(loss_params) - set(params))
-        if unknown:
-            raise ValueError(f"unknown parameter(s) {unknown} for loss {loss!r}; it takes {sorted(params) or 'none'}")
-        params.update(loss_params)
-        if isinstance(scale, str) and scale not in ("adaptive", "vlb", "batch"):
-            raise ValueError(f"scale must be 'adaptive', 'vlb', 'batch' or a non-negative float, got {scale!r}")
-        if not isinstance(scale, str) and not float(scale) >= 0:
-            raise ValueError(f"scale must be 'adaptive', 'vlb', 'batch' or a non-negative float, got {scale!r}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be positive, got {temperature!r}")
-        if not (isinstance(num_buckets, int) and num_buckets >= 1):
-            raise ValueError(f"num_buckets must be a positive integer, got {num_buckets!r}")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
-        if dim_reduction not in ("mean", "sum"):
-            raise ValueError(f"dim_reduction must be 'sum' or 'mean', got {dim_reduction!r}")
-        if reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-        if update not in _UPDATE_MODES:
-            raise ValueError(f"update must be one of {_UPDATE_MODES}, got {update!r}")
-
+        params = _loss_parameters(loss, loss_params)
         schedule = schedule or default_schedule()
-        if not isinstance(schedule, Schedule):
-            raise TypeError(f"RobustDiffusionLoss: schedule must be a Schedule (NoiseSchedule, FlowMatchingSchedule, "
-                            f"EDMSchedule, ...), got {type(schedule).__name__}")
+        _check_settings(schedule, scale, temperature, dim_reduction, reduction, normalize_weights)
+        AdaptiveScale.check_settings(num_buckets, momentum, update)
         self.discrete = bool(schedule.discrete)
-        if not self.discrete:
-            if scale == "vlb":
-                raise ValueError(f"RobustDiffusionLoss: scale='vlb' is DDPM's lambda_t of a discrete schedule; "
-                                 f"{schedule!r} is continuous (use 'adaptive', 'batch' or a number)")
-            if normalize_weights:
-                raise ValueError("RobustDiffusionLoss: normalize_weights=True averages over the T steps of a "
-                                 "discrete schedule; a continuous schedule has none")
-        kind = prediction_type_for(schedule, prediction_type, "RobustDiffusionLoss")
         self.loss = loss
         self.scale_mode = scale if isinstance(scale, str) else "fixed"
         self.fixed_scale = 0.0 if isinstance(scale, str) else float(scale)
         self.temperature = float(temperature)
-        self.momentum = float(momentum)
         self.num_timesteps = schedule.num_timesteps if self.discrete else 0
         self.num_buckets = min(num_buckets, schedule.num_timesteps) if self.discrete else num_buckets
-        self.prediction_type = kind
+        self.prediction_type = prediction_type_for(schedule, prediction_type, "RobustDiffusionLoss")
         self.dim_reduction = dim_reduction
         self.reduction = reduction
         self.normalize_influence = normalize_influence
-        self.update = update
-        self.max_update_ratio = MAX_UPDATE_RATIO  # attributes, so TorchScript sees them
-        self.penalty_floor = PENALTY_FLOOR
         self.alpha = float(params.get("alpha", 0.25))
         self.delta = float(params.get("delta", 1.0))
         self.form = str(params.get("form", "huber"))
@@ -197,41 +138,30 @@ class RobustDiffusionLoss(DtypeKeepingModule):
         self.uses_weighting = weighting != "constant"
         self.last_influence = None
         self.last_penalty = None
+        self.adaptive_scale = AdaptiveScale(self.num_buckets, momentum, update)
 
-        # Discrete: per-timestep constants, as float32 buffers indexed by t (no host round-trip per step). The
-        # weights come through loss_weights, which saturates at the float32 range (never inf). Continuous: the same
-        # functions at each call's t (_continuous_terms); the buffers stay empty.
-        weight_kind = "epsilon" if self.scale_mode == "vlb" else kind  # vlb_scale converts the error itself
+        # Discrete: the per-step constants as float32 buffers indexed by t (no host round-trip per step; the weights
+        # saturate at the float32 range, never inf). Continuous: the same functions at each call's t
+        # (_continuous_terms), checked here once so a bad setting fails now, not at the first call.
+        weight_kind = "epsilon" if self.scale_mode == "vlb" else self.prediction_type  # vlb converts the error
         self._schedule = schedule
         self._weight_args = (weighting, weight_kind, terminal, dict(weighting_params or {}))
         self._huber_args = (params["c"], params["c_schedule"], params["c_scale"]) if loss == "pseudo_huber" else None
         empty = torch.zeros(0)
+        weights, c_b, vlb = empty, empty, empty
         if self.discrete:
             steps = torch.arange(schedule.num_timesteps)
             weights = loss_weights(schedule, steps, weighting, weight_kind, terminal=terminal,
                                    normalize=normalize_weights, **(weighting_params or {}))
             c_b = (pseudo_huber_c(schedule, steps, *self._huber_args) if self._huber_args is not None
                    else torch.ones(schedule.num_timesteps))
-        else:  # check the settings now, not at the first call
+            vlb = _vlb_scale(schedule, self.prediction_type)
+        else:
             probe = schedule.sample_timesteps(2, generator=torch.Generator().manual_seed(0))
-            weights, c_b = empty, empty
-            loss_weights(schedule, probe, weighting, weight_kind, terminal=terminal, **(weighting_params or {}))
-            if self._huber_args is not None:
-                pseudo_huber_c(schedule, probe, *self._huber_args)
+            self._continuous_terms(probe, torch.float32)
         self.register_buffer("timestep_weight", weights, persistent=False)
-        self.register_buffer("vlb_scale", _vlb_scale(schedule, kind) if self.discrete else empty, persistent=False)
+        self.register_buffer("vlb_scale", vlb, persistent=False)
         self.register_buffer("huber_c", c_b.float(), persistent=False)
-        # Adaptive state: the running median penalty per bucket, whether it has been seeded, and fault counters.
-        self.register_buffer("bucket_penalty", torch.ones(self.num_buckets))
-        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
-        self.register_buffer("skipped_updates", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("limited_updates", torch.zeros((), dtype=torch.int64))
-        # update="step": the sum of the batch statistics staged since the last step() (bucket_statistic's layout:
-        # per bucket the sum of medians and their count, then the refused batches). Not saved (a resumed run
-        # redoes the step).
-        self.staged_statistic = None
-        self._seeded = False  # host mirror of `initialized`, so no step syncs to read it (_follow_initialized)
-        self._seeded_probe = None  # (pinned copy of `initialized`, its CUDA event), in flight
 
     def __prepare_scriptable__(self):
         """torch.jit.script calls this first: a continuous schedule is Python code TorchScript cannot compile."""
@@ -244,19 +174,6 @@ class RobustDiffusionLoss(DtypeKeepingModule):
         scale = self.scale_mode if self.scale_mode != "fixed" else self.fixed_scale
         return (f"loss={self.loss!r}, scale={scale!r}, temperature={self.temperature}, "
                 f"prediction_type={self.prediction_type!r}, buckets={self.num_buckets}")
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        for counter in ("skipped_updates", "limited_updates"):  # checkpoints written before the counters
-            state_dict.setdefault(prefix + counter, torch.zeros((), dtype=torch.int64))
-        penalty = state_dict.get(prefix + "bucket_penalty")
-        if isinstance(penalty, Tensor) and not bool((torch.isfinite(penalty) & (penalty >= PENALTY_FLOOR)).all()):
-            raise ValueError(f"RobustDiffusionLoss.load_state_dict: {prefix}bucket_penalty must be finite and at "
-                             f"least {PENALTY_FLOOR:g}, got {penalty.tolist()} (a corrupted checkpoint?)")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        self._seeded = bool(self.initialized)
-        self._seeded_probe = None
 
     def buckets(self, t: Tensor) -> Tensor:
         """The adaptive-scale bucket of each timestep: equal ranges of t (discrete), of log-SNR (continuous)."""
@@ -281,8 +198,8 @@ class RobustDiffusionLoss(DtypeKeepingModule):
 
     def forward(self, input: Tensor, target: Tensor, t: Tensor, weight: Optional[Tensor] = None) -> Tensor:
         """The loss of a batch: ``input`` the model output, ``target`` what it should predict (both
-        [B, ...] in ``prediction_type`` space), ``t`` integer timesteps [B], ``weight`` an optional
-        extra per-sample weight [B]."""
+        [B, ...] in ``prediction_type`` space), ``t`` its timesteps [B] (integer steps on a discrete schedule, float
+        times on a continuous one), ``weight`` an optional extra per-sample weight [B]."""
         self._check_call(input, t)
         if self.discrete:
             timestep_weight = self.timestep_weight[t] if self.uses_weighting else None
@@ -294,29 +211,18 @@ class RobustDiffusionLoss(DtypeKeepingModule):
             sample_weight = timestep_weight if weight is None else timestep_weight * weight
         bucket = self.buckets(t)
         if self.scale_mode == "adaptive":
-            typical = self.bucket_penalty
-            if not self._seeded and not torch.jit.is_scripting():
-                self._read_seeded_probe()
-            if not self._seeded:
-                typical = self._provisional_penalty(input, target, bucket, c)
-            scale = 1.0 / (self.temperature * typical[bucket])
+            unit_penalty = self._unit_scale_penalty(input, target, c) if self.adaptive_scale.needs_provisional() \
+                else None
+            scale = 1.0 / (self.temperature * self.adaptive_scale.typical(bucket, unit_penalty))
         elif self.scale_mode == "vlb":
             scale = self.vlb_scale[t]
-        elif self.scale_mode == "batch":
-            with torch.no_grad():  # stateless: this batch's penalties at scale 1, their medians by noise level
-                penalty = self._call(input.detach(), target.detach(), _ones(t), None, c, "none")[1]
-            scale = batch_scale(penalty, t, self.temperature)
+        elif self.scale_mode == "batch":  # stateless: this batch's penalties at scale 1, their medians by noise level
+            scale = batch_scale(self._unit_scale_penalty(input, target, c), t, self.temperature)
         else:
             scale = torch.full(t.shape, self.fixed_scale, dtype=torch.float32, device=t.device)
         loss, penalty, influence = self._call(input, target, scale, sample_weight, c, self.reduction)
         if self.scale_mode == "adaptive" and self.training:
-            statistic = self._statistic(penalty.detach(), bucket)
-            if self.update == "forward":
-                self._take_in(statistic, None)
-                self._follow_initialized()
-            else:
-                staged = self.staged_statistic
-                self.staged_statistic = statistic if staged is None else staged + statistic
+            self.adaptive_scale.observe(penalty.detach(), bucket)
         self.last_influence = influence.detach()
         self.last_penalty = penalty.detach()
         if self.normalize_influence:
@@ -325,35 +231,17 @@ class RobustDiffusionLoss(DtypeKeepingModule):
 
     @torch.jit.export
     def step(self, ok: Optional[Tensor] = None) -> None:
-        """``update="step"``: commit the statistics staged by the forward passes since the last call, or, when
-        ``ok`` (a bool, or a one-element bool tensor such as ``torch.isfinite(grad_norm)``) is False, drop them and
-        count the step as skipped. Call it after the optimizer step; with a GradScaler, pass the same test the
-        scaler uses (any non-finite gradient) so a step it skips leaves no trace. No host sync. Does nothing with
-        ``update="forward"``."""
-        if not torch.jit.is_scripting():
-            ok = self._step_flag(ok)
-        staged = self.staged_statistic
-        if self.update != "step" or staged is None:
-            return
-        if ok is not None:
-            ok = ok.to(self.bucket_penalty.device)
-        self._take_in(staged, ok)
-        self.staged_statistic = None
-        self._follow_initialized()
+        """``update="step"``: commit the statistics the forward passes staged since the last call, or drop them
+        when ``ok`` is False (:meth:`AdaptiveScale.step <robust_diffusion.adaptive_scale.AdaptiveScale.step>`).
+        Call it after the optimizer step, with ``torch.isfinite(grad_norm)``; no host sync."""
+        self.adaptive_scale.step(ok)
 
-    @torch.jit.unused
-    def _step_flag(self, ok: Optional[Tensor]) -> Optional[Tensor]:
-        """``step``'s ``ok`` as a bool tensor; a float (say, the gradient norm itself, where its finiteness was
-        meant) is refused rather than read as true."""
-        if ok is None or isinstance(ok, Tensor) and ok.dtype == torch.bool and ok.numel() == 1:
-            return ok
-        if isinstance(ok, bool):
-            return torch.tensor(ok)
-        if isinstance(ok, Tensor):
-            raise ValueError(f"RobustDiffusionLoss.step: ok must be a bool or a one-element bool tensor (e.g. "
-                             f"torch.isfinite(grad_norm)), got a {ok.dtype} tensor of shape {tuple(ok.shape)}")
-        raise TypeError(f"RobustDiffusionLoss.step: ok must be a bool or a one-element bool tensor (e.g. "
-                        f"torch.isfinite(grad_norm)), got {type(ok).__name__}")
+    def _unit_scale_penalty(self, input: Tensor, target: Tensor, c: Optional[Tensor]) -> Tensor:
+        """The batch's penalties R_b at scale 1 (an extra pass, no gradient)."""
+        ones = torch.ones(input.shape[:1], dtype=torch.float32, device=input.device)
+        with torch.no_grad():
+            penalty = self._call(input.detach(), target.detach(), ones, None, c, "none")[1]
+        return penalty
 
     def _check_call(self, input: Tensor, t: Tensor) -> None:
         """The checks of t and of the module's device, with messages that name them (no host sync off the CPU)."""
@@ -368,8 +256,9 @@ class RobustDiffusionLoss(DtypeKeepingModule):
                              f"(shape {list(input.shape)}), got shape {list(t.shape)}")
         if t.device != input.device:
             raise ValueError(f"RobustDiffusionLoss: t must be on input's device ({input.device}), got {t.device}")
-        if self.bucket_penalty.device != input.device:
-            raise ValueError(f"RobustDiffusionLoss: the module is on {self.bucket_penalty.device} and input on "
+        state_device = self.adaptive_scale.bucket_penalty.device
+        if state_device != input.device:
+            raise ValueError(f"RobustDiffusionLoss: the module is on {state_device} and input on "
                              f"{input.device}: move the module with .to('{input.device}')")
         if not self.discrete:
             self._check_continuous_times(t)
@@ -412,88 +301,39 @@ class RobustDiffusionLoss(DtypeKeepingModule):
             return ops.pseudo_huber_loss(input, target, scale, weight, dr, reduction, c, self.form)
         return ops.clipped_mse_loss(input, target, scale, weight, dr, reduction, self.tau, self.mode)
 
-    def _provisional_penalty(self, input: Tensor, target: Tensor, bucket: Tensor, c: Optional[Tensor]) -> Tensor:
-        """Before the first training batch has been taken in: the state where it is initialised (loaded into a
-        TorchScript module, where ``_load_from_state_dict`` does not run and so cannot set the host flag), else
-        what this batch's own statistic would seed it to (its bucket medians; the median over buckets where a
-        bucket has none), at the cost of one extra pass over the batch. Changes no state."""
-        with torch.no_grad():
-            penalty = self._call(input.detach(), target.detach(), _ones(bucket), None, c, "none")[1]
-            seeded = self.bucket_penalty.clone()
-            counter = torch.zeros((), dtype=torch.int64, device=seeded.device)
-            torch.ops.robust_diffusion.adaptive_scale_update(
-                seeded, torch.zeros((), dtype=torch.bool, device=seeded.device), counter, counter.clone(),
-                self._statistic(penalty, bucket), None, self.momentum, self.max_update_ratio, self.penalty_floor)
-            return torch.where(self.initialized, self.bucket_penalty, seeded)
 
-    def _follow_initialized(self) -> None:
-        """After an update attempt: the host flag follows ``initialized`` without a host sync. An attempt need not
-        seed the state (a refused first statistic, a skipped first step), and until it is seeded each batch is
-        scored against its own medians. On the CPU the flag is read at once; on a GPU through a non-blocking copy
-        that a later forward reads once it has landed (until then it takes the provisional path, which is right
-        either way). Compiled and scripted code cannot read a tensor on the host: there the flag is set by the
-        first attempt, so a batch after a refused first one is scored at the initial scale of 1."""
-        if self._seeded:
-            return
-        if torch.jit.is_scripting():
-            self._seeded = True
-        else:
-            self._probe_initialized()
-
-    @torch.jit.unused
-    def _probe_initialized(self) -> None:
-        flag = self.initialized
-        if torch.compiler.is_compiling() or flag.device.type == "meta":
-            self._seeded = True
-        elif flag.device.type == "cpu":
-            self._seeded = bool(flag)
-        elif flag.device.type == "cuda":
-            landing = torch.empty((), dtype=torch.bool, pin_memory=True)
-            landing.copy_(flag, non_blocking=True)
-            landed = torch.cuda.Event()
-            landed.record()
-            self._seeded_probe = (landing, landed)
-        else:  # another accelerator: one read per attempt until seeded
-            self._seeded = bool(flag)
-
-    @torch.jit.unused
-    def _read_seeded_probe(self) -> None:
-        probe = self._seeded_probe
-        if probe is not None and not torch.compiler.is_compiling() and probe[1].query():
-            self._seeded = bool(probe[0])
-            self._seeded_probe = None
-
-    def _take_in(self, statistic: Tensor, ok: Optional[Tensor]) -> None:
-        """Move the state towards a batch statistic, in place (docs/DESIGN.md, Scale; csrc/math/adaptive_scale.h):
-        the first statistic seeds every bucket (those it lacks with its median over buckets); later ones are
-        clamped to at most MAX_UPDATE_RATIO times the bucket's value, then averaged in with the EMA. ``ok`` False
-        drops the statistic and counts the step as skipped."""
-        torch.ops.robust_diffusion.adaptive_scale_update(
-            self.bucket_penalty, self.initialized, self.skipped_updates, self.limited_updates, statistic, ok,
-            self.momentum, self.max_update_ratio, self.penalty_floor)
-
-    def _statistic(self, penalty: Tensor, bucket: Tensor) -> Tensor:
-        """This batch's statistic (``bucket_statistic``): per bucket its median penalty with count 1, or nothing
-        (no sample, a median below PENALTY_FLOOR: no scale information); a batch with a non-finite penalty (a
-        forward pass that overflowed, NaN data: GradScaler will skip that step) or with no bucket left is refused
-        whole and counted. Averaged over data-parallel ranks."""
-        statistic = torch.ops.robust_diffusion.bucket_statistic(penalty, bucket, self.num_buckets, self.penalty_floor)
-        if not torch.jit.is_scripting():
-            statistic = _average_over_ranks(statistic)
-        return statistic
+def _loss_parameters(loss: str, given: Dict[str, object]) -> Dict[str, object]:
+    """The loss's own parameters: its defaults (ops.LOSS_TABLE) updated by ``given``; unknown names refused."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    params = dict(LOSS_TABLE[LOSSES.index(loss)].defaults)
+    unknown = sorted(set(given) - set(params))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {unknown} for loss {loss!r}; it takes {sorted(params) or 'none'}")
+    params.update(given)
+    return params
 
 
-def _ones(t: Tensor) -> Tensor:
-    """A scale of 1 per sample (float32, on t's device)."""
-    return torch.ones(t.shape, dtype=torch.float32, device=t.device)
-
-
-def log_snr_buckets(log_snr: Tensor, num_buckets: int) -> Tensor:
-    """The noise-level bucket of each log-SNR on a continuous schedule: ``num_buckets`` equal ranges of
-    :data:`BUCKET_LOG_SNR_RANGE`, 0 the least noisy, the end buckets open (+-inf included). int64."""
-    low, high = BUCKET_LOG_SNR_RANGE
-    position = (high - log_snr) * (num_buckets / (high - low))
-    return torch.floor(position).clamp(0, num_buckets - 1).long()
+def _check_settings(schedule: Schedule, scale: Union[str, float], temperature: float, dim_reduction: str,
+                    reduction: str, normalize_weights: bool) -> None:
+    """The module's settings, each refused with a message that names it (the adaptive state checks its own)."""
+    if isinstance(scale, str) and scale not in SCALES or not isinstance(scale, str) and not float(scale) >= 0:
+        raise ValueError(f"scale must be 'adaptive', 'vlb', 'batch' or a non-negative float, got {scale!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature!r}")
+    if dim_reduction not in ("mean", "sum"):
+        raise ValueError(f"dim_reduction must be 'sum' or 'mean', got {dim_reduction!r}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"RobustDiffusionLoss: schedule must be a Schedule (NoiseSchedule, FlowMatchingSchedule, "
+                        f"EDMSchedule, ...), got {type(schedule).__name__}")
+    if not schedule.discrete and scale == "vlb":
+        raise ValueError(f"RobustDiffusionLoss: scale='vlb' is DDPM's lambda_t of a discrete schedule; "
+                         f"{schedule!r} is continuous (use 'adaptive', 'batch' or a number)")
+    if not schedule.discrete and normalize_weights:
+        raise ValueError("RobustDiffusionLoss: normalize_weights=True averages over the T steps of a "
+                         "discrete schedule; a continuous schedule has none")
 
 
 def _check_timestep_range(t: Tensor, steps: int) -> None:
@@ -506,21 +346,6 @@ def _check_timestep_range(t: Tensor, steps: int) -> None:
             raise ValueError(f"{expected}, got values in [{low}, {high}]")
     elif t.device.type != "meta":
         torch._assert_async(((t >= 0) & (t < steps)).all(), expected)
-
-
-def _average_over_ranks(statistic: Tensor) -> Tensor:
-    """A batch statistic with each bucket's median averaged over the ranks that saw it (count 1) and the refused
-    rank-batches summed (one all-reduce), so every rank keeps identical state."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return statistic
-    dist.all_reduce(statistic)
-    k = (statistic.numel() - 1) // 2
-    total, count = statistic[:k], statistic[k:2 * k]
-    present = count > 0
-    averaged = torch.where(present, total / count.clamp_min(1.0), torch.zeros_like(total))
-    return torch.cat([averaged, present.float(), statistic[2 * k:]])
 
 
 def _vlb_scale(schedule: NoiseSchedule, prediction_type: str) -> Tensor:
