@@ -77,13 +77,14 @@ from pathlib import Path
 # passive waiting costs nothing on an idle machine. (Read when torch starts its thread pool: set it first.)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
 import robust_diffusion as rd  # noqa: E402
 from robust_diffusion.training import metrics  # noqa: E402
 from robust_diffusion.training.data import CONTAMINATION_KINDS  # noqa: E402
 from robust_diffusion.training.export import export_model  # noqa: E402
 from robust_diffusion.training.sampling import ddim_sample, flow_sample  # noqa: E402
-from robust_diffusion.training.audit_command import score_ranking, write_ranking  # noqa: E402
+from robust_diffusion.training.audit_report import score_ranking, write_ranking  # noqa: E402
 from robust_diffusion.training.arguments import add_objective_arguments  # noqa: E402
 from robust_diffusion.training.experiment import (DATASETS, build_loss, build_model, build_schedule,  # noqa: E402
                                                   load_experiment_data, loss_settings, parse_loss_name, parse_scale)
@@ -308,7 +309,7 @@ clean = load_data(0.0, image_size=settings["image_size"], num_train=settings["cl
 cls_images, cls_labels = clean.train.images, clean.train_labels
 classifier = metrics.train_classifier(
     cls_images, cls_labels, test_images=data.test_images, test_labels=data.test_labels,
-    epochs=settings["classifier_epochs"], seed=EVAL_SEED, cache_path=eval_cache / "classifier.pt",
+    epochs=settings["classifier_epochs"], seed=EVAL_SEED, cache_path=eval_cache / "classifier.safetensors",
     device=args.device, progress=not IN_JUPYTER)
 # The detector learns from its own half-contaminated draw of this kind of contaminant.
 half = load_data(0.5, image_size=settings["image_size"], num_train=settings["detector_train"], seed=EVAL_SEED)
@@ -317,7 +318,7 @@ split = n_det - n_det // 5  # the last fifth of the detector's images measure it
 detector = metrics.train_contaminant_detector(
     half.train.images[:split], half.train.is_contaminated[:split].cpu(), test_images=half.train.images[split:],
     test_labels=half.train.is_contaminated[split:].cpu(), epochs=3, seed=EVAL_SEED,
-    cache_path=eval_cache / f"detector_{args.kind}.pt", device=args.device, progress=not IN_JUPYTER)
+    cache_path=eval_cache / f"detector_{args.kind}.safetensors", device=args.device, progress=not IN_JUPYTER)
 reference = data.test_images[:settings["reference"]]
 reference_features = metrics.extract_features(classifier.model, reference)
 eval_seconds = time.perf_counter() - t0
@@ -443,7 +444,7 @@ for spec in args.specs:
            "train_s": train_seconds[spec.name], "sample_s": sample_seconds}
     results.append(row)
     trained[spec.name] = dict(trainer=trainer, samples=samples, mean_influence=mean_influence, seen=seen, log=log)
-    torch.save(samples, run_dir / "samples.pt")
+    save_file({"samples": samples.contiguous()}, run_dir / "samples.safetensors")
     print(f"{spec.name}: FD {fd:.2f}, contaminant fraction {fraction:.3f}, AUROC {auroc:.3f}, "
           f"train {train_seconds[spec.name]:.0f} s, sampling {sample_seconds:.0f} s")
 

@@ -10,10 +10,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import subprocess_pythonpath
-from robust_diffusion.training import audit_command, train_command
+from robust_diffusion.training import audit_command, audit_report, train_command
 from robust_diffusion.training.data import load_array_file, load_image_folder, load_images
+from robust_diffusion.training.trainer_checkpoint import read_checkpoint
 
 Image = pytest.importorskip("PIL.Image")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -165,10 +167,10 @@ def test_audit_of_a_folder_writes_the_ranking_figures_and_report(tmp_path, capsy
     assert code == 0
     assert "1 unreadable image file(s) left out: " + str(root / "broken.png") in printed.out
     for name in ("ranking.csv", "report.md", "least_trusted.png", "most_trusted.png", "influence_hist.png",
-                 "checkpoint.pt", "log.csv", "audit.json"):
+                 "checkpoint.safetensors", "log.csv", "audit.json"):
         assert (out / name).is_file(), name
     rows = _ranking(out)
-    assert list(rows[0]) == list(audit_command.RANKING_COLUMNS)
+    assert list(rows[0]) == list(audit_report.RANKING_COLUMNS)
     assert [int(r["rank"]) for r in rows] == list(range(1, 17))
     assert sorted(int(r["index"]) for r in rows) == list(range(16))
     assert sorted(r["file"] for r in rows) == sorted(str(p) for p in root.rglob("*.*")
@@ -222,8 +224,8 @@ def test_audit_resume_continues_and_refuses_other_data(tmp_path, capsys):
     assert _run([str(tmp_path / "a.npy"), "--out", str(out)] + TINY, capsys)[0] == 0
     longer = [a if a != "4" else "8" for a in TINY]  # --steps 8
     code, printed = _run([str(tmp_path / "a.npy"), "--out", str(out), "--resume"] + longer, capsys)
-    assert code == 0 and f"resumed from {out / 'checkpoint.pt'} at step 4" in printed.out
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 8
+    assert code == 0 and f"resumed from {out / 'checkpoint.safetensors'} at step 4" in printed.out
+    assert read_checkpoint(out / "checkpoint.safetensors")["step"] == 8
     assert sum(int(r["times_seen"]) for r in _ranking(out)) == 8 * 8
     assert "budget: 8 steps of 8" in (out / "report.md").read_text()
     np.save(tmp_path / "b.npy", images[::-1].copy())
@@ -325,7 +327,7 @@ def test_train_cli_on_a_folder(tmp_path, capsys):
     assert "mixed sizes" in printed and "1 unreadable image file(s) left out" in printed
     assert (out / "unreadable.txt").read_text().startswith(str(root / "broken.png") + "\t")
     assert "AUROC" not in printed  # nothing is contaminated: no detector to score
-    saved = torch.load(out / "influence.pt")
+    saved = load_file(out / "influence.safetensors")
     assert saved["mean_influence"].shape == (16,) and not saved["is_contaminated"].any()
 
 

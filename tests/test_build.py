@@ -159,7 +159,7 @@ def test_the_library_and_the_training_kit_import_without_matplotlib():
     code = ("import sys; sys.modules['matplotlib'] = None\n"  # any import of matplotlib now raises ImportError
             "import robust_diffusion, robust_diffusion.risk\n"
             "from robust_diffusion.training import arguments, checkpoint, data, distributed, experiment, export, metrics\n"
-            "from robust_diffusion.training import models, runlog, train_command, audit_command\n"
+            "from robust_diffusion.training import audit_command, audit_report, models, runlog, train_command\n"
             "from robust_diffusion.training import sampling, trainer\n"
             "print('ok')")
     env = dict(os.environ)

@@ -247,7 +247,7 @@ def test_trainer_trains_and_resumes_a_diffusers_unet2dmodel(tmp_path):
     config = TrainConfig(steps=4, batch_size=8, log_every=1, checkpoint_every=2, progress=False)
 
     def trainer(steps, out):
-        return Trainer(tiny_unet2d().train(), rd.RobustDiffusionLoss("ned", schedule), TensorDataset(images),
+        return Trainer(tiny_unet2d().train(), rd.RobustDiffusionLoss("ned", schedule, update="step"), TensorDataset(images),
                        schedule, TrainConfig(**{**config.__dict__, "steps": steps}), out_dir=out)
 
     straight = trainer(4, tmp_path / "straight").train()

@@ -26,6 +26,7 @@ from robust_diffusion.training.data import fashion_mnist_root
 from robust_diffusion.training.export import SCHEDULE_FORMAT, export_model, read_schedule_file, write_schedule_file
 from robust_diffusion.training.sampling import ddim_sample, ddpm_sample, flow_sample
 from robust_diffusion.training.runlog import read_log
+from robust_diffusion.training.trainer_checkpoint import read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "cifar10_contaminated.py"
@@ -345,7 +346,7 @@ def test_example_end_to_end(smoke_run):
     for suffix in (".torchscript.pt", ".pt2", ".schedule.txt"):
         assert (prefix.parent / (prefix.name + suffix)).is_file()
     for loss in SMOKE_LOSSES:  # periodic checkpoints (3 smoke steps: one per step), so --resume can continue
-        state = torch.load(out / "runs" / loss / "checkpoint.pt", weights_only=False)
+        state = read_checkpoint(out / "runs" / loss / "checkpoint.safetensors")
         assert state["step"] == 3 and state["config"]["checkpoint_every"] == 1
 
 
@@ -405,8 +406,7 @@ def test_example_defaults_to_the_demo_preset(tmp_path):
     assert (tmp_path / "out" / "summary.png").stat().st_size > 1000
     assert (tmp_path / "out" / "audit_ranking_ned+trust.csv").is_file()  # the audit reads NED's run
     for name in ("hellinger+trust", "ned+trust"):
-        assert torch.load(tmp_path / "out" / "runs" / name / "checkpoint.pt",
-                          weights_only=False)["config"]["sample_trust"]
+        assert read_checkpoint(tmp_path / "out" / "runs" / name / "checkpoint.safetensors")["config"]["sample_trust"]
 
 
 @needs_fashion_mnist
@@ -423,7 +423,7 @@ def test_example_trains_flow_matching(tmp_path):
     assert all(0 <= float(r["contaminant_fraction"]) <= 1 and float(r["frechet_distance"]) >= 0 for r in rows[:2])
     report = (tmp_path / "out" / "results.md").read_text()
     assert "| log-SNR | clean | contaminated | ratio |" in report and "| 10 to 8 |" in report
-    state = torch.load(tmp_path / "out" / "runs" / "ned" / "checkpoint.pt", weights_only=False)
+    state = read_checkpoint(tmp_path / "out" / "runs" / "ned" / "checkpoint.safetensors")
     assert state["influence"]["_extra_state"]["num_timesteps"] is None  # the tracker's buckets are log-SNR ranges
 
 # Each case starts an interpreter that imports torch (seconds): the CLI tests in test_training.py cover the rest.

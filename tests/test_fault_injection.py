@@ -1,4 +1,4 @@
-"""Fault injection: the promises of "nothing fails silently" (README, "Failure behaviour"), one test each.
+"""Fault injection: the promises of "nothing fails silently" (docs/DESIGN.md, "Failure behaviour"), one test each.
 
 1-5   The adaptive scale's running state: no overflowing, non-finite or zero batch enters it; seeding never
       freezes a bucket, and a batch after an unseeding first one is scored like a first batch; it stays float32
@@ -8,6 +8,8 @@
       torch.export reject what eager rejects, with the same message.
 8-9   Functional, schedule and risk arguments: a one-line error naming the argument, or the right value.
 10    The training CLI: one-line usage errors instead of tracebacks or silent misconfiguration.
+11    Files a user opens (checkpoints, caches) run no code: a pickle is refused unopened; a state file keeps every
+      value and names its kind and format version.
 AMP   An fp16 autocast loop with GradScaler whose forward pass overflows at steps 1 and 50 trains as well as
       without, and the skipped steps leave no trace in the state.
 Kill  A run with the adaptive scale, a poisoning batch and a SIGKILL resumes to exactly the uninterrupted run.
@@ -29,6 +31,7 @@ import robust_diffusion as rd
 from conftest import subprocess_pythonpath
 from robust_diffusion.training import experiment, train_command
 from robust_diffusion.training.data import fashion_mnist_root
+from robust_diffusion.training.trainer_checkpoint import read_checkpoint
 
 OPS = torch.ops.robust_diffusion
 T = torch.arange(32) * 31  # one timestep per sample, every bucket of the default 10 hit
@@ -52,10 +55,10 @@ def trained(module, seeds):
 @pytest.mark.parametrize("value", [1e20, math.inf, math.nan])
 def test_1_a_non_finite_batch_after_the_first_leaves_the_state_alone(value):
     module = trained(rd.RobustDiffusionLoss("hellinger"), [0])
-    before = module.bucket_penalty.clone()
+    before = module.adaptive_scale.bucket_penalty.clone()
     loss = module(torch.full((32, 16), value), torch.zeros(32, 16), T)  # 1e20 squared overflows float32 to inf
-    assert torch.equal(module.bucket_penalty, before)
-    assert int(module.skipped_updates) == 1
+    assert torch.equal(module.adaptive_scale.bucket_penalty, before)
+    assert int(module.adaptive_scale.skipped_updates) == 1
     reference = trained(rd.RobustDiffusionLoss("hellinger"), [0])
     x, y = clean_batch(1)
     torch.testing.assert_close(module(x, y, T), reference(x, y, T))  # the next clean batch trains as if unseen
@@ -67,14 +70,14 @@ def test_1_one_absurd_but_finite_batch_is_forgotten_within_a_few_clean_ones():
     EMA), counted, and ten clean batches bring every bucket back within 5% of a module that never saw it."""
     module = trained(rd.RobustDiffusionLoss("hellinger"), range(5))
     reference = trained(rd.RobustDiffusionLoss("hellinger"), range(5))
-    limited = int(module.limited_updates)
+    limited = int(module.adaptive_scale.limited_updates)
     module(*clean_batch(99, scale=1e18), T)
-    assert int(module.limited_updates) == limited + module.num_buckets and int(module.skipped_updates) == 0
-    assert (module.bucket_penalty <= 1.1 * reference.bucket_penalty * (1 + 1e-6)).all()
+    assert int(module.adaptive_scale.limited_updates) == limited + module.num_buckets and int(module.adaptive_scale.skipped_updates) == 0
+    assert (module.adaptive_scale.bucket_penalty <= 1.1 * reference.adaptive_scale.bucket_penalty * (1 + 1e-6)).all()
     for seed in range(5, 15):
         module(*clean_batch(seed), T)
         reference(*clean_batch(seed), T)
-    torch.testing.assert_close(module.bucket_penalty, reference.bucket_penalty, rtol=0.05, atol=0)
+    torch.testing.assert_close(module.adaptive_scale.bucket_penalty, reference.adaptive_scale.bucket_penalty, rtol=0.05, atol=0)
 
 
 def test_2_a_non_finite_first_batch_never_freezes_a_bucket():
@@ -82,13 +85,13 @@ def test_2_a_non_finite_first_batch_never_freezes_a_bucket():
     x = torch.randn(32, 16)
     x[:3, 0] = math.inf
     module(x, torch.zeros(32, 16), T)
-    assert torch.isfinite(module.bucket_penalty).all() and not bool(module.initialized)
-    assert int(module.skipped_updates) == 1
+    assert torch.isfinite(module.adaptive_scale.bucket_penalty).all() and not bool(module.adaptive_scale.initialized)
+    assert int(module.adaptive_scale.skipped_updates) == 1
     reference = rd.RobustDiffusionLoss("hellinger")
     for seed in range(3):
         module(*clean_batch(seed), T)
         reference(*clean_batch(seed), T)
-    torch.testing.assert_close(module.bucket_penalty, reference.bucket_penalty)
+    torch.testing.assert_close(module.adaptive_scale.bucket_penalty, reference.adaptive_scale.bucket_penalty)
 
 
 def test_3_an_all_nan_first_batch_does_not_break_later_calls():
@@ -96,14 +99,14 @@ def test_3_an_all_nan_first_batch_does_not_break_later_calls():
     module(torch.full((32, 16), math.nan), torch.zeros(32, 16), T)
     x, y = clean_batch(0)
     loss = module(x, y, T)  # used to raise "scale must be non-negative" although the user passed no scale
-    assert torch.isfinite(loss) and bool(module.initialized)
+    assert torch.isfinite(loss) and bool(module.adaptive_scale.initialized)
 
 
 def test_4_a_zero_residual_first_call_does_not_seed_the_state():
     module = rd.RobustDiffusionLoss("kl")
     x = torch.randn(32, 16)
     module(x, x, T)
-    assert torch.equal(module.bucket_penalty, torch.ones(10)) and int(module.skipped_updates) == 1
+    assert torch.equal(module.adaptive_scale.bucket_penalty, torch.ones(10)) and int(module.adaptive_scale.skipped_updates) == 1
     assert module(*clean_batch(1), T) < 2.0  # was 1.8e12; this batch seeds the state
     reference = rd.RobustDiffusionLoss("kl")
     reference(*clean_batch(1), T)
@@ -120,7 +123,7 @@ def test_4_a_fresh_module_in_eval_mode_does_not_seed_itself():
     module = rd.RobustDiffusionLoss("ned").eval()
     x, y = clean_batch(0)
     loss = module(x, y, T)
-    assert not bool(module.initialized) and torch.equal(module.bucket_penalty, torch.ones(10))
+    assert not bool(module.adaptive_scale.initialized) and torch.equal(module.adaptive_scale.bucket_penalty, torch.ones(10))
     training = rd.RobustDiffusionLoss("ned")
     torch.testing.assert_close(loss, training(x, y, T))  # the same provisional scale, from the batch itself
 
@@ -135,7 +138,7 @@ def test_4_the_batch_after_an_unseeding_first_one_is_scored_against_its_own_medi
     module(x0, torch.zeros(32, 16), T)
     if update == "step":
         module.step(False if first.endswith("bool") else torch.tensor(False))
-    assert not bool(module.initialized) and not module._seeded
+    assert not bool(module.adaptive_scale.initialized) and not module.adaptive_scale.seeded_on_host
     fresh = rd.RobustDiffusionLoss("hellinger", update=update)
     x, y = clean_batch(1, scale=3.0)
     grads = []
@@ -147,9 +150,9 @@ def test_4_the_batch_after_an_unseeding_first_one_is_scored_against_its_own_medi
         grads.append((loss.detach(), xg.grad))
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
     at_initial_scale = rd.RobustDiffusionLoss("hellinger").eval()
-    at_initial_scale.load_state_dict({**at_initial_scale.state_dict(), "initialized": torch.tensor(True)})
+    at_initial_scale.load_state_dict({**at_initial_scale.state_dict(), "adaptive_scale.initialized": torch.tensor(True)})
     assert abs(float(grads[0][0]) - float(at_initial_scale(x, y, T))) > 0.05  # what it was: not vacuous
-    assert module._seeded and torch.equal(module.bucket_penalty, fresh.bucket_penalty)
+    assert module.adaptive_scale.seeded_on_host and torch.equal(module.adaptive_scale.bucket_penalty, fresh.adaptive_scale.bucket_penalty)
 
 
 @pytest.mark.parametrize("cast", ["half", "bfloat16", "double"])
@@ -171,17 +174,10 @@ def test_5_dtype_casts_keep_the_state_and_tables_float32(cast):
 def test_5_load_state_dict_refuses_a_poisoned_scale():
     state = trained(rd.RobustDiffusionLoss("ned"), [0]).state_dict()
     for bad in (math.inf, math.nan, 0.0, -1.0):
-        poisoned = dict(state, bucket_penalty=state["bucket_penalty"].clone().index_fill_(0, torch.tensor([3]), bad))
+        key = "adaptive_scale.bucket_penalty"
+        poisoned = {**state, key: state[key].clone().index_fill_(0, torch.tensor([3]), bad)}
         with pytest.raises(ValueError, match=r"bucket_penalty must be finite and at least 1e-12"):
             rd.RobustDiffusionLoss("ned").load_state_dict(poisoned)
-
-
-def test_5_checkpoints_written_before_the_fault_counters_still_load():
-    state = trained(rd.RobustDiffusionLoss("ned"), [0]).state_dict()
-    old = {k: v for k, v in state.items() if k not in ("skipped_updates", "limited_updates")}
-    restored = rd.RobustDiffusionLoss("ned")
-    restored.load_state_dict(old)
-    assert torch.equal(restored.bucket_penalty, state["bucket_penalty"]) and int(restored.skipped_updates) == 0
 
 
 def test_step_mode_commits_after_the_optimizer_step_and_drops_a_skipped_one():
@@ -191,24 +187,22 @@ def test_step_mode_commits_after_the_optimizer_step_and_drops_a_skipped_one():
         eager(*clean_batch(seed), T)
         staged(*clean_batch(seed), T)
         staged.step(torch.tensor(True))
-    assert torch.equal(eager.bucket_penalty, staged.bucket_penalty)
-    before = staged.bucket_penalty.clone()
+    assert torch.equal(eager.adaptive_scale.bucket_penalty, staged.adaptive_scale.bucket_penalty)
+    before = staged.adaptive_scale.bucket_penalty.clone()
     staged(*clean_batch(7, scale=3.0), T)
     staged.step(torch.tensor(False))  # e.g. torch.isfinite(grad_norm) after a GradScaler overflow
-    assert torch.equal(staged.bucket_penalty, before) and int(staged.skipped_updates) == 1
+    assert torch.equal(staged.adaptive_scale.bucket_penalty, before) and int(staged.adaptive_scale.skipped_updates) == 1
     # Gradient accumulation: two forward passes, one step, the mean of their bucket medians.
-    a, b = rd.RobustDiffusionLoss("kl", num_buckets=1, momentum=0.0), rd.RobustDiffusionLoss("kl", num_buckets=1)
-    a.load_state_dict(b.state_dict())
-    a.update = "step"
+    a = rd.RobustDiffusionLoss("kl", num_buckets=1, momentum=0.0, update="step")
     a(torch.ones(4, 8), torch.zeros(4, 8), torch.full((4,), 3))
     a(torch.full((4, 8), 1.5), torch.zeros(4, 8), torch.full((4,), 3))
-    assert not bool(a.initialized)
+    assert not bool(a.adaptive_scale.initialized)
     a.step()
-    torch.testing.assert_close(a.bucket_penalty, torch.tensor([(1.0 + 2.25) / 2]))
+    torch.testing.assert_close(a.adaptive_scale.bucket_penalty, torch.tensor([(1.0 + 2.25) / 2]))
     # A Python bool is taken as it is; the gradient norm itself (a float, where its finiteness was meant) is refused.
     staged(*clean_batch(8, scale=3.0), T)
     staged.step(False)
-    assert torch.equal(staged.bucket_penalty, before) and int(staged.skipped_updates) == 2
+    assert torch.equal(staged.adaptive_scale.bucket_penalty, before) and int(staged.adaptive_scale.skipped_updates) == 2
     for bad, error, message in ((torch.tensor(float("nan")), ValueError, "got a torch.float32 tensor of shape ()"),
                                 (torch.tensor([True, True]), ValueError, "got a torch.bool tensor of shape (2,)"),
                                 ("yes", TypeError, "got str")):
@@ -217,8 +211,8 @@ def test_step_mode_commits_after_the_optimizer_step_and_drops_a_skipped_one():
                                         r"\(e.g. torch.isfinite\(grad_norm\)\), " + re.escape(message)):
             staged.step(bad)
     staged.step(True)
-    assert not torch.equal(staged.bucket_penalty, before)  # what was staged before the refused calls went in
-    assert int(staged.skipped_updates) == 2
+    assert not torch.equal(staged.adaptive_scale.bucket_penalty, before)  # what was staged before the refused calls went in
+    assert int(staged.adaptive_scale.skipped_updates) == 2
 
 
 # --------------------------------------------------------------------------- 6: t
@@ -416,15 +410,85 @@ def test_10_cli_cuda_without_a_gpu(tmp_path, capsys):
     assert "no CUDA device is available here" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("content", [b"garbage", b"", b"PK\x03\x04 truncated zip"], ids=["text", "empty", "truncated"])
+@pytest.mark.parametrize("content, reason", [
+    (b"garbage", "it is not a safetensors file"), (b"", "it is not a safetensors file (0 bytes)"),
+    (b"\x10\x00\x00\x00\x00\x00\x00\x00{\"truncated", "it is not a safetensors file, or it is truncated"),
+    (b"PK\x03\x04 a torch.save zip", "it is a pickle (torch.save) file")], ids=["text", "empty", "truncated", "pickle"])
 @needs_fashion_mnist
-def test_10_cli_resume_from_a_corrupted_checkpoint(tmp_path, capsys, content):
-    (tmp_path / "checkpoint.pt").write_bytes(content)
+def test_10_cli_resume_from_a_corrupted_checkpoint(tmp_path, capsys, content, reason):
+    (tmp_path / "checkpoint.safetensors").write_bytes(content)
     with pytest.raises(SystemExit):
         train_command.main(["--out", str(tmp_path), "--model", "micro", "--num-train", "64", "--batch-size", "8",
-                  "--steps", "1", "--no-progress", "--device", "cpu", "--resume"])
+                            "--steps", "1", "--no-progress", "--device", "cpu", "--resume"])
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "cannot resume from" in error and "is not a readable checkpoint" in error
+    assert f"cannot resume from {tmp_path / 'checkpoint.safetensors'}: {reason}" in error, error
+    assert error.endswith("delete it or pass another --out"), error
+
+
+# --------------------------------------------------------------------------- 11: files a user opens run no code
+class _RunsCode:
+    """A pickle payload: unpickling it runs ``open(marker, "w")``, as a malicious checkpoint would run anything."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("name", ["checkpoint.safetensors", "classifier.safetensors"])
+def test_11_a_pickled_file_is_refused_and_never_unpickled(tmp_path, name):
+    """A checkpoint or classifier cache from someone else may be a pickle that runs code when loaded: it is
+    refused in one line, and nothing in it is executed."""
+    from robust_diffusion.training import metrics
+
+    marker = tmp_path / "code_ran"
+    path = tmp_path / name
+    torch.save({"step": 1, "payload": _RunsCode(marker)}, path)
+    with pytest.raises(ValueError, match=r"it is a pickle \(torch.save\) file.* is not opened: unpickling can run "
+                                         r"code") as error:
+        if name.startswith("checkpoint"):
+            read_checkpoint(path)
+        else:
+            metrics.train_classifier(torch.zeros(4, 1, 8, 8), torch.tensor([0, 1, 0, 1]), cache_path=path)
+    assert len(str(error.value).splitlines()) == 1 and not marker.exists()
+    unpickled = tmp_path / "payload.pt"  # torch.load reads a .safetensors name with safetensors itself
+    unpickled.write_bytes(path.read_bytes())
+    torch.load(unpickled, weights_only=False)  # the payload is real: unpickling it runs it
+    assert marker.exists()
+
+
+def test_11_a_state_file_keeps_every_value_and_refuses_another_kind_or_version(tmp_path):
+    import random
+
+    import numpy as np
+
+    from robust_diffusion.training.checkpoint import StateFileError, load_state, rng_state, save_state
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    state = {"rng": rng_state(torch.device("cpu")), "optimizer": optimizer.state_dict(), "nan": math.nan,
+             "tuple": (1, 2.5, "x", None, True), "ints": {0: "zero", 7: [1, 2]}, "half": torch.ones(2).half()}
+    path = tmp_path / "state.safetensors"
+    save_state(state, path, "test state", 3)
+    loaded = load_state(path, "test state", 3)
+    assert loaded["tuple"] == (1, 2.5, "x", None, True) and loaded["ints"] == {0: "zero", 7: [1, 2]}
+    assert math.isnan(loaded["nan"]) and loaded["half"].dtype == torch.float16
+    assert loaded["rng"]["python"] == random.getstate() and torch.equal(loaded["rng"]["torch"], torch.get_rng_state())
+    numpy_state = np.random.get_state()
+    assert loaded["rng"]["numpy"][0] == numpy_state[0] and loaded["rng"]["numpy"][1].dtype == numpy_state[1].dtype
+    assert np.array_equal(loaded["rng"]["numpy"][1], numpy_state[1])
+    restored = torch.optim.AdamW(model.parameters())
+    restored.load_state_dict(loaded["optimizer"])
+    assert restored.state_dict()["param_groups"] == optimizer.state_dict()["param_groups"]
+    for kind, version, reason in (("other state", 3, "it is a test state, not a other state"),
+                                  ("test state", 4, "it is a test state of format version 3; this version of "
+                                                    "robust_diffusion reads version 4")):
+        with pytest.raises(StateFileError) as error:
+            load_state(path, kind, version)
+        assert error.value.reason == reason
 
 
 # --------------------------------------------------------------------------- AMP with GradScaler
@@ -464,7 +528,7 @@ def _amp_run(overflow_steps, steps=120, seed=0):
         scaler.update()
         skipped_by_scaler += scaler.get_scale() < scale_before
         loss_fn.step(torch.isfinite(grad_norm))
-        assert torch.isfinite(loss_fn.bucket_penalty).all() and loss_fn.bucket_penalty.max() < 1e3
+        assert torch.isfinite(loss_fn.adaptive_scale.bucket_penalty).all() and loss_fn.adaptive_scale.bucket_penalty.max() < 1e3
     with torch.no_grad():
         mse = torch.nn.functional.mse_loss(predict(*held_out[:2], held_out[2]), held_out[2]).item()
     return mse, loss_fn, skipped_by_scaler
@@ -475,9 +539,9 @@ def test_amp_fp16_overflow_steps_leave_no_trace_and_training_reaches_the_same_lo
     clean_mse, clean_fn, clean_skips = _amp_run(overflow_steps=())
     faulty_mse, faulty_fn, faulty_skips = _amp_run(overflow_steps=(1, 50))
     assert faulty_skips >= clean_skips + 2  # the scaler did skip the two injected steps
-    assert int(faulty_fn.skipped_updates) == int(clean_fn.skipped_updates) + 2
+    assert int(faulty_fn.adaptive_scale.skipped_updates) == int(clean_fn.adaptive_scale.skipped_updates) + 2
     assert faulty_mse < 1.2 * clean_mse + 0.02, (faulty_mse, clean_mse)
-    torch.testing.assert_close(faulty_fn.bucket_penalty, clean_fn.bucket_penalty, rtol=0.25, atol=0)
+    torch.testing.assert_close(faulty_fn.adaptive_scale.bucket_penalty, clean_fn.adaptive_scale.bucket_penalty, rtol=0.25, atol=0)
     initial = _amp_run(overflow_steps=(), steps=1)[0]
     assert clean_mse < 0.7 * initial  # it did train
 
@@ -501,7 +565,7 @@ def test_a_nan_influence_weight_never_poisons_the_trainers_influence_averages(tm
     schedule = rd.NoiseSchedule.linear(50)
     torch.manual_seed(0)
     model = experiment.build_model("micro", 1)
-    trainer = Trainer(model, NaNOnce("hellinger", schedule), torch.utils.data.TensorDataset(images), schedule,
+    trainer = Trainer(model, NaNOnce("hellinger", schedule, update="step"), torch.utils.data.TensorDataset(images), schedule,
                       TrainConfig(steps=4, batch_size=8, log_every=2, progress=False), out_dir=tmp_path)
     trainer.train()
     mean, count = trainer.average_influence()
@@ -542,7 +606,8 @@ _KILL_SCRIPT = textwrap.dedent("""
     images = torch.rand(48, 1, 12, 12, generator=torch.Generator().manual_seed(0)) * 2 - 1
     schedule = rd.NoiseSchedule.linear(100)
     torch.manual_seed(0)
-    trainer = Run(Poisoned(build_model("micro", 1)), rd.RobustDiffusionLoss("hellinger", schedule, num_buckets=4),
+    trainer = Run(Poisoned(build_model("micro", 1)),
+                  rd.RobustDiffusionLoss("hellinger", schedule, num_buckets=4, update="step"),
                   contaminate(images, 0.25, "noise", seed=0), schedule,
                   TrainConfig(steps=30, batch_size=8, lr=1e-3, log_every=2, checkpoint_every=5, progress=False),
                   out_dir=out)
@@ -564,17 +629,17 @@ def test_kill_and_resume_with_a_poisoned_adaptive_scale_matches_the_uninterrupte
     assert reference.returncode == 0, reference.stderr
     killed = run(tmp_path / "killed", 12)  # after the checkpoint of step 10, mid-interval
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)["step"] == 10
+    assert read_checkpoint(tmp_path / "killed" / "checkpoint.safetensors")["step"] == 10
     resumed = run(tmp_path / "killed", -1)
     assert resumed.returncode == 0, resumed.stderr
 
-    final = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)
-    expected = torch.load(tmp_path / "reference" / "checkpoint.pt", weights_only=False)
+    final = read_checkpoint(tmp_path / "killed" / "checkpoint.safetensors")
+    expected = read_checkpoint(tmp_path / "reference" / "checkpoint.safetensors")
     for key in ("model", "ema", "loss_fn"):
         assert final[key].keys() == expected[key].keys()
         for name in final[key]:
             assert torch.equal(final[key][name], expected[key][name]), (key, name)
-    state = final["loss_fn"]
+    state = {name.removeprefix("adaptive_scale."): value for name, value in final["loss_fn"].items()}
     assert int(state["limited_updates"]) >= 1 and int(state["skipped_updates"]) == 0
     assert torch.isfinite(state["bucket_penalty"]).all() and state["bucket_penalty"].max() < 10.0  # recovered
     rows = (tmp_path / "killed" / "log.csv").read_text().splitlines()

@@ -11,9 +11,11 @@ from torch.utils.data import TensorDataset
 
 import robust_diffusion as rd
 from conftest import DEVICES, subprocess_pythonpath
-from robust_diffusion.training.experiment import build_model
 from robust_diffusion.training.data import contaminate
+from robust_diffusion.training.experiment import build_model
+from robust_diffusion.training.checkpoint import save_state
 from robust_diffusion.training.trainer import TrainConfig, Trainer
+from robust_diffusion.training.trainer_checkpoint import CHECKPOINT_KIND, CHECKPOINT_NAME, CHECKPOINT_VERSION, read_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NAN = math.nan
@@ -265,7 +267,7 @@ def _trainer(tmp_path, steps, loss_cls=rd.RobustDiffusionLoss):
     dataset = contaminate(images, 0.25, "noise", seed=0)
     schedule = rd.NoiseSchedule.linear(100)
     torch.manual_seed(0)
-    return Trainer(build_model("micro", 1), loss_cls("ned", schedule, num_buckets=5), dataset, schedule,
+    return Trainer(build_model("micro", 1), loss_cls("ned", schedule, num_buckets=5, update="step"), dataset, schedule,
                    TrainConfig(steps=steps, batch_size=8, lr=1e-3, log_every=2, progress=False), out_dir=tmp_path)
 
 
@@ -278,35 +280,17 @@ def test_the_trainer_keeps_its_statistics_in_a_tracker(tmp_path):
     torch.testing.assert_close(mean, tracker.mean_influence(), equal_nan=True)
     assert torch.isfinite(tracker.mean_penalty()[count > 0]).all()  # the penalties are kept too
     assert tracker.counts(per_bucket=True).sum() == 64
-    assert torch.equal(trainer.influence_sum, tracker.influence_sum)  # the old attributes still answer
-    state = torch.load(trainer.checkpoint_path, weights_only=False)
-    assert "influence_sum" not in state and torch.equal(state["influence"]["influence_count"], tracker.influence_count)
-
-
-def test_a_checkpoint_written_before_the_tracker_still_resumes(tmp_path):
-    reference = _trainer(tmp_path / "reference", steps=8).train()
-    _trainer(tmp_path / "old", steps=4).train()
-    path = tmp_path / "old" / "checkpoint.pt"
-    state = torch.load(path, weights_only=False)
-    tracker_state = state.pop("influence")  # what checkpoints held before the tracker
-    state["influence_sum"], state["influence_count"] = tracker_state["influence_sum"], tracker_state["influence_count"]
-    torch.save(state, path)
-    resumed = _trainer(tmp_path / "old", steps=8)
-    with pytest.warns(UserWarning, match="written before per-sample penalties and noise-level buckets"):
-        assert resumed.resume()
-    resumed.train()
-    # The mean influence weights continue exactly; the penalties count only the steps after the resume.
-    torch.testing.assert_close(resumed.average_influence()[0], reference.average_influence()[0], equal_nan=True)
-    assert torch.equal(resumed.average_influence()[1], reference.average_influence()[1])
-    assert resumed.influence.penalty_count.sum() == 32 and reference.influence.penalty_count.sum() == 64
+    state = read_checkpoint(trainer.checkpoint_path)
+    assert torch.equal(state["influence"]["influence_count"], tracker.influence_count)
 
 
 def test_a_checkpoint_with_a_corrupted_tracker_state_is_refused(tmp_path):
     _trainer(tmp_path, steps=2).train()
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    path = tmp_path / CHECKPOINT_NAME
+    state = read_checkpoint(path)
     state["influence"]["influence_sum"][3] = NAN
-    torch.save(state, tmp_path / "checkpoint.pt")
-    with pytest.raises(ValueError, match=r"cannot resume from .*checkpoint.pt: InfluenceTracker.load_state_dict: "
+    save_state(state, path, CHECKPOINT_KIND, CHECKPOINT_VERSION)
+    with pytest.raises(ValueError, match=r"cannot resume from .*checkpoint.safetensors: InfluenceTracker.load_state_dict: "
                                          r"influence_sum holds 1 non-finite"):
         _trainer(tmp_path, steps=4).resume()
 
@@ -397,7 +381,7 @@ def _trust_trainer(tmp_path, steps, loss="ned", **config):
     dataset = contaminate(images, 0.25, "noise", seed=0)
     schedule = rd.NoiseSchedule.linear(100)
     torch.manual_seed(0)
-    return Trainer(build_model("micro", 1), _RecordingLoss(loss, schedule, num_buckets=5), dataset, schedule,
+    return Trainer(build_model("micro", 1), _RecordingLoss(loss, schedule, num_buckets=5, update="step"), dataset, schedule,
                    TrainConfig(steps=steps, batch_size=16, lr=2e-3, log_every=5, progress=False, **config),
                    out_dir=tmp_path)
 
@@ -430,6 +414,6 @@ def test_sample_trust_needs_a_loss_that_weighs_samples_and_resumes_only_as_writt
         Trainer(build_model("micro", 1), lambda out, target, t: (out - target).pow(2).mean(), TensorDataset(images),
                 schedule, TrainConfig(steps=2, batch_size=8, sample_trust=True, progress=False))
     _trust_trainer(tmp_path / "run", 2).train()
-    with pytest.raises(ValueError, match=r"cannot resume from .*checkpoint.pt: it was written with "
+    with pytest.raises(ValueError, match=r"cannot resume from .*checkpoint.safetensors: it was written with "
                                          r"sample_trust=False, this run has True"):
         _trust_trainer(tmp_path / "run", 4, sample_trust=True).resume()

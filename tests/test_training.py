@@ -20,9 +20,10 @@ from torch.utils.data import TensorDataset
 import robust_diffusion as rd
 from robust_diffusion.training import experiment, train_command
 from robust_diffusion.training.data import contaminate, fashion_mnist_root
-from robust_diffusion.training.checkpoint import atomic_save
+from robust_diffusion.training.checkpoint import load_state, save_state
 from robust_diffusion.training.runlog import LOG_COLUMNS, read_log
 from robust_diffusion.training.trainer import TrainConfig, Trainer
+from robust_diffusion.training.trainer_checkpoint import read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_FASHION_MNIST = (fashion_mnist_root() / "train-images-idx3-ubyte.gz").is_file()
@@ -54,7 +55,7 @@ def _trainer(tmp_path, steps, dataset=None, loss="hellinger", **config):
     schedule = rd.NoiseSchedule.linear(100)
     settings = dict(steps=steps, batch_size=8, lr=1e-3, log_every=2, checkpoint_every=3, progress=False)
     settings.update(config)
-    return Trainer(_micro_model(), rd.RobustDiffusionLoss(loss, schedule), dataset, schedule,
+    return Trainer(_micro_model(), rd.RobustDiffusionLoss(loss, schedule, update="step"), dataset, schedule,
                    TrainConfig(**settings), out_dir=tmp_path)
 
 
@@ -75,7 +76,7 @@ def test_resume_is_exact_in_process(tmp_path):
     _assert_states_equal(reference.model.state_dict(), resumed.model.state_dict())
     _assert_states_equal(reference.ema.state_dict(), resumed.ema.state_dict())
     _assert_states_equal(reference.loss_fn.state_dict(), resumed.loss_fn.state_dict())
-    assert torch.equal(reference.influence_sum, resumed.influence_sum)
+    assert torch.equal(reference.influence.influence_sum, resumed.influence.influence_sum)
     full_log, split_log = read_log(reference.log_path), read_log(resumed.log_path)
     assert [r["step"] for r in full_log] == [2, 4, 6, 7]
     assert [r["step"] for r in split_log] == [2, 3, 4, 6, 7]  # the first session's last step logs too
@@ -102,7 +103,7 @@ def test_stop_ends_training_after_the_current_step_with_a_checkpoint(tmp_path):
     loss_fn.forward = forward_that_stops
     stopped.train()
     assert stopped.step == 5
-    assert torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)["step"] == 5
+    assert read_checkpoint(tmp_path / "split" / "checkpoint.safetensors")["step"] == 5
     resumed = _trainer(tmp_path / "split", steps=7)
     assert resumed.resume() and resumed.step == 5
     resumed.stop()
@@ -112,7 +113,7 @@ def test_stop_ends_training_after_the_current_step_with_a_checkpoint(tmp_path):
     assert resumed.step == 7
     _assert_states_equal(reference.model.state_dict(), resumed.model.state_dict())
     _assert_states_equal(reference.ema.state_dict(), resumed.ema.state_dict())
-    assert torch.equal(reference.influence_sum, resumed.influence_sum)
+    assert torch.equal(reference.influence.influence_sum, resumed.influence.influence_sum)
 
 def test_log_and_influence_statistics(tmp_path):
     dataset = _toy_dataset()
@@ -125,7 +126,7 @@ def test_log_and_influence_statistics(tmp_path):
     # 12 steps x 8 samples over 48 samples (drop_last epochs of 6 batches): each seen exactly twice.
     assert torch.equal(count, torch.full((48,), 2.0, dtype=torch.float64))
     assert ((mean > 0) & (mean <= 1)).all()
-    assert (tmp_path / "checkpoint.pt").is_file()  # the last step always writes one
+    assert (tmp_path / "checkpoint.safetensors").is_file()  # the last step always writes one
 
 
 @pytest.mark.parametrize("loss", ["hellinger", "plain mse"])
@@ -161,13 +162,13 @@ def test_a_step_with_non_finite_gradients_is_skipped_not_applied(tmp_path, loss)
         assert all(torch.isfinite(v).all() for v in group.values() if isinstance(v, torch.Tensor))
     assert [(r["step"], r["steps_skipped"]) for r in read_log(trainer.log_path)] == [(2, 0), (4, 0), (6, 1), (8, 0)]
     if loss == "hellinger":
-        assert int(trainer.loss_fn.skipped_updates) == 1  # the scale's state dropped the bad batch's statistic
+        assert int(trainer.loss_fn.adaptive_scale.skipped_updates) == 1  # the scale's state dropped the bad batch's statistic
 
 
 def test_data_order_is_independent_of_contamination_choice():
     dataset = _toy_dataset(n=200)
     schedule = rd.NoiseSchedule.linear(100)
-    trainer = Trainer(_micro_model(), rd.RobustDiffusionLoss("kl", schedule), dataset, schedule,
+    trainer = Trainer(_micro_model(), rd.RobustDiffusionLoss("kl", schedule, update="step"), dataset, schedule,
                       TrainConfig(steps=1, batch_size=50, progress=False))
     order = torch.tensor(list(trainer.sampler))
     per_batch = dataset.is_contaminated[order].view(4, 50).sum(1)
@@ -204,35 +205,35 @@ def test_risk_free_training(tmp_path):
         _trainer(tmp_path / "d", steps=1, dataset=TensorDataset(images), risk_free=True)
 
 
-def test_atomic_save_replaces_and_leaves_no_temporary_file(tmp_path):
-    path = tmp_path / "ckpt.pt"
-    atomic_save({"a": torch.ones(3)}, path)
-    atomic_save({"a": torch.zeros(3)}, path)
-    assert torch.equal(torch.load(path)["a"], torch.zeros(3))
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+def test_atomic_write_replaces_and_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "state.safetensors"
+    save_state({"a": torch.ones(3)}, path, "test", 1)
+    save_state({"a": torch.zeros(3)}, path, "test", 1)
+    assert torch.equal(load_state(path, "test", 1)["a"], torch.zeros(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["state.safetensors"]
 
 
 def test_resume_removes_the_temporary_file_of_a_killed_checkpoint_write(tmp_path):
-    """SIGKILL in the middle of atomic_save skips its cleanup: the half-written temporary file stays next to the
+    """SIGKILL in the middle of atomic_write skips its cleanup: the half-written temporary file stays next to the
     intact checkpoint until resume() deletes it (and only it: a live writer's temporary file is kept)."""
     first = _trainer(tmp_path, steps=3).train()
     checkpoint = first.checkpoint_path
     writer = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time, torch\n"
+        "import os, time\n"
         "from robust_diffusion.training import checkpoint\n"
-        "def slow_save(obj, f):\n"
-        "    f.write(b'half a checkpoint'); f.flush(); print('writing', flush=True); time.sleep(600)\n"
-        "torch.save = slow_save\n"
-        f"checkpoint.atomic_save({{'step': 99}}, {str(checkpoint)!r})\n")],
+        "def slow_fsync(fd):\n"
+        "    print('writing', flush=True); time.sleep(600)\n"
+        "os.fsync = slow_fsync\n"
+        f"checkpoint.atomic_write(b'half a checkpoint', {str(checkpoint)!r})\n")],
         env=_env(), stdout=subprocess.PIPE, text=True)
     try:
         assert writer.stdout.readline().strip() == "writing"
     finally:
         writer.kill()
         writer.wait()
-    stale = tmp_path / f".checkpoint.pt.tmp{writer.pid}"
+    stale = tmp_path / f".checkpoint.safetensors.tmp{writer.pid}"
     assert stale.read_bytes() == b"half a checkpoint"
-    live = tmp_path / ".checkpoint.pt.tmp1"  # pid 1 always runs
+    live = tmp_path / ".checkpoint.safetensors.tmp1"  # pid 1 always runs
     live.write_bytes(b"")
     stale_log = tmp_path / ".log.csv.tmp999999999"  # no such process
     stale_log.write_text("step\n")
@@ -241,7 +242,7 @@ def test_resume_removes_the_temporary_file_of_a_killed_checkpoint_write(tmp_path
     assert not stale.exists() and not stale_log.exists() and live.exists()
     live.unlink()
     resumed.train()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "log.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.safetensors", "log.csv"]
 
 
 def test_mse_is_the_standard_mse_and_kl_the_adaptive_one():
@@ -345,14 +346,14 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     out = tmp_path / "killed"
     process = subprocess.Popen(command + _cli_args(out, steps), env=_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE)
-    checkpoint = out / "checkpoint.pt"
+    checkpoint = out / "checkpoint.safetensors"
     deadline = time.monotonic() + 300
     while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    state = torch.load(checkpoint, weights_only=False)  # never torn: it loads
+    state = read_checkpoint(checkpoint)  # never torn: it loads
     killed_at = state["step"]
     assert 5 <= killed_at < steps and killed_at % 5 == 0
 
@@ -361,8 +362,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {checkpoint} at step {killed_at}" in resumed.stdout
 
-    final, expected = torch.load(checkpoint, weights_only=False), torch.load(
-        tmp_path / "reference" / "checkpoint.pt", weights_only=False)
+    final, expected = read_checkpoint(checkpoint), read_checkpoint(tmp_path / "reference" / "checkpoint.safetensors")
     assert final["step"] == expected["step"] == steps
     for key in ("model", "ema", "loss_fn"):
         _assert_states_equal(final[key], expected[key])
@@ -391,8 +391,8 @@ def test_two_process_ddp_matches_single_process(tmp_path, objective):
                          env=_env(), capture_output=True, text=True, timeout=600)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "2 process(es)" in ddp.stdout
-    a = torch.load(tmp_path / "single" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=False)
+    a = read_checkpoint(tmp_path / "single" / "checkpoint.safetensors")
+    b = read_checkpoint(tmp_path / "ddp" / "checkpoint.safetensors")
     assert b["world_size"] == 2 and a["world_size"] == 1
     # Adam moves a weight by up to lr (1e-3) per step whatever its gradient's size, so where a gradient is near 0
     # the all-reduce's summation order shows in the weight: flow's run has such weights (9e-6 seen, 2 of them);
@@ -417,7 +417,7 @@ def _flow_trainer(tmp_path, steps, loss="ned", schedule=None, **config):
     schedule = schedule or rd.FlowMatchingSchedule(shift=2.0, timestep_sampling="logit_normal")
     settings = dict(steps=steps, batch_size=8, lr=1e-3, log_every=2, checkpoint_every=3, progress=False)
     settings.update(config)
-    return Trainer(_micro_model(), rd.RobustDiffusionLoss(loss, schedule), _toy_dataset(), schedule,
+    return Trainer(_micro_model(), rd.RobustDiffusionLoss(loss, schedule, update="step"), _toy_dataset(), schedule,
                    TrainConfig(**settings), out_dir=tmp_path)
 
 
@@ -446,6 +446,18 @@ def test_flow_matching_trains_tracks_log_snr_buckets_and_resumes_exactly(tmp_pat
         assert torch.equal(buffer, getattr(resumed.influence, name)), name
 
 
+def test_trainer_refuses_a_loss_that_commits_its_scale_at_the_forward_pass_and_leaves_it_unchanged():
+    """The Trainer needs the adaptive state committed after the optimizer step (a skipped step must leave no trace):
+    it says how to build such a loss rather than changing the user's module."""
+    schedule = rd.NoiseSchedule.linear()
+    loss_fn = rd.RobustDiffusionLoss("ned", schedule)
+    with pytest.raises(ValueError, match=r"build it with RobustDiffusionLoss\(\.\.\., update='step'\)"):
+        Trainer(_micro_model(), loss_fn, _toy_dataset(), schedule, TrainConfig(steps=1, batch_size=8, progress=False))
+    assert loss_fn.adaptive_scale.update == "forward"
+    fixed = rd.RobustDiffusionLoss("ned", schedule, scale=1.0)  # no adaptive state: nothing to commit
+    Trainer(_micro_model(), fixed, _toy_dataset(), schedule, TrainConfig(steps=1, batch_size=8, progress=False))
+
+
 def test_flow_matching_refusals_name_the_problem(tmp_path):
     flow = rd.FlowMatchingSchedule()
     with pytest.raises(ValueError, match=r"the Trainer trains a discrete NoiseSchedule or flow matching .*EDMSchedule"):
@@ -458,7 +470,7 @@ def test_flow_matching_refusals_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match=r"risk_free=True: the Trainer's risk-free training draws integer steps"):
         _flow_trainer(tmp_path, 1, schedule=flow, risk_free=True)
     with pytest.raises(ValueError, match=r"Trainer: prediction_type 'v_prediction' is defined for VP processes"):
-        Trainer(_micro_model(), rd.RobustDiffusionLoss("ned", flow), _toy_dataset(), flow,
+        Trainer(_micro_model(), rd.RobustDiffusionLoss("ned", flow, update="step"), _toy_dataset(), flow,
                 TrainConfig(steps=1, batch_size=8, progress=False), prediction_type="v")
 
 

@@ -1,30 +1,139 @@
-"""Crash-safe files and RNG state for the DDPM kit: a torch.save that never leaves a torn file, the clean-up of
-temporaries that a killed writer left, and the RNG states a checkpoint must carry for an exact resume."""
+"""Files the kit writes and reads back: crash-safe, and safe to open.
+
+A state file (the Trainer's checkpoint, the evaluation classifier's cache) is one safetensors file: the tensors
+in safetensors' format, everything else (numbers, strings, the nesting of dicts, lists and tuples) as JSON in its
+header, with the file's kind and format version. Opening one never runs code, unlike a pickle (``torch.save``),
+so a checkpoint from someone else is as safe to resume as one's own; a pickle file is refused, not opened.
+Writes never leave a torn file: a temporary file in the same directory, fsync, ``os.replace``, fsync of the
+directory. Also here: the RNG states a checkpoint must carry for an exact resume.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import struct
 from pathlib import Path
 from typing import Any, Dict, List, Union
 
 import numpy as np
 import torch
+from torch import Tensor
 
-__all__ = ["atomic_save", "remove_stale_temporaries", "rng_state", "set_rng_state", "temporary_path"]
+__all__ = ["StateFileError", "atomic_write", "load_state", "remove_stale_temporaries", "rng_state", "save_state",
+           "set_rng_state", "temporary_path"]
 
 PathLike = Union[str, os.PathLike]
+#: The header entry naming what a state file holds, and the format version of its layout.
+_KIND_KEY, _VERSION_KEY, _TREE_KEY = "robust_diffusion.kind", "robust_diffusion.version", "robust_diffusion.tree"
 
 
-def atomic_save(obj: Any, path: PathLike) -> None:
-    """``torch.save`` that never leaves a torn file: write a temporary file in the same directory, fsync it,
-    ``os.replace`` it over ``path`` (atomic on POSIX) and fsync the directory so the rename is durable."""
+class StateFileError(ValueError):
+    """A file that is not a state file of the expected kind and version: ``path`` and a one-line ``reason``."""
+
+    def __init__(self, path: PathLike, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def save_state(state: Dict[str, Any], path: PathLike, kind: str, version: int) -> None:
+    """Write ``state`` (nested dicts, lists and tuples of tensors, numbers, strings, bools, None and NumPy arrays)
+    to ``path`` as one safetensors file that :func:`load_state` reads back, atomically."""
+    tensors: Dict[str, Tensor] = {}
+    tree = _encode(state, tensors)
+    metadata = {_KIND_KEY: kind, _VERSION_KEY: str(version), _TREE_KEY: json.dumps(tree, allow_nan=True)}
+    from safetensors.torch import save
+    atomic_write(save(tensors, metadata), path)
+
+
+def load_state(path: PathLike, kind: str, version: int) -> Dict[str, Any]:
+    """What :func:`save_state` wrote to ``path``, with tensors on the CPU. A file of another kind or version, a
+    pickle (``torch.save``) or a damaged file raises :class:`StateFileError`, a one-line reason; nothing in the
+    file is ever executed."""
+    raw = Path(path).read_bytes()
+    metadata = _metadata(raw, path)
+    if metadata.get(_KIND_KEY) != kind:
+        raise StateFileError(path, f"it is a {metadata.get(_KIND_KEY) or 'safetensors file of another program'}, "
+                                   f"not a {kind}")
+    if metadata.get(_VERSION_KEY) != str(version):
+        raise StateFileError(path, f"it is a {kind} of format version {metadata.get(_VERSION_KEY)}; this version "
+                                   f"of robust_diffusion reads version {version}")
+    from safetensors.torch import load
+    try:
+        tensors = load(raw)
+        tree = json.loads(metadata[_TREE_KEY])
+        return _decode(tree, tensors)
+    except Exception as error:  # a damaged file: say so in one line
+        raise StateFileError(path, f"it is damaged ({type(error).__name__}: {_first_line(error)})") from None
+
+
+def _metadata(raw: bytes, path: PathLike) -> Dict[str, str]:
+    """The safetensors header's metadata, or a one-line refusal naming what the file is instead."""
+    if raw[:2] == b"PK" or raw[:1] == b"\x80":
+        raise StateFileError(path, "it is a pickle (torch.save) file, from an older version of robust_diffusion or "
+                                   "another program, and is not opened: unpickling can run code")
+    if len(raw) < 8:
+        raise StateFileError(path, f"it is not a safetensors file ({len(raw)} bytes)")
+    (size,) = struct.unpack("<Q", raw[:8])
+    try:
+        header = json.loads(raw[8:8 + size]) if size <= len(raw) - 8 else None
+    except ValueError:
+        header = None
+    if not isinstance(header, dict):
+        raise StateFileError(path, "it is not a safetensors file, or it is truncated")
+    metadata = header.get("__metadata__") or {}
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def _encode(value: Any, tensors: Dict[str, Tensor]) -> Any:
+    """JSON for ``value``, its tensors moved into ``tensors`` under the names the JSON refers to."""
+    if isinstance(value, Tensor):
+        name = str(len(tensors))
+        tensors[name] = value.detach().to("cpu", copy=True).contiguous()  # a copy: safetensors refuses shared storage
+        return {"tensor": name}
+    if isinstance(value, np.ndarray):
+        return {"ndarray": _encode(torch.from_numpy(value.astype(value.dtype.newbyteorder("="))), tensors),
+                "dtype": value.dtype.str}
+    if isinstance(value, dict):
+        return {"dict": [[_encode(key, tensors), _encode(item, tensors)] for key, item in value.items()]}
+    if isinstance(value, (list, tuple)):
+        return {"list" if isinstance(value, list) else "tuple": [_encode(item, tensors) for item in value]}
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"save_state: cannot store a {type(value).__name__}")
+
+
+def _decode(tree: Any, tensors: Dict[str, Tensor]) -> Any:
+    if not isinstance(tree, dict):
+        return tree
+    if "tensor" in tree:
+        return tensors[tree["tensor"]]
+    if "ndarray" in tree:
+        return _decode(tree["ndarray"], tensors).numpy().astype(np.dtype(tree["dtype"]))
+    if "dict" in tree:
+        return {_decode(key, tensors): _decode(item, tensors) for key, item in tree["dict"]}
+    if "list" in tree:
+        return [_decode(item, tensors) for item in tree["list"]]
+    return tuple(_decode(item, tensors) for item in tree["tuple"])
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def atomic_write(data: bytes, path: PathLike) -> None:
+    """Write ``data`` to ``path`` so that a crash at any moment leaves the old file or the new one, never a torn
+    one: a temporary file in the same directory, fsync, ``os.replace`` (atomic on POSIX), fsync of the directory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -39,13 +148,13 @@ def atomic_save(obj: Any, path: PathLike) -> None:
 
 
 def temporary_path(path: Path) -> Path:
-    """Where :func:`atomic_save` (and the log rewrite) stage ``path``: a hidden file named after this process."""
+    """Where :func:`atomic_write` (and the log rewrite) stage ``path``: a hidden file named after this process."""
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
 def remove_stale_temporaries(path: PathLike) -> List[Path]:
     """Delete the temporary files that writers of ``path`` killed mid-write (SIGKILL skips the cleanup in
-    :func:`atomic_save`) left next to it: ``.<name>.tmp<pid>`` of processes that no longer run. Returns them."""
+    :func:`atomic_write`) left next to it: ``.<name>.tmp<pid>`` of processes that no longer run. Returns them."""
     path = Path(path)
     removed = []
     for tmp in path.parent.glob(f".{path.name}.tmp*"):

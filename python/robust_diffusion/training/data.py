@@ -265,28 +265,7 @@ def contaminate(images: Tensor, fraction: float, kind: str = "noise", seed: int 
         fraction: the contaminated fraction p, in [0, 1).
         seed: seed of the generator that picks the samples and draws the outliers.
     """
-    if not isinstance(images, Tensor) or not images.is_floating_point() or images.dim() < 2:
-        raise TypeError("images must be a floating tensor [N, ...] in [-1, 1] (e.g. from load_fashion_mnist), "
-                        f"got {type(images).__name__}"
-                        + (f" of dtype {images.dtype} and shape {tuple(images.shape)}"
-                           if isinstance(images, Tensor) else ""))
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction < 1.0:
-        raise ValueError(f"fraction must be a number in [0, 1), got {fraction!r}")
-    if kind not in CONTAMINATION_KINDS:
-        raise ValueError(f"unknown contamination kind {kind!r}; expected one of {', '.join(CONTAMINATION_KINDS)}")
-    if kind == "noise" and noise_distribution not in _NOISE_DISTRIBUTIONS:
-        raise ValueError(f"noise_distribution must be one of {', '.join(_NOISE_DISTRIBUTIONS)}, "
-                         f"got {noise_distribution!r}")
-    if kind == "gaussian" and not (isinstance(noise_std, (int, float)) and noise_std > 0 and math.isfinite(noise_std)):
-        raise ValueError(f"noise_std must be a positive finite number, got {noise_std!r}")
-    if kind == "dataset":
-        if contaminant_images is None:
-            raise ValueError("kind='dataset' needs contaminant_images, a tensor [M, ...] of outlier images")
-        if tuple(contaminant_images.shape[1:]) != tuple(images.shape[1:]) or contaminant_images.shape[0] < 1:
-            raise ValueError(f"contaminant_images must hold at least one image of shape {tuple(images.shape[1:])} "
-                             f"(the clean images' shape), got {tuple(contaminant_images.shape)}; "
-                             f"for grey contaminants of colour data use .expand(-1, 3, -1, -1)")
-
+    _check_contamination(images, fraction, kind, noise_distribution, noise_std, contaminant_images)
     n = images.shape[0]
     count = round(fraction * n)
     generator = torch.Generator().manual_seed(seed)
@@ -314,6 +293,32 @@ def contaminate(images: Tensor, fraction: float, kind: str = "noise", seed: int 
             outliers = contaminant_images[source.to(contaminant_images.device)].detach().cpu().float()
         out[indices.to(out.device)] = outliers.to(device=out.device, dtype=out.dtype)
     return ContaminatedDataset(out, is_contaminated.to(out.device), risk.to(out.device), kind, float(fraction))
+
+
+def _check_contamination(images: Tensor, fraction: float, kind: str, noise_distribution: str, noise_std: float,
+                         contaminant_images: Optional[Tensor]) -> None:
+    """:func:`contaminate`'s arguments, each refused with a message that names it."""
+    if not isinstance(images, Tensor) or not images.is_floating_point() or images.dim() < 2:
+        raise TypeError("images must be a floating tensor [N, ...] in [-1, 1] (e.g. from load_fashion_mnist), "
+                        f"got {type(images).__name__}"
+                        + (f" of dtype {images.dtype} and shape {tuple(images.shape)}"
+                           if isinstance(images, Tensor) else ""))
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction must be a number in [0, 1), got {fraction!r}")
+    if kind not in CONTAMINATION_KINDS:
+        raise ValueError(f"unknown contamination kind {kind!r}; expected one of {', '.join(CONTAMINATION_KINDS)}")
+    if kind == "noise" and noise_distribution not in _NOISE_DISTRIBUTIONS:
+        raise ValueError(f"noise_distribution must be one of {', '.join(_NOISE_DISTRIBUTIONS)}, "
+                         f"got {noise_distribution!r}")
+    if kind == "gaussian" and not (isinstance(noise_std, (int, float)) and noise_std > 0 and math.isfinite(noise_std)):
+        raise ValueError(f"noise_std must be a positive finite number, got {noise_std!r}")
+    if kind == "dataset":
+        if contaminant_images is None:
+            raise ValueError("kind='dataset' needs contaminant_images, a tensor [M, ...] of outlier images")
+        if tuple(contaminant_images.shape[1:]) != tuple(images.shape[1:]) or contaminant_images.shape[0] < 1:
+            raise ValueError(f"contaminant_images must hold at least one image of shape {tuple(images.shape[1:])} "
+                             f"(the clean images' shape), got {tuple(contaminant_images.shape)}; "
+                             f"for grey contaminants of colour data use .expand(-1, 3, -1, -1)")
 
 
 # ---------------------------------------------------------------------------------------------- your own images
@@ -384,20 +389,7 @@ def load_image_folder(root: PathLike, image_size: int = DEFAULT_IMAGE_SIZE,
     grey_count = alpha_count = 0
     for path in image_files:
         try:
-            with Image.open(path) as opened:
-                size = opened.size
-                if opened.format == "JPEG":
-                    opened.draft(opened.mode, (image_size, image_size))  # decode big JPEGs at a reduced scale
-                image = ImageOps.exif_transpose(opened)
-                image.load()
-                grey = image.mode in _GREY_MODES
-                alpha = image.mode in ("LA", "RGBA", "PA") or "transparency" in image.info
-                if image.mode in _SIXTEEN_BIT_MODES:
-                    array = np.asarray(image, dtype=np.float32) / 65535.0
-                elif image.mode == "F":
-                    array = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
-                else:
-                    array = np.asarray(image.convert("L" if grey else "RGB"), dtype=np.float32) / 255.0
+            array, size, grey, alpha = _read_image_file(path, image_size, Image, ImageOps)
         except Exception as error:  # Pillow raises many types for a bad file; each is reported, none is fatal
             reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
             unreadable.append((str(path), f"{type(error).__name__}: {reason}".rstrip(": ")))
@@ -419,6 +411,34 @@ def load_image_folder(root: PathLike, image_size: int = DEFAULT_IMAGE_SIZE,
              + (f", {len(unreadable)} unreadable" if unreadable else "")]
     if ignored:
         notes.append(f"{ignored} other file(s) ignored (not {', '.join(IMAGE_SUFFIXES)})")
+    notes += _folder_notes(sizes, image_size, grey_count, len(pixels) - grey_count, channels, alpha_count)
+    return ImageSet(images.contiguous(), paths, unreadable, notes)
+
+
+def _read_image_file(path: Path, image_size: int, Image, ImageOps) -> Tuple[np.ndarray, Tuple[int, int], bool, bool]:
+    """One image file as float32 pixels in [0, 1] (H x W, or H x W x 3), upright by its EXIF orientation; with its
+    stored size (width, height), whether it is greyscale and whether it had transparency."""
+    with Image.open(path) as opened:
+        size = opened.size
+        if opened.format == "JPEG":
+            opened.draft(opened.mode, (image_size, image_size))  # decode big JPEGs at a reduced scale
+        image = ImageOps.exif_transpose(opened)
+        image.load()
+        grey = image.mode in _GREY_MODES
+        alpha = image.mode in ("LA", "RGBA", "PA") or "transparency" in image.info
+        if image.mode in _SIXTEEN_BIT_MODES:
+            array = np.asarray(image, dtype=np.float32) / 65535.0
+        elif image.mode == "F":
+            array = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
+        else:
+            array = np.asarray(image.convert("L" if grey else "RGB"), dtype=np.float32) / 255.0
+    return array, size, grey, alpha
+
+
+def _folder_notes(sizes: List[Tuple[int, int]], image_size: int, grey_count: int, colour_count: int, channels: int,
+                  alpha_count: int) -> List[str]:
+    """What the folder loader did to the images' sizes, colours and transparency, in sentences for the report."""
+    notes = []
     distinct = sorted(set(sizes), key=lambda wh: (wh[0] * wh[1], wh))
     side = f"{image_size}x{image_size}"
     if len(distinct) > 1:
@@ -430,14 +450,13 @@ def load_image_folder(root: PathLike, image_size: int = DEFAULT_IMAGE_SIZE,
                      f"and centre-cropped to {side}")
     else:
         notes.append(f"all images are {side}: used as they are")
-    colour_count = len(pixels) - grey_count
     notes.append(f"{grey_count} greyscale and {colour_count} colour image(s): used as "
                  + ("grey (1 channel)" if channels == 1 else "RGB (3 channels)")
                  + (", colour images converted to grey" if channels == 1 and colour_count else "")
                  + (", greyscale images repeated over RGB" if channels == 3 and grey_count else ""))
     if alpha_count:
         notes.append(f"{alpha_count} image(s) have transparency: the alpha channel was dropped")
-    return ImageSet(images.contiguous(), paths, unreadable, notes)
+    return notes
 
 
 def load_array_file(path: PathLike, image_size: Optional[int] = None, channels: Optional[int] = None) -> ImageSet:

@@ -117,47 +117,14 @@ def load_experiment_data(dataset: str, contamination: float, kind: str = "noise"
     if num_train is not None and num_train < 2:
         raise ValueError(f"num_train must be at least 2, got {num_train!r}")
 
-    contaminant_images, notes, unreadable = None, (), ()
     if dataset == "folder":
-        if root is None:
-            raise ValueError("--dataset folder needs --data-root: a folder of your images (or a .npy/.npz/IDX file)")
-        if kind == "dataset":
-            raise ValueError("contamination kind 'dataset' (images of another distribution) needs a benchmark "
-                             "dataset; for your own images use noise or gaussian")
-        loaded = load_images(root, image_size, channels)
-        count, shape = loaded.images.shape[0], tuple(loaded.images.shape[1:])
-        train = LabelledImages(loaded.images, torch.zeros(count, dtype=torch.int64))  # no classes
-        test = LabelledImages(torch.zeros((0, *shape)), torch.zeros(0, dtype=torch.int64))
-        notes, unreadable = tuple(loaded.notes), tuple(loaded.unreadable)
-        name = f"{root} ({shape[0]}x{shape[1]}x{shape[2]})"
+        source = _load_folder(root, kind, image_size, channels)
     elif dataset == "fashion-mnist":
-        if image_size not in (None, 28, 32):
-            raise ValueError(f"image_size must be 28 or 32 for Fashion-MNIST, got {image_size!r}")
-        pad_to = 32 if image_size == 32 else None
-        if root is not None and not Path(root).is_dir():
-            raise FileNotFoundError(f"Fashion-MNIST directory not found: {root} (it should hold the IDX files "
-                                    f"train-images-idx3-ubyte.gz, ...; Debian's dataset-fashion-mnist installs "
-                                    f"them in /usr/share/datasets/fashion-mnist)")
-        train = load_fashion_mnist("train", root, pad_to=pad_to)
-        test = load_fashion_mnist("test", root, pad_to=pad_to)
-        if kind == "dataset":
-            held_out_train = torch.isin(train.labels, torch.tensor(_HELD_OUT_CLASSES))
-            held_out_test = torch.isin(test.labels, torch.tensor(_HELD_OUT_CLASSES))
-            contaminant_images = train.images[held_out_train]
-            train = type(train)(train.images[~held_out_train], train.labels[~held_out_train])
-            test = type(test)(test.images[~held_out_test], test.labels[~held_out_test])
-        name = f"Fashion-MNIST {train.images.shape[-1]}x{train.images.shape[-1]}"
+        source = _load_fashion_mnist(root, kind, image_size)
     else:
-        if root is None:
-            raise ValueError("CIFAR-10 needs --data-root: the directory holding cifar-10-batches-py")
-        if image_size not in (None, 32):
-            raise ValueError(f"image_size must be 32 for CIFAR-10, got {image_size!r}")
-        train = load_cifar10(root, "train", download=download)
-        test = load_cifar10(root, "test", download=download)
-        if kind == "dataset":
-            fashion = load_fashion_mnist("train", pad_to=32).images
-            contaminant_images = fashion.expand(-1, 3, -1, -1).contiguous()
-        name = "CIFAR-10 32x32"
+        source = _load_cifar10(root, kind, image_size, download)
+    train, test, contaminant_images, name = source.train, source.test, source.contaminant_images, source.name
+    notes, unreadable = source.notes, source.unreadable
 
     images, labels = train
     if num_train is not None:
@@ -171,6 +138,65 @@ def load_experiment_data(dataset: str, contamination: float, kind: str = "noise"
                    + (f"{contaminated.num_contaminated} ({contamination:.0%}) replaced by {what}"
                       if contaminated.num_contaminated else "none replaced (no contamination)"))
     return ExperimentData(contaminated, labels, test.images, test.labels, description, notes, unreadable)
+
+
+class _CleanData(NamedTuple):
+    """A dataset before contamination: its splits, the images ``kind="dataset"`` draws from, and what was read."""
+
+    train: LabelledImages
+    test: LabelledImages
+    contaminant_images: Optional[Tensor]
+    name: str
+    notes: Tuple[str, ...] = ()
+    unreadable: Tuple[Tuple[str, str], ...] = ()
+
+
+def _load_folder(root, kind: str, image_size: Optional[int], channels: Optional[int]) -> _CleanData:
+    if root is None:
+        raise ValueError("--dataset folder needs --data-root: a folder of your images (or a .npy/.npz/IDX file)")
+    if kind == "dataset":
+        raise ValueError("contamination kind 'dataset' (images of another distribution) needs a benchmark "
+                         "dataset; for your own images use noise or gaussian")
+    loaded = load_images(root, image_size, channels)
+    count, shape = loaded.images.shape[0], tuple(loaded.images.shape[1:])
+    train = LabelledImages(loaded.images, torch.zeros(count, dtype=torch.int64))  # no classes
+    test = LabelledImages(torch.zeros((0, *shape)), torch.zeros(0, dtype=torch.int64))
+    return _CleanData(train, test, None, f"{root} ({shape[0]}x{shape[1]}x{shape[2]})", tuple(loaded.notes),
+                      tuple(loaded.unreadable))
+
+
+def _load_fashion_mnist(root, kind: str, image_size: Optional[int]) -> _CleanData:
+    if image_size not in (None, 28, 32):
+        raise ValueError(f"image_size must be 28 or 32 for Fashion-MNIST, got {image_size!r}")
+    pad_to = 32 if image_size == 32 else None
+    if root is not None and not Path(root).is_dir():
+        raise FileNotFoundError(f"Fashion-MNIST directory not found: {root} (it should hold the IDX files "
+                                f"train-images-idx3-ubyte.gz, ...; Debian's dataset-fashion-mnist installs "
+                                f"them in /usr/share/datasets/fashion-mnist)")
+    train = load_fashion_mnist("train", root, pad_to=pad_to)
+    test = load_fashion_mnist("test", root, pad_to=pad_to)
+    contaminant_images = None
+    if kind == "dataset":  # the held-out classes are the other distribution, and leave the clean data
+        held_out_train = torch.isin(train.labels, torch.tensor(_HELD_OUT_CLASSES))
+        held_out_test = torch.isin(test.labels, torch.tensor(_HELD_OUT_CLASSES))
+        contaminant_images = train.images[held_out_train]
+        train = type(train)(train.images[~held_out_train], train.labels[~held_out_train])
+        test = type(test)(test.images[~held_out_test], test.labels[~held_out_test])
+    side = train.images.shape[-1]
+    return _CleanData(train, test, contaminant_images, f"Fashion-MNIST {side}x{side}")
+
+
+def _load_cifar10(root, kind: str, image_size: Optional[int], download: bool) -> _CleanData:
+    if root is None:
+        raise ValueError("CIFAR-10 needs --data-root: the directory holding cifar-10-batches-py")
+    if image_size not in (None, 32):
+        raise ValueError(f"image_size must be 32 for CIFAR-10, got {image_size!r}")
+    train = load_cifar10(root, "train", download=download)
+    test = load_cifar10(root, "test", download=download)
+    contaminant_images = None
+    if kind == "dataset":  # Fashion-MNIST, grey, padded to 32x32
+        contaminant_images = load_fashion_mnist("train", pad_to=32).images.expand(-1, 3, -1, -1).contiguous()
+    return _CleanData(train, test, contaminant_images, "CIFAR-10 32x32")
 
 
 # ---------------------------------------------------------------------------------------------- model / loss
@@ -254,14 +280,15 @@ def build_schedule(objective: str = "ddpm", shift: float = 1.0, timestep_samplin
 def build_loss(spec: Union[str, LossChoice], schedule: Schedule, *, scale: Union[str, float] = "adaptive",
                temperature: float = 1.0) -> RobustDiffusionLoss:
     """The :class:`~robust_diffusion.RobustDiffusionLoss` for a loss name such as ``"hellinger"`` or
-    ``"ned+debias"``, with :data:`BASELINE_PARAMS` for the baselines."""
+    ``"ned+debias"``, with :data:`BASELINE_PARAMS` for the baselines, built for the
+    :class:`~robust_diffusion.training.trainer.Trainer` (``update="step"``)."""
     spec = parse_loss_name(spec) if isinstance(spec, str) else spec
     if spec.loss in STANDARD_LOSSES:
         loss, params = STANDARD_LOSSES[spec.loss]
-        return RobustDiffusionLoss(loss, schedule, scale=1.0, weighting=spec.weighting, **params)
+        return RobustDiffusionLoss(loss, schedule, scale=1.0, weighting=spec.weighting, update="step", **params)
     params = dict(BASELINE_PARAMS.get(spec.loss, {}))
     return RobustDiffusionLoss(spec.loss, schedule, scale=parse_scale(scale), temperature=temperature,
-                               weighting=spec.weighting, **params)
+                               weighting=spec.weighting, update="step", **params)
 
 
 def loss_settings(loss_fn: RobustDiffusionLoss) -> str:

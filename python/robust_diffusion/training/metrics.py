@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import atomic_save
+from .checkpoint import load_state, save_state
 
 __all__ = [
     "FeatureClassifier",
@@ -90,6 +90,10 @@ class TrainedClassifier(NamedTuple):
     test_accuracy: Optional[float]
 
 
+#: What an evaluation classifier's cache file says it is (training/checkpoint.py's state-file format).
+_CLASSIFIER_KIND = "robust_diffusion.training feature classifier"
+
+
 def train_classifier(images: Tensor, labels: Tensor, *, test_images: Optional[Tensor] = None,
                      test_labels: Optional[Tensor] = None, num_classes: Optional[int] = None, epochs: int = 2,
                      batch_size: int = 128, lr: float = 2e-3, seed: int = 0, class_balanced: bool = False,
@@ -118,7 +122,7 @@ def train_classifier(images: Tensor, labels: Tensor, *, test_images: Optional[Te
     device = torch.device(device) if device is not None else images.device
     cache_path = Path(cache_path) if cache_path is not None else None
     if cache_path is not None and cache_path.is_file():
-        saved = torch.load(cache_path, map_location="cpu", weights_only=True)
+        saved = load_state(cache_path, _CLASSIFIER_KIND, 1)
         if saved["settings"] != settings:
             raise ValueError(f"the classifier cached at {cache_path} was trained with {saved['settings']}, "
                              f"but {settings} was asked for; delete the file or pass another cache_path")
@@ -133,7 +137,7 @@ def train_classifier(images: Tensor, labels: Tensor, *, test_images: Optional[Te
             _fit(model, images, labels, epochs, batch_size, lr, seed, class_balanced, device, progress)
         if cache_path is not None:  # atomically: parallel runs may share the cache
             state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            atomic_save({"settings": settings, "state_dict": state}, cache_path)
+            save_state({"settings": settings, "state_dict": state}, cache_path, _CLASSIFIER_KIND, 1)
     model.eval()
     accuracy = None
     if test_images is not None and test_labels is not None:

@@ -11,7 +11,7 @@ your images or on (contaminated) benchmark data.
 :func:`~robust_diffusion.training.data.load_images` (the loader of ``python -m robust_diffusion.audit``). Nothing is
 contaminated unless ``--contamination`` says so (default 0).
 
-It writes the checkpoint and ``log.csv`` (see :mod:`robust_diffusion.training.trainer`), ``influence.pt`` (each
+It writes the checkpoint and ``log.csv`` (see :mod:`robust_diffusion.training.trainer`), ``influence.safetensors`` (each
 training sample's average influence weight and contamination label) and with ``--export`` the EMA model as
 TorchScript + ``torch.export`` + schedule file (:mod:`robust_diffusion.training.export`). ``--resume`` continues
 from the checkpoint in ``--out``. What the options build (data, model, loss, schedule) is
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from safetensors.torch import save_file
 
 from .arguments import add_objective_arguments, non_negative_float, non_negative_int, positive_float, positive_int
 from .data import CONTAMINATION_KINDS, unreadable_summary
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads per process")
     out = parser.add_argument_group("output")
     out.add_argument("--out", required=True, help="output directory")
-    out.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt if it exists")
+    out.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.safetensors if it exists")
     out.add_argument("--export", action="store_true", help="export the EMA model (TorchScript, torch.export)")
     out.add_argument("--no-progress", action="store_true")
     return parser
@@ -147,8 +148,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if rank == 0:
         mean, count = trainer.average_influence()
-        torch.save({"mean_influence": mean, "count": count, "is_contaminated": data.train.is_contaminated.cpu()},
-                   out / "influence.pt")
+        save_file({"mean_influence": mean, "count": count, "is_contaminated": data.train.is_contaminated.cpu()},
+                  out / "influence.safetensors")
         seen = count > 0
         flags = data.train.is_contaminated.cpu()
         if flags[seen].any() and (~flags[seen]).any():

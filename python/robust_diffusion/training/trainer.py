@@ -1,4 +1,4 @@
-"""DDPM training with a robust loss: AdamW, EMA, clipping, mixed precision, exact resume, DDP.
+"""Training with a robust loss (DDPM or flow matching): AdamW, EMA, clipping, mixed precision, exact resume, DDP.
 
 :class:`Trainer` runs the standard denoising objective (docs/DESIGN.md, Notation) with any loss callable as
 ``loss_fn(model_output, target, t)``, normally a :class:`~robust_diffusion.RobustDiffusionLoss`, whose
@@ -6,13 +6,14 @@
 
 What a run writes into ``out_dir``:
 
-- ``checkpoint.pt``: model, EMA model, optimizer, grad scaler, the loss module's buffers (the adaptive scale's
-  running medians), the RNG states of every rank (torch CPU/CUDA, Python, NumPy, the shared diffusion-noise
-  generator), the data position, the step, the per-sample influence statistics (an
-  :class:`~robust_diffusion.InfluenceTracker`'s state) and the log accumulators. It is
-  written atomically (temporary file in the same directory, fsync, ``os.replace``), so a run killed at any
-  moment leaves either the previous or the new checkpoint, never a torn one (a temporary file left by a kill
-  during the write is removed by :meth:`Trainer.resume`). Resuming from it continues exactly where the
+- ``checkpoint.safetensors``: model, EMA model, optimizer, grad scaler, the loss module's buffers (the adaptive
+  scale's running medians), the RNG states of every rank (torch CPU/CUDA, Python, NumPy, the shared
+  diffusion-noise generator), the data position, the step, the per-sample influence statistics (an
+  :class:`~robust_diffusion.InfluenceTracker`'s state) and the log accumulators. A safetensors file with the rest
+  as JSON in its header (:mod:`~robust_diffusion.training.checkpoint`): opening it runs no code, and it names its
+  format version. It is written atomically, so a run killed at any moment leaves either the previous or the new
+  checkpoint, never a torn one (a temporary file left by a kill during the write is removed by
+  :meth:`Trainer.resume`). Resuming from it continues exactly where the
   checkpoint left off: on the CPU bit for bit as if the run had not been interrupted; on a GPU bit for bit only
   with deterministic kernels (``torch.use_deterministic_algorithms(True)``, cuDNN benchmarking off), otherwise
   up to the run-to-run float differences that an uninterrupted GPU run shows too.
@@ -41,10 +42,8 @@ import math
 import os
 import threading
 import time
-import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -52,102 +51,21 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from ..adaptive_scale import log_snr_buckets
 from ..influence import InfluenceTracker
-from ..robust_loss import log_snr_buckets
+from ..robust_loss import RobustDiffusionLoss
 from ..schedules import NoiseSchedule, Schedule, prediction_type_for
-from .checkpoint import atomic_save, remove_stale_temporaries, rng_state, set_rng_state
 from .distributed import rank_and_world_size
 from .models import model_prediction
-from .runlog import append_row, read_rows, write_rows
+from .runlog import LogInterval, append_row
+from .train_config import TrainConfig
+from .trainer_checkpoint import CHECKPOINT_NAME, resume_trainer, save_trainer
 
 __all__ = ["TrainConfig", "Trainer", "derive_seed"]
 
 PathLike = Union[str, os.PathLike]
 
-_MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
-CHECKPOINT_NAME = "checkpoint.pt"
-_CHECKPOINT_KEYS = frozenset({"step", "batch_size", "num_samples", "model", "ema", "optimizer", "scaler", "loss_fn",
-                              "noise_generator", "world_size", "rng", "interval", "train_time"})
-#: Checkpoints written before the InfluenceTracker hold only the per-sample totals, under these keys.
-_LEGACY_INFLUENCE_KEYS = frozenset({"influence_sum", "influence_count"})
 LOG_NAME = "log.csv"
-
-
-@dataclass
-class TrainConfig:
-    """Hyper-parameters of :class:`Trainer`.
-
-    Attributes:
-        steps: optimizer steps of the whole run (a resumed run continues up to it).
-        batch_size: the global batch, split evenly over data-parallel ranks.
-        lr: AdamW's peak learning rate, reached linearly over ``warmup_steps``.
-        weight_decay, adam_betas: AdamW's.
-        grad_clip: clip the global gradient norm to this (``None``: no clipping).
-        ema_decay: decay of the exponential moving average of the weights. With ``ema_warmup`` the decay at
-            step k is ``min(ema_decay, (1 + k) / (10 + k))``, so short runs are not dominated by the
-            initial weights.
-        mixed_precision: ``"auto"`` (bf16 autocast on GPUs that support it, else fp16 with a grad scaler;
-            off on the CPU), ``"no"``, ``"bf16"`` or ``"fp16"`` (GPU only).
-        log_every: steps per ``log.csv`` row (and progress-bar update).
-        checkpoint_every: steps between checkpoints (0: only at the end); the last step always writes one.
-        influence_from_step: start the per-sample statistics of :attr:`Trainer.influence` at this step
-            (the first steps, with an untrained model, say little about which samples are outliers).
-        risk_free: train with the risk-free loss of :mod:`robust_diffusion.risk` (docs/DESIGN.md, Risk) on a
-            dataset with a per-sample ``risk`` tensor (the known noise std, e.g. ``contaminate(kind="gaussian")``):
-            each sample's timestep is drawn on its stability interval, noised by ``risk_noising`` and scored by
-            ``risk_free_loss`` with ``loss_fn`` (a :class:`~robust_diffusion.RobustDiffusionLoss`). Samples with
-            risk 0 train exactly as without it.
-        sample_trust: multiply each sample's loss by its trust, :meth:`InfluenceTracker.trust` of
-            :attr:`Trainer.influence` (its low-noise influence weights relative to the training set's, applied at
-            every noise level; docs/DESIGN.md, Data audit). Needs a RobustDiffusionLoss whose influence weights
-            differ between samples (not KL, Huber or pseudo-Huber). Counts from ``influence_from_step``: every
-            sample has trust 1 until the tracker has seen it at low noise.
-        seed: seeds the data order, the diffusion noise and torch's global RNG (one stream per rank), each
-            through :func:`derive_seed`.
-        num_workers: DataLoader worker processes.
-        progress: show a tqdm progress bar (rank 0).
-        progress_label: the bar's label (e.g. the loss's name, when several runs train at once).
-    """
-
-    steps: int = 1000
-    batch_size: int = 64
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    adam_betas: Tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 0
-    grad_clip: Optional[float] = 1.0
-    ema_decay: float = 0.999
-    ema_warmup: bool = True
-    mixed_precision: str = "auto"
-    log_every: int = 50
-    checkpoint_every: int = 0
-    influence_from_step: int = 0
-    risk_free: bool = False
-    sample_trust: bool = False
-    seed: int = 0
-    num_workers: int = 0
-    progress: bool = True
-    progress_label: str = "training"
-
-    def __post_init__(self):
-        for name in ("steps", "batch_size", "log_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
-        for name in ("warmup_steps", "checkpoint_every", "influence_from_step", "num_workers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"TrainConfig.{name} must be a non-negative integer, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be positive, got {self.lr!r}")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"TrainConfig.ema_decay must lie in [0, 1), got {self.ema_decay!r}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"TrainConfig.grad_clip must be positive or None, got {self.grad_clip!r}")
-        if self.mixed_precision not in _MIXED_PRECISION:
-            raise ValueError(f"TrainConfig.mixed_precision must be one of {_MIXED_PRECISION}, "
-                             f"got {self.mixed_precision!r}")
-        self.adam_betas = tuple(float(b) for b in self.adam_betas)
 
 
 # ---------------------------------------------------------------------------------------------- trainer
@@ -184,6 +102,7 @@ class Trainer:
                  prediction_type: Optional[str] = None):
         self.config = config = config or TrainConfig()
         self.rank, self.world_size = rank_and_world_size()
+        self.is_main = self.rank == 0
         if config.batch_size % self.world_size:
             raise ValueError(f"batch_size {config.batch_size} must be divisible by the number of data-parallel "
                              f"ranks ({self.world_size})")
@@ -196,8 +115,38 @@ class Trainer:
                              f"preconditioning and sampler)")
         self.prediction_type = prediction_type_for(self.schedule, prediction_type, "Trainer")
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.is_main = self.rank == 0
+        self._build_model(model, loss_fn)
+        self._build_data(dataset)
+        if config.risk_free and not self.schedule.discrete:
+            raise ValueError("risk_free=True: the Trainer's risk-free training draws integer steps; with a continuous "
+                             "schedule call robust_diffusion.risk_noising / risk_free_loss in your own loop")
+        self.risk = self._check_risk(dataset) if config.risk_free else None
+        # Each sample's stability bound t_min(r), computed once: a step indexes it (no per-step validation sync).
+        self.risk_lower = None
+        if self.risk is not None:
+            from ..risk import timestep_lower_bound
+            self.risk_lower = timestep_lower_bound(self.schedule, self.risk)
+        if config.sample_trust:
+            _check_trust(self.loss_fn)
 
+        # Every rank holds the same noise generator (the noise of the global batch); torch's global RNG
+        # (dropout) gets one stream per rank.
+        self.noise_generator = torch.Generator(device=self.device).manual_seed(derive_seed(config.seed, "noise"))
+        torch.manual_seed(derive_seed(config.seed, f"rank {self.rank}"))
+        self.step = 0
+        self._stop_requested = threading.Event()
+        self.train_time = 0.0  # seconds spent in train() over all (resumed) sessions
+        # The same noise-level buckets as the adaptive scale's when the loss has them. On a continuous schedule
+        # the tracker takes each draw's log-SNR bucket (num_timesteps=None).
+        steps = self.schedule.num_timesteps if self.schedule.discrete else None
+        buckets = getattr(self.loss_fn, "num_buckets", 10)
+        self.influence = InfluenceTracker(self.num_samples, num_buckets=min(buckets, steps or buckets),
+                                          num_timesteps=steps, gathered=True).to(self.device)
+        self.interval = LogInterval(self.device, self.is_contaminated)
+
+    def _build_model(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor]) -> None:
+        """The model on the device, its EMA copy, DDP's wrapper, the loss, AdamW and the grad scaler."""
+        config = self.config
         self.autocast_dtype = self._autocast_dtype(config.mixed_precision)
         self.model = model.to(self.device)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -208,56 +157,24 @@ class Trainer:
         else:
             self.network = self.model
         self.loss_fn = loss_fn.to(self.device) if isinstance(loss_fn, nn.Module) else loss_fn
-        from ..robust_loss import RobustDiffusionLoss
         if isinstance(self.loss_fn, RobustDiffusionLoss):
-            if self.loss_fn.discrete != self.schedule.discrete:
-                raise ValueError(f"loss_fn was built for a {'discrete' if self.loss_fn.discrete else 'continuous'} "
-                                 f"schedule, the Trainer's is {self.schedule!r}: build it with the same schedule")
-            # The adaptive state takes in a batch only once its optimizer step went through: a step that the
-            # GradScaler skips (non-finite gradients) leaves no trace in it (RobustDiffusionLoss.step).
-            self.loss_fn.update = "step"
-        self._scale_skipped_seen = 0
+            _check_robust_loss(self.loss_fn, self.schedule)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, betas=config.adam_betas,
                                            weight_decay=config.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
 
+    def _build_data(self, dataset: Dataset) -> None:
+        """The sampler that fixes the data order of every world size, and the contamination labels for the log."""
         self.dataset = dataset
         self.num_samples = len(dataset)
         self.sampler = DistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True,
-                                          seed=derive_seed(config.seed, "data order"), drop_last=True)
+                                          seed=derive_seed(self.config.seed, "data order"), drop_last=True)
         self.batches_per_epoch = len(self.sampler) // self.local_batch
         if self.batches_per_epoch == 0:
             raise ValueError(f"the dataset has {self.num_samples} samples, fewer than one global batch of "
-                             f"{config.batch_size}")
+                             f"{self.config.batch_size}")
         flags = getattr(dataset, "is_contaminated", None)
         self.is_contaminated = torch.as_tensor(flags).to(self.device, torch.bool) if flags is not None else None
-        if config.risk_free and not self.schedule.discrete:
-            raise ValueError("risk_free=True: the Trainer's risk-free training draws integer steps; with a continuous "
-                             "schedule call robust_diffusion.risk_noising / risk_free_loss in your own loop")
-        self.risk = self._check_risk(dataset) if config.risk_free else None
-        if config.sample_trust:
-            self._check_trust()
-        # Each sample's stability bound t_min(r), computed once: a step indexes it (no per-step validation sync).
-        self.risk_lower = None
-        if self.risk is not None:
-            from ..risk import timestep_lower_bound
-            self.risk_lower = timestep_lower_bound(self.schedule, self.risk)
-
-        # Every rank holds the same noise generator (the noise of the global batch); torch's global RNG
-        # (dropout) gets one stream per rank.
-        self.noise_generator = torch.Generator(device=self.device).manual_seed(derive_seed(config.seed, "noise"))
-        torch.manual_seed(derive_seed(config.seed, f"rank {self.rank}"))
-
-        self.step = 0
-        self._stop_requested = threading.Event()
-        self.train_time = 0.0  # seconds spent in train() over all (resumed) sessions
-        # The same noise-level buckets as the adaptive scale's when the loss has them.
-        # On a continuous schedule the tracker takes each draw's log-SNR bucket (num_timesteps=None).
-        steps = self.schedule.num_timesteps if self.schedule.discrete else None
-        buckets = getattr(self.loss_fn, "num_buckets", 10)
-        self.influence = InfluenceTracker(self.num_samples, num_buckets=min(buckets, steps or buckets),
-                                          num_timesteps=steps, gathered=True).to(self.device)
-        self._reset_interval()
 
     # ------------------------------------------------------------------ public API
     @property
@@ -282,18 +199,8 @@ class Trainer:
         time_before = self.train_time
         saved_at = None
         while self.step < config.steps and not self._stop_requested.is_set():
-            epoch, position = divmod(self.step, self.batches_per_epoch)
-            self.sampler.set_epoch(epoch)
-            order = list(self.sampler)
-            batches = [order[i * self.local_batch:(i + 1) * self.local_batch]
-                       for i in range(position, self.batches_per_epoch)]
-            batches = batches[:config.steps - self.step]
-            # Its own generator: a DataLoader otherwise draws its worker seed from torch's global RNG, and
-            # a resumed run (one more loader, mid-epoch) would then diverge from an uninterrupted one.
-            loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=config.num_workers,
-                                pin_memory=self.device.type == "cuda",
-                                generator=torch.Generator().manual_seed(
-                                    derive_seed(config.seed, f"loader {epoch} {self.rank}")))
+            epoch = self.step // self.batches_per_epoch
+            batches, loader = self._rest_of_epoch()
             for indices, batch in zip(batches, loader):
                 images = batch[0] if isinstance(batch, (tuple, list)) else batch
                 self._train_step(images.to(self.device, non_blocking=True),
@@ -323,6 +230,22 @@ class Trainer:
             bar.close()
         return self
 
+    def _rest_of_epoch(self) -> Tuple[List[List[int]], DataLoader]:
+        """This rank's batches from the current step to the end of its epoch (or of the run), and their loader."""
+        epoch, position = divmod(self.step, self.batches_per_epoch)
+        self.sampler.set_epoch(epoch)
+        order = list(self.sampler)
+        batches = [order[i * self.local_batch:(i + 1) * self.local_batch]
+                   for i in range(position, self.batches_per_epoch)]
+        batches = batches[:self.config.steps - self.step]
+        # Its own generator: a DataLoader otherwise draws its worker seed from torch's global RNG, and a resumed run
+        # (one more loader, mid-epoch) would then diverge from an uninterrupted one.
+        loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.config.num_workers,
+                            pin_memory=self.device.type == "cuda",
+                            generator=torch.Generator().manual_seed(
+                                derive_seed(self.config.seed, f"loader {epoch} {self.rank}")))
+        return batches, loader
+
     def stop(self) -> None:
         """Ask :meth:`train`, running in another thread (or interrupted by a signal handler), to return after the
         step it is in (or the next call to return at once); it writes a checkpoint there (with ``out_dir``), so
@@ -341,129 +264,19 @@ class Trainer:
         levels, the ranking)."""
         return self.influence.mean_influence(), self.influence.counts().to(torch.float64)
 
-    @property
-    def influence_sum(self) -> Tensor:
-        """Each sample's sum of influence weights (``influence.influence_sum``; kept for older callers)."""
-        return self.influence.influence_sum
-
-    @property
-    def influence_count(self) -> Tensor:
-        """How often each sample was counted (``influence.influence_count``; kept for older callers)."""
-        return self.influence.influence_count
-
     def save_checkpoint(self, path: Optional[PathLike] = None) -> None:
-        """Write the full training state (every rank must call it: RNG states are gathered from all)."""
-        rng = rng_state(self.device)
-        if self.world_size > 1:
-            states: List[Any] = [None] * self.world_size
-            dist.all_gather_object(states, rng)
-        else:
-            states = [rng]
-        path = Path(path) if path is not None else self.checkpoint_path
-        if self.is_main and path is not None:
-            state = {
-                "step": self.step,
-                "epoch": self.step // self.batches_per_epoch,
-                "batch_in_epoch": self.step % self.batches_per_epoch,
-                "world_size": self.world_size,
-                "batch_size": self.config.batch_size,
-                "num_samples": self.num_samples,
-                "config": asdict(self.config),
-                "schedule": type(self.schedule).__name__,
-                "model": self.model.state_dict(),
-                "ema": self.ema.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "loss_fn": self.loss_fn.state_dict() if isinstance(self.loss_fn, nn.Module) else None,
-                "rng": states,
-                "noise_generator": self.noise_generator.get_state(),
-                "influence": {k: v.cpu() if isinstance(v, Tensor) else v
-                              for k, v in self.influence.state_dict().items()},
-                "interval": {k: v.cpu() if isinstance(v, Tensor) else v for k, v in self._interval.items()},
-                "train_time": self.train_time,
-            }
-            atomic_save(state, path)
-        if self.world_size > 1:
-            dist.barrier()
+        """Write the full training state to ``path`` (default :attr:`checkpoint_path`); every rank must call it (RNG
+        states are gathered from all). What it holds: :mod:`~robust_diffusion.training.trainer_checkpoint`."""
+        save_trainer(self, Path(path) if path is not None else self.checkpoint_path)
 
     def resume(self, path: Optional[PathLike] = None) -> bool:
-        """Load the checkpoint at ``path`` (default ``out_dir/checkpoint.pt``) if it exists; returns whether it
-        did. Log rows written after that checkpoint (by a run that died later) are dropped from ``log.csv``, and
-        temporary files of a checkpoint or log write that was killed midway are deleted."""
-        path = Path(path) if path is not None else self.checkpoint_path
-        if self.is_main and path is not None:
-            remove_stale_temporaries(path)
-            if self.log_path is not None:
-                remove_stale_temporaries(self.log_path)
-        if path is None or not path.is_file():
-            return False
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-            if not isinstance(state, dict) or not _CHECKPOINT_KEYS <= state.keys():
-                raise ValueError(f"it lacks {sorted(_CHECKPOINT_KEYS - set(state) if isinstance(state, dict) else _CHECKPOINT_KEYS)}")
-            if "influence" not in state and not _LEGACY_INFLUENCE_KEYS <= state.keys():
-                raise ValueError("it lacks 'influence'")
-        except Exception as error:  # a truncated, overwritten or foreign file: say which and why, in one line
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise ValueError(f"cannot resume from {path}: it is not a readable checkpoint of this trainer "
-                             f"({type(error).__name__}: {reason}); delete it or pass another --out") from error
-        written = state.get("config") if isinstance(state.get("config"), dict) else {}
-        # What the run trains: a resume that changed it would silently continue another method.
-        trained = state.get("schedule")  # absent in checkpoints written before it was kept
-        if trained is not None and trained != type(self.schedule).__name__:
-            raise ValueError(f"cannot resume from {path}: it trained with a {trained}, this run has a "
-                             f"{type(self.schedule).__name__} (another objective, e.g. --objective ddpm / flow)")
-        for key in ("risk_free", "sample_trust"):
-            if written.get(key, False) != getattr(self.config, key):
-                raise ValueError(f"cannot resume from {path}: it was written with {key}={written.get(key, False)}, "
-                                 f"this run has {getattr(self.config, key)}")
-        for key, mine in (("batch_size", self.config.batch_size), ("num_samples", self.num_samples)):
-            if state[key] != mine:
-                raise ValueError(f"cannot resume from {path}: it was written with {key}={state[key]}, "
-                                 f"this run has {mine}")
-        self._load_influence(state, path)  # first: its checks refuse a corrupted state before anything is loaded
-        self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        if isinstance(self.loss_fn, nn.Module) and state["loss_fn"] is not None:
-            self.loss_fn.load_state_dict(state["loss_fn"])
-            skipped = getattr(self.loss_fn, "skipped_updates", None)
-            self._scale_skipped_seen = int(skipped) if isinstance(skipped, Tensor) else 0
-        self.noise_generator.set_state(state["noise_generator"])
-        if state["world_size"] == self.world_size:
-            set_rng_state(state["rng"][self.rank], self.device)
-        else:
-            warnings.warn(f"{path} was written by {state['world_size']} rank(s), this run has {self.world_size}: "
-                          f"the data order and diffusion noise continue exactly, dropout streams are reseeded")
-            torch.manual_seed(derive_seed(self.config.seed, f"rank {self.rank} step {state['step']}"))
-        self._reset_interval()  # a checkpoint written before a counter was kept in the interval lacks it
-        self._interval.update({k: v.to(self.device) if isinstance(v, Tensor) else v
-                               for k, v in state["interval"].items()})
-        self.step = state["step"]
-        self.train_time = state["train_time"]
-        if self.is_main and self.log_path is not None and self.log_path.is_file():
-            rows = [row for row in read_rows(self.log_path) if int(row["step"]) <= self.step]
-            write_rows(self.log_path, rows)
-        return True
-
-    def _load_influence(self, state: Dict[str, Any], path: Path) -> None:
-        """The tracker's state, or, from a checkpoint written before the tracker, the per-sample totals of the
-        influence weights (the penalties and the noise-level buckets then count only the steps from here on)."""
-        influence = state.get("influence")
-        if influence is None:
-            influence = {k: torch.zeros_like(v) if isinstance(v, Tensor) else v
-                         for k, v in self.influence.state_dict().items()}
-            influence["influence_sum"] = state["influence_sum"]
-            influence["influence_count"] = state["influence_count"]
-            if self.is_main:
-                warnings.warn(f"{path} was written before per-sample penalties and noise-level buckets were kept: "
-                              f"those count only the steps from {state['step']} on (the mean influence weights "
-                              f"continue exactly)")
-        try:
-            self.influence.load_state_dict(influence)
-        except ValueError as error:
-            raise ValueError(f"cannot resume from {path}: {error}") from None
+        """Load the checkpoint at ``path`` (default :attr:`checkpoint_path`) if it exists; returns whether it did.
+        Log rows written after that checkpoint (by a run that died later) are dropped from ``log.csv``, and
+        temporary files of a checkpoint or log write that was killed midway are deleted. A file that is not a
+        checkpoint of this version (another format version, a pickle, a damaged or foreign file) or one written
+        for another run (objective, batch, data, trust or risk-free training) is refused with a one-line reason
+        before anything is loaded."""
+        return resume_trainer(self, Path(path) if path is not None else self.checkpoint_path)
 
     # ------------------------------------------------------------------ one step
     def _autocast_dtype(self, mode: str) -> Optional[torch.dtype]:
@@ -505,11 +318,23 @@ class Trainer:
             from ..risk import risk_free_loss
             loss = risk_free_loss(output.float(), noising, t, loss=self.loss_fn, schedule=self.schedule,
                                   weight=trust)
+        grad_norm, finite = self._optimizer_step(loss)
+        influence = getattr(self.loss_fn, "last_influence", None)
+        influence = (influence.detach().to(torch.float64) if isinstance(influence, Tensor)
+                     else torch.ones(t.shape[0], dtype=torch.float64, device=self.device))
+        penalty = getattr(self.loss_fn, "last_penalty", None)
+        penalty = (penalty.detach().to(torch.float64) if isinstance(penalty, Tensor)
+                   else torch.full((t.shape[0],), math.nan, dtype=torch.float64, device=self.device))
+        self._record(loss.detach(), grad_norm.detach(), indices, influence, penalty, self._noise_level(t), ~finite)
+
+    def _optimizer_step(self, loss: Tensor) -> Tuple[Tensor, Tensor]:
+        """Backward, unscale, clip, the optimizer and EMA steps, and the loss's commit; returns the gradient norm and
+        whether it was finite (a step with non-finite gradients is skipped and leaves no trace)."""
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
-        if config.grad_clip is not None:
-            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        if self.config.grad_clip is not None:
+            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         else:
             grad_norm = torch.linalg.vector_norm(torch.stack([
                 p.grad.detach().norm() for p in self.model.parameters() if p.grad is not None]))
@@ -519,21 +344,13 @@ class Trainer:
             self.scaler.update()
         elif finite:  # without a scaler (float32, bfloat16) skip such a step here, or AdamW writes NaN into the
             self.optimizer.step()  # weights, its moments and the EMA for good (one host sync, as the scaler's)
-        if getattr(self.loss_fn, "update", None) == "step":
+        if isinstance(self.loss_fn, RobustDiffusionLoss):
             self.loss_fn.step(finite)
         self._update_ema()
-
-        influence = getattr(self.loss_fn, "last_influence", None)
-        influence = (influence.detach().to(torch.float64) if isinstance(influence, Tensor)
-                     else torch.ones(t.shape[0], dtype=torch.float64, device=self.device))
-        penalty = getattr(self.loss_fn, "last_penalty", None)
-        penalty = (penalty.detach().to(torch.float64) if isinstance(penalty, Tensor)
-                   else torch.full((t.shape[0],), math.nan, dtype=torch.float64, device=self.device))
-        self._record(loss.detach(), grad_norm.detach(), indices, influence, penalty, self._noise_level(t), ~finite)
+        return grad_norm, finite
 
     def _check_risk(self, dataset: Dataset) -> Tensor:
         from ..risk import usable_samples
-        from ..robust_loss import RobustDiffusionLoss
 
         risk = getattr(dataset, "risk", None)
         if risk is None:
@@ -572,18 +389,6 @@ class Trainer:
             return t
         return log_snr_buckets(self.schedule.log_snr(t), self.influence.num_buckets)
 
-    def _check_trust(self) -> None:
-        from ..ops import LOSS_TABLE
-        from ..robust_loss import RobustDiffusionLoss
-
-        if not isinstance(self.loss_fn, RobustDiffusionLoss):
-            raise ValueError("sample_trust=True needs a RobustDiffusionLoss as loss_fn (its per-sample influence "
-                             "weights are what the trust is made of)")
-        if not next(entry.weighs_samples for entry in LOSS_TABLE if entry.name == self.loss_fn.loss):
-            raise ValueError(f"sample_trust=True needs a loss whose influence weights differ between samples; "
-                             f"{self.loss_fn.loss!r} gives every sample weight 1, so every trust would stay 1 "
-                             f"(use a divergence such as 'ned' or 'hellinger', or clipped_mse)")
-
     def learning_rate(self, step: int) -> float:
         """Linear warm-up to ``lr`` over ``warmup_steps``, then constant."""
         warmup = self.config.warmup_steps
@@ -600,26 +405,6 @@ class Trainer:
             ema_buffer.copy_(buffer)
 
     # ------------------------------------------------------------------ bookkeeping
-    def _scale_faults(self) -> Dict[str, float]:
-        """The adaptive scale's fault counters (RobustDiffusionLoss), read at log time only, with a warning when
-        a batch statistic was refused since the last row (a non-finite or zero penalty, or a skipped step)."""
-        skipped, limited = (getattr(self.loss_fn, name, None) for name in ("skipped_updates", "limited_updates"))
-        if not isinstance(skipped, Tensor) or not isinstance(limited, Tensor):
-            return {"scale_skipped": math.nan, "scale_limited": math.nan}
-        skipped_now = int(skipped)
-        if skipped_now > self._scale_skipped_seen and self.is_main:
-            warnings.warn(f"step {self.step}: the adaptive scale refused {skipped_now - self._scale_skipped_seen} "
-                          f"batch statistic(s) since the last log row ({skipped_now} in all): non-finite or zero "
-                          f"penalties, or optimizer steps skipped for non-finite gradients", RuntimeWarning)
-        self._scale_skipped_seen = skipped_now
-        return {"scale_skipped": skipped_now, "scale_limited": int(limited)}
-
-    def _reset_interval(self) -> None:
-        zero = lambda: torch.zeros((), dtype=torch.float64, device=self.device)  # noqa: E731
-        self._interval = {"steps": 0, "loss": zero(), "penalty": zero(), "grad_norm": zero(), "samples": 0,
-                          "w_all": zero(), "n_all": zero(), "w_clean": zero(), "n_clean": zero(),
-                          "w_cont": zero(), "n_cont": zero(), "steps_skipped": zero()}
-
     def _record(self, loss: Tensor, grad_norm: Tensor, indices: Tensor, influence: Tensor, penalty: Tensor,
                 t: Tensor, skipped: Tensor) -> None:
         """Accumulate the step into the log interval and the per-sample statistics of :attr:`influence` (on the
@@ -632,25 +417,7 @@ class Trainer:
             stacked = torch.cat(gathered, dim=1)
             indices, influence, penalty = stacked[0].to(torch.int64), stacked[1], stacked[2]
             t = stacked[3].to(torch.int64)
-        interval = self._interval
-        interval["steps"] += 1
-        interval["samples"] += indices.numel()
-        interval["loss"] += loss.to(torch.float64)
-        interval["penalty"] += penalty.mean()
-        interval["grad_norm"] += grad_norm.to(torch.float64)
-        interval["steps_skipped"] += skipped
-        # A non-finite influence weight (NaN data, an overflowed forward pass) is not counted: one bad step must not
-        # turn the interval's mean into NaN (InfluenceTracker does the same for the per-sample averages).
-        counted = torch.isfinite(influence)
-        weight = torch.where(counted, influence, torch.zeros_like(influence))
-        interval["w_all"] += weight.sum()
-        interval["n_all"] += counted.sum()
-        if self.is_contaminated is not None:
-            contaminated = self.is_contaminated[indices]
-            interval["w_cont"] += (weight * contaminated).sum()
-            interval["n_cont"] += (counted & contaminated).sum()
-            interval["w_clean"] += (weight * ~contaminated).sum()
-            interval["n_clean"] += (counted & ~contaminated).sum()
+        self.interval.add(loss, grad_norm, indices, influence, penalty, skipped)
         if self.step >= self.config.influence_from_step:
             if self.schedule.discrete:
                 self.influence.update(indices, influence, penalty, t)
@@ -658,35 +425,47 @@ class Trainer:
                 self.influence.update(indices, influence, penalty, bucket=t)
 
     def _log_row(self, epoch: int, seconds: float) -> Dict[str, float]:
-        interval = self._interval
-        loss = interval["loss"]
+        loss = self.interval.sums["loss"]
         if self.world_size > 1:
             loss = loss.clone()
             dist.all_reduce(loss)
             loss /= self.world_size
-        steps = max(interval["steps"], 1)
-        host = {k: float(v) for k, v in interval.items()}
-
-        def ratio(num: str, den: str) -> float:
-            return host[num] / host[den] if host[den] > 0 else math.nan
-
-        row = {"step": self.step, "epoch": epoch, "lr": self.learning_rate(self.step - 1),
-               "loss": float(loss) / steps, "penalty": host["penalty"] / steps, "grad_norm": host["grad_norm"] / steps,
-               "influence_mean": ratio("w_all", "n_all"), "influence_clean": ratio("w_clean", "n_clean"),
-               "influence_contaminated": ratio("w_cont", "n_cont"),
-               "samples_per_s": host["samples"] / seconds if seconds > 0 else math.nan,
-               "elapsed_s": self.train_time, **self._scale_faults(), "steps_skipped": int(host["steps_skipped"])}
-        if row["steps_skipped"] and self.is_main:
-            warnings.warn(f"step {self.step}: skipped {row['steps_skipped']} optimizer step(s) since the last log row: "
-                          f"their gradients were not finite (NaN or inf: bad data, an overflow or a diverging run), "
-                          f"so the weights are those from before them", RuntimeWarning)
+        scale = self.loss_fn.adaptive_scale if isinstance(self.loss_fn, RobustDiffusionLoss) else None
+        row = {"step": self.step, "epoch": epoch, "lr": self.learning_rate(self.step - 1), "elapsed_s": self.train_time,
+               **self.interval.row(self.step, loss, seconds, scale, warn=self.is_main)}
         if self.is_main and self.log_path is not None:
             append_row(self.log_path, row)
-        self._reset_interval()
+        self.interval.reset()
         return row
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _check_robust_loss(loss_fn: RobustDiffusionLoss, schedule: Schedule) -> None:
+    """A RobustDiffusionLoss fit for the Trainer: the Trainer's kind of schedule, and its adaptive state updated at
+    the optimizer step (``update="step"``), so a step skipped for non-finite gradients leaves no trace in it. The
+    Trainer does not change the module: it says what to build."""
+    if loss_fn.discrete != schedule.discrete:
+        raise ValueError(f"loss_fn was built for a {'discrete' if loss_fn.discrete else 'continuous'} schedule, the "
+                         f"Trainer's is {schedule!r}: build it with the same schedule")
+    if loss_fn.scale_mode == "adaptive" and loss_fn.adaptive_scale.update != "step":
+        raise ValueError("loss_fn must commit its adaptive scale after the optimizer step, so that a skipped step "
+                         "leaves no trace in it: build it with RobustDiffusionLoss(..., update='step') (the Trainer "
+                         "calls loss_fn.step(ok) after each optimizer step)")
+
+
+def _check_trust(loss_fn) -> None:
+    """``sample_trust=True`` needs a RobustDiffusionLoss whose influence weights differ between samples."""
+    from ..ops import LOSS_TABLE
+
+    if not isinstance(loss_fn, RobustDiffusionLoss):
+        raise ValueError("sample_trust=True needs a RobustDiffusionLoss as loss_fn (its per-sample influence "
+                         "weights are what the trust is made of)")
+    if not next(entry.weighs_samples for entry in LOSS_TABLE if entry.name == loss_fn.loss):
+        raise ValueError(f"sample_trust=True needs a loss whose influence weights differ between samples; "
+                         f"{loss_fn.loss!r} gives every sample weight 1, so every trust would stay 1 "
+                         f"(use a divergence such as 'ned' or 'hellinger', or clipped_mse)")
+
+
 def derive_seed(seed: int, purpose: str) -> int:
     """An independent 63-bit seed for each purpose. Using ``seed`` itself everywhere would correlate streams:
     e.g. :func:`~robust_diffusion.training.data.contaminate` and the data order would draw the same permutation, and

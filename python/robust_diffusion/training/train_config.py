@@ -1,0 +1,88 @@
+"""TrainConfig: the Trainer's hyper-parameters, each checked when the config is made."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+__all__ = ["MIXED_PRECISION", "TrainConfig"]
+
+#: TrainConfig.mixed_precision's choices.
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of :class:`Trainer`.
+
+    Attributes:
+        steps: optimizer steps of the whole run (a resumed run continues up to it).
+        batch_size: the global batch, split evenly over data-parallel ranks.
+        lr: AdamW's peak learning rate, reached linearly over ``warmup_steps``.
+        weight_decay, adam_betas: AdamW's.
+        grad_clip: clip the global gradient norm to this (``None``: no clipping).
+        ema_decay: decay of the exponential moving average of the weights. With ``ema_warmup`` the decay at
+            step k is ``min(ema_decay, (1 + k) / (10 + k))``, so short runs are not dominated by the
+            initial weights.
+        mixed_precision: ``"auto"`` (bf16 autocast on GPUs that support it, else fp16 with a grad scaler;
+            off on the CPU), ``"no"``, ``"bf16"`` or ``"fp16"`` (GPU only).
+        log_every: steps per ``log.csv`` row (and progress-bar update).
+        checkpoint_every: steps between checkpoints (0: only at the end); the last step always writes one.
+        influence_from_step: start the per-sample statistics of :attr:`Trainer.influence` at this step
+            (the first steps, with an untrained model, say little about which samples are outliers).
+        risk_free: train with the risk-free loss of :mod:`robust_diffusion.risk` (docs/DESIGN.md, Risk) on a
+            dataset with a per-sample ``risk`` tensor (the known noise std, e.g. ``contaminate(kind="gaussian")``):
+            each sample's timestep is drawn on its stability interval, noised by ``risk_noising`` and scored by
+            ``risk_free_loss`` with ``loss_fn`` (a :class:`~robust_diffusion.RobustDiffusionLoss`). Samples with
+            risk 0 train exactly as without it.
+        sample_trust: multiply each sample's loss by its trust, :meth:`InfluenceTracker.trust` of
+            :attr:`Trainer.influence` (its low-noise influence weights relative to the training set's, applied at
+            every noise level; docs/DESIGN.md, Data audit). Needs a RobustDiffusionLoss whose influence weights
+            differ between samples (not KL, Huber or pseudo-Huber). Counts from ``influence_from_step``: every
+            sample has trust 1 until the tracker has seen it at low noise.
+        seed: seeds the data order, the diffusion noise and torch's global RNG (one stream per rank), each
+            through :func:`derive_seed`.
+        num_workers: DataLoader worker processes.
+        progress: show a tqdm progress bar (rank 0).
+        progress_label: the bar's label (e.g. the loss's name, when several runs train at once).
+    """
+
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    adam_betas: Tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    grad_clip: Optional[float] = 1.0
+    ema_decay: float = 0.999
+    ema_warmup: bool = True
+    mixed_precision: str = "auto"
+    log_every: int = 50
+    checkpoint_every: int = 0
+    influence_from_step: int = 0
+    risk_free: bool = False
+    sample_trust: bool = False
+    seed: int = 0
+    num_workers: int = 0
+    progress: bool = True
+    progress_label: str = "training"
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "log_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_steps", "checkpoint_every", "influence_from_step", "num_workers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"TrainConfig.{name} must be a non-negative integer, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be positive, got {self.lr!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"TrainConfig.ema_decay must lie in [0, 1), got {self.ema_decay!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"TrainConfig.grad_clip must be positive or None, got {self.grad_clip!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"TrainConfig.mixed_precision must be one of {MIXED_PRECISION}, "
+                             f"got {self.mixed_precision!r}")
+        self.adam_betas = tuple(float(b) for b in self.adam_betas)
