@@ -216,12 +216,12 @@ def test_risk_free_targets_give_the_clean_optimal_denoiser(process):
         schedule, t_value = rd.NoiseSchedule.linear(), 250
         t = torch.full((n,), t_value)
     elif process == "ve":
-        schedule = rk.VESchedule()
+        schedule = rd.VESchedule()
         t = torch.full((n,), 0.5, dtype=torch.float64)
     else:
-        schedule = rk.EDMSchedule()
+        schedule = rd.EDMSchedule()
         t = torch.full((n,), 1.5, dtype=torch.float64)
-    alpha, sigma = rk.process_coefficients(schedule, t[:1], dtype=torch.float64)
+    alpha, sigma = schedule.coefficients(t[:1], dtype=torch.float64)
     a, sg = (1.0 if alpha is None else alpha.item()), sigma.item()
     r = torch.rand(n, generator=g, dtype=torch.float64) * (0.85 * sg / a)  # v / sigma >= 0.5
     r = r * (torch.rand(n, generator=g) < 0.7)  # 30% clean samples
@@ -253,7 +253,7 @@ def test_v_prediction_target_is_consistent_with_epsilon_and_sample():
     t = rk.sample_timesteps(schedule, r, generator=torch.Generator().manual_seed(1))
     outs = {k: rk.risk_noising(x, r, t, eta, schedule=schedule, prediction_type=k) for k in
             ("epsilon", "sample", "v_prediction")}
-    a, s = (c.reshape(5, 1) for c in rk.process_coefficients(schedule, t, torch.float64))
+    a, s = (c.reshape(5, 1) for c in schedule.coefficients(t, torch.float64))
     torch.testing.assert_close(outs["v_prediction"].target, a * outs["epsilon"].target - s * outs["sample"].target)
     # x0_target = (x_t - sigma eps_target) / alpha
     torch.testing.assert_close(outs["sample"].target, (outs["sample"].noisy - s * outs["epsilon"].target) / a)
@@ -264,8 +264,8 @@ def test_ve_coefficients_against_the_closed_form():
     """VE: alpha = 1 and sigma = sqrt(sigma_t^2 - sigma_min^2), sigma_t = sigma_min (sigma_max / sigma_min)^t."""
     sigma_min, sigma_max = 0.02, 80.0
     times = [1e-5, 0.1, 0.37, 0.5, 0.9, 1.0]
-    schedule = rk.VESchedule(sigma_min, sigma_max)
-    alpha, sigma = rk.process_coefficients(schedule, torch.tensor(times, dtype=torch.float64), dtype=torch.float64)
+    schedule = rd.VESchedule(sigma_min, sigma_max)
+    alpha, sigma = schedule.coefficients(torch.tensor(times, dtype=torch.float64), dtype=torch.float64)
     assert alpha is None
     want = [math.sqrt((sigma_min * (sigma_max / sigma_min) ** t) ** 2 - sigma_min ** 2) for t in times]
     torch.testing.assert_close(sigma, torch.tensor(want, dtype=torch.float64), rtol=1e-10, atol=0)
@@ -277,8 +277,8 @@ def test_continuous_vp_coefficients_against_the_integrated_beta():
     here integrated numerically (the trapezoid rule is exact for the linear beta)."""
     beta_min, beta_max = 0.1, 20.0
     times = [1e-3, 0.05, 0.259, 0.5, 0.8, 1.0]
-    alpha, sigma = rk.process_coefficients(rk.ContinuousVPSchedule(beta_min, beta_max),
-                                           torch.tensor(times, dtype=torch.float64), dtype=torch.float64)
+    alpha, sigma = rd.ContinuousVPSchedule(beta_min, beta_max).coefficients(torch.tensor(times, dtype=torch.float64),
+                                                                            dtype=torch.float64)
     for t, a, s in zip(times, alpha.tolist(), sigma.tolist()):
         grid = torch.linspace(0.0, t, 2001, dtype=torch.float64)
         integrated = torch.trapezoid(beta_min + (beta_max - beta_min) * grid, grid).item()
@@ -290,30 +290,30 @@ def test_continuous_vp_coefficients_against_the_integrated_beta():
 
 def test_edm_coefficients_are_sigma_itself():
     sigmas = torch.tensor([0.002, 0.5, 80.0], dtype=torch.float64)
-    alpha, sigma = rk.process_coefficients(rk.EDMSchedule(), sigmas, dtype=torch.float64)
+    alpha, sigma = rd.EDMSchedule().coefficients(sigmas, dtype=torch.float64)
     assert alpha is None and torch.equal(sigma, sigmas)
 
 
 # --------------------------------------------------------------------------- stability interval and samplers
 def test_continuous_vp_t_min_for_unit_risk():
-    bound = rk.timestep_lower_bound(rk.ContinuousVPSchedule(0.1, 20.0), torch.tensor([1.0, 0.0]))
+    bound = rk.timestep_lower_bound(rd.ContinuousVPSchedule(0.1, 20.0), torch.tensor([1.0, 0.0]))
     assert round(bound[0].item(), 4) == 0.2590 and bound[1].item() == 0.0
-    alpha, sigma = rk.process_coefficients(rk.ContinuousVPSchedule(), bound[:1], torch.float64)
+    alpha, sigma = rd.ContinuousVPSchedule().coefficients(bound[:1], torch.float64)
     assert sigma.item() ** 2 == pytest.approx(alpha.item() ** 2 * 1.0, rel=1e-12)  # v = 0 exactly at t_min
 
 
-@pytest.mark.parametrize("schedule", [rk.ContinuousVPSchedule(), rk.VESchedule(), rk.EDMSchedule()], ids=repr)
+@pytest.mark.parametrize("schedule", [rd.ContinuousVPSchedule(), rd.VESchedule(), rd.EDMSchedule()], ids=repr)
 @pytest.mark.parametrize("margin", [0.0, 0.25])
 def test_continuous_bounds_are_where_v_vanishes(schedule, margin):
     risk = torch.tensor([0.05, 0.3, 1.0, 2.5], dtype=torch.float64)
     bound = rk.timestep_lower_bound(schedule, risk, margin=margin)
-    alpha, sigma = rk.process_coefficients(schedule, bound, torch.float64)
+    alpha, sigma = schedule.coefficients(bound, torch.float64)
     a = 1.0 if alpha is None else alpha
     # at the bound: v^2 = sigma^2 - alpha^2 r^2 equals margin * sigma^2
     torch.testing.assert_close((sigma ** 2 - a ** 2 * risk ** 2), margin * sigma ** 2, rtol=1e-9, atol=1e-12)
     t = rk.sample_timesteps(schedule, risk.repeat(500), margin=margin, generator=torch.Generator().manual_seed(2))
     assert (t > bound.repeat(500)).all()
-    alpha, sigma = rk.process_coefficients(schedule, t, torch.float64)
+    alpha, sigma = schedule.coefficients(t, torch.float64)
     a = 1.0 if alpha is None else alpha
     assert (sigma ** 2 - a ** 2 * risk.repeat(500) ** 2 > margin * sigma ** 2).all()
 
@@ -359,7 +359,7 @@ def test_cauchy_uses_the_optimal_coefficient():
                        rk.timestep_lower_bound(schedule, risk, perturbation="cauchy"))
     t = rk.sample_timesteps(schedule, risk, perturbation="cauchy", generator=torch.Generator().manual_seed(4))
     out = rk.risk_noising(torch.randn(3, D), risk, t, schedule=schedule, perturbation="cauchy")
-    alpha, sigma = rk.process_coefficients(schedule, t)
+    alpha, sigma = schedule.coefficients(t)
     torch.testing.assert_close(out.noise_std[:, 0] ** 2, sigma ** 2 - alpha ** 2 * c * 0.49)
     assert (out.noise_std > 0).all()
 
@@ -383,10 +383,10 @@ def test_too_large_risk_is_reported_not_dropped():
         rk.sample_timesteps(schedule, risk)
     assert rk.usable_samples(schedule, risk).tolist() == [True, False, True, False]
     with pytest.raises(ValueError, match="1 of 1 samples"):
-        rk.sample_timesteps(rk.ContinuousVPSchedule(), torch.tensor([1e6]))
+        rk.sample_timesteps(rd.ContinuousVPSchedule(), torch.tensor([1e6]))
     with pytest.raises(ValueError, match="1 of 2 samples"):
-        rk.sample_timesteps(rk.EDMSchedule(sigma_max=80.0), torch.tensor([80.0, 1.0]))
-    assert torch.isfinite(rk.sample_timesteps(rk.EDMSchedule(), torch.tensor([1e4]))).all()  # unbounded EDM
+        rk.sample_timesteps(rd.EDMSchedule(sigma_max=80.0), torch.tensor([80.0, 1.0]))
+    assert torch.isfinite(rk.sample_timesteps(rd.EDMSchedule(), torch.tensor([1e4]))).all()  # unbounded EDM
 
 
 @pytest.mark.parametrize("function", [rk.timestep_lower_bound, rk.usable_samples, rk.sample_timesteps],
@@ -399,7 +399,7 @@ def test_too_large_risk_is_reported_not_dropped():
     (torch.tensor([0.1, float("inf")]), "inf"),
     (torch.tensor([-float("inf"), 0.1]), "a minimum of -inf"),
 ])
-@pytest.mark.parametrize("schedule", [rd.NoiseSchedule.linear(), rk.ContinuousVPSchedule(), rk.EDMSchedule()],
+@pytest.mark.parametrize("schedule", [rd.NoiseSchedule.linear(), rd.ContinuousVPSchedule(), rd.EDMSchedule()],
                          ids=["discrete", "vp", "edm"])
 def test_bound_functions_refuse_negative_nan_and_infinite_risk(function, risk, found, schedule):
     """The bound squares the risk: a negative one must be refused, not treated as its absolute value."""
@@ -485,7 +485,7 @@ def test_risk_free_loss_combines_with_divergences_weighting_and_the_module():
 
 
 def test_continuous_process_training_step():
-    schedule = rk.ContinuousVPSchedule()
+    schedule = rd.ContinuousVPSchedule()
     risk = torch.tensor([0.0, 0.5, 1.0, 2.0])
     t = rk.sample_timesteps(schedule, risk, generator=torch.Generator().manual_seed(7))
     out = rk.risk_noising(torch.randn(4, 3), risk, t, schedule=schedule, prediction_type="v")
@@ -494,7 +494,7 @@ def test_continuous_process_training_step():
     assert torch.isfinite(loss)
 
 
-@pytest.mark.parametrize("schedule", [rk.ContinuousVPSchedule(), rk.VESchedule(), rk.EDMSchedule()], ids=repr)
+@pytest.mark.parametrize("schedule", [rd.ContinuousVPSchedule(), rd.VESchedule(), rd.EDMSchedule()], ids=repr)
 def test_continuous_processes_take_timestep_weights_as_weight(schedule):
     """loss_weights tabulates a discrete schedule: continuous processes get a clear error naming weight=, and
     per-sample weights computed from their log-SNR go through weight=."""
@@ -593,7 +593,7 @@ def test_torchscript():
 
 def test_empty_batch_sampler():
     assert rk.sample_timesteps(rd.NoiseSchedule.linear(), torch.empty(0, 3)).shape == (0,)
-    assert rk.sample_timesteps(rk.VESchedule(), torch.empty(0)).shape == (0,)
+    assert rk.sample_timesteps(rd.VESchedule(), torch.empty(0)).shape == (0,)
 
 
 def test_not_differentiable_explicitly():
@@ -642,24 +642,24 @@ def test_python_api_errors():
     with pytest.raises(ValueError, match="perturbation must be one of"):
         rk.timestep_lower_bound(schedule, torch.tensor([0.1]), perturbation="uniform")
     with pytest.raises(ValueError, match="v_prediction' is defined for VP processes"):
-        rk.risk_noising(torch.ones(2, 3), 0.1, torch.ones(2, dtype=torch.float64), schedule=rk.EDMSchedule(),
+        rk.risk_noising(torch.ones(2, 3), 0.1, torch.ones(2, dtype=torch.float64), schedule=rd.EDMSchedule(),
                         prediction_type="v")
     with pytest.raises(TypeError, match="floating-point times in"):
-        rk.risk_noising(torch.ones(2, 3), 0.1, torch.ones(2, dtype=torch.int64), schedule=rk.VESchedule())
+        rk.risk_noising(torch.ones(2, 3), 0.1, torch.ones(2, dtype=torch.int64), schedule=rd.VESchedule())
     with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
-        rk.risk_noising(torch.ones(2, 3), 0.1, torch.full((2,), 1.5), schedule=rk.VESchedule())
+        rk.risk_noising(torch.ones(2, 3), 0.1, torch.full((2,), 1.5), schedule=rd.VESchedule())
     with pytest.raises(ValueError, match=r"t must lie in \[0, 1000\)"):
         rk.risk_noising(torch.ones(2, 3), 0.1, torch.tensor([0, 1000]))
     with pytest.raises(ValueError, match=r"^risk_noising: t must lie in \[0, 1000\) \(the step indices of this "
                                          r"NoiseSchedule, T = 1000\), got values in \[0, 1000\]$"):
         rk.risk_noising(torch.ones(2, 3), 0.1, torch.tensor([0, 1000]))
-    with pytest.raises(ValueError, match=r"^process_coefficients: t must lie in \[0, 7\) .*T = 7\), got values in "
-                                         r"\[-1, 2\]$"):
-        rk.process_coefficients(rd.NoiseSchedule.cosine(7), torch.tensor([-1, 2]))
+    with pytest.raises(ValueError, match=r"^NoiseSchedule.coefficients: t must lie in \[0, 7\) .*T = 7\), got values "
+                                         r"in \[-1, 2\]$"):
+        rd.NoiseSchedule.cosine(7).coefficients(torch.tensor([-1, 2]), caller="NoiseSchedule.coefficients")
     with pytest.raises(ValueError, match=r"^NoiseSchedule\.q_sample: t must lie in \[0, 1000\)"):
         rd.NoiseSchedule.linear().q_sample(torch.ones(1, 2), torch.tensor([1000]))
     with pytest.raises(ValueError, match=r"^risk_noising: t must lie in \[0, 1\] for a continuous schedule"):
-        rk.risk_noising(torch.ones(2, 3), 0.1, torch.full((2,), 1.5), schedule=rk.ContinuousVPSchedule())
+        rk.risk_noising(torch.ones(2, 3), 0.1, torch.full((2,), 1.5), schedule=rd.ContinuousVPSchedule())
     with pytest.raises(TypeError, match=r"^risk_noising: t must hold integer timesteps"):
         rk.risk_noising(torch.ones(2, 3), 0.1, torch.full((2,), 0.5))
     out = rk.risk_noising(torch.ones(2, 3), 0.1, torch.tensor([500, 600]))

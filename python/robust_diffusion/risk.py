@@ -54,7 +54,7 @@ rather than given silently wrong (absent) gradients.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -62,14 +62,12 @@ from torch import Tensor, nn
 from . import ops  # noqa: F401  (loads the operators)
 from .functional import DIVERGENCES, clipped_mse_loss, default_schedule, divergence_loss, huber_loss, pseudo_huber_loss
 from .robust_loss import LOSSES, RobustDiffusionLoss
-from .continuous import ContinuousVPSchedule, EDMSchedule, VESchedule
 from .schedules import Schedule, canonical_prediction_type
 from .weighting import loss_weights
 
 __all__ = [
-    "PERTURBATIONS", "RISK_PREDICTION_TYPES", "ContinuousVPSchedule", "VESchedule", "EDMSchedule", "RiskNoising",
-    "cauchy_variance_factor", "process_coefficients", "timestep_lower_bound", "usable_samples", "sample_timesteps",
-    "risk_noising", "risk_free_loss",
+    "PERTURBATIONS", "RISK_PREDICTION_TYPES", "RiskNoising", "cauchy_variance_factor", "timestep_lower_bound",
+    "usable_samples", "sample_timesteps", "risk_noising", "risk_free_loss",
 ]
 
 PERTURBATIONS = ("gaussian", "cauchy")
@@ -78,24 +76,10 @@ RISK_PREDICTION_TYPES = ("epsilon", "score", "sample", "v_prediction")
 
 
 # ---------------------------------------------------------------------------------------------- processes
-#: What every function here takes as ``schedule``: any :class:`~robust_diffusion.schedules.Schedule`.
-Process = Schedule
-
-
 def _check_process(schedule: object) -> None:
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a Schedule (NoiseSchedule, ContinuousVPSchedule, VESchedule or "
                         f"EDMSchedule), got {type(schedule).__name__}")
-
-
-def process_coefficients(schedule: Process, t: Tensor, dtype: torch.dtype = torch.float32
-                         ) -> Tuple[Optional[Tensor], Tensor]:
-    """Per-sample ``(alpha, sigma)`` of the clean process ``x_t = alpha x0 + sigma eta`` at ``t`` ([B] each, on
-    ``t``'s device, computed in float64 and cast to ``dtype``); ``alpha`` is ``None`` (= 1) for VE and EDM. For a
-    :class:`NoiseSchedule` these are exactly the values :meth:`NoiseSchedule.q_sample` uses
-    (:meth:`Schedule.coefficients`)."""
-    _check_process(schedule)
-    return schedule.coefficients(t, dtype, caller="process_coefficients")
 
 
 def cauchy_variance_factor(numel_per_sample: int) -> float:
@@ -163,7 +147,7 @@ def _risk_bound(risk: Tensor, perturbation: str, margin: float, numel_per_sample
     return _RiskBound(c * largest.square() / (1.0 - margin), largest, c, invalid)
 
 
-def timestep_lower_bound(schedule: Process, risk: Tensor, *, perturbation: str = "gaussian", margin: float = 0.0,
+def timestep_lower_bound(schedule: Schedule, risk: Tensor, *, perturbation: str = "gaussian", margin: float = 0.0,
                          numel_per_sample: Optional[int] = None) -> Tensor:
     """Each sample's ``t_min(r)`` ([B], on ``risk``'s device), from its largest risk.
 
@@ -180,7 +164,7 @@ def timestep_lower_bound(schedule: Process, risk: Tensor, *, perturbation: str =
     return schedule.lower_time_bound(rb.q)
 
 
-def usable_samples(schedule: Process, risk: Tensor, *, perturbation: str = "gaussian", margin: float = 0.0,
+def usable_samples(schedule: Schedule, risk: Tensor, *, perturbation: str = "gaussian", margin: float = 0.0,
                    numel_per_sample: Optional[int] = None) -> Tensor:
     """Boolean ``[B]``: which samples have a non-empty stability interval on ``schedule`` (arguments as in
     :func:`timestep_lower_bound`). Use it to drop unusable samples explicitly before :func:`sample_timesteps`.
@@ -190,7 +174,7 @@ def usable_samples(schedule: Process, risk: Tensor, *, perturbation: str = "gaus
     return schedule.has_time_after(schedule.lower_time_bound(rb.q))
 
 
-def sample_timesteps(schedule: Process, risk: Tensor, *, perturbation: str = "gaussian", margin: float = 0.0,
+def sample_timesteps(schedule: Schedule, risk: Tensor, *, perturbation: str = "gaussian", margin: float = 0.0,
                      numel_per_sample: Optional[int] = None, generator: Optional[torch.Generator] = None) -> Tensor:
     """Per-sample timesteps drawn on each sample's own stability interval ([B], on ``risk``'s device).
 
@@ -215,7 +199,7 @@ def sample_timesteps(schedule: Process, risk: Tensor, *, perturbation: str = "ga
     return schedule.sample_timesteps_above(bound, generator)
 
 
-def _raise_empty_intervals(schedule: Process, count: int, rb: _RiskBound, perturbation: str, margin: float) -> None:
+def _raise_empty_intervals(schedule: Schedule, count: int, rb: _RiskBound, perturbation: str, margin: float) -> None:
     smallest_snr = schedule.min_snr()
     largest_q = math.inf if smallest_snr == 0 else 1.0 / smallest_snr
     admissible = math.sqrt(largest_q * (1.0 - margin) / rb.c)
@@ -244,7 +228,7 @@ def _canonical_risk_prediction_type(prediction_type: str) -> str:
 
 
 def risk_noising(sample: Tensor, risk: Union[Tensor, float], t: Tensor, noise: Optional[Tensor] = None, *,
-                 schedule: Optional[Process] = None, prediction_type: str = "epsilon",
+                 schedule: Optional[Schedule] = None, prediction_type: str = "epsilon",
                  perturbation: str = "gaussian", generator: Optional[torch.Generator] = None) -> RiskNoising:
     """Noise risk-annotated samples and compute their risk-free targets (one fused operator,
     ``torch.ops.robust_diffusion.risk_noising``).
@@ -321,7 +305,7 @@ _FUNCTIONAL_BASELINES = {"huber": huber_loss, "pseudo_huber": pseudo_huber_loss,
 
 
 def risk_free_loss(input: Tensor, noising: RiskNoising, t: Optional[Tensor] = None, *,
-                   loss: Union[str, RobustDiffusionLoss] = "kl", schedule: Optional[Process] = None,
+                   loss: Union[str, RobustDiffusionLoss] = "kl", schedule: Optional[Schedule] = None,
                    variance_weight: bool = True, weighting: str = "constant",
                    weighting_params: Optional[Dict[str, float]] = None, terminal: str = "clamp",
                    weight: Optional[Tensor] = None, scale: Union[float, str, Tensor] = 1.0,

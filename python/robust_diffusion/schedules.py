@@ -21,7 +21,6 @@ from torch import Tensor
 
 __all__ = ["NoiseSchedule", "Schedule"]
 
-_PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 _PREDICTION_ALIASES = {"epsilon": "epsilon", "eps": "epsilon", "sample": "sample", "x0": "sample",
                        "v": "v_prediction", "v_prediction": "v_prediction"}
 
