@@ -1,4 +1,4 @@
-"""Fault injection: the promises of "nothing fails silently" (README, "Failure behaviour"), one test each.
+"""Fault injection: the promises of "nothing fails silently" (docs/DESIGN.md, "Failure behaviour"), one test each.
 
 1-5   The adaptive scale's running state: no overflowing, non-finite or zero batch enters it; seeding never
       freezes a bucket, and a batch after an unseeding first one is scored like a first batch; it stays float32
