@@ -1,21 +1,19 @@
 """Forward + backward time of the fused losses against the same loss written in eager PyTorch, that
-composite under torch.compile, and plain F.mse_loss (docs/DESIGN.md, Kernels; issues 3 and 18).
+composite under torch.compile, and plain F.mse_loss (docs/DESIGN.md, Kernels).
 
-Bytes moved: a per-sample loss has to read input and target and write the input's gradient, 3N elements,
-the one-pass floor that the CPU path (<loss>_with_grad, the gradient computed in the forward's pass)
-aims at. A forward and a separate backward (what autograd gives torch.compile, and what our CUDA path
-does) read input and target twice: 5N, the two-pass floor. ``% of 3N`` and ``% of 5N`` are those
-bytes at the copy bandwidth (a copy_ timed in the same rounds) divided by the measured time (100% = at the
-floor). On a CPU each
-line written is first read (write-allocate), in the copy as in every kernel here, so a kernel at the
-hardware's limit shows 112% of the 3N floor (4 moves for 3 counted, against the copy's 3 for 2) and 125%
-of the 5N floor; where the CPU kernels stream the gradient past the caches (data beyond the last-level
-cache: the one-pass kernel and, since 2026-12-03 13:33 UTC, the backward of the two passes) they skip that read,
-and the limit is 150% of either floor. The input sets rotate through a working set of at least twice the
-last-level cache (on a GPU, 256 MB), one rotation shared by all contenders: each call takes the next set, so every call reads
-from memory, not from a cache the call before it filled. Besides the four shapes of issue 18, two rows are
-sized beyond any cache (``3N MB``: the floor's bytes), where the target "85% of the 3N floor where the data
-does not fit in cache" is met or not without the rotation's help.
+Bytes moved: a per-sample loss has to read input and target and write the input's gradient, 3N elements, the
+one-pass floor that the CPU path (<loss>_with_grad, the gradient computed in the forward's pass) aims at. A
+forward and a separate backward (what autograd gives torch.compile, and what our CUDA path does) read input and
+target twice: 5N, the two-pass floor. ``% of 3N`` and ``% of 5N`` are those bytes at the copy bandwidth (a
+copy_ timed in the same rounds) divided by the measured time (100% = at the floor). On a CPU each line written
+is first read (write-allocate), in the copy as in every kernel here, so a kernel at the hardware's limit shows
+112% of the 3N floor (4 moves for 3 counted, against the copy's 3 for 2) and 125% of the 5N floor; where the
+CPU kernels stream the gradient past the caches (data beyond the last-level cache: the one-pass kernel and the
+backward of the two passes) they skip that read, and the limit is 150% of either floor. The input sets rotate
+through a working set of at least twice the last-level cache (on a GPU, 256 MB), one rotation shared by all
+contenders: each call takes the next set, so every call reads from memory, not from a cache the call before it
+filled. Besides the four listed shapes, two rows are sized beyond any cache (``3N MB``: the floor's bytes),
+where a call's share of the 3N floor does not depend on the rotation.
 
     python benchmarks/bench_losses.py                      # CPU, writes benchmarks/RESULTS.md section
     python benchmarks/bench_losses.py --device cuda        # on a GPU
@@ -29,7 +27,7 @@ alone, without Python and autograd around it: ``ours`` less ``kernel`` is what a
 the data. That cost is also measured on its own, for ours, ``F.mse_loss`` and ``x.sum().backward()`` (the
 least any call through ``loss.backward()`` costs): one call on a 4x8 input right after a copy that evicts
 the caches, as each call in the table finds them. Results are appended to
-benchmarks/RESULTS.md with the device, torch version and date.
+benchmarks/RESULTS.md with the device, torch version and date; its "Current numbers" section is kept by hand.
 """
 
 from __future__ import annotations
@@ -55,7 +53,7 @@ KEEP_FREED_MEMORY = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_th
 
 SHAPES = [(128, 3, 32, 32), (64, 4, 64, 64), (16, 16, 128, 128), (256, 3, 64, 64)]
 # The four above fit in a large server's last-level cache (105 MB on this project's Xeon; their 3N bytes are
-# 13-50 MB in float32), where only the rotation of input sets keeps them out of it. These two do not fit in any:
+# 5-50 MB in float32), where only the rotation of input sets keeps them out of it. These two do not fit in any:
 # 201-403 MB of 3N, samples of one chunk and of sixteen (the CPU kernel's two one-pass paths).
 BEYOND_CACHE_SHAPES = [(2048, 4, 64, 64), (128, 16, 128, 128)]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -1,4 +1,4 @@
-"""What robustness costs per training step (issue 18, item 4): one DDPM training step with
+"""What robustness costs per training step: one DDPM training step with
 ``RobustDiffusionLoss`` (adaptive scale, Min-SNR weighting, the adaptive state's update included) against the same
 step with ``F.mse_loss``, for the example's ``quick`` UNet and the larger ``small`` one at batch 32 and 128.
 

@@ -56,7 +56,7 @@
 # Run it as a script (`python examples/cifar10_contaminated.py --dataset fashion-mnist`) or as a notebook
 # (`jupytext --to notebook examples/cifar10_contaminated.py`). In a notebook, command-line options can be given in
 # the environment variable `RD_EXAMPLE_ARGS`. The Fashion-MNIST `demo` preset (the default, what
-# `bash tools/run_example.sh` runs) trains four losses for 1000 steps in about 7 minutes on a 2-core CPU;
+# `bash tools/run_example.sh` runs) trains four losses for 1000 steps on a 2-core CPU (how long: docs/MAIN_JOB.md);
 # `quick` (250 steps, six losses) is the budget of the evidence in docs/RESULTS.md; the `full` presets are for a
 # GPU.
 
@@ -73,7 +73,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-# OpenMP threads that busy-wait at barriers slow CPU training 5-10x when other processes share the cores;
+# OpenMP threads that busy-wait at barriers slow CPU training several-fold when other processes share the cores;
 # passive waiting costs nothing on an idle machine. (Read when torch starts its thread pool: set it first.)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
@@ -648,7 +648,7 @@ ax = fig.add_subplot(grid[1, :split])
 bars = [r["contaminant_fraction"] for r in results]
 ax.barh(names[::-1], bars[::-1], color=["tab:red" if n in ("mse", "kl") else "tab:blue" for n in names[::-1]])
 ax.axvline(reference_rows[1]["contaminant_fraction"], color="k", ls="--", lw=1, label="the training set itself")
-if "mse" in names:  # the target for a robust loss: at most half the standard MSE's
+if "mse" in names:  # the demo's target for a robust loss: at most half the standard MSE's
     ax.axvline(bars[names.index("mse")] / 2, color="tab:red", ls=":", lw=1.5, label="half the standard MSE's")
 ax.legend(fontsize=8, loc="lower right")
 ax.set_xlabel(f"fraction of generated samples that look like `{args.kind}` contaminants")

@@ -135,15 +135,16 @@ CELLS = [
     # dominate the loss and the last denoising steps are not learnt); its paper trains far longer.
     Cell("clean-1500steps-debias", 0.0, "noise", ("kl+debias", "ned+debias"), steps=1500,
          question="constant vs debias weighting at 6x the budget"),
-    # Added 2026-12-02 (issue 15), with the rule that decides written down first (docs/RESULTS.md, protocol;
-    # `batch_scale_rule` below applies it): the stateless scale="batch" (no running state, so the functional
-    # losses can have it) against the adaptive scale of noise-0.3, gaussian-0.3 and clean.
+    # Added after the cells above had run, with the rule that decides written down first (docs/RESULTS.md,
+    # Protocol, "Rule for a stateless default scale"; `batch_scale_rule` below applies it): the stateless
+    # scale="batch" (no running state, so the functional losses can have it) against the adaptive scale of
+    # noise-0.3, gaussian-0.3 and clean.
     Cell("noise-0.3-batch", 0.3, "noise", BATCH_RULE_LOSSES, scale="batch", question="stateless batch scale"),
     Cell("gaussian-0.3-batch", 0.3, "gaussian", BATCH_RULE_LOSSES, scale="batch", question="stateless batch scale"),
     Cell("clean-batch", 0.0, "noise", BATCH_RULE_LOSSES, scale="batch",
          question="stateless batch scale, on clean data"),
-    # Added 2026-12-02 (issue 17), the reading rule written first (docs/RESULTS.md, protocol): the main
-    # comparison with flow matching instead of DDPM.
+    # Added after the cells above had run, the reading rule written first (docs/RESULTS.md, Protocol,
+    # "Flow-matching cells"): the main comparison with flow matching instead of DDPM.
     Cell("flow-noise-0.3", 0.3, "noise", ("mse", "kl", "hellinger", "ned", "pseudo_huber"), objective="flow",
          question="flow matching: robustness to noise images"),
     Cell("flow-gaussian-0.3", 0.3, "gaussian", ("mse", "kl", "hellinger", "ned", "pseudo_huber"), objective="flow",

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# The GPU checks of a session that is lent a device machine (H100/H200), as one call of the device tool:
+# Checks the CUDA kernels on a machine with an NVIDIA GPU (written for an H100 or H200; CI only compiles them).
 #
-#     run(command="bash tools/gpu_check.sh", timeout_s=570)
+#     bash tools/gpu_check.sh                 # results in outputs/gpu/
+#     OUT=/some/dir bash tools/gpu_check.sh   # or there
 #
-# Builds the extension in place with its CUDA kernels for Hopper (the machine has torch, nvcc, ninja and
-# pytest, and no network), runs the tests that exercise CUDA tensors (CUDA/CPU parity for every operator,
-# dtype and reduction, opcheck, torch.compile incl. CUDA graphs, determinism), then the benchmark. Everything
-# lands in $OUT: device.txt, build.log, pytest.log, bench.md and train_step.md (benchmarks/RESULTS.md sections:
-# append them there, with the device they name). Each stage has its own time limit so a slow one cannot eat the lease.
+# Needs torch with CUDA, nvcc, ninja and pytest; no network. It builds the extension in place with CUDA kernels
+# for Hopper (TORCH_CUDA_ARCH_LIST=9.0 unless you set it), runs the tests that exercise CUDA tensors (CUDA/CPU
+# parity for every operator, dtype and reduction, opcheck, torch.compile incl. CUDA graphs, determinism), then
+# both benchmarks. Each stage has its own time limit (build 300 s, tests 240 s, loss benchmark 240 s, training
+# step 120 s), so a slow one cannot hold up the rest. It prints the device, the pytest summary and the tails of
+# both benchmark tables, and writes device.txt, build.log, pytest.log, bench.md and train_step.md to $OUT;
+# bench.md and train_step.md are benchmarks/RESULTS.md sections: append them there, with the device they name,
+# and update that file's "Current numbers".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-outputs/gpu}"
@@ -34,12 +38,12 @@ timeout 240 python3 -m pytest tests/test_cuda.py tests/test_losses.py tests/test
 echo "pytest exit $?"; tail -15 "$OUT/pytest.log"
 
 echo "== benchmark"
-# The four listed shapes (13-50 MB of 3N in float32, about an H100/H200's 50 MB L2) and one beyond any cache.
+# The four listed shapes (5-50 MB of 3N in float32, about an H100/H200's 50 MB L2) and one beyond any cache.
 timeout 240 python3 benchmarks/bench_losses.py --device cuda --repeat 100 --out "$OUT/bench.md" \
   --shapes 128x3x32x32,64x4x64x64,16x16x128x128,256x3x64x64,2048x4x64x64 >"$OUT/bench.log" 2>&1
 echo "bench exit $?"; tail -14 "$OUT/bench.md" 2>/dev/null || tail -20 "$OUT/bench.log"
 
-echo "== training step (what robustness costs per step on the GPU, issue 18 item 4)"
+echo "== training step (what robustness costs per step on the GPU)"
 timeout 120 python3 benchmarks/bench_train_step.py --device cuda --budget 15 --out "$OUT/train_step.md" \
   >"$OUT/train_step.log" 2>&1
 echo "train step exit $?"; tail -8 "$OUT/train_step.md" 2>/dev/null || tail -20 "$OUT/train_step.log"

@@ -2,8 +2,8 @@
 # The README's main job: train the same small diffusion model on Fashion-MNIST with 30% of the training
 # images replaced by noise, once per loss (the standard MSE, diffusers' pseudo-Huber, Hellinger and NED), then
 # sample, evaluate, rank the training images by NED's influence weights (the audit) and write tables and
-# figures to outputs/contaminated/ (summary.png is the README's figure). About 10 minutes on 2 CPU cores from a
-# fresh clone, the install included.
+# figures to outputs/contaminated/ (summary.png is the README's figure). What it does in full, its results and
+# how long it takes: docs/MAIN_JOB.md.
 # Installs what it needs: Debian's dataset-fashion-mnist package, torch, and this package.
 # Extra arguments go to the example, e.g. `bash tools/run_example.sh --contamination 0.1`.
 set -euo pipefail
