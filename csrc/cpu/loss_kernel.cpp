@@ -69,6 +69,8 @@ std::string parallel_backend() {
 }  // namespace
 }  // namespace cpu
 
+namespace {
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cpu(const LossConfig& config, const LossInputs& in) {
   return cpu::kernels().forward(config, in);
 }
@@ -82,6 +84,8 @@ at::Tensor loss_backward_cpu(const LossConfig& config, const LossInputs& in, con
   return cpu::kernels().backward(config, in, grad_per_sample, influence);
 }
 
+}  // namespace
+
 TORCH_LIBRARY_FRAGMENT(robust_diffusion, m) {
   // Which CPU kernel build runs here ("avx512", "avx2" or "default"); for benchmarks and tests.
   m.def("cpu_instruction_set() -> str", &cpu::instruction_set);
@@ -92,6 +96,8 @@ TORCH_LIBRARY_FRAGMENT(robust_diffusion, m) {
   m.def("cpu_last_level_cache_bytes() -> int", &cpu::last_level_cache_bytes);
 }
 
-TORCH_LIBRARY_IMPL(robust_diffusion, CPU, m) { register_loss_kernels<&loss_forward_cpu, &loss_backward_cpu, &loss_forward_with_grad_cpu>(m); }
+TORCH_LIBRARY_IMPL(robust_diffusion, CPU, m) {
+  register_loss_kernels<&loss_forward_cpu, &loss_backward_cpu, &loss_forward_with_grad_cpu>(m);
+}
 
 }  // namespace robust_diffusion
