@@ -10,7 +10,8 @@
 //
 // The families: loss (the operators of the list in losses.h; loss_registration.h registers a backend's kernels for
 // every entry, loss_kernel_dispatch.h picks a kernel instantiation), risk (risk_noising) and adaptive_scale
-// (bucket_statistic, adaptive_scale_update).
+// (bucket_statistic, adaptive_scale_update). The diagnostic operators, named with a leading "_", have a file of
+// their own: diagnostics.cpp.
 #include <torch/library.h>
 
 TORCH_LIBRARY(robust_diffusion, m) {}
