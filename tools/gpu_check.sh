@@ -39,7 +39,7 @@ timeout 240 python3 benchmarks/bench_losses.py --device cuda --repeat 100 --out 
   --shapes 128x3x32x32,64x4x64x64,16x16x128x128,256x3x64x64,2048x4x64x64 >"$OUT/bench.log" 2>&1
 echo "bench exit $?"; tail -14 "$OUT/bench.md" 2>/dev/null || tail -20 "$OUT/bench.log"
 
-echo "== training step (what robustness costs per step on the GPU, issue 18 item 4)"
+echo "== training step (what robustness costs per step on the GPU)"
 timeout 120 python3 benchmarks/bench_train_step.py --device cuda --budget 15 --out "$OUT/train_step.md" \
   >"$OUT/train_step.log" 2>&1
 echo "train step exit $?"; tail -8 "$OUT/train_step.md" 2>/dev/null || tail -20 "$OUT/train_step.log"
