@@ -64,15 +64,24 @@ def _default_cuda_archs() -> str:
     return ";".join(archs[:-1] + [archs[-1] + "+PTX"])
 
 
-# The CPU kernels are compiled once per instruction set (csrc/cpu/isa/loss_kernel_<isa>.cpp, as in ATen);
-# these are the flags of each file that needs its own. cpu/loss_kernel.cpp picks the build at run time.
-ISA_FLAGS = {"_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
-             "_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]} \
-    if platform.machine().lower() in ("x86_64", "amd64") else {}
+def _isa_flags() -> dict:
+    """The CPU kernels are compiled once per instruction set (csrc/cpu/isa/loss_kernel_<isa>.cpp, as in ATen;
+    cpu/loss_kernel.cpp picks the build at run time). The flags of each file that needs its own are written once,
+    in csrc/cpu/isa/flags.txt (CMakeLists.txt reads it too): {real path of the source: flags}, empty off x86-64."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return {}
+    isa_dir = os.path.realpath(os.path.join(ROOT, "csrc", "cpu", "isa"))
+    with open(os.path.join(isa_dir, "flags.txt"), encoding="utf-8") as table:
+        rows = [line.split() for line in table if line.strip() and not line.startswith("#")]
+    return {os.path.join(isa_dir, name): flags for name, *flags in rows}
+
+
+ISA_FLAGS = _isa_flags()
 
 
 class BuildExtensionPerISA(BuildExtension):
-    """torch's BuildExtension, with the per-instruction-set flags above added to those files alone."""
+    """torch's BuildExtension, with the per-instruction-set flags of csrc/cpu/isa/flags.txt added to those files
+    alone."""
 
     def build_extension(self, ext):
         compile_all = self.compiler.compile  # torch's (ninja) compile, set up by BuildExtension
@@ -80,15 +89,15 @@ class BuildExtensionPerISA(BuildExtension):
         def compile_by_isa(sources, *args, extra_postargs=None, **kwargs):
             groups = {}
             for source in sources:
-                suffix = next((s for s in ISA_FLAGS if source.endswith(s)), None)
-                groups.setdefault(suffix, []).append(source)
+                path = os.path.realpath(source)
+                groups.setdefault(path if path in ISA_FLAGS else None, []).append(source)
             objects = []
-            for suffix, group in groups.items():
+            for isa_source, group in groups.items():
                 postargs = extra_postargs
-                if suffix is not None:
+                if isa_source is not None:
                     postargs = dict(extra_postargs) if isinstance(extra_postargs, dict) else \
                         {"cxx": list(extra_postargs or [])}
-                    postargs["cxx"] = list(postargs.get("cxx", [])) + ISA_FLAGS[suffix]
+                    postargs["cxx"] = list(postargs.get("cxx", [])) + ISA_FLAGS[isa_source]
                 objects += compile_all(group, *args, extra_postargs=postargs, **kwargs)
             return objects
 

@@ -147,7 +147,7 @@ class Copy:
 
 def last_level_cache_bytes() -> int:
     """The CPU's last-level cache as the kernels see it (sysconf; 32 MB where it cannot be read)."""
-    return torch.ops.robust_diffusion.cpu_last_level_cache_bytes()
+    return torch.ops.robust_diffusion._cpu_last_level_cache_bytes()
 
 
 def working_set_bytes(device: torch.device) -> int:
@@ -219,7 +219,7 @@ def main() -> None:
     timer = Timer(device)
     repeat = args.repeat or 50
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{cpu_model()}, {torch.get_num_threads()} threads, {torch.ops.robust_diffusion.cpu_instruction_set()} kernels"
+        f"{cpu_model()}, {torch.get_num_threads()} threads, {torch.ops.robust_diffusion._cpu_instruction_set()} kernels"
 
     shapes = [tuple(int(size) for size in text.split("x")) for text in args.shapes.split(",")]
     dtypes = {name: DTYPES[name] for name in args.dtypes.split(",")}

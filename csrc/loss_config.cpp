@@ -1,4 +1,4 @@
-// Argument validation and dtype harmonisation shared by every loss operator and backend.
+// Argument validation and dtype rules of the loss operators, shared by the CPU, CUDA and Meta kernels.
 #include "loss_config.h"
 
 #include <ATen/Dispatch.h>

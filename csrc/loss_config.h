@@ -75,15 +75,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_outputs(const LossConfig
 // (ones for reduction "none"), computed in one pass (docs/DESIGN.md, Kernels).
 using LossOutputsWithGrad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// Backends. Forward returns (loss, penalty R_b, influence w_b); backward returns d loss / d input.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cpu(const LossConfig& config, const LossInputs& in);
-LossOutputsWithGrad loss_forward_with_grad_cpu(const LossConfig& config, const LossInputs& in);
-at::Tensor loss_backward_cpu(const LossConfig& config, const LossInputs& in, const at::Tensor& grad_per_sample,
-                             const at::Tensor& influence);
-#ifdef RD_WITH_CUDA
-std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cuda(const LossConfig& config, const LossInputs& in);
-at::Tensor loss_backward_cuda(const LossConfig& config, const LossInputs& in, const at::Tensor& grad_per_sample,
-                              const at::Tensor& influence);
-#endif
-
 }  // namespace robust_diffusion

@@ -1,5 +1,5 @@
 // The list of loss operators. Each entry gives the operator's name, the schema of its own arguments
-// (after the ones every loss takes) and how those arguments make a LossConfig. Registration (schemas.cpp),
+// (after the ones every loss takes) and how those arguments make a LossConfig. Registration (loss_schema.cpp),
 // the backends and autograd are all generated from this list: adding a loss is adding an entry.
 #pragma once
 

@@ -8,7 +8,7 @@
 #include <string>
 #include <tuple>
 
-#include "adaptive_scale.h"
+#include "adaptive_scale_config.h"
 #include "loss_registration.h"
 #include "risk_config.h"
 

@@ -1,4 +1,5 @@
-// Argument validation of risk_noising, shared by the CPU and CUDA backends.
+// Argument validation and dtype rules of the risk operator (risk_noising), shared by the CPU, CUDA and Meta
+// kernels.
 #include "risk_config.h"
 
 #include <cmath>

@@ -46,9 +46,4 @@ at::ScalarType risk_compute_dtype(at::ScalarType sample);
 // (noisy, target, noise_std), empty.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_risk_outputs(const RiskInputs& in);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> risk_noising_cpu(const RiskInputs& in);
-#ifdef RD_WITH_CUDA
-std::tuple<at::Tensor, at::Tensor, at::Tensor> risk_noising_cuda(const RiskInputs& in);
-#endif
-
 }  // namespace robust_diffusion

@@ -1,6 +1,6 @@
-// The schema of risk_noising (risk_config.h): a fragment of the robust_diffusion library defined in schemas.cpp.
-// CPU and CUDA kernels are in cpu/ and cuda/; autograd/risk_autograd.cpp makes it explicitly
-// non-differentiable; its Meta kernel is in meta_kernels.cpp.
+// The schema of the risk operator, risk_noising (risk_config.h). Argument checks in risk_config.cpp; kernels in
+// cpu/risk_kernel.cpp and cuda/risk_kernel.cu; autograd/risk_autograd.cpp makes it explicitly non-differentiable;
+// its Meta kernel is in meta_kernels.cpp.
 #include <torch/library.h>
 
 namespace robust_diffusion {

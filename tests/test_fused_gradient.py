@@ -38,7 +38,7 @@ def operators_run(fn) -> set:
 def test_the_build_uses_torch_threads():
     """at::parallel_for is inline: a build without OpenMP would run every CPU kernel on one thread."""
     if torch.backends.openmp.is_available():
-        assert OPS.cpu_parallel_backend() == "openmp"
+        assert OPS._cpu_parallel_backend() == "openmp"
 
 
 @pytest.mark.parametrize("case_id", CASE_IDS)
@@ -70,7 +70,7 @@ def gradient_with_ordinary_stores(x, y, scale, influence):
     computed over slices of the batch small enough that no call streams its gradient: the reference for the
     streamed one. Each slice gets the upstream gradient 1 / B per sample, rounded as the operator rounds it."""
     B, D = x.shape
-    slice_bytes = OPS.cpu_last_level_cache_bytes() // 4
+    slice_bytes = OPS._cpu_last_level_cache_bytes() // 4
     step = max(1, slice_bytes // (3 * D * x.element_size()))
     per_sample = (torch.ones((), dtype=influence.dtype) / B).expand(B)  # the operator's 0-dim division
     return torch.cat([OPS.hellinger_loss_backward(per_sample[i:i + step].contiguous(), x[i:i + step], y[i:i + step],
@@ -86,7 +86,7 @@ def test_beyond_the_last_level_cache_the_streamed_gradient_is_the_same(dtype, D)
     non-temporal stores (where a chunk is aligned for them; samples of 3 * 16384 + 5 elements mostly are not): the
     one-pass gradient, the backward operator's and what loss.backward() hands over are bitwise the gradient written
     with ordinary stores."""
-    llc = OPS.cpu_last_level_cache_bytes()
+    llc = OPS._cpu_last_level_cache_bytes()
     if llc > (256 << 20):
         pytest.skip(f"a {llc >> 20} MB last-level cache: the test would need over 1.5 GB")
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -117,12 +117,12 @@ def test_beyond_the_last_level_cache_the_streamed_gradient_is_the_same(dtype, D)
 @pytest.mark.slow
 def test_the_avx2_build_streams_the_same_gradient():
     """The AVX2 build's non-temporal stores (32 bytes each, against AVX-512's 64), run here by ATen's switch."""
-    if OPS.cpu_instruction_set() not in ("avx2", "avx512"):
+    if OPS._cpu_instruction_set() not in ("avx2", "avx512"):
         pytest.skip("this CPU runs no AVX2 build")
-    if OPS.cpu_last_level_cache_bytes() > (256 << 20):
+    if OPS._cpu_last_level_cache_bytes() > (256 << 20):
         pytest.skip("a last-level cache too large for this test's memory")
     script = ("import torch, test_fused_gradient as t; "
-              "assert torch.ops.robust_diffusion.cpu_instruction_set() == 'avx2'\n"
+              "assert torch.ops.robust_diffusion._cpu_instruction_set() == 'avx2'\n"
               "for dtype in (torch.float32, torch.bfloat16, torch.float64):\n"
               "    for D in (16384, 3 * 16384 + 5):\n"
               "        t.test_beyond_the_last_level_cache_the_streamed_gradient_is_the_same(dtype, D)")
@@ -308,4 +308,4 @@ def test_the_one_pass_path_can_be_turned_off():
     assert torch.equal(a.grad, b.grad)
     with pytest.raises(KeyError), rd.ops.cpu_one_pass(False):
         raise KeyError  # restored however the block ends
-    assert OPS.set_cpu_one_pass(True) is True
+    assert OPS._set_cpu_one_pass(True) is True

@@ -555,7 +555,7 @@ def cpu_results(dtype_name: str):
 def test_cpu_instruction_sets_agree(dtype_name, tmp_path):
     """The portable CPU build (ATEN_CPU_CAPABILITY=default) gives what the build this CPU runs gives."""
     out = tmp_path / "default.pt"
-    script = (f"import torch, test_losses as t; assert torch.ops.robust_diffusion.cpu_instruction_set() == 'default'; "
+    script = (f"import torch, test_losses as t; assert torch.ops.robust_diffusion._cpu_instruction_set() == 'default'; "
               f"torch.save(t.cpu_results({dtype_name!r}), {str(out)!r})")
     env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
     tests = os.path.dirname(os.path.abspath(__file__))

@@ -24,8 +24,8 @@ cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build build/cmake -j"$MAX_JOBS"
 ctest --test-dir build/cmake --output-on-failure
 
-# The oldest torch pyproject.toml accepts, which the GPU machines carry (2.11: autograd nodes were still
-# std::shared_ptr, extensions C++17, dynamo stricter): the extension must build against it and its operators pass
+# The oldest torch pyproject.toml accepts, which the GPU machines carry (its autograd nodes are std::shared_ptr, its
+# extensions C++17, its dynamo stricter): the extension must build against it and its operators pass
 # their tests. A venv of its own and a copy of the sources, so the build above is left as it was; CPU kernels only
 # (the build above compiles the CUDA ones).
 MIN_TORCH=$(sed -n 's/.*"torch>=\([0-9.]*\)".*/\1/p' pyproject.toml)

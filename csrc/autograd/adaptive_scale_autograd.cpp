@@ -1,4 +1,4 @@
-// The adaptive scale's operators (adaptive_scale.h) keep running state: they have no gradient. Their autograd
+// The adaptive scale's operators (adaptive_scale_config.h) keep running state: they have no gradient. Their autograd
 // kernels refuse inputs that require one (while grad mode is on) rather than return a statistic that silently
 // carries none, run the backend kernel below autograd, and bump the version counters of the state that
 // adaptive_scale_update changes in place, as PyTorch's own in-place operators do.

@@ -27,6 +27,7 @@
 #include <utility>
 #include <vector>
 
+#include "../diagnostics.h"
 #include "../robust_diffusion.h"
 
 namespace robust_diffusion {
@@ -113,10 +114,9 @@ void check_param_no_grad(const char*, const std::string&, c10::string_view) {}
 // needs a gradient. Traced calls (FakeTensor, functionalisation, tensor subclasses, a TorchDispatchMode) keep the
 // two operators, so a compiled or exported graph is what it was: there the gradient buffer would only add memory.
 // Off only for comparisons (the benchmark's two-pass column) and for anyone who suspects the path:
-// torch.ops.robust_diffusion.set_cpu_one_pass(False), or robust_diffusion.ops.cpu_one_pass(False) in Python.
+// set_cpu_one_pass (diagnostics.h), torch.ops.robust_diffusion._set_cpu_one_pass(False), or
+// robust_diffusion.ops.cpu_one_pass(False) in Python.
 std::atomic<bool> cpu_one_pass{true};
-
-bool set_cpu_one_pass(bool enabled) { return cpu_one_pass.exchange(enabled); }
 
 bool fuse_input_gradient(const at::Tensor& input, const at::Tensor& target) {
   constexpr c10::DispatchKeySet traced({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
@@ -308,10 +308,7 @@ struct LossAutograd<Loss, c10::guts::typelist::typelist<P...>> {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(robust_diffusion, m) {
-  // Turns the one-pass CPU gradient on or off for the whole process; returns the previous setting.
-  m.def("set_cpu_one_pass(bool enabled) -> bool", &set_cpu_one_pass);
-}
+bool set_cpu_one_pass(bool enabled) { return cpu_one_pass.exchange(enabled); }
 
 TORCH_LIBRARY_IMPL(robust_diffusion, Autograd, m) {
   losses::for_each_loss([&](auto loss) {

@@ -1,5 +1,5 @@
-// CPU kernels of the adaptive scale's operators (adaptive_scale.h; the per-bucket rule in math/adaptive_scale.h).
-// Both are tiny (B penalties, K buckets) and run on one thread.
+// CPU kernels of the adaptive scale's operators (adaptive_scale_config.h; the per-bucket rule in
+// math/adaptive_scale.h). Both are tiny (B penalties, K buckets) and run on one thread.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
@@ -9,7 +9,7 @@
 #include <limits>
 #include <vector>
 
-#include "../adaptive_scale.h"
+#include "../adaptive_scale_config.h"
 #include "../math/adaptive_scale.h"
 
 namespace robust_diffusion {

@@ -1,12 +1,13 @@
-// The CPU loss operators: one kernel build per instruction set (cpu/isa/*.cpp, all from the skeleton in
-// cpu/loss_kernel.h), chosen once at run time the way ATen chooses its own: the best one this CPU runs
-// that ATen would also use (so ATEN_CPU_CAPABILITY=default selects the portable build, e.g. in tests, and
-// =avx2 the AVX2 build on an AVX-512 CPU).
+// The CPU kernels of the loss operators: one kernel build per instruction set (cpu/isa/*.cpp, all from the
+// skeleton in cpu/loss_kernel.h), chosen once at run time the way ATen chooses its own: the best one this CPU
+// runs that ATen would also use (so ATEN_CPU_CAPABILITY=default selects the portable build, e.g. in tests, and
+// =avx2 the AVX2 build on an AVX-512 CPU). Which build runs, and how work is threaded, the diagnostic operators
+// report (diagnostics.h).
 #include <ATen/Version.h>
 #include <torch/library.h>
 
+#include "../diagnostics.h"
 #include "../loss_registration.h"
-#include "chunks.h"
 
 namespace robust_diffusion {
 namespace cpu {
@@ -54,10 +55,12 @@ const CpuKernels& kernels() {
   return selected;
 }
 
+}  // namespace
+
 std::string instruction_set() { return kernels().instruction_set; }
 
-// How at::parallel_for runs in this build: it is inline, so only a build with OpenMP splits work across
-// torch.get_num_threads() threads (the setup.py / CMakeLists.txt flag; a test checks it).
+// at::parallel_for is inline, so only a build with OpenMP splits work across torch.get_num_threads() threads (the
+// setup.py / CMakeLists.txt flag; a test checks it).
 std::string parallel_backend() {
 #ifdef _OPENMP
   return "openmp";
@@ -66,8 +69,9 @@ std::string parallel_backend() {
 #endif
 }
 
-}  // namespace
 }  // namespace cpu
+
+namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cpu(const LossConfig& config, const LossInputs& in) {
   return cpu::kernels().forward(config, in);
@@ -82,16 +86,10 @@ at::Tensor loss_backward_cpu(const LossConfig& config, const LossInputs& in, con
   return cpu::kernels().backward(config, in, grad_per_sample, influence);
 }
 
-TORCH_LIBRARY_FRAGMENT(robust_diffusion, m) {
-  // Which CPU kernel build runs here ("avx512", "avx2" or "default"); for benchmarks and tests.
-  m.def("cpu_instruction_set() -> str", &cpu::instruction_set);
-  // "openmp" when the CPU kernels use torch's threads, "serial" when built without OpenMP.
-  m.def("cpu_parallel_backend() -> str", &cpu::parallel_backend);
-  // The last-level cache the kernels assume (bytes): a one-pass call whose input, target and gradient exceed it
-  // streams the gradient past the caches.
-  m.def("cpu_last_level_cache_bytes() -> int", &cpu::last_level_cache_bytes);
-}
+}  // namespace
 
-TORCH_LIBRARY_IMPL(robust_diffusion, CPU, m) { register_loss_kernels<&loss_forward_cpu, &loss_backward_cpu, &loss_forward_with_grad_cpu>(m); }
+TORCH_LIBRARY_IMPL(robust_diffusion, CPU, m) {
+  register_loss_kernels<&loss_forward_cpu, &loss_backward_cpu, &loss_forward_with_grad_cpu>(m);
+}
 
 }  // namespace robust_diffusion

@@ -25,7 +25,7 @@
 #include <immintrin.h>
 #endif
 
-#include "../kernel_dispatch.h"
+#include "../loss_kernel_dispatch.h"
 #include "chunks.h"
 #include "../loss_config.h"
 
@@ -77,9 +77,10 @@ constexpr int64_t kBlock = 2 * Vectorized<acc_t>::size();
 
 // Non-temporal stores: where a call's data exceeds the last-level cache, the gradient cannot stay cached for
 // whoever reads it next, and an ordinary store first reads every line it writes (write-allocate), a third of
-// the one-pass kernel's traffic and a quarter of the backward kernel's. Streaming it took 7-20% off the one-pass
-// kernel and 10-20% off the backward beyond the cache (benchmarks/RESULTS.md, the 2026-12-03 11:39 and 13:33 UTC
-// rules and their runs); below it the gradient stays ordinary, cached for the model's backward.
+// the one-pass kernel's traffic and a quarter of the backward kernel's, which a non-temporal store does not make
+// (benchmarks/RESULTS.md, "non-temporal gradient stores where a call's data exceeds the last-level cache" and
+// "non-temporal gradient stores in the two-pass backward beyond the last-level cache"). Below the cache the
+// gradient is stored as usual, cached for the model's backward.
 // The alignment non-temporal stores need in this build (one vector), 0 where it has none (stream2 then stores
 // as store2 does).
 constexpr uintptr_t kStreamAlignment =
@@ -154,10 +155,11 @@ inline void prefetch_block(const T* p) {
 
 // grad[i] = coef * e'(input[i] - target[i]) over [begin, end) of one sample. With next (the distance to the
 // next sample's data, 0 for none) it also prefetches that sample's input and target at the same offsets: the
-// one-pass kernel writes a gradient from cache, and the memory would otherwise idle meanwhile (3-20% faster for
-// samples of one chunk on a 2-core Xeon, 2026-12-02; samples of several chunks need their cache for themselves
-// and get no prefetch). With stream, the blocks go out with non-temporal stores where out + begin is aligned for
-// them (stream2); the values are the same.
+// one-pass kernel writes a gradient from cache, and the memory would otherwise idle meanwhile (docs/DESIGN.md,
+// Kernels). Samples of several chunks need their cache for themselves and get no prefetch (benchmarks/RESULTS.md,
+// "prefetch the next sample in the one-pass kernel for samples of several chunks, where two fit in L2": not
+// adopted). With stream, the blocks go out with non-temporal stores where out + begin is aligned for them
+// (stream2); the values are the same.
 // The whole blocks of [i, end) of write_chunk_grad, one loop per (prefetch, streamed) so neither is a branch in
 // it; returns where the blocks end.
 template <bool prefetch, bool streamed, typename acc_t, typename in_t, typename tgt_t, typename Penalty>

@@ -53,8 +53,6 @@ void risk_noising_kernel(const RiskInputs& in, at::Tensor& noisy, at::Tensor& ta
   }
 }
 
-}  // namespace
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> risk_noising_cpu(const RiskInputs& in) {
   auto [noisy, target, noise_std] = allocate_risk_outputs(in);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.sample.scalar_type(), "risk_noising_cpu", [&] {
@@ -62,8 +60,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> risk_noising_cpu(const RiskInputs
   });
   return {noisy, target, noise_std};
 }
-
-namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> risk_noising_cpu_op(
     const at::Tensor& sample, const at::Tensor& risk, const at::Tensor& noise, const std::optional<at::Tensor>& alpha,

@@ -1,5 +1,5 @@
-// CUDA kernels of the adaptive scale's operators (adaptive_scale.h; the per-bucket rule in math/adaptive_scale.h,
-// the one the CPU kernels apply). No host sync: refusals and the ok flag are read on the device.
+// CUDA kernels of the adaptive scale's operators (adaptive_scale_config.h; the per-bucket rule in
+// math/adaptive_scale.h, the one the CPU kernels apply). No host sync: refusals and the ok flag are read on the device.
 //
 // bucket_statistic ranks each sample among its bucket's samples by (value, index), so exactly one sample of each
 // bucket has the lower middle rank and writes the median: O(B^2) comparisons spread over B threads, no sort, the
@@ -11,7 +11,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "../adaptive_scale.h"
+#include "../adaptive_scale_config.h"
 #include "../math/adaptive_scale.h"
 #include "launch.cuh"
 

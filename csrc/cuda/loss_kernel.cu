@@ -15,7 +15,7 @@
 
 #include <cub/block/block_reduce.cuh>
 
-#include "../kernel_dispatch.h"
+#include "../loss_kernel_dispatch.h"
 #include "../loss_registration.h"
 #include "launch.cuh"
 
@@ -167,8 +167,6 @@ const T* optional_ptr(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
-}  // namespace
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cuda(const LossConfig& config, const LossInputs& in) {
   const c10::cuda::CUDAGuard guard(in.input.device());
   auto [loss, penalty, influence] = allocate_outputs(config, in);
@@ -211,6 +209,8 @@ at::Tensor loss_backward_cuda(const LossConfig& config, const LossInputs& in, co
   });
   return grad_input;
 }
+
+}  // namespace
 
 TORCH_LIBRARY_IMPL(robust_diffusion, CUDA, m) { register_loss_kernels<&loss_forward_cuda, &loss_backward_cuda>(m); }
 

@@ -41,8 +41,6 @@ __global__ void __launch_bounds__(kThreads) risk_noising_kernel(
   }
 }
 
-}  // namespace
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> risk_noising_cuda(const RiskInputs& in) {
   const c10::cuda::CUDAGuard guard(in.sample.device());
   auto [noisy, target, noise_std] = allocate_risk_outputs(in);
@@ -62,8 +60,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> risk_noising_cuda(const RiskInput
   });
   return {noisy, target, noise_std};
 }
-
-namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> risk_noising_cuda_op(
     const at::Tensor& sample, const at::Tensor& risk, const at::Tensor& noise, const std::optional<at::Tensor>& alpha,

@@ -70,8 +70,8 @@ def cpu_one_pass(enabled: bool) -> Iterator[None]:
     """Turns the one-pass CPU gradient (docs/DESIGN.md, Kernels) on or off inside the block, for the whole
     process: ``with cpu_one_pass(False):`` runs the forward and backward operators as two passes, e.g. to
     compare the two. Values are the same either way and gradients bitwise the same for ``loss.backward()``."""
-    previous = torch.ops.robust_diffusion.set_cpu_one_pass(enabled)
+    previous = torch.ops.robust_diffusion._set_cpu_one_pass(enabled)
     try:
         yield
     finally:
-        torch.ops.robust_diffusion.set_cpu_one_pass(previous)
+        torch.ops.robust_diffusion._set_cpu_one_pass(previous)

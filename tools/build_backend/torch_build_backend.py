@@ -13,11 +13,22 @@ with a setuptools too old for pyproject.toml's metadata, the build stops at once
 
 import json
 import os
+import re
 import subprocess
 import sys
 
-MIN_TORCH = (2, 11)
-MIN_SETUPTOOLS = (77,)  # the first to read `project.license` as an SPDX string
+_PYPROJECT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "pyproject.toml")
+
+
+def _floor(name):
+    """The version floor of `name` ("2.11" for "torch>=2.11") as pyproject.toml writes it, the one place it is
+    written: torch in project.dependencies, setuptools in build-system.requires."""
+    with open(_PYPROJECT, encoding="utf-8") as f:
+        return re.search(rf'"{re.escape(name)}>=([0-9.]+)"', f.read()).group(1)
+
+
+MIN_TORCH = _floor("torch")
+MIN_SETUPTOOLS = _floor("setuptools")
 
 _ISOLATION_VARIABLES = ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONNOUSERBASE")
 _PROBE = "import json, sys; import torch; print(json.dumps([torch.__version__, sys.path]))"
@@ -42,10 +53,10 @@ def _stop(message):
 def _check_setuptools():
     import setuptools
 
-    if _release(setuptools.__version__) < MIN_SETUPTOOLS:
+    if _release(setuptools.__version__) < _release(MIN_SETUPTOOLS):
         _stop(f"setuptools {setuptools.__version__} is too old to read pyproject.toml (it needs >= "
-              f"{'.'.join(map(str, MIN_SETUPTOOLS))}). Upgrade it in this environment:\n"
-              f"    {sys.executable} -m pip install -U 'setuptools>=77'\n"
+              f"{MIN_SETUPTOOLS}). Upgrade it in this environment:\n"
+              f"    {sys.executable} -m pip install -U 'setuptools>={MIN_SETUPTOOLS}'\n"
               f"or let pip build in isolation (plain `pip install .`), which fetches a recent one.")
 
 
@@ -61,15 +72,15 @@ def _find_installed_torch():
         if probe.returncode != 0:
             if "UV" in os.environ:  # uv builds in its own environment, which does not lead back to yours
                 _stop("uv's isolated build environment cannot see your torch, and robust_diffusion must compile "
-                      "against it. Build without isolation (torch, setuptools>=77 and ninja installed first):\n"
-                      "    uv pip install --no-build-isolation .")
+                      f"against it. Build without isolation (torch, setuptools>={MIN_SETUPTOOLS} and ninja installed "
+                      "first):\n    uv pip install --no-build-isolation .")
             _stop(f"no PyTorch found for {sys.executable}. robust_diffusion compiles against the torch you "
                   f"train with, so install that first (https://pytorch.org/get-started/locally/, for example "
                   f"`{sys.executable} -m pip install torch`), then run `pip install .` again.")
         version, search_path = json.loads(probe.stdout.strip().splitlines()[-1])
         sys.path.extend(p for p in search_path if p and p not in sys.path)
-    if _release(version) < MIN_TORCH:
-        _stop(f"torch {version} is installed; robust_diffusion needs torch >= {'.'.join(map(str, MIN_TORCH))}. "
+    if _release(version) < _release(MIN_TORCH):
+        _stop(f"torch {version} is installed; robust_diffusion needs torch >= {MIN_TORCH}. "
               f"Upgrade it deliberately (`pip install -U torch`): this build never replaces your torch itself.")
 
 

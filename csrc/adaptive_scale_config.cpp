@@ -1,22 +1,11 @@
-// The schemas of the adaptive scale's operators (adaptive_scale.h) and their argument checks, shared by the
-// CPU, CUDA and Meta kernels.
-#include "adaptive_scale.h"
-
-#include <torch/library.h>
+// Argument validation of the adaptive scale's operators, shared by the CPU, CUDA and Meta kernels.
+#include "adaptive_scale_config.h"
 
 #include <cmath>
 
 #include "dtypes.h"
 
 namespace robust_diffusion {
-
-TORCH_LIBRARY_FRAGMENT(robust_diffusion, m) {
-  m.def("bucket_statistic(Tensor penalty, Tensor bucket, int num_buckets, float floor) -> Tensor");
-  m.def(
-      "adaptive_scale_update(Tensor(a!) bucket_penalty, Tensor(b!) initialized, Tensor(c!) skipped_updates, "
-      "Tensor(d!) limited_updates, Tensor statistic, Tensor? ok, float momentum, float max_ratio, float floor) -> ()");
-}
-
 namespace {
 
 bool is_integer(at::ScalarType t) { return t == at::kInt || t == at::kLong; }

@@ -1,5 +1,7 @@
-// The operator schemas: torch.ops.robust_diffusion.<loss>, <loss>_with_grad (the forward and the input's
-// gradient in one pass, which autograd uses on the CPU) and <loss>_backward for every loss in losses.h. Backends register their kernels in cpu/ and cuda/, autograd in autograd/.
+// The schemas of the loss operators, for every loss in losses.h: <loss>, <loss>_with_grad (the forward and the
+// input's gradient in one pass, which autograd uses on the CPU) and <loss>_backward. Argument checks in
+// loss_config.cpp; kernels in cpu/loss_kernel.cpp and cuda/loss_kernel.cu, registered for every loss by
+// loss_registration.h; autograd in autograd/loss_autograd.cpp; Meta kernels in meta_kernels.cpp.
 #include <torch/library.h>
 
 #include <string>
@@ -20,7 +22,7 @@ constexpr const char* kBackwardArgs =
 
 }  // namespace
 
-TORCH_LIBRARY(robust_diffusion, m) {
+TORCH_LIBRARY_FRAGMENT(robust_diffusion, m) {
   losses::for_each_loss([&](auto loss) {
     using Loss = decltype(loss);
     m.def((std::string(Loss::name) + kForwardArgs + Loss::params + kForwardReturns).c_str());
