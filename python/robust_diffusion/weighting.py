@@ -180,7 +180,7 @@ def pseudo_huber_c(schedule: Schedule, t: Tensor, c: float = 0.1, c_schedule: st
     On a continuous schedule ``"snr"`` is the same function of the noise level, ``(1 - c) sigmoid(lambda / 2)^2 +
     c`` at ``lambda = schedule.log_snr(t)`` (``sigma_t / alpha_t = exp(-lambda / 2)``): 1 at no noise, ``c`` at
     pure noise, finite at both ends. For flow matching (``sigma / alpha = t / (1 - t)``) it is
-    ``(1 - c) (1 - t)^2 + c``, which is what the snr schedule means there (kohya sd-scripts issue 1868: the
+    ``(1 - c) (1 - t)^2 + c``, which is what the snr schedule means there (kohya-ss/sd-scripts#1868: the
     DDPM formula fed flow times does not). ``"exponential"`` is ``c^t c_scale`` on the unit time of flow
     matching and of the continuous VP / VE processes, and is refused for EDM (its time is sigma itself).
 
