@@ -199,7 +199,7 @@ def fixed_cost_us(timer: Timer, device: torch.device, rounds: int) -> dict:
     return {label: statistics.median(t) for label, t in times.items()}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeat", type=int, default=None)
@@ -210,7 +210,54 @@ def main() -> None:
     parser.add_argument("--dtypes", default=",".join(DTYPES), help=f"comma-separated, of {', '.join(DTYPES)}")
     parser.add_argument("--system-malloc", action="store_true",
                         help="keep glibc's default of returning freed memory (pays page faults each step)")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def measure(timer: Timer, device: torch.device, shape, dtype, repeat: int, compile_too: bool):
+    """One row: every contender's median time on rotating input sets, the 3N bytes and the copy bandwidth."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    inputs = []
+    for _ in range(input_sets(device, numel, dtype.itemsize)):
+        x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+        y = torch.randn(shape, device=device, dtype=dtype)
+        inputs.append((x, y, torch.full((shape[0],), 0.5, device=device)))
+    torch._dynamo.reset()  # a fresh compile per row: dynamo's recompile limit would fall back to eager
+    contenders = {"ours": ours, "eager": hellinger_composite, "mse": mse}
+    if compile_too:
+        contenders["compile"] = torch.compile(hellinger_composite, dynamic=False)
+    contenders["two-pass"] = two_pass
+    # One rotation shared by all contenders: each call takes the next input set, so the set a call reads was last
+    # read a whole rotation (2x the last-level cache) ago, not by the contender timed just before it.
+    index = [0]
+    fns = {label: step(fn, inputs, index) for label, fn in contenders.items()}
+    fns["kernel"] = step(kernel, inputs, index, backward=False)
+    fns["copy"] = Copy(inputs, index)
+    times = timer.compare(fns, warmup=10, repeat=repeat)
+    bytes3 = 3 * numel * dtype.itemsize
+    bandwidth = 2 * numel * dtype.itemsize / (times["copy"] * 1e-3)  # read + write, bytes per second
+    print(f"{str(shape):22s} {str(dtype).split('.')[-1]:8s} sets {len(inputs):3d} "
+          + "  ".join(f"{k} {v:8.3f} ms" for k, v in times.items())
+          + f"  {100 * bytes3 / bandwidth / (times['ours'] * 1e-3):.0f}% of the 3N floor", flush=True)
+    return times, bytes3, bandwidth
+
+
+def table_line(shape, dtype_name: str, times: dict, bytes3: int, bandwidth: float) -> str:
+    floor3 = bytes3 / bandwidth * 1e3
+    floor5 = floor3 * 5 / 3
+    compile_ms = times.get("compile")
+    cells = [str(tuple(shape)), dtype_name, f"{bytes3 / 1e6:.3g}", f"{times['ours']:.3f}", f"{times['two-pass']:.3f}",
+             f"{times['eager']:.3f}", f"{compile_ms:.3f}" if compile_ms else "-", f"{times['mse']:.3f}",
+             f"{bandwidth / 1e9:.1f}", f"{floor3:.3f}", f"{100 * floor3 / times['ours']:.0f}%",
+             f"{100 * floor5 / times['two-pass']:.0f}%", f"{100 * floor5 / compile_ms:.0f}%" if compile_ms else "-",
+             f"{times['eager'] / times['ours']:.2f}x", f"{compile_ms / times['ours']:.2f}x" if compile_ms else "-",
+             f"{times['kernel']:.3f}", f"{100 * floor3 / times['kernel']:.0f}%"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def main() -> None:
+    args = parse_args()
     device = torch.device(args.device)
     if device.type == "cpu" and not args.system_malloc and sys.platform.startswith("linux") and \
             "GLIBC_TUNABLES" not in os.environ:
@@ -223,52 +270,12 @@ def main() -> None:
 
     shapes = [tuple(int(size) for size in text.split("x")) for text in args.shapes.split(",")]
     dtypes = {name: DTYPES[name] for name in args.dtypes.split(",")}
-    rows = []
-    for shape in shapes:
-        for dtype_name, dtype in dtypes.items():
-            numel = 1
-            for size in shape:
-                numel *= size
-            inputs = []
-            for _ in range(input_sets(device, numel, dtype.itemsize)):
-                x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
-                y = torch.randn(shape, device=device, dtype=dtype)
-                inputs.append((x, y, torch.full((shape[0],), 0.5, device=device)))
-            torch._dynamo.reset()  # a fresh compile per row: dynamo's recompile limit would fall back to eager
-            contenders = {"ours": ours, "eager": hellinger_composite, "mse": mse}
-            if not args.no_compile:
-                contenders["compile"] = torch.compile(hellinger_composite, dynamic=False)
-            contenders["two-pass"] = two_pass
-            # One rotation shared by all contenders: each call takes the next input set, so the set a call reads was
-            # last read a whole rotation (2x the last-level cache) ago, not by the contender timed just before it.
-            index = [0]
-            fns = {label: step(fn, inputs, index) for label, fn in contenders.items()}
-            fns["kernel"] = step(kernel, inputs, index, backward=False)
-            fns["copy"] = Copy(inputs, index)
-            times = timer.compare(fns, warmup=10, repeat=repeat)
-            bytes3 = 3 * numel * dtype.itemsize
-            bandwidth = 2 * numel * dtype.itemsize / (times["copy"] * 1e-3)  # read + write, bytes per second
-            rows.append((shape, dtype_name, times, bytes3, bandwidth))
-            print(f"{str(shape):22s} {dtype_name:8s} sets {len(inputs):3d} "
-                  + "  ".join(f"{k} {v:8.3f} ms" for k, v in times.items())
-                  + f"  {100 * bytes3 / bandwidth / (times['ours'] * 1e-3):.0f}% of the 3N floor", flush=True)
-
+    lines = [table_line(shape, dtype_name, *measure(timer, device, shape, dtype, repeat, not args.no_compile))
+             for shape in shapes for dtype_name, dtype in dtypes.items()]
     fixed = fixed_cost_us(timer, device, repeat)
     header = ("| shape | dtype | 3N MB | ours ms | two-pass ms | eager ms | compile ms | F.mse_loss ms | copy GB/s | "
               "3N floor ms | ours % of 3N | two-pass % of 5N | compile % of 5N | vs eager | vs compile | kernel ms | "
               "kernel % of 3N |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
-    lines = []
-    for shape, dtype_name, times, bytes3, bandwidth in rows:
-        floor3 = bytes3 / bandwidth * 1e3
-        floor5 = floor3 * 5 / 3
-        compile_ms = times.get("compile")
-        cells = [str(tuple(shape)), dtype_name, f"{bytes3 / 1e6:.3g}", f"{times['ours']:.3f}", f"{times['two-pass']:.3f}",
-                 f"{times['eager']:.3f}", f"{compile_ms:.3f}" if compile_ms else "-", f"{times['mse']:.3f}",
-                 f"{bandwidth / 1e9:.1f}", f"{floor3:.3f}", f"{100 * floor3 / times['ours']:.0f}%", f"{100 * floor5 / times['two-pass']:.0f}%",
-                 f"{100 * floor5 / compile_ms:.0f}%" if compile_ms else "-", f"{times['eager'] / times['ours']:.2f}x",
-                 f"{compile_ms / times['ours']:.2f}x" if compile_ms else "-", f"{times['kernel']:.3f}",
-                 f"{100 * floor3 / times['kernel']:.0f}%"]
-        lines.append("| " + " | ".join(cells) + " |")
     cache = "256 MB" if device.type == "cuda" else f"2x the {last_level_cache_bytes() >> 20} MB last-level cache"
     written = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     section = (f"\n## {name}: torch {torch.__version__}, {written}\n\n"
