@@ -1,4 +1,4 @@
-"""`pip install .` as a user types it (issue 15): the in-tree build backend (tools/build_backend/) lets pip's
+"""`pip install .` as a user types it: the in-tree build backend (tools/build_backend/) lets pip's
 isolated build see the torch already installed, so a plain `pip install .` builds against it and never downloads
 a second copy; without torch, or under `--no-build-isolation` with a setuptools too old for pyproject.toml, it
 stops at once with what to do; uv's isolated build (which cannot see the user's torch) gets the uv command that
