@@ -324,6 +324,52 @@ def test_flow_matching_schedulers_that_cannot_be_mapped_are_refused():
         rd.NoiseSchedule.from_diffusers(FlowMatchEulerDiscreteScheduler())
 
 
+def test_a_diffusers_scheduler_is_taken_wherever_a_schedule_is():
+    """The scheduler a diffusers user has, passed as it is to the module, the functions, the weightings, risk and
+    the Trainer, gives what the mapped schedule gives; one that cannot be mapped is refused with the reason."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from robust_diffusion.training.trainer import TrainConfig, Trainer
+
+    scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    mapped = rd.NoiseSchedule.from_diffusers(scheduler)
+    x, y = torch.randn(6, 3, 4, 4), torch.randn(6, 3, 4, 4)
+    t = torch.tensor([0, 150, 400, 650, 900, 999])
+    ours, theirs = rd.RobustDiffusionLoss("ned", scheduler), rd.RobustDiffusionLoss("ned", mapped)
+    assert ours.prediction_type == "v_prediction"
+    torch.testing.assert_close(ours(x, y, t), theirs(x, y, t), rtol=0, atol=0)
+    torch.testing.assert_close(rd.hellinger_loss(x, y, t, schedule=scheduler, scale="vlb"),
+                               rd.hellinger_loss(x, y, t, schedule=mapped, scale="vlb"), rtol=0, atol=0)
+    torch.testing.assert_close(rd.pseudo_huber_loss(x, y, t, c_schedule="snr", schedule=scheduler),
+                               rd.pseudo_huber_loss(x, y, t, c_schedule="snr", schedule=mapped), rtol=0, atol=0)
+    torch.testing.assert_close(rd.loss_weights(scheduler, t, "min_snr"), rd.loss_weights(mapped, t, "min_snr"))
+    torch.testing.assert_close(rd.weight_table(scheduler, "p2"), rd.weight_table(mapped, "p2"))
+    noised = rd.risk_noising(x, 0.1, t, y, schedule=scheduler, prediction_type="epsilon")
+    torch.testing.assert_close(noised.noisy, rd.risk_noising(x, 0.1, t, y, schedule=mapped,
+                                                             prediction_type="epsilon").noisy)
+    assert rd.ned_loss(x, y, t, schedule=scheduler).isfinite()
+
+    flow = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sigmas = torch.tensor([0.05, 0.3, 0.5, 0.7, 0.9, 1.0])
+    module = rd.RobustDiffusionLoss("ned", flow, weighting="sigma_sqrt")
+    assert module.prediction_type == "flow_prediction" and module(x, y, sigmas).isfinite()
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 1\] .*got values in \[50, 1000\] \(diffusers' "
+                                         r"flow-matching timesteps are sigma \* num_train_timesteps: pass the sigmas"):
+        module(x, y, sigmas * 1000)
+    trainer = Trainer(torch.nn.Conv2d(1, 1, 1), rd.RobustDiffusionLoss("ned", flow, update="step"),
+                      torch.utils.data.TensorDataset(torch.randn(8, 1, 4, 4)), flow,
+                      TrainConfig(steps=1, batch_size=4, progress=False))
+    assert isinstance(trainer.schedule, rd.FlowMatchingSchedule) and trainer.schedule.shift == 3.0
+
+    with pytest.raises(TypeError, match=r"^RobustDiffusionLoss: the diffusers scheduler "
+                                        r"FlowMatchEulerDiscreteScheduler cannot be used as a schedule: .*dynamic "
+                                        r"shifting"):
+        rd.RobustDiffusionLoss("ned", FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True))
+    with pytest.raises(TypeError, match=r"^ned_loss: schedule must be a robust_diffusion schedule \(rd.NoiseSchedule, "
+                                        r"rd.FlowMatchingSchedule, rd.EDMSchedule, ...\) or a diffusers scheduler, "
+                                        r"got str"):
+        rd.ned_loss(x, y, t, schedule="linear")
+
+
 @pytest.mark.parametrize("scheme", ["sigma_sqrt", "cosmap"])
 def test_flow_matching_loss_weighting_equals_diffusers_sd3(scheme):
     """loss_weights on a FlowMatchingSchedule (flow_prediction, its default) equals compute_loss_weighting_for_sd3.

@@ -7,6 +7,7 @@ level ``sigma`` itself, and flow matching (rectified flow, ``x_t = (1 - t) x0 + 
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Optional, Tuple
 
 import torch
@@ -29,8 +30,12 @@ class _UnitTimeSchedule(Schedule):
     def check_timesteps(self, t: Tensor, argument: str = "t", *, caller: Optional[str] = None) -> Tensor:
         where = _checked_float_times(t, argument, caller, "times in [0, 1] for a continuous schedule")
         _check_values(t, (t >= 0) & (t <= 1), f"{where} must lie in [0, 1] for a continuous schedule",
-                      lambda: f", got values in [{t.min().item():.4g}, {t.max().item():.4g}]")
+                      lambda: f", got values in [{t.min().item():.4g}, {t.max().item():.4g}]"
+                              + (self._out_of_range_hint if t.max().item() > 1 else ""))
         return t
+
+    #: What a time above 1 most likely was, for the message that refuses it.
+    _out_of_range_hint = ""
 
     def coefficients(self, t: Tensor, dtype: torch.dtype = torch.float32, *, caller: Optional[str] = None
                      ) -> Tuple[Optional[Tensor], Tensor]:
@@ -266,6 +271,9 @@ class EDMSchedule(Schedule):
 
 
 class FlowMatchingSchedule(_UnitTimeSchedule):
+    _out_of_range_hint = (" (diffusers' flow-matching timesteps are sigma * num_train_timesteps: pass the sigmas, "
+                          "e.g. timesteps / 1000)")
+
     """Flow matching / rectified flow (SD3, Flux): ``x_t = (1 - t) x0 + t eps`` on ``t`` in ``[0, 1]``, so
     ``alpha = 1 - t``, ``sigma = t`` and ``SNR = ((1 - t) / t)^2``; the model learns the velocity ``eps - x0``
     (``prediction_type="flow_prediction"``). ``t`` is diffusers' sigma (its timestep divided by
@@ -422,6 +430,44 @@ class FlowMatchingSchedule(_UnitTimeSchedule):
                     "mode": f", mode_scale={self.mode_scale}"}[self.timestep_sampling]
         return (f"FlowMatchingSchedule(shift={self.shift}, timestep_sampling={self.timestep_sampling!r}{sampling}, "
                 f"eps={self.eps})")
+
+
+def as_schedule(schedule: object, caller: str) -> Schedule:
+    """What every function and module that takes a ``schedule`` makes of it: a :class:`Schedule` as it is, a
+    diffusers scheduler (``DDPMScheduler`` and the rest of the DDPM family, ``FlowMatchEulerDiscreteScheduler``, the
+    EDM schedulers) mapped by :func:`schedule_from_diffusers` (once per scheduler object); anything else, or a
+    scheduler that cannot be mapped, is refused with a one-line TypeError that says why."""
+    if isinstance(schedule, Schedule):
+        return schedule
+    if not _is_diffusers_scheduler(schedule):
+        raise TypeError(f"{caller}: schedule must be a robust_diffusion schedule (rd.NoiseSchedule, "
+                        f"rd.FlowMatchingSchedule, rd.EDMSchedule, ...) or a diffusers scheduler, got "
+                        f"{type(schedule).__name__}")
+    try:
+        return _MAPPED_SCHEDULERS[schedule]
+    except (KeyError, TypeError):
+        pass
+    try:
+        mapped = schedule_from_diffusers(schedule)
+    except (TypeError, ValueError) as error:
+        reason = str(error).removeprefix("schedule_from_diffusers: ")
+        raise TypeError(f"{caller}: the diffusers scheduler {type(schedule).__name__} cannot be used as a schedule: "
+                        f"{reason}") from None
+    try:
+        _MAPPED_SCHEDULERS[schedule] = mapped
+    except TypeError:  # not weakly referenceable: mapped again next time
+        pass
+    return mapped
+
+
+#: Diffusers schedulers already mapped, so a loss called each step with one does not rebuild its schedule.
+_MAPPED_SCHEDULERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _is_diffusers_scheduler(obj: object) -> bool:
+    """A diffusers scheduler, or an object shaped like one (a ``config`` with ``num_train_timesteps``)."""
+    return type(obj).__module__.split(".")[0] == "diffusers" or hasattr(getattr(obj, "config", None),
+                                                                        "num_train_timesteps")
 
 
 def schedule_from_diffusers(scheduler, **sampling) -> Schedule:

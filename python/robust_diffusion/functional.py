@@ -72,7 +72,8 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .schedules import NoiseSchedule
+from .continuous import as_schedule
+from .schedules import NoiseSchedule, Schedule
 from .weighting import pseudo_huber_c
 
 __all__ = [
@@ -102,6 +103,11 @@ def default_schedule() -> NoiseSchedule:
     if _DEFAULT_SCHEDULE is None:
         _DEFAULT_SCHEDULE = NoiseSchedule.linear()
     return _DEFAULT_SCHEDULE
+
+
+def _schedule(schedule: object, caller: str) -> Schedule:
+    """The schedule a function was given (a diffusers scheduler mapped), or the default one."""
+    return default_schedule() if schedule is None else as_schedule(schedule, caller)
 
 
 def _check_pair(name: str, input: Tensor, target: Tensor) -> int:
@@ -137,7 +143,10 @@ def _resolve_scale(name: str, scale: Scale, t: Optional[Tensor], schedule: Optio
                              f"got {scale!r} (the adaptive scale needs running state: use RobustDiffusionLoss)")
         if t is None:
             raise ValueError(f"{name}: scale='vlb' needs the timesteps t")
-        return (schedule or default_schedule()).gather("vlb_weight", t, caller=name)
+        if not isinstance(schedule, NoiseSchedule):
+            raise ValueError(f"{name}: scale='vlb' is DDPM's lambda_t of a discrete schedule; {schedule!r} is "
+                             f"continuous (use a number, 'batch' or RobustDiffusionLoss's adaptive scale)")
+        return schedule.gather("vlb_weight", t, caller=name)
     if not isinstance(scale, Tensor):
         scale = _float_param(name, "scale", scale, "a float, a per-sample tensor or 'vlb'")
         if not 0 <= scale < math.inf:  # also refuses NaN
@@ -181,13 +190,14 @@ def _loss_call(op_name: str, input: Tensor, target: Tensor, t: Optional[Tensor],
                *params) -> Tuple[Tensor, Tensor, Tensor]:
     """Validates the Python-level arguments and calls ``torch.ops.robust_diffusion.<op_name>``."""
     batch = _check_pair(op_name, input, target)
+    schedule = _schedule(schedule, op_name)
     if t is not None:
         if not isinstance(t, Tensor) or t.dim() != 1 or t.shape[0] != batch:
             shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
             raise ValueError(f"{op_name}: t must be a 1-D tensor with one timestep per sample ({batch}), got {shape}")
         if t.device != input.device:
             raise ValueError(f"{op_name}: t must be on input's device ({input.device}), got {t.device}")
-        (schedule or default_schedule()).check_timesteps(t, caller=op_name)
+        schedule.check_timesteps(t, caller=op_name)
     op = getattr(torch.ops.robust_diffusion, op_name)
     if isinstance(scale, str) and scale == "batch":
         with torch.no_grad():  # one extra pass: the penalties at scale 1, for their medians
@@ -207,7 +217,8 @@ _COMMON_DOC = """
         target: what it should predict (e.g. the noise), the same shape; float32 with a low-precision
             input is read as is.
         t: integer timesteps [B]; needed for ``scale="vlb"``, validated when given.
-        schedule: the :class:`NoiseSchedule` for ``t`` (default: linear, T = 1000).
+        schedule: the schedule of ``t`` (default: linear :class:`NoiseSchedule`, T = 1000), or a diffusers scheduler
+            as it is (:func:`~robust_diffusion.schedule_from_diffusers`).
         scale: multiplies R_b before the transform: a float (default 1.0), a [B] tensor, ``"vlb"``, or
             ``"batch"`` (stateless robust scale from this batch's penalties, :func:`batch_scale`).
         dim_reduction: ``"mean"`` (default) or ``"sum"`` of the penalty over a sample's elements.
@@ -308,7 +319,8 @@ def pseudo_huber_loss(input: Tensor, target: Tensor, t: Optional[Tensor] = None,
     if c_schedule is not None:
         if t is None or isinstance(c, Tensor):
             raise ValueError("pseudo_huber_loss: c_schedule needs the timesteps t and a float c")
-        c = pseudo_huber_c(schedule or default_schedule(), t, float(c), c_schedule, c_scale)
+        schedule = _schedule(schedule, "pseudo_huber_loss")
+        c = pseudo_huber_c(schedule, t, float(c), c_schedule, c_scale)
     elif c_scale != 1.0:
         raise ValueError("pseudo_huber_loss: c_scale scales a c_schedule; without one, pass c * c_scale as c")
     c_b = _per_sample("pseudo_huber_loss", "c", c, batch, input.device)

@@ -62,6 +62,7 @@ from torch import Tensor, nn
 from . import ops  # noqa: F401  (loads the operators)
 from .functional import DIVERGENCES, clipped_mse_loss, default_schedule, divergence_loss, huber_loss, pseudo_huber_loss
 from .robust_loss import LOSSES, RobustDiffusionLoss
+from .continuous import as_schedule
 from .schedules import Schedule, canonical_prediction_type
 from .weighting import loss_weights
 
@@ -76,10 +77,6 @@ RISK_PREDICTION_TYPES = ("epsilon", "score", "sample", "v_prediction")
 
 
 # ---------------------------------------------------------------------------------------------- processes
-def _check_process(schedule: object) -> None:
-    if not isinstance(schedule, Schedule):
-        raise TypeError(f"schedule must be a Schedule (NoiseSchedule, ContinuousVPSchedule, VESchedule or "
-                        f"EDMSchedule), got {type(schedule).__name__}")
 
 
 def cauchy_variance_factor(numel_per_sample: int) -> float:
@@ -159,7 +156,7 @@ def timestep_lower_bound(schedule: Schedule, risk: Tensor, *, perturbation: str 
     require ``v^2 > margin * sigma_t^2``. ``numel_per_sample``: D for a Cauchy perturbation with a ``[B]`` risk.
     Negative, NaN or infinite risk raises ``ValueError`` (one host sync per call on an accelerator).
     """
-    _check_process(schedule)
+    schedule = as_schedule(schedule, "timestep_lower_bound")
     rb = _checked_risk_bound("timestep_lower_bound", risk, perturbation, margin, numel_per_sample)
     return schedule.lower_time_bound(rb.q)
 
@@ -169,7 +166,7 @@ def usable_samples(schedule: Schedule, risk: Tensor, *, perturbation: str = "gau
     """Boolean ``[B]``: which samples have a non-empty stability interval on ``schedule`` (arguments as in
     :func:`timestep_lower_bound`). Use it to drop unusable samples explicitly before :func:`sample_timesteps`.
     Negative, NaN or infinite risk raises ``ValueError`` (one host sync per call on an accelerator)."""
-    _check_process(schedule)
+    schedule = as_schedule(schedule, "usable_samples")
     rb = _checked_risk_bound("usable_samples", risk, perturbation, margin, numel_per_sample)
     return schedule.has_time_after(schedule.lower_time_bound(rb.q))
 
@@ -187,7 +184,7 @@ def sample_timesteps(schedule: Schedule, risk: Tensor, *, perturbation: str = "g
     ``generator`` (on ``risk``'s device) makes the draw reproducible. At ``r = 0`` the draw is
     :meth:`NoiseSchedule.sample_timesteps`'s bit for bit (the same ``floor(u T)`` from the same generator).
     """
-    _check_process(schedule)
+    schedule = as_schedule(schedule, "sample_timesteps")
     rb = _risk_bound(risk, perturbation, margin, numel_per_sample)
     bound = schedule.lower_time_bound(rb.q)
     usable = schedule.has_time_after(bound)
@@ -249,7 +246,7 @@ def risk_noising(sample: Tensor, risk: Union[Tensor, float], t: Tensor, noise: O
     inputs that require grad are refused.
     """
     schedule = default_schedule() if schedule is None else schedule
-    _check_process(schedule)
+    schedule = as_schedule(schedule, "risk_noising")
     kind = _canonical_risk_prediction_type(prediction_type)
     if kind == "v_prediction" and schedule.process != "vp":
         raise ValueError(f"prediction_type 'v_prediction' is defined for VP processes, not {schedule!r}; use "

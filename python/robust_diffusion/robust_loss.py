@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ._buffers import DtypeKeepingModule
+from .continuous import as_schedule
 from .adaptive_scale import BUCKET_LOG_SNR_RANGE, MAX_UPDATE_RATIO, PENALTY_FLOOR, AdaptiveScale, log_snr_buckets
 from .functional import batch_scale, default_schedule
 from .ops import LOSS_TABLE
@@ -50,7 +51,9 @@ class RobustDiffusionLoss(DtypeKeepingModule):
     Args:
         loss: one of :data:`LOSSES` (an f-divergence of ``DIVERGENCES`` or a baseline).
         schedule: the :class:`~robust_diffusion.Schedule` the timesteps refer to (default: linear
-            :class:`NoiseSchedule`, T = 1000): a discrete one takes integer steps ``t``, a continuous one
+            :class:`NoiseSchedule`, T = 1000), or a diffusers scheduler as it is (``DDPMScheduler`` and its family,
+            ``FlowMatchEulerDiscreteScheduler``, the EDM schedulers; :func:`~robust_diffusion.schedule_from_diffusers`
+            maps it): a discrete one takes integer steps ``t``, a continuous one
             (:class:`~robust_diffusion.FlowMatchingSchedule`, EDM, continuous VP / VE) its float times (EDM:
             sigma). On a continuous schedule the weights and pseudo-Huber ``c`` are evaluated at
             ``schedule.log_snr(t)`` on each call, ``scale="vlb"`` (DDPM's lambda_t) and ``normalize_weights`` are
@@ -116,7 +119,7 @@ class RobustDiffusionLoss(DtypeKeepingModule):
                  update: str = "forward", **loss_params):
         super().__init__()
         params = _loss_parameters(loss, loss_params)
-        schedule = schedule or default_schedule()
+        schedule = default_schedule() if schedule is None else as_schedule(schedule, "RobustDiffusionLoss")
         _check_settings(schedule, scale, temperature, dim_reduction, reduction, normalize_weights)
         AdaptiveScale.check_settings(num_buckets, momentum, update)
         self.discrete = bool(schedule.discrete)
@@ -325,9 +328,6 @@ def _check_settings(schedule: Schedule, scale: Union[str, float], temperature: f
         raise ValueError(f"dim_reduction must be 'sum' or 'mean', got {dim_reduction!r}")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if not isinstance(schedule, Schedule):
-        raise TypeError(f"RobustDiffusionLoss: schedule must be a Schedule (NoiseSchedule, FlowMatchingSchedule, "
-                        f"EDMSchedule, ...), got {type(schedule).__name__}")
     if not schedule.discrete and scale == "vlb":
         raise ValueError(f"RobustDiffusionLoss: scale='vlb' is DDPM's lambda_t of a discrete schedule; "
                          f"{schedule!r} is continuous (use 'adaptive', 'batch' or a number)")

@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .continuous import as_schedule
 from .schedules import NoiseSchedule, Schedule, canonical_prediction_type, prediction_type_for
 
 __all__ = ["loss_weights", "weight_table", "pseudo_huber_c",
@@ -149,7 +150,8 @@ def loss_weights(schedule: NoiseSchedule, t: Tensor, scheme: str = "constant",
     """
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-    if isinstance(schedule, Schedule) and not schedule.discrete:
+    schedule = as_schedule(schedule, "loss_weights")
+    if not schedule.discrete:
         return _continuous_weights(schedule, t, scheme, prediction_type, terminal, normalize, dtype, params)
     key = _weight_key(schedule, scheme, prediction_type, terminal, normalize, params)
     t = schedule.check_timesteps(t, caller="loss_weights")
@@ -159,6 +161,7 @@ def loss_weights(schedule: NoiseSchedule, t: Tensor, scheme: str = "constant",
 def weight_table(schedule: NoiseSchedule, scheme: str = "constant", prediction_type: Optional[str] = None, *,
                  terminal: str = "clamp", normalize: bool = False, **params: float) -> Tensor:
     """The weights of :func:`loss_weights` for every step: float64 CPU tensor of shape ``[T]`` (a copy)."""
+    schedule = as_schedule(schedule, "weight_table")
     key = _weight_key(schedule, scheme, prediction_type, terminal, normalize, params)
     return _float64_table(schedule, key).clone()
 
@@ -187,7 +190,8 @@ def pseudo_huber_c(schedule: Schedule, t: Tensor, c: float = 0.1, c_schedule: st
     ``c_scale`` is kohya sd-scripts' ``huber_scale``, applied as there: to the constant and exponential
     schedules, not to ``"snr"``. diffusers' scripts have no such option (``c_scale = 1``).
     """
-    if not (isinstance(schedule, Schedule) and not schedule.discrete):
+    schedule = as_schedule(schedule, "pseudo_huber_c")
+    if schedule.discrete:
         _check_schedule(schedule)
     if c_schedule not in HUBER_C_SCHEDULES:
         raise ValueError(f"c_schedule must be one of {list(HUBER_C_SCHEDULES)}, got {c_schedule!r}")

@@ -52,6 +52,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from ..adaptive_scale import log_snr_buckets
+from ..continuous import as_schedule
 from ..influence import InfluenceTracker
 from ..robust_loss import RobustDiffusionLoss
 from ..schedules import NoiseSchedule, Schedule, prediction_type_for
@@ -88,7 +89,8 @@ class Trainer:
             :class:`~robust_diffusion.training.data.ContaminatedDataset`). If it has an ``is_contaminated`` [N] bool
             tensor, the influence weights are logged separately for clean and contaminated samples.
         schedule: the noise schedule (default: linear, T = 1000): a discrete :class:`NoiseSchedule`, or a
-            :class:`~robust_diffusion.FlowMatchingSchedule` for flow matching (times drawn by its sampler, the
+            :class:`~robust_diffusion.FlowMatchingSchedule` for flow matching, or the diffusers scheduler of either
+            (:func:`~robust_diffusion.schedule_from_diffusers` maps it) (times drawn by its sampler, the
             network given ``schedule.model_timestep(t)``, the velocity target, noise-level buckets in log-SNR).
         config: a :class:`TrainConfig`.
         out_dir: where the checkpoint and the log go (``None``: write nothing).
@@ -108,8 +110,8 @@ class Trainer:
                              f"ranks ({self.world_size})")
         self.local_batch = config.batch_size // self.world_size
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.schedule = schedule or NoiseSchedule.linear()
-        if not isinstance(self.schedule, Schedule) or not (self.schedule.discrete or self.schedule.process == "flow"):
+        self.schedule = NoiseSchedule.linear() if schedule is None else as_schedule(schedule, "Trainer")
+        if not (self.schedule.discrete or self.schedule.process == "flow"):
             raise ValueError(f"the Trainer trains a discrete NoiseSchedule or flow matching (FlowMatchingSchedule), "
                              f"got {self.schedule!r} (EDM and the continuous VP / VE processes need their own "
                              f"preconditioning and sampler)")
