@@ -10,6 +10,9 @@
 10    The training CLI: one-line usage errors instead of tracebacks or silent misconfiguration.
 11    Files a user opens (checkpoints, caches) run no code: a pickle is refused unopened; a state file keeps every
       value and names its kind and format version.
+12    The mistakes a new user makes first (a model output without .sample, t as a list or of the wrong integer
+      dtype, diffusers' flow timesteps for sigmas, a schedule for a count, an empty batch, a schedule with no
+      noise) get one line that names the argument and the fix.
 AMP   An fp16 autocast loop with GradScaler whose forward pass overflows at steps 1 and 50 trains as well as
       without, and the skipped steps leave no trace in the state.
 Kill  A run with the adaptive scale, a poisoning batch and a SIGKILL resumes to exactly the uninterrupted run.
@@ -489,6 +492,50 @@ def test_11_a_state_file_keeps_every_value_and_refuses_another_kind_or_version(t
         with pytest.raises(StateFileError) as error:
             load_state(path, kind, version)
         assert error.value.reason == reason
+
+
+# --------------------------------------------------------------------------- 12: what users get wrong first
+class _ModelOutput:
+    """What a diffusers model returns (UNet2DOutput): the prediction is its .sample."""
+
+    def __init__(self, sample):
+        self.sample = sample
+
+
+_X = torch.randn(4, 1, 4, 4)
+_T = torch.tensor([0, 10, 500, 999])
+USER_MISTAKES = [
+    (lambda: rd.RobustDiffusionLoss("ned")(_ModelOutput(_X), _X, _T), TypeError,
+     r"^RobustDiffusionLoss: input is a _ModelOutput \(a diffusers model output\): pass its .sample$"),
+    (lambda: rd.ned_loss(_ModelOutput(_X), _X, _T), TypeError,
+     r"^ned_loss: input is a _ModelOutput \(a diffusers model output\): pass its .sample$"),
+    (lambda: rd.RobustDiffusionLoss("ned")(_X, _X, [0, 10, 500, 999]), TypeError,
+     r"^RobustDiffusionLoss: t must be a tensor, got list \(torch.as_tensor\(t, device=input.device\)\)$"),
+    (lambda: rd.hellinger_loss(_X, _X, [0, 10, 500, 999]), TypeError, r"^hellinger_loss: t must be a tensor, got list"),
+    (lambda: rd.RobustDiffusionLoss("ned", rd.FlowMatchingSchedule())(_X, _X, _T.float()), ValueError,
+     r"t must lie in \[0, 1\] for a continuous schedule, got values in \[0, 999\] \(diffusers' flow-matching "
+     r"timesteps are sigma \* num_train_timesteps: pass the sigmas"),
+    (lambda: rd.NoiseSchedule.linear(rd.NoiseSchedule.linear()), TypeError,
+     r"^num_timesteps must be a positive integer, got a NoiseSchedule: pass its number of steps"),
+    (lambda: rd.InfluenceTracker(100, num_timesteps=rd.NoiseSchedule.linear()), TypeError,
+     r"^InfluenceTracker: num_timesteps must be a positive integer, got a NoiseSchedule: pass its number of steps"),
+    (lambda: rd.RobustDiffusionLoss("ned")(_X[:0], _X[:0], _T[:0]), ValueError,
+     r"^RobustDiffusionLoss: input has an empty batch \(size\(0\) == 0\)"),
+    (lambda: rd.ned_loss(_X[:0], _X[:0]), ValueError, r"^ned_loss: input has an empty batch"),
+    (lambda: rd.RobustDiffusionLoss("ned")(_X, _X, _T.to(torch.int16)), TypeError,
+     r"^RobustDiffusionLoss: t must hold integer timesteps \(int32/int64\), got dtype torch.int16 \(t.long\(\)"),
+    (lambda: rd.ned_loss(_X, _X, _T.to(torch.uint8)), TypeError,
+     r"^ned_loss: t must hold integer timesteps \(int32/int64\), got dtype torch.uint8 \(t.long\(\) converts it\)$"),
+    (lambda: rd.NoiseSchedule(torch.zeros(10)), ValueError, r"^the schedule adds no noise: alphas_cumprod is 1"),
+    (lambda: rd.NoiseSchedule.from_alphas_cumprod(torch.ones(10)), ValueError, r"^the schedule adds no noise"),
+]
+
+
+@pytest.mark.parametrize("mistake, error, message", USER_MISTAKES, ids=[m for _, _, m in USER_MISTAKES])
+def test_12_the_mistakes_users_make_first_get_a_line_that_names_the_fix(mistake, error, message):
+    with pytest.raises(error, match=message) as raised:
+        mistake()
+    assert len(str(raised.value).splitlines()) == 1
 
 
 # --------------------------------------------------------------------------- AMP with GradScaler

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ._buffers import DtypeKeepingModule
 from .functional import PENALTY_FLOOR
+from .schedules import check_count
 
 __all__ = ["AdaptiveScale", "BUCKET_LOG_SNR_RANGE", "MAX_UPDATE_RATIO", "PENALTY_FLOOR", "UPDATE_MODES",
            "log_snr_buckets"]
@@ -75,8 +76,7 @@ class AdaptiveScale(DtypeKeepingModule):
     @staticmethod
     def check_settings(num_buckets: int, momentum: float, update: str) -> None:
         """The constructor's arguments, each refused with a message that names it."""
-        if isinstance(num_buckets, bool) or not (isinstance(num_buckets, int) and num_buckets >= 1):
-            raise ValueError(f"num_buckets must be a positive integer, got {num_buckets!r}")
+        check_count("num_buckets", num_buckets)
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
         if update not in UPDATE_MODES:

@@ -110,9 +110,21 @@ def _schedule(schedule: object, caller: str) -> Schedule:
     return default_schedule() if schedule is None else as_schedule(schedule, caller)
 
 
+def check_tensor(caller: str, argument: str, value: object) -> Tensor:
+    """``value`` if it is a tensor, else a one-line TypeError naming ``argument`` and the fix: a diffusers model
+    output (``UNet2DOutput`` and the like) is told to pass its ``.sample``, a list or number to make a tensor."""
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(getattr(value, "sample", None), Tensor):
+        raise TypeError(f"{caller}: {argument} is a {type(value).__name__} (a diffusers model output): pass its "
+                        f".sample")
+    fix = " (torch.as_tensor(t, device=input.device))" if argument == "t" else ""
+    raise TypeError(f"{caller}: {argument} must be a tensor, got {type(value).__name__}{fix}")
+
+
 def _check_pair(name: str, input: Tensor, target: Tensor) -> int:
-    if not isinstance(input, Tensor) or not isinstance(target, Tensor):
-        raise TypeError(f"{name}: input and target must be tensors")
+    check_tensor(name, "input", input)
+    check_tensor(name, "target", target)
     if input.dim() < 1:
         raise ValueError(f"{name}: input must have a leading batch dimension, got a 0-dim tensor")
     if input.shape != target.shape:
@@ -192,7 +204,8 @@ def _loss_call(op_name: str, input: Tensor, target: Tensor, t: Optional[Tensor],
     batch = _check_pair(op_name, input, target)
     schedule = _schedule(schedule, op_name)
     if t is not None:
-        if not isinstance(t, Tensor) or t.dim() != 1 or t.shape[0] != batch:
+        check_tensor(op_name, "t", t)
+        if t.dim() != 1 or t.shape[0] != batch:
             shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
             raise ValueError(f"{op_name}: t must be a 1-D tensor with one timestep per sample ({batch}), got {shape}")
         if t.device != input.device:

@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 
 from ._buffers import DtypeKeepingModule
+from .schedules import check_count
 
 __all__ = ["InfluenceTracker"]
 
@@ -86,8 +87,7 @@ class InfluenceTracker(DtypeKeepingModule):
                             ("num_timesteps", num_timesteps)):
             if name == "num_timesteps" and value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"InfluenceTracker: {name} must be a positive integer, got {value!r}")
+            check_count(f"InfluenceTracker: {name}", value)
         if num_timesteps is not None and num_buckets > num_timesteps:
             raise ValueError(f"InfluenceTracker: num_buckets ({num_buckets}) must not exceed num_timesteps "
                              f"({num_timesteps})")

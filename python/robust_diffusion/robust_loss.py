@@ -21,7 +21,7 @@ from torch import Tensor
 from ._buffers import DtypeKeepingModule
 from .continuous import as_schedule
 from .adaptive_scale import BUCKET_LOG_SNR_RANGE, MAX_UPDATE_RATIO, PENALTY_FLOOR, AdaptiveScale, log_snr_buckets
-from .functional import batch_scale, default_schedule
+from .functional import batch_scale, check_tensor, default_schedule
 from .ops import LOSS_TABLE
 from .schedules import NoiseSchedule, Schedule, prediction_type_for
 from .weighting import loss_weights, pseudo_huber_c
@@ -203,7 +203,7 @@ class RobustDiffusionLoss(DtypeKeepingModule):
         """The loss of a batch: ``input`` the model output, ``target`` what it should predict (both
         [B, ...] in ``prediction_type`` space), ``t`` its timesteps [B] (integer steps on a discrete schedule, float
         times on a continuous one), ``weight`` an optional extra per-sample weight [B]."""
-        self._check_call(input, t)
+        self._check_call(input, target, t)
         if self.discrete:
             timestep_weight = self.timestep_weight[t] if self.uses_weighting else None
             c = self.huber_c[t] if self.loss == "pseudo_huber" else None
@@ -246,14 +246,17 @@ class RobustDiffusionLoss(DtypeKeepingModule):
             penalty = self._call(input.detach(), target.detach(), ones, None, c, "none")[1]
         return penalty
 
-    def _check_call(self, input: Tensor, t: Tensor) -> None:
+    def _check_call(self, input: Tensor, target: Tensor, t: Tensor) -> None:
         """The checks of t and of the module's device, with messages that name them (no host sync off the CPU)."""
+        if not torch.jit.is_scripting():
+            self._check_tensors(input, target, t)
         if not self.discrete:
             if not t.is_floating_point():
                 raise TypeError(f"RobustDiffusionLoss: t must hold the continuous schedule's float times, got dtype "
                                 f"{t.dtype}")
-        elif t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise TypeError(f"RobustDiffusionLoss: t must hold integer timesteps (int32/int64), got dtype {t.dtype}")
+        elif t.dtype != torch.int64 and t.dtype != torch.int32:
+            raise TypeError(f"RobustDiffusionLoss: t must hold integer timesteps (int32/int64), got dtype {t.dtype}"
+                            f" (t.long() converts it)")
         if input.dim() < 1 or t.dim() != 1 or t.shape[0] != input.shape[0]:
             raise ValueError(f"RobustDiffusionLoss: t must be a 1-D tensor with one timestep per sample of input "
                              f"(shape {list(input.shape)}), got shape {list(t.shape)}")
@@ -271,6 +274,13 @@ class RobustDiffusionLoss(DtypeKeepingModule):
             torch._assert_async(((t >= 0) & (t < steps)).all(), f"RobustDiffusionLoss: t must lie in [0, {steps})")
         else:
             _check_timestep_range(t, steps)
+
+    @torch.jit.unused
+    def _check_tensors(self, input: Tensor, target: Tensor, t: Tensor) -> None:
+        for argument, value in (("input", input), ("target", target), ("t", t)):
+            check_tensor("RobustDiffusionLoss", argument, value)
+        if input.dim() >= 1 and input.shape[0] == 0:
+            raise ValueError("RobustDiffusionLoss: input has an empty batch (size(0) == 0); skip the step instead")
 
     @torch.jit.unused
     def _check_continuous_times(self, t: Tensor) -> None:

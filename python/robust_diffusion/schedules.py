@@ -14,12 +14,13 @@ and consumers (weighting, scales) handle the limit explicitly.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["NoiseSchedule", "Schedule"]
+__all__ = ["NoiseSchedule", "Schedule", "check_count"]
 
 _PREDICTION_ALIASES = {"epsilon": "epsilon", "eps": "epsilon", "sample": "sample", "x0": "sample",
                        "v": "v_prediction", "v_prediction": "v_prediction"}
@@ -163,6 +164,9 @@ class NoiseSchedule(Schedule):
         else:
             self.alphas_cumprod = _alphas_cumprod
             self.one_minus_alphas_cumprod = 1.0 - _alphas_cumprod
+        if not self.one_minus_alphas_cumprod[-1] > 0:
+            raise ValueError("the schedule adds no noise: alphas_cumprod is 1 at its last step (every beta is 0), so "
+                             "there would be nothing to denoise; check the betas or alphas_cumprod given")
         self._device_cache: Dict[Tuple[str, torch.device, torch.dtype], Tensor] = {}
 
     # ------------------------------------------------------------------ constructors
@@ -304,8 +308,10 @@ class NoiseSchedule(Schedule):
         where = f"{caller}: {argument}" if caller else argument
         if not isinstance(t, Tensor):
             raise TypeError(f"{where} must be a tensor of integer timesteps, got {type(t).__name__}")
-        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-            raise TypeError(f"{where} must hold integer timesteps (int32/int64), got dtype {t.dtype}")
+        if t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{where} must hold integer timesteps (int32/int64), got dtype {t.dtype}"
+                            + (" (t.long() converts it)" if not (t.dtype.is_floating_point or t.dtype.is_complex)
+                               else ""))
         if t.dim() != 1:
             raise ValueError(f"{where} must be a 1-D tensor of per-sample timesteps, got shape {tuple(t.shape)}")
         if t.numel() == 0 or t.device.type == "meta":  # no values to check
@@ -371,9 +377,7 @@ class NoiseSchedule(Schedule):
         and of the trainer at ``t_min = 0``: with the same generator, clean (r = 0) samples get the same
         timesteps bit for bit whichever sampler is used.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
-            raise ValueError(f"NoiseSchedule.sample_timesteps: batch_size must be a non-negative integer, "
-                             f"got {batch_size!r}")
+        check_count("NoiseSchedule.sample_timesteps: batch_size", batch_size, lowest=0)
         u = torch.rand(batch_size, device=device, dtype=torch.float64, generator=generator)
         return torch.floor(u * self.num_timesteps).long()
 
@@ -389,9 +393,22 @@ class NoiseSchedule(Schedule):
                 f"abar[T-1]={self.alphas_cumprod[-1].item():.6g}, prediction_type={self.prediction_type!r})")
 
 
+def check_count(name: str, value: object, lowest: int = 1) -> int:
+    """``value`` as an int of at least ``lowest``, or a one-line error naming ``name``; a schedule or scheduler
+    passed where a count belongs (``num_timesteps=schedule``) is told to pass its ``num_timesteps``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lowest:
+        what = {1: "a positive integer", 0: "a non-negative integer"}.get(lowest, f"an integer of at least {lowest}")
+        if isinstance(value, Schedule) or hasattr(getattr(value, "config", None), "num_train_timesteps"):
+            steps = (": pass its number of steps (schedule.num_timesteps, scheduler.config.num_train_timesteps)"
+                     if name.endswith("timesteps") else "")
+            raise TypeError(f"{name} must be {what}, got a {type(value).__name__}{steps}")
+        shown = repr(value) if isinstance(value, (numbers.Number, str)) else f"a {type(value).__name__}"
+        raise ValueError(f"{name} must be {what}, got {shown}")
+    return int(value)
+
+
 def _check_steps(num_timesteps: int) -> None:
-    if int(num_timesteps) != num_timesteps or num_timesteps < 1:
-        raise ValueError(f"num_timesteps must be a positive integer, got {num_timesteps!r}")
+    check_count("num_timesteps", num_timesteps)
 
 
 def _check_batch(x: Tensor, t: Tensor) -> None:
