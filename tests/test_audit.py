@@ -6,6 +6,7 @@ import gzip
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -342,6 +343,79 @@ def test_train_cli_folder_errors_and_the_contamination_default(tmp_path, capsys)
     error = _usage_error(["--dataset", "folder", "--data-root", str(root), "--contamination", "0.2",
                           "--kind", "dataset"] + base, capsys, train_command.main)
     assert "contamination kind 'dataset'" in error
+
+
+def test_ctrl_c_stops_after_the_step_writes_the_ranking_so_far_and_resume_continues(tmp_path):
+    """SIGINT during the audit: no traceback; it stops after the current step, writes a checkpoint there, the ranking
+    and report of what it has seen so far, says how to continue, and exits 130; --resume finishes the run."""
+    import signal
+    import time
+
+    images = np.random.default_rng(3).integers(0, 256, (32, 8, 8), dtype=np.uint8)
+    np.save(tmp_path / "a.npy", images)
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "robust_diffusion.audit", str(tmp_path / "a.npy"), "--out", str(out), "--model",
+            "micro", "--steps", "100000", "--batch-size", "8", "--show", "4", "--no-progress", "--device", "cpu",
+            "--threads", "1", "--score-from-step", "0", "--checkpoint-every", "100000"]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(subprocess_pythonpath() + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / "log.csv").is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # the first log row: training is under way
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "stopping after this step" in stderr
+    step = read_checkpoint(out / "checkpoint.safetensors")["step"]
+    assert 50 <= step < 100000 and f"interrupted at step {step} of 100000" in stdout
+    rows = _ranking(out)
+    assert len(rows) == 32 and sum(int(r["times_seen"]) for r in rows) == 8 * step
+    assert f"budget: {step} steps of 8" in (out / "report.md").read_text()
+    argv[argv.index("--steps") + 1] = str(step + 4)
+    resumed = subprocess.run(argv + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and f"resumed from {out / 'checkpoint.safetensors'} at step {step}" in resumed.stdout
+    assert sum(int(r["times_seen"]) for r in _ranking(out)) == 8 * (step + 4)
+
+
+@pytest.mark.parametrize("command, script", [(audit_command, "robust-diffusion-audit"),
+                                             (train_command, "robust-diffusion-train")])
+def test_help_shows_every_option_with_a_line_and_its_default(command, script, monkeypatch):
+    from robust_diffusion.training.arguments import default_threads
+
+    parser = command.build_parser()
+    for action in parser._actions:
+        if action.option_strings:
+            assert action.help, f"{action.option_strings} has no help line"
+    text = " ".join(parser.format_help().split())
+    for option, default in (("--steps", 2000 if command is train_command else 1000),
+                            ("--batch-size", 64), ("--lr", 0.0002 if command is train_command else 0.002)):
+        assert f"{option} {option[2:].upper().replace('-', '_')}" in text and f"(default: {default})" in text, option
+    assert parser.prog.startswith("python -m robust_diffusion.")
+    monkeypatch.setattr(sys, "argv", [f"/venv/bin/{script}"])
+    assert command.build_parser().prog == script  # robust-diffusion-train --help names itself
+    if command is audit_command:
+        assert parser.get_default("threads") == default_threads() == max(1, len(os.sched_getaffinity(0)) // 2)
+        assert parser.get_default("checkpoint_every") == 200
+
+
+def test_python_dash_m_robust_diffusion_lists_the_commands():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(subprocess_pythonpath() + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    result = subprocess.run([sys.executable, "-m", "robust_diffusion"], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    for name in ("python -m robust_diffusion.train", "robust-diffusion-train", "python -m robust_diffusion.audit",
+                 "robust-diffusion-audit"):
+        assert name in result.stdout
+
+
+def test_the_audit_extra_declares_what_the_audit_reads_and_draws_with():
+    import tomllib
+
+    with open(Path(__file__).resolve().parents[1] / "pyproject.toml", "rb") as f:
+        extras = tomllib.load(f)["project"]["optional-dependencies"]
+    assert {"pillow", "matplotlib"} <= {name.lower() for name in extras["audit"]}
 
 
 def test_entry_points_expose_main():

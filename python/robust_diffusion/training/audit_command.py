@@ -48,10 +48,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-from .arguments import add_objective_arguments, non_negative_int, positive_float, positive_int
+from .arguments import (HelpFormatter, add_objective_arguments, command_name, default_threads, non_negative_int,
+                        positive_float, positive_int, stop_on_interrupt)
 from .experiment import (LOSS_NAMES, MODEL_PRESETS, build_loss, build_model, build_schedule, loss_settings,
                          parse_loss_name)
-from .audit_report import PROG, describe_objective, score_ranking, write_figures, write_ranking, write_report
+from .audit_report import describe_objective, score_ranking, write_figures, write_ranking, write_report
 from .data import ContaminatedDataset, ImageSet, load_images, unreadable_summary
 from .distributed import init_distributed
 from .trainer import TrainConfig, Trainer
@@ -61,8 +62,10 @@ __all__ = ["build_parser", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Train a small diffusion model with a robust loss on your images and rank them from "
-                               "least to most trusted (the images the loss treats as outliers first).")
+        prog=command_name("robust_diffusion.audit", "robust-diffusion-audit"), formatter_class=HelpFormatter,
+        description="Train a small diffusion model with a robust loss on your images and rank them from least to "
+                    "most trusted (the images the loss treats as outliers first). Ctrl-C stops it after the current "
+                    "step and writes the ranking so far; --resume continues.")
     parser.add_argument("data", metavar="DATA", help="a folder of images (PNG/JPEG/..., searched recursively), a "
                         ".npy/.npz array or an IDX file")
     parser.add_argument("--out", required=True, metavar="DIR", help="where ranking.csv, the grids and report.md go")
@@ -73,22 +76,26 @@ def build_parser() -> argparse.ArgumentParser:
                       help="1 (grey) or 3 (RGB); default: 1 if every image is greyscale, else 3")
     train = parser.add_argument_group("training")
     train.add_argument("--steps", type=positive_int, default=1000, help="the training budget (optimizer steps)")
-    train.add_argument("--batch-size", type=positive_int, default=64)
-    train.add_argument("--lr", type=positive_float, default=2e-3)
+    train.add_argument("--batch-size", type=positive_int, default=64, help="images per step")
+    train.add_argument("--lr", type=positive_float, default=2e-3, help="AdamW's learning rate")
     train.add_argument("--loss", default="ned", help=f"the robust loss (default ned, at the adaptive scale); one of "
                        f"{', '.join(LOSS_NAMES)}")
     train.add_argument("--temperature", type=positive_float, default=1.0, help="the adaptive scale's tau")
-    train.add_argument("--model", default="quick", choices=sorted(MODEL_PRESETS), help="UNet preset (default quick)")
+    train.add_argument("--model", default="quick", choices=sorted(MODEL_PRESETS), help="the UNet preset")
     add_objective_arguments(train)
     train.add_argument("--score-from-step", type=non_negative_int, default=None,
                        help="count the influence weights from this step on (default: a fifth of --steps; the first "
                             "steps, with an untrained model, say little)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="seeds the model, the data order and the noise")
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    train.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    train.add_argument("--threads", type=positive_int, default=default_threads(),
+                       help="torch CPU threads: by default half the cores, so that other work on the machine does not "
+                            "stall torch's spinning threads (they wait for each other)")
+    train.add_argument("--checkpoint-every", type=positive_int, default=200,
+                       help="steps between checkpoints, from which --resume continues")
     train.add_argument("--resume", action="store_true", help="continue the audit in --out (up to --steps)")
     out = parser.add_argument_group("output")
-    out.add_argument("--show", type=positive_int, default=64, help="images in each grid (default 64)")
+    out.add_argument("--show", type=positive_int, default=64, help="images in each grid")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     advanced = parser.add_argument_group("evaluation (advanced)")
     advanced.add_argument("--labels", default=None, metavar="FILE",
@@ -110,14 +117,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if audit.trainer.is_main:
         _announce(args, audit)
     started = time.perf_counter()
-    audit.trainer.train()
+    with stop_on_interrupt(audit.trainer) as interrupted:
+        audit.trainer.train()
     if audit.trainer.is_main:
         _write_results(args, audit, time.perf_counter() - started)
+        if interrupted:
+            print(f"interrupted at step {audit.trainer.step} of {args.steps}: the ranking above is the one so far; "
+                  f"--resume continues from {audit.trainer.checkpoint_path}", flush=True)
     if audit.trainer.world_size > 1:
         import torch.distributed as dist
         dist.barrier()
         dist.destroy_process_group()
-    return 0
+    return 130 if interrupted else 0
 
 
 class _Audit(NamedTuple):
@@ -147,7 +158,8 @@ def _prepare(args) -> _Audit:
     score_from = args.score_from_step if args.score_from_step is not None else args.steps // 5
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          warmup_steps=min(20, args.steps // 10), log_every=min(50, args.steps),
-                         checkpoint_every=200, influence_from_step=score_from, sample_trust=spec.trust,
+                         checkpoint_every=args.checkpoint_every, influence_from_step=score_from,
+                         sample_trust=spec.trust,
                          seed=args.seed, progress=not args.no_progress)
     schedule = build_schedule(args.objective, args.shift, args.timestep_sampling)
     loss_fn = build_loss(spec, schedule, temperature=args.temperature)

@@ -29,29 +29,34 @@ from typing import Optional, Sequence
 import torch
 from safetensors.torch import save_file
 
-from .arguments import add_objective_arguments, non_negative_float, non_negative_int, positive_float, positive_int
+from .arguments import (HelpFormatter, add_objective_arguments, command_name, non_negative_float, non_negative_int,
+                        positive_float, positive_int, stop_on_interrupt)
 from .data import CONTAMINATION_KINDS, unreadable_summary
 from .distributed import init_distributed
 from .experiment import (LOSS_NAMES, LOSS_WEIGHTINGS, MODEL_PRESETS, TRAIN_DATASETS, build_loss, build_model,
                          build_schedule, load_experiment_data, loss_settings, parse_loss_name, parse_scale)
+from .train_config import MIXED_PRECISION
 from .trainer import TrainConfig, Trainer
 
 __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m robust_diffusion.train",
-                                     description="Train a DDPM with a robust loss, on your images (--dataset folder) "
-                                                 "or on (contaminated) Fashion-MNIST / CIFAR-10.")
+    parser = argparse.ArgumentParser(
+        prog=command_name("robust_diffusion.train", "robust-diffusion-train"), formatter_class=HelpFormatter,
+        description="Train a diffusion model (DDPM or flow matching) with a robust loss, on your images (--dataset "
+                    "folder) or on (contaminated) Fashion-MNIST / CIFAR-10.")
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=TRAIN_DATASETS, default="fashion-mnist",
-                      help="folder: your images at --data-root")
+                      help="a benchmark, or folder: your images at --data-root")
     data.add_argument("--data-root", default=None, help="dataset directory (default: Debian's for Fashion-MNIST); "
                       "for --dataset folder a folder of PNG/JPEG/... images or a .npy/.npz/IDX file")
     data.add_argument("--download", action="store_true", help="CIFAR-10: download into --data-root")
     data.add_argument("--contamination", type=float, default=0.0,
                       help="replace this fraction p in [0, 1) of the training images by outliers (default 0: none)")
-    data.add_argument("--kind", choices=CONTAMINATION_KINDS, default="noise")
+    data.add_argument("--kind", choices=CONTAMINATION_KINDS, default="noise",
+                      help="what replaces them: noise images, the images plus Gaussian noise of --noise-std (its std "
+                           "known, for +risk_free), or images of another distribution")
     data.add_argument("--noise-std", type=positive_float, default=0.5, help="std of --kind gaussian")
     data.add_argument("--num-train", type=positive_int, default=None, help="use the first N training images")
     data.add_argument("--image-size", type=positive_int, default=None,
@@ -68,27 +73,31 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument("--temperature", type=positive_float, default=1.0, help="the adaptive scale's tau")
     train = parser.add_argument_group("training")
     add_objective_arguments(train)
-    train.add_argument("--model", default="tiny", choices=sorted(MODEL_PRESETS))
+    train.add_argument("--model", default="tiny", choices=sorted(MODEL_PRESETS), help="the UNet preset")
     train.add_argument("--base-channels", type=positive_int, default=None, help="override the preset's base channels")
-    train.add_argument("--steps", type=positive_int, default=2000)
+    train.add_argument("--steps", type=positive_int, default=2000, help="optimizer steps of the whole run")
     train.add_argument("--batch-size", type=positive_int, default=64, help="global batch (split over ranks)")
-    train.add_argument("--lr", type=positive_float, default=2e-4)
-    train.add_argument("--warmup-steps", type=non_negative_int, default=0)
-    train.add_argument("--ema-decay", type=float, default=0.999, help="in [0, 1)")
+    train.add_argument("--lr", type=positive_float, default=2e-4, help="AdamW's learning rate")
+    train.add_argument("--warmup-steps", type=non_negative_int, default=0, help="linear learning-rate warm-up")
+    train.add_argument("--ema-decay", type=float, default=0.999, help="decay of the weights' EMA, in [0, 1)")
     train.add_argument("--grad-clip", type=non_negative_float, default=1.0,
                        help="clip the gradient norm to this; 0 turns clipping off")
-    train.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "bf16", "fp16"))
-    train.add_argument("--log-every", type=positive_int, default=50)
-    train.add_argument("--checkpoint-every", type=non_negative_int, default=500)
-    train.add_argument("--num-workers", type=non_negative_int, default=0)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--mixed-precision", default="auto", choices=MIXED_PRECISION,
+                       help="autocast: auto is bf16 (fp16 with a grad scaler where bf16 is missing) on a GPU and "
+                            "none on the CPU")
+    train.add_argument("--log-every", type=positive_int, default=50, help="steps per row of log.csv")
+    train.add_argument("--checkpoint-every", type=non_negative_int, default=500,
+                       help="steps between checkpoints (0: only at the end)")
+    train.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader worker processes")
+    train.add_argument("--seed", type=int, default=0, help="seeds the data, the contamination, the noise and the model")
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    train.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads per process")
+    train.add_argument("--threads", type=positive_int, default=None,
+                       help="torch CPU threads per process (default: torch's, one per core)")
     out = parser.add_argument_group("output")
     out.add_argument("--out", required=True, help="output directory")
     out.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.safetensors if it exists")
     out.add_argument("--export", action="store_true", help="export the EMA model (TorchScript, torch.export)")
-    out.add_argument("--no-progress", action="store_true")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -144,7 +153,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"resumed from {trainer.checkpoint_path} at step {trainer.step}", flush=True)
     elif rank == 0 and trainer.log_path.is_file():
         trainer.log_path.unlink()  # a fresh run starts a fresh log
-    trainer.train()
+    with stop_on_interrupt(trainer) as interrupted:
+        trainer.train()
+    if interrupted:
+        print(f"interrupted at step {trainer.step} of {args.steps}: --resume continues from "
+              f"{trainer.checkpoint_path}", flush=True)
+        return 130
 
     if rank == 0:
         mean, count = trainer.average_influence()
