@@ -446,6 +446,64 @@ def test_flow_matching_trains_tracks_log_snr_buckets_and_resumes_exactly(tmp_pat
         assert torch.equal(buffer, getattr(resumed.influence, name)), name
 
 
+def test_gradient_accumulation_takes_the_same_step_in_micro_batches(tmp_path):
+    """batch_size is the optimizer step's batch; gradient_accumulation_steps splits it into micro-batches that see
+    the same samples, timesteps and noise, so with a loss that keeps no running state the weights match one pass
+    (up to the order float sums take); the influence statistics count the same draws."""
+    def run(name, parts, loss="mse"):
+        schedule = rd.NoiseSchedule.linear(100)
+        loss_fn = experiment.build_loss(loss, schedule)
+        return Trainer(_micro_model(), loss_fn, _toy_dataset(), schedule,
+                       TrainConfig(steps=4, batch_size=8, gradient_accumulation_steps=parts, lr=1e-3, log_every=2,
+                                   progress=False), out_dir=tmp_path / name).train()
+
+    one, two, four = run("one", 1), run("two", 2), run("four", 4)
+    for split in (two, four):
+        for key, value in one.model.state_dict().items():
+            torch.testing.assert_close(split.model.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+        assert torch.equal(split.influence.counts(), one.influence.counts())
+        assert [row["loss"] for row in read_log(split.log_path)] == pytest.approx(
+            [row["loss"] for row in read_log(one.log_path)], rel=1e-5)
+    adaptive = run("adaptive", 2, loss="ned")  # the adaptive scale averages the micro-batches' medians
+    assert bool(adaptive.loss_fn.adaptive_scale.initialized) and adaptive.step == 4
+    with pytest.raises(ValueError, match=r"batch_size 8 must be divisible by the number of data-parallel ranks \(1\) "
+                                         r"times gradient_accumulation_steps \(3\)"):
+        _trainer(tmp_path / "bad", 1, gradient_accumulation_steps=3)
+
+
+def test_bfloat16_autocast_trains_on_the_cpu(tmp_path):
+    trainer = _trainer(tmp_path / "bf16", steps=3, mixed_precision="bf16")
+    assert trainer.autocast_dtype == torch.bfloat16 and not trainer.scaler.is_enabled()
+    trainer.train()
+    assert all(math.isfinite(row["loss"]) for row in read_log(trainer.log_path))
+    with pytest.raises(ValueError, match=r"mixed_precision='fp16' needs a CUDA device \(its grad scaler\), the "
+                                         r"trainer runs on cpu: use 'bf16'"):
+        _trainer(tmp_path / "fp16", steps=1, mixed_precision="fp16")
+
+
+def test_every_weighting_scheme_and_its_parameters_reach_the_cli(tmp_path, capsys):
+    from robust_diffusion.weighting import WEIGHTING_SCHEMES
+
+    assert set(experiment.LOSS_WEIGHTINGS) == set(WEIGHTING_SCHEMES) - {"constant"}
+    flow = experiment.build_schedule("flow", 3.0)
+    for scheme in ("sigma_sqrt", "cosmap"):
+        assert experiment.build_loss(f"ned+{scheme}", flow).uses_weighting
+    schedule = rd.NoiseSchedule.linear()
+    t = torch.tensor([0, 100, 500, 999])
+    gamma2 = experiment.build_loss("mse+min_snr", schedule, weighting_params={"gamma": 2.0})
+    torch.testing.assert_close(gamma2.timestep_weight[t], rd.loss_weights(schedule, t, "min_snr", gamma=2.0))
+    assert not torch.allclose(gamma2.timestep_weight[t], rd.loss_weights(schedule, t, "min_snr"))
+    args = train_command.build_parser().parse_args(["--out", "x", "--weighting-param", "gamma=2",
+                                                    "--weighting-param", "k=1"])
+    assert dict(args.weighting_param) == {"gamma": 2.0, "k": 1.0}
+    for argv, message in ((["--weighting-param", "gamma"], r"--weighting-param: must be NAME=NUMBER, e.g. gamma=5"),
+                          (["--weighting-param", "gamma=5"], r"weighting parameters \['gamma'\] need a weighting: "
+                                                             r"name one in the loss, e.g. hellinger\+min_snr")):
+        with pytest.raises(SystemExit):
+            train_command.main(["--out", str(tmp_path), "--steps", "1", "--model", "micro"] + argv)
+        assert re.search(message, capsys.readouterr().err.strip().splitlines()[-1])
+
+
 def test_trainer_refuses_a_loss_that_commits_its_scale_at_the_forward_pass_and_leaves_it_unchanged():
     """The Trainer needs the adaptive state committed after the optimizer step (a skipped step must leave no trace):
     it says how to build such a loss rather than changing the user's module."""

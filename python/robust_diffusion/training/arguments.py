@@ -12,8 +12,8 @@ import threading
 from ..continuous import FLOW_TIMESTEP_SAMPLING
 from .experiment import OBJECTIVES
 
-__all__ = ["HelpFormatter", "add_objective_arguments", "command_name", "default_threads", "non_negative_float",
-           "non_negative_int", "positive_float", "positive_int", "stop_on_interrupt"]
+__all__ = ["HelpFormatter", "add_objective_arguments", "command_name", "default_threads", "name_equals_number",
+           "non_negative_float", "non_negative_int", "positive_float", "positive_int", "stop_on_interrupt"]
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -80,6 +80,18 @@ def _number(kind, lowest: float, inclusive: bool, what: str):
         return value
 
     return parse
+
+
+def name_equals_number(text: str):
+    """An argparse type: ``NAME=NUMBER`` (``gamma=5``) as a (name, float) pair."""
+    name, sep, value = text.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        number = None
+    if not sep or not name.strip().isidentifier() or number is None:
+        raise argparse.ArgumentTypeError(f"must be NAME=NUMBER, e.g. gamma=5, got {text!r}")
+    return name.strip(), number
 
 
 positive_int = _number(int, 0, False, "a positive integer")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -16,6 +16,7 @@ from torch import Tensor
 from ..continuous import FlowMatchingSchedule
 from ..robust_loss import LOSSES, RobustDiffusionLoss
 from ..schedules import NoiseSchedule, Schedule
+from ..weighting import WEIGHTING_SCHEMES
 from .data import (CONTAMINATION_KINDS, FASHION_MNIST_CLASSES, ContaminatedDataset, LabelledImages, contaminate,
                    load_cifar10, load_fashion_mnist, load_images)
 from .models import UNET_PRESETS, UNet
@@ -29,7 +30,7 @@ DATASETS = ("fashion-mnist", "cifar10")
 #: What the training command takes: the benchmarks, or your own images (``folder``: no test split).
 TRAIN_DATASETS = DATASETS + ("folder",)
 #: Timestep weightings a loss name may carry as a suffix: ``ned+debias``.
-LOSS_WEIGHTINGS = ("debias", "min_snr", "p2", "soft_min_snr", "sigmoid", "edm")
+LOSS_WEIGHTINGS = tuple(scheme for scheme in WEIGHTING_SCHEMES if scheme != "constant")
 #: Losses as other libraries train them, whatever ``--scale`` says: a fixed scale of 1 and their parameters.
 #: ``mse`` is the standard MSE (``kl`` at scale 1, ``F.mse_loss``), the baseline users know (``kl`` at the adaptive
 #: scale is the MSE normalised per noise level, RobustDiffusionLoss docs); ``diffusers_huber`` is diffusers'
@@ -278,17 +279,22 @@ def build_schedule(objective: str = "ddpm", shift: float = 1.0, timestep_samplin
 
 
 def build_loss(spec: Union[str, LossChoice], schedule: Schedule, *, scale: Union[str, float] = "adaptive",
-               temperature: float = 1.0) -> RobustDiffusionLoss:
+               temperature: float = 1.0, weighting_params: Optional[Dict[str, float]] = None) -> RobustDiffusionLoss:
     """The :class:`~robust_diffusion.RobustDiffusionLoss` for a loss name such as ``"hellinger"`` or
-    ``"ned+debias"``, with :data:`BASELINE_PARAMS` for the baselines, built for the
-    :class:`~robust_diffusion.training.trainer.Trainer` (``update="step"``)."""
+    ``"ned+min_snr"`` (``weighting_params``: the weighting's parameters, e.g. ``{"gamma": 5.0}``), with
+    :data:`BASELINE_PARAMS` for the baselines, built for the :class:`~robust_diffusion.training.trainer.Trainer`
+    (``update="step"``)."""
     spec = parse_loss_name(spec) if isinstance(spec, str) else spec
+    if weighting_params and spec.weighting == "constant":
+        raise ValueError(f"weighting parameters {sorted(weighting_params)} need a weighting: name one in the loss, "
+                         f"e.g. {spec.loss}+min_snr")
+    weighting = dict(weighting=spec.weighting, weighting_params=weighting_params)
     if spec.loss in STANDARD_LOSSES:
         loss, params = STANDARD_LOSSES[spec.loss]
-        return RobustDiffusionLoss(loss, schedule, scale=1.0, weighting=spec.weighting, update="step", **params)
+        return RobustDiffusionLoss(loss, schedule, scale=1.0, update="step", **weighting, **params)
     params = dict(BASELINE_PARAMS.get(spec.loss, {}))
     return RobustDiffusionLoss(spec.loss, schedule, scale=parse_scale(scale), temperature=temperature,
-                               weighting=spec.weighting, update="step", **params)
+                               update="step", **weighting, **params)
 
 
 def loss_settings(loss_fn: RobustDiffusionLoss) -> str:

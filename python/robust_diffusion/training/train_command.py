@@ -29,8 +29,8 @@ from typing import Optional, Sequence
 import torch
 from safetensors.torch import save_file
 
-from .arguments import (HelpFormatter, add_objective_arguments, command_name, non_negative_float, non_negative_int,
-                        positive_float, positive_int, stop_on_interrupt)
+from .arguments import (HelpFormatter, add_objective_arguments, command_name, name_equals_number, non_negative_float,
+                        non_negative_int, positive_float, positive_int, stop_on_interrupt)
 from .data import CONTAMINATION_KINDS, unreadable_summary
 from .distributed import init_distributed
 from .experiment import (LOSS_NAMES, LOSS_WEIGHTINGS, MODEL_PRESETS, TRAIN_DATASETS, build_loss, build_model,
@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                       f"+weighting ({', '.join(LOSS_WEIGHTINGS)}), +risk_free (needs --kind gaussian) and/or "
                       f"+trust (weight each image by its low-noise influence, TrainConfig.sample_trust), e.g. "
                       f"ned+debias")
+    loss.add_argument("--weighting-param", type=name_equals_number, action="append", default=[], metavar="NAME=VALUE",
+                      help="a parameter of the loss name's weighting, repeatable: gamma=5 for min_snr (diffusers' "
+                           "--snr_gamma), k=1 gamma=1 for p2, k for max_snr, b for sigmoid, sigma_data for edm")
     loss.add_argument("--scale", default="adaptive", help="adaptive, vlb, batch or a number")
     loss.add_argument("--temperature", type=positive_float, default=1.0, help="the adaptive scale's tau")
     train = parser.add_argument_group("training")
@@ -76,7 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", default="tiny", choices=sorted(MODEL_PRESETS), help="the UNet preset")
     train.add_argument("--base-channels", type=positive_int, default=None, help="override the preset's base channels")
     train.add_argument("--steps", type=positive_int, default=2000, help="optimizer steps of the whole run")
-    train.add_argument("--batch-size", type=positive_int, default=64, help="global batch (split over ranks)")
+    train.add_argument("--batch-size", type=positive_int, default=64,
+                       help="global batch of one optimizer step (split over ranks)")
+    train.add_argument("--gradient-accumulation-steps", type=positive_int, default=1,
+                       help="process each rank's share of the batch in this many micro-batches (less memory, the "
+                            "same step)")
     train.add_argument("--lr", type=positive_float, default=2e-4, help="AdamW's learning rate")
     train.add_argument("--warmup-steps", type=non_negative_int, default=0, help="linear learning-rate warm-up")
     train.add_argument("--ema-decay", type=float, default=0.999, help="decay of the weights' EMA, in [0, 1)")
@@ -84,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="clip the gradient norm to this; 0 turns clipping off")
     train.add_argument("--mixed-precision", default="auto", choices=MIXED_PRECISION,
                        help="autocast: auto is bf16 (fp16 with a grad scaler where bf16 is missing) on a GPU and "
-                            "none on the CPU")
+                            "none on the CPU; bf16 works on the CPU too")
     train.add_argument("--log-every", type=positive_int, default=50, help="steps per row of log.csv")
     train.add_argument("--checkpoint-every", type=non_negative_int, default=500,
                        help="steps between checkpoints (0: only at the end)")
@@ -112,11 +119,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError(f"--loss {args.loss}: +risk_free needs --kind gaussian (samples with a known noise std); "
                              f"with --kind {args.kind} every sample's risk is 0 and it would train plain {spec.loss}")
         scale = parse_scale(args.scale)
-        data = load_experiment_data(args.dataset, args.contamination, args.kind, root=args.data_root,
-                                    num_train=args.num_train, image_size=args.image_size,
-                                    noise_std=args.noise_std, seed=args.seed, download=args.download,
-                                    channels=args.channels)
-        config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        config = TrainConfig(steps=args.steps, batch_size=args.batch_size,
+                             gradient_accumulation_steps=args.gradient_accumulation_steps, lr=args.lr,
                              warmup_steps=args.warmup_steps, ema_decay=args.ema_decay,
                              grad_clip=args.grad_clip if args.grad_clip > 0 else None,
                              mixed_precision=args.mixed_precision, log_every=args.log_every,
@@ -128,7 +132,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         schedule = build_schedule(args.objective, args.shift, args.timestep_sampling)
         if spec.risk_free and not schedule.discrete:
             raise ValueError(f"--loss {args.loss}: +risk_free trains DDPM steps (--objective ddpm)")
-        loss_fn = build_loss(spec, schedule, scale=scale, temperature=args.temperature)
+        loss_fn = build_loss(spec, schedule, scale=scale, temperature=args.temperature,
+                             weighting_params=dict(args.weighting_param))
+        data = load_experiment_data(args.dataset, args.contamination, args.kind, root=args.data_root,  # the slow part
+                                    num_train=args.num_train, image_size=args.image_size,
+                                    noise_std=args.noise_std, seed=args.seed, download=args.download,
+                                    channels=args.channels)
         overrides = {"base_channels": args.base_channels} if args.base_channels else {}
         torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run of this seed
         model = build_model(args.model, data.image_shape[0], **overrides)

@@ -17,7 +17,10 @@ class TrainConfig:
 
     Attributes:
         steps: optimizer steps of the whole run (a resumed run continues up to it).
-        batch_size: the global batch, split evenly over data-parallel ranks.
+        batch_size: the global batch of one optimizer step, split evenly over data-parallel ranks.
+        gradient_accumulation_steps: each rank's share of the batch is processed in this many equal micro-batches
+            whose gradients add up before the step (less memory, the same step: the same samples, timesteps and
+            noise as one pass; only the adaptive scale sees each micro-batch's medians, averaged).
         lr: AdamW's peak learning rate, reached linearly over ``warmup_steps``.
         weight_decay, adam_betas: AdamW's.
         grad_clip: clip the global gradient norm to this (``None``: no clipping).
@@ -25,7 +28,7 @@ class TrainConfig:
             step k is ``min(ema_decay, (1 + k) / (10 + k))``, so short runs are not dominated by the
             initial weights.
         mixed_precision: ``"auto"`` (bf16 autocast on GPUs that support it, else fp16 with a grad scaler;
-            off on the CPU), ``"no"``, ``"bf16"`` or ``"fp16"`` (GPU only).
+            off on the CPU), ``"no"``, ``"bf16"`` (GPU or CPU) or ``"fp16"`` (GPU only).
         log_every: steps per ``log.csv`` row (and progress-bar update).
         checkpoint_every: steps between checkpoints (0: only at the end); the last step always writes one.
         influence_from_step: start the per-sample statistics of :attr:`Trainer.influence` at this step
@@ -49,6 +52,7 @@ class TrainConfig:
 
     steps: int = 1000
     batch_size: int = 64
+    gradient_accumulation_steps: int = 1
     lr: float = 2e-4
     weight_decay: float = 0.0
     adam_betas: Tuple[float, float] = (0.9, 0.999)
@@ -68,7 +72,7 @@ class TrainConfig:
     progress_label: str = "training"
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "log_every"):
+        for name in ("steps", "batch_size", "gradient_accumulation_steps", "log_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")

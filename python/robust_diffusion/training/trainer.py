@@ -36,6 +36,7 @@ environment and picks gloo on the CPU, nccl on GPUs. Only rank 0 writes logs, ch
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import math
@@ -105,9 +106,11 @@ class Trainer:
         self.config = config = config or TrainConfig()
         self.rank, self.world_size = rank_and_world_size()
         self.is_main = self.rank == 0
-        if config.batch_size % self.world_size:
-            raise ValueError(f"batch_size {config.batch_size} must be divisible by the number of data-parallel "
-                             f"ranks ({self.world_size})")
+        parts = self.world_size * config.gradient_accumulation_steps
+        if config.batch_size % parts:
+            raise ValueError(f"batch_size {config.batch_size} must be divisible by the number of data-parallel ranks "
+                             f"({self.world_size}) times gradient_accumulation_steps "
+                             f"({config.gradient_accumulation_steps})")
         self.local_batch = config.batch_size // self.world_size
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.schedule = NoiseSchedule.linear() if schedule is None else as_schedule(schedule, "Trainer")
@@ -283,9 +286,10 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def _autocast_dtype(self, mode: str) -> Optional[torch.dtype]:
         if self.device.type != "cuda":
-            if mode in ("bf16", "fp16"):
-                raise ValueError(f"mixed_precision={mode!r} needs a CUDA device, the trainer runs on {self.device}")
-            return None
+            if mode == "fp16":
+                raise ValueError(f"mixed_precision='fp16' needs a CUDA device (its grad scaler), the trainer runs on "
+                                 f"{self.device}: use 'bf16', which needs none")
+            return torch.bfloat16 if mode == "bf16" else None
         if mode == "auto":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
@@ -293,11 +297,35 @@ class Trainer:
     def _train_step(self, x0: Tensor, indices: Tensor) -> None:
         config = self.config
         # Timesteps and noise of the global batch; this rank's samples are rows rank, rank + W, ... (the
-        # DistributedSampler interleaving), so every world size sees the same (sample, t, noise) triples.
+        # DistributedSampler interleaving), so every world size sees the same (sample, t, noise) triples, and so
+        # does every split into micro-batches.
         t = self._timesteps(indices)
         noise_all = torch.randn((config.batch_size, *x0.shape[1:]), device=self.device, dtype=x0.dtype,
                                 generator=self.noise_generator)
         noise = noise_all[self.rank::self.world_size]
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        parts = config.gradient_accumulation_steps
+        size = x0.shape[0] // parts
+        losses, influences, penalties = [], [], []
+        for part in range(parts):
+            rows = slice(part * size, (part + 1) * size)
+            last = part == parts - 1
+            sync = self.network.no_sync() if self.world_size > 1 and not last else contextlib.nullcontext()
+            with sync:  # DDP all-reduces the gradients once, after the last micro-batch
+                loss = self._loss(x0[rows], indices[rows], t[rows], noise[rows])
+                self.scaler.scale(loss if parts == 1 else loss / parts).backward()
+            losses.append(loss.detach())
+            influences.append(self._last_per_sample("last_influence", size, 1.0))
+            penalties.append(self._last_per_sample("last_penalty", size, math.nan))
+        grad_norm, finite = self._optimizer_step()
+        self._record(torch.stack(losses).mean(), grad_norm.detach(), indices, torch.cat(influences),
+                     torch.cat(penalties), self._noise_level(t), ~finite)
+
+    def _loss(self, x0: Tensor, indices: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """One (micro-)batch's loss: noising (risk-sensitive with ``risk_free``), the model under autocast, and the
+        loss, weighted by each sample's trust with ``sample_trust``."""
         if self.risk is None:
             x_t = self.schedule.q_sample(x0, t, noise)
             target = self.schedule.training_target(x0, noise, t, self.prediction_type)
@@ -306,34 +334,28 @@ class Trainer:
             noising = risk_noising(x0, self.risk[indices], t, noise, schedule=self.schedule,
                                    prediction_type=self.prediction_type)
             x_t = noising.noisy
-
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.learning_rate(self.step)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             output = model_prediction(self.network(x_t, self.schedule.model_timestep(t)), x_t)  # diffusers: .sample
-        trust = self.influence.trust(indices) if config.sample_trust else None
-        if self.risk is None:
-            loss = self.loss_fn(output.float(), target, t) if trust is None else self.loss_fn(
-                output.float(), target, t, trust)
-        else:
+        trust = self.influence.trust(indices) if self.config.sample_trust else None
+        if self.risk is not None:
             from ..risk import risk_free_loss
-            loss = risk_free_loss(output.float(), noising, t, loss=self.loss_fn, schedule=self.schedule,
-                                  weight=trust)
-        grad_norm, finite = self._optimizer_step(loss)
-        influence = getattr(self.loss_fn, "last_influence", None)
-        influence = (influence.detach().to(torch.float64) if isinstance(influence, Tensor)
-                     else torch.ones(t.shape[0], dtype=torch.float64, device=self.device))
-        penalty = getattr(self.loss_fn, "last_penalty", None)
-        penalty = (penalty.detach().to(torch.float64) if isinstance(penalty, Tensor)
-                   else torch.full((t.shape[0],), math.nan, dtype=torch.float64, device=self.device))
-        self._record(loss.detach(), grad_norm.detach(), indices, influence, penalty, self._noise_level(t), ~finite)
+            return risk_free_loss(output.float(), noising, t, loss=self.loss_fn, schedule=self.schedule, weight=trust)
+        if trust is None:
+            return self.loss_fn(output.float(), target, t)
+        return self.loss_fn(output.float(), target, t, trust)
 
-    def _optimizer_step(self, loss: Tensor) -> Tuple[Tensor, Tensor]:
-        """Backward, unscale, clip, the optimizer and EMA steps, and the loss's commit; returns the gradient norm and
-        whether it was finite (a step with non-finite gradients is skipped and leaves no trace)."""
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+    def _last_per_sample(self, name: str, size: int, fill: float) -> Tensor:
+        """The loss's per-sample ``last_influence`` / ``last_penalty`` of its last call as float64, or ``fill`` for
+        a loss that has none."""
+        value = getattr(self.loss_fn, name, None)
+        if isinstance(value, Tensor):
+            return value.detach().to(torch.float64)
+        return torch.full((size,), fill, dtype=torch.float64, device=self.device)
+
+    def _optimizer_step(self) -> Tuple[Tensor, Tensor]:
+        """Unscale, clip, the optimizer and EMA steps, and the loss's commit; returns the gradient norm and whether
+        it was finite (a step with non-finite gradients is skipped and leaves no trace)."""
         self.scaler.unscale_(self.optimizer)
         if self.config.grad_clip is not None:
             grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
