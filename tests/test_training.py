@@ -471,6 +471,31 @@ def test_gradient_accumulation_takes_the_same_step_in_micro_batches(tmp_path):
         _trainer(tmp_path / "bad", 1, gradient_accumulation_steps=3)
 
 
+def test_tensorboard_gets_the_log_rows_the_scale_and_sample_grids(tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    trainer = _trainer(tmp_path, steps=4, report_to="tensorboard", sample_every=2, loss="ned").train()
+    events = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"),
+                                                size_guidance={event_accumulator.IMAGES: 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "influence/mean", "influence/clean",
+            "influence/contaminated", "faults/scale_skipped", "faults/scale_limited", "faults/steps_skipped",
+            "scale/bucket_0", "scale/bucket_9"} <= scalars, scalars
+    rows = read_log(trainer.log_path)
+    assert [event.step for event in events.Scalars("train/loss")] == [2, 4]
+    assert [event.value for event in events.Scalars("train/loss")] == pytest.approx([row["loss"] for row in rows])
+    assert events.Scalars("scale/bucket_3")[-1].value == pytest.approx(
+        float(trainer.loss_fn.adaptive_scale.bucket_penalty[3]))
+    grids = events.Images("samples")
+    assert [grid.step for grid in grids] == [2, 4] and grids[0].width > 12 and grids[0].height > 12
+    with pytest.raises(ValueError, match=r"sample_every draws sample grids for TensorBoard: set report_to"):
+        TrainConfig(sample_every=2)
+    with pytest.raises(ValueError, match=r"report_to must be one of \(None, 'tensorboard'\), got 'wandb'"):
+        TrainConfig(report_to="wandb")
+    args = train_command.build_parser().parse_args(["--out", "x", "--report-to", "tensorboard", "--sample-every", "5"])
+    assert (args.report_to, args.sample_every) == ("tensorboard", 5)
+
+
 def test_bfloat16_autocast_trains_on_the_cpu(tmp_path):
     trainer = _trainer(tmp_path / "bf16", steps=3, mixed_precision="bf16")
     assert trainer.autocast_dtype == torch.bfloat16 and not trainer.scaler.is_enabled()

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .checkpoint import temporary_path
 
-__all__ = ["LOG_COLUMNS", "LogInterval", "append_row", "read_log", "read_rows", "write_rows"]
+__all__ = ["LOG_COLUMNS", "LogInterval", "TensorBoardLog", "append_row", "read_log", "read_rows", "write_rows"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -152,3 +152,46 @@ def append_row(path: Path, row: Dict[str, float]) -> None:
         if new:
             writer.writeheader()
         writer.writerow({k: _cell(row[k]) for k in LOG_COLUMNS})
+
+
+class TensorBoardLog:
+    """The same rows as ``log.csv``, for TensorBoard (``torch.utils.tensorboard``, which needs the ``tensorboard``
+    package: ``pip install ".[tensorboard]"``), plus the adaptive scale's typical penalty per noise-level bucket and
+    sample grids. Scalars: ``train/loss``, ``train/penalty``, ``train/lr``, ``train/grad_norm``,
+    ``influence/mean`` (``/clean``, ``/contaminated`` where labels exist), ``faults/scale_skipped``,
+    ``faults/scale_limited``, ``faults/steps_skipped``, ``perf/samples_per_s``; ``scale/bucket_<k>``; images
+    ``samples`` (the EMA model's samples, values in [-1, 1] shown as [0, 1])."""
+
+    _SCALARS = {"loss": "train/loss", "penalty": "train/penalty", "lr": "train/lr", "grad_norm": "train/grad_norm",
+                "influence_mean": "influence/mean", "influence_clean": "influence/clean",
+                "influence_contaminated": "influence/contaminated", "scale_skipped": "faults/scale_skipped",
+                "scale_limited": "faults/scale_limited", "steps_skipped": "faults/steps_skipped",
+                "samples_per_s": "perf/samples_per_s"}
+
+    def __init__(self, directory: PathLike):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ImportError("report_to='tensorboard' needs the tensorboard package: pip install tensorboard "
+                              "(or pip install \".[tensorboard]\")") from None
+        self.writer = SummaryWriter(str(directory))
+
+    def add_row(self, row: Dict[str, float], scale=None) -> None:
+        """One log row at its step (NaN cells left out), with ``scale``'s bucket values (an AdaptiveScale)."""
+        step = int(row["step"])
+        for column, tag in self._SCALARS.items():
+            value = row.get(column)
+            if value is not None and not (isinstance(value, float) and math.isnan(value)):
+                self.writer.add_scalar(tag, value, step)
+        if scale is not None:
+            for bucket, value in enumerate(scale.bucket_penalty.tolist()):
+                self.writer.add_scalar(f"scale/bucket_{bucket}", value, step)
+        self.writer.flush()
+
+    def add_samples(self, images: Tensor, step: int) -> None:
+        """A grid of samples in [-1, 1] ([B, C, H, W], C = 1 or 3)."""
+        self.writer.add_images("samples", images.detach().float().cpu().add(1).div(2).clamp(0, 1), step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--out", required=True, help="output directory")
     out.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.safetensors if it exists")
     out.add_argument("--export", action="store_true", help="export the EMA model (TorchScript, torch.export)")
+    out.add_argument("--report-to", choices=("tensorboard",), default=None,
+                     help="also log to TensorBoard, in <out>/tensorboard (pip install tensorboard), as diffusers' "
+                          "--report_to")
+    out.add_argument("--sample-every", type=non_negative_int, default=0,
+                     help="with --report-to: steps between grids of the EMA model's samples (0: none)")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -124,6 +129,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              warmup_steps=args.warmup_steps, ema_decay=args.ema_decay,
                              grad_clip=args.grad_clip if args.grad_clip > 0 else None,
                              mixed_precision=args.mixed_precision, log_every=args.log_every,
+                             report_to=args.report_to, sample_every=args.sample_every,
                              checkpoint_every=args.checkpoint_every, risk_free=spec.risk_free,
                              sample_trust=spec.trust, seed=args.seed,
                              num_workers=args.num_workers, progress=not args.no_progress)

@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-__all__ = ["MIXED_PRECISION", "TrainConfig"]
+__all__ = ["MIXED_PRECISION", "REPORT_TO", "TrainConfig"]
 
 #: TrainConfig.mixed_precision's choices.
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+#: Where TrainConfig.report_to sends the log besides log.csv.
+REPORT_TO = (None, "tensorboard")
 
 
 @dataclass
@@ -30,6 +32,11 @@ class TrainConfig:
         mixed_precision: ``"auto"`` (bf16 autocast on GPUs that support it, else fp16 with a grad scaler;
             off on the CPU), ``"no"``, ``"bf16"`` (GPU or CPU) or ``"fp16"`` (GPU only).
         log_every: steps per ``log.csv`` row (and progress-bar update).
+        report_to: ``"tensorboard"`` also writes each row, the adaptive scale's buckets and sample grids to
+            TensorBoard (``<out_dir>/tensorboard``; needs the ``tensorboard`` package); ``None`` (default): log.csv
+            only.
+        sample_every: with ``report_to``, steps between grids of 16 samples of the EMA model (DDIM or Euler, 20
+            steps, a fixed seed); 0: none.
         checkpoint_every: steps between checkpoints (0: only at the end); the last step always writes one.
         influence_from_step: start the per-sample statistics of :attr:`Trainer.influence` at this step
             (the first steps, with an untrained model, say little about which samples are outliers).
@@ -62,6 +69,8 @@ class TrainConfig:
     ema_warmup: bool = True
     mixed_precision: str = "auto"
     log_every: int = 50
+    report_to: Optional[str] = None
+    sample_every: int = 0
     checkpoint_every: int = 0
     influence_from_step: int = 0
     risk_free: bool = False
@@ -76,7 +85,9 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
-        for name in ("warmup_steps", "checkpoint_every", "influence_from_step", "num_workers"):
+        if self.report_to not in REPORT_TO:
+            raise ValueError(f"TrainConfig.report_to must be one of {REPORT_TO}, got {self.report_to!r}")
+        for name in ("warmup_steps", "sample_every", "checkpoint_every", "influence_from_step", "num_workers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"TrainConfig.{name} must be a non-negative integer, got {value!r}")
@@ -89,4 +100,6 @@ class TrainConfig:
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"TrainConfig.mixed_precision must be one of {MIXED_PRECISION}, "
                              f"got {self.mixed_precision!r}")
+        if self.sample_every and self.report_to is None:
+            raise ValueError("TrainConfig.sample_every draws sample grids for TensorBoard: set report_to='tensorboard'")
         self.adam_betas = tuple(float(b) for b in self.adam_betas)

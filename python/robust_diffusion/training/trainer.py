@@ -59,7 +59,7 @@ from ..robust_loss import RobustDiffusionLoss
 from ..schedules import NoiseSchedule, Schedule, prediction_type_for
 from .distributed import rank_and_world_size
 from .models import model_prediction
-from .runlog import LogInterval, append_row
+from .runlog import LogInterval, TensorBoardLog, append_row
 from .train_config import TrainConfig
 from .trainer_checkpoint import CHECKPOINT_NAME, resume_trainer, save_trainer
 
@@ -148,6 +148,9 @@ class Trainer:
         self.influence = InfluenceTracker(self.num_samples, num_buckets=min(buckets, steps or buckets),
                                           num_timesteps=steps, gathered=True).to(self.device)
         self.interval = LogInterval(self.device, self.is_contaminated)
+        self.tensorboard = None
+        if config.report_to == "tensorboard" and self.is_main and self.out_dir is not None:
+            self.tensorboard = TensorBoardLog(self.out_dir / "tensorboard")
 
     def _build_model(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor]) -> None:
         """The model on the device, its EMA copy, DDP's wrapper, the loss, AdamW and the grad scaler."""
@@ -220,6 +223,8 @@ class Trainer:
                                         w_cont=_fmt(row["influence_contaminated"]))
                     elif bar is not None:
                         bar.set_postfix(loss=f"{row['loss']:.4f}", w_mean=_fmt(row["influence_mean"]))
+                if self.tensorboard is not None and config.sample_every and self.step % config.sample_every == 0:
+                    self._log_samples()
                 if bar is not None:
                     bar.update(1)
                 if (config.checkpoint_every and self.step % config.checkpoint_every == 0) or self.step == config.steps:
@@ -459,8 +464,26 @@ class Trainer:
                **self.interval.row(self.step, loss, seconds, scale, warn=self.is_main)}
         if self.is_main and self.log_path is not None:
             append_row(self.log_path, row)
+        if self.tensorboard is not None:
+            self.tensorboard.add_row(row, scale)
         self.interval.reset()
         return row
+
+    @torch.no_grad()
+    def _log_samples(self) -> None:
+        """A grid of the EMA model's samples for TensorBoard: 20 DDIM (or Euler) steps from a fixed seed, on their
+        own generator, so training draws nothing less or more."""
+        from .sampling import ddim_sample, flow_sample
+
+        first = self.dataset[0]
+        shape = (16, *(first[0] if isinstance(first, (tuple, list)) else first).shape)
+        generator = torch.Generator(device=self.device).manual_seed(derive_seed(self.config.seed, "samples"))
+        if self.schedule.discrete:
+            images = ddim_sample(self.ema, self.schedule, shape, num_steps=20, prediction_type=self.prediction_type,
+                                 generator=generator, device=self.device)
+        else:
+            images = flow_sample(self.ema, self.schedule, shape, num_steps=20, generator=generator, device=self.device)
+        self.tensorboard.add_samples(images, self.step)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
