@@ -153,3 +153,76 @@ def test_c_scale_needs_a_c_schedule():
         rd.pseudo_huber_loss(x, x, c=0.1, c_scale=2.0)
     with pytest.raises(ValueError, match="c_scale must be > 0"):
         rd.pseudo_huber_c(rd.NoiseSchedule.linear(), torch.tensor([1]), 0.1, "constant", c_scale=0.0)
+
+
+def test_the_accelerate_recipe_moves_the_scale_once_per_optimizer_step_and_not_on_a_skipped_one():
+    """Recipe (a)'s pattern under accelerate's gradient accumulation: the forward passes of a window only stage
+    their statistics, the scale moves when the optimizer steps, and a window whose gradients are not finite (as a
+    skipped fp16 step) leaves it as it was and is counted."""
+    accelerate = pytest.importorskip("accelerate")
+    torch.manual_seed(0)
+    accelerator = accelerate.Accelerator(gradient_accumulation_steps=2)
+    model = torch.nn.Linear(8, 8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    loader = torch.utils.data.DataLoader(torch.randn(64, 8), batch_size=8)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    scheduler = DDPMScheduler(num_train_timesteps=100)
+    loss_fn = rd.RobustDiffusionLoss("ned", scheduler, num_buckets=1, update="step")
+    history = []
+    for index, clean in enumerate(loader):
+        before = loss_fn.adaptive_scale.bucket_penalty.clone()
+        t = torch.randint(0, 100, (clean.shape[0],))
+        with accelerator.accumulate(model):
+            prediction = model(clean)
+            if index in (2, 3):  # the second window: its gradients are not finite
+                prediction = prediction * float("nan")
+            loss = loss_fn(prediction, torch.zeros_like(clean), t)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), 1.0)
+                if not torch.isfinite(grad_norm):  # skip the step, as fp16's grad scaler would
+                    optimizer.zero_grad()
+            optimizer.step()
+            optimizer.zero_grad()
+        if accelerator.sync_gradients:
+            skipped = accelerator.optimizer_step_was_skipped or not torch.isfinite(grad_norm)
+            skipped = skipped or index == 5  # the third window: as if fp16's grad scaler had skipped its step
+            loss_fn.step(torch.tensor(not skipped))
+        history.append((accelerator.sync_gradients, before, loss_fn.adaptive_scale.bucket_penalty.clone()))
+    syncs = [sync for sync, _, _ in history]
+    assert syncs == [False, True] * 4
+    for sync, before, after in history:
+        if not sync:
+            assert torch.equal(before, after)  # a forward pass inside the window only staged its statistic
+    assert not torch.equal(history[1][1], history[1][2])  # the first window moved the scale
+    assert torch.equal(history[3][1], history[3][2])  # the non-finite window did not
+    assert torch.equal(history[5][1], history[5][2])  # nor the skipped one, though its statistics were finite
+    assert not torch.equal(history[7][1], history[7][2])  # the next one moves it again
+    assert int(loss_fn.adaptive_scale.skipped_updates) == 3  # two refused statistics and one dropped window
+
+
+def test_reduction_sum_is_a_sum_of_per_sample_means_and_the_element_sum_is_one_argument_away():
+    x, y = torch.randn(4, 3, 5, 5, dtype=torch.float64), torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    per_sample = F.mse_loss(x, y, reduction="none").mean(dim=(1, 2, 3))
+    torch.testing.assert_close(rd.kl_loss(x, y, reduction="sum"), per_sample.sum())
+    torch.testing.assert_close(rd.kl_loss(x, y, dim_reduction="sum", reduction="sum"), F.mse_loss(x, y, reduction="sum"))
+
+
+def test_a_validation_call_needs_eval_mode_to_leave_the_running_scale_alone():
+    x, y, t = torch.randn(8, 4), torch.zeros(8, 4), torch.arange(8) * 120
+    for update in ("forward", "step"):
+        loss_fn = rd.RobustDiffusionLoss("ned", update=update)
+        loss_fn(x, y, t)
+        loss_fn.step(torch.tensor(True))
+        seeded = loss_fn.adaptive_scale.bucket_penalty.clone()
+        with torch.no_grad():
+            loss_fn(3 * x, y, t)  # train mode: the call enters the scale
+        loss_fn.step(torch.tensor(True))
+        assert not torch.equal(loss_fn.adaptive_scale.bucket_penalty, seeded), update
+        moved = loss_fn.adaptive_scale.bucket_penalty.clone()
+        loss_fn.eval()
+        with torch.no_grad():
+            loss_fn(3 * x, y, t)
+        loss_fn.train()
+        loss_fn.step(torch.tensor(True))
+        assert torch.equal(loss_fn.adaptive_scale.bucket_penalty, moved), update
