@@ -461,6 +461,25 @@ def test_11_a_pickled_file_is_refused_and_never_unpickled(tmp_path, name):
     assert marker.exists()
 
 
+@pytest.mark.parametrize("first_bytes", [b"\x80", b"PK"], ids=["pickle protocol mark", "zip mark"])
+def test_11_a_state_file_whose_header_length_begins_like_a_pickle_still_loads(tmp_path, first_bytes):
+    """A safetensors file starts with its header's length: its first bytes can be anything, a pickle's or zip's
+    marks included, and such a file is still read as what it is."""
+    from robust_diffusion.training.checkpoint import load_state, save_state
+
+    path = tmp_path / "state.safetensors"
+    target = int.from_bytes(first_bytes, "little")
+    modulus = 256 ** len(first_bytes)
+    save_state({"pad": ""}, path, "test", 1)
+    base = int.from_bytes(path.read_bytes()[:8], "little")
+    for extra in range((target - base) % modulus, (target - base) % modulus + 16):  # the header is padded to 8
+        save_state({"pad": "x" * extra}, path, "test", 1)
+        if path.read_bytes()[:len(first_bytes)] == first_bytes:
+            break
+    assert path.read_bytes()[:len(first_bytes)] == first_bytes
+    assert load_state(path, "test", 1)["pad"] == "x" * extra
+
+
 def test_11_a_state_file_keeps_every_value_and_refuses_another_kind_or_version(tmp_path):
     import random
 

@@ -69,21 +69,25 @@ def load_state(path: PathLike, kind: str, version: int) -> Dict[str, Any]:
 
 
 def _metadata(raw: bytes, path: PathLike) -> Dict[str, str]:
-    """The safetensors header's metadata, or a one-line refusal naming what the file is instead."""
-    if raw[:2] == b"PK" or raw[:1] == b"\x80":
+    """The safetensors header's metadata, or a one-line refusal naming what the file is instead. The header is read
+    first: its 8-byte length can begin with any byte, a pickle's marks included."""
+    header = None
+    if len(raw) >= 8:
+        (size,) = struct.unpack("<Q", raw[:8])
+        if size <= len(raw) - 8 and raw[8:9] == b"{":
+            try:
+                header = json.loads(raw[8:8 + size])
+            except ValueError:
+                header = None
+    if isinstance(header, dict):
+        metadata = header.get("__metadata__") or {}
+        return metadata if isinstance(metadata, dict) else {}
+    if raw[:4] == b"PK\x03\x04" or raw[:1] == b"\x80":  # torch.save's zip archive, or a bare pickle
         raise StateFileError(path, "it is a pickle (torch.save) file, from an older version of robust_diffusion or "
                                    "another program, and is not opened: unpickling can run code")
     if len(raw) < 8:
         raise StateFileError(path, f"it is not a safetensors file ({len(raw)} bytes)")
-    (size,) = struct.unpack("<Q", raw[:8])
-    try:
-        header = json.loads(raw[8:8 + size]) if size <= len(raw) - 8 else None
-    except ValueError:
-        header = None
-    if not isinstance(header, dict):
-        raise StateFileError(path, "it is not a safetensors file, or it is truncated")
-    metadata = header.get("__metadata__") or {}
-    return metadata if isinstance(metadata, dict) else {}
+    raise StateFileError(path, "it is not a safetensors file, or it is truncated")
 
 
 def _encode(value: Any, tensors: Dict[str, Tensor]) -> Any:
