@@ -426,7 +426,8 @@ def test_example_trains_flow_matching(tmp_path):
     state = read_checkpoint(tmp_path / "out" / "runs" / "ned" / "checkpoint.safetensors")
     assert state["influence"]["_extra_state"]["num_timesteps"] is None  # the tracker's buckets are log-SNR ranges
 
-# Each case starts an interpreter that imports torch (seconds): the CLI tests in test_training.py cover the rest.
+# In process, as test_example_passes_download_to_the_cifar10_loader runs it: the argument checks come before the
+# example touches torch's threads or any data.
 @pytest.mark.parametrize("argv, message", [
     (["--losses", "kl", "l2"], "unknown loss 'l2' in 'l2'"),
     (["--contamination", "1.2"], "contamination must be a fraction in [0, 1), got 1.2"),
@@ -436,10 +437,12 @@ def test_example_trains_flow_matching(tmp_path):
     (["--shift", "3"], "--shift and --timestep-sampling apply to --objective flow only"),
     (["--objective", "flow", "--kind", "gaussian", "--losses", "ned+risk_free"], "+risk_free trains DDPM steps"),
 ])
-def test_example_argument_errors(tmp_path, argv, message):
-    result = subprocess.run([sys.executable, str(EXAMPLE), "--out", str(tmp_path), *argv], env=_env(),
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and message in result.stderr
+def test_example_argument_errors(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.setattr(sys, "argv", [str(EXAMPLE), "--out", str(tmp_path), *argv])
+    monkeypatch.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))  # restored afterwards
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(EXAMPLE), run_name="__main__")
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 @needs_fashion_mnist
