@@ -15,7 +15,7 @@
 // Neither has a gradient: their autograd kernel refuses inputs that require one (autograd/adaptive_scale_autograd.cpp).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 

@@ -1,6 +1,11 @@
 // Argument validation and dtype rules of the loss operators, shared by the CPU, CUDA and Meta kernels.
 #include "loss_config.h"
 
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/max.h>
+#include <ATen/ops/min.h>
+#include <ATen/ops/promote_types.h>
 #include <ATen/Dispatch.h>
 #include <c10/util/irange.h>
 

@@ -3,6 +3,7 @@
 // (Params...) are deduced from Loss::config.
 #pragma once
 
+#include <ATen/ops/ones_like.h>
 #include <c10/util/Metaprogramming.h>
 #include <torch/library.h>
 

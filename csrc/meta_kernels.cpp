@@ -3,6 +3,7 @@
 // kernels (check_arguments / check_risk_arguments, and each loss's own Loss::config), so a bad argument fails
 // while tracing with the message it gets in eager mode, not only when the compiled graph runs. Sizes are
 // symbolic (SymInt) throughout, for dynamic shapes.
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <string>

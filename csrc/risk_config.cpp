@@ -2,6 +2,12 @@
 // kernels.
 #include "risk_config.h"
 
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/all.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/isfinite.h>
+#include <ATen/ops/isnan.h>
+#include <ATen/ops/min.h>
 #include <cmath>
 #include <string>
 

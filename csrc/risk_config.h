@@ -7,7 +7,7 @@
 // noisy and target have sample's shape and dtype; noise_std (v) has risk's shape, in the compute dtype.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 #include <tuple>

@@ -262,9 +262,9 @@ def test_config_and_trainer_errors():
     with pytest.raises(ValueError, match="mixed_precision must be one of"):
         TrainConfig(mixed_precision="fp8")
     schedule = rd.NoiseSchedule.linear(50)
-    with pytest.raises(ValueError, match="needs a CUDA device"):
+    with pytest.raises(ValueError, match="fp16.* needs a CUDA device"):
         Trainer(_micro_model(), torch.nn.functional.mse_loss, TensorDataset(torch.zeros(8, 1, 8, 8)), schedule,
-                TrainConfig(batch_size=4, mixed_precision="bf16"), device="cpu")
+                TrainConfig(batch_size=4, mixed_precision="fp16"), device="cpu")
     with pytest.raises(ValueError, match="fewer than one global batch of 16"):
         Trainer(_micro_model(), torch.nn.functional.mse_loss, TensorDataset(torch.zeros(8, 1, 8, 8)), schedule,
                 TrainConfig(batch_size=16))

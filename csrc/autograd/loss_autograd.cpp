@@ -10,6 +10,7 @@
 // node keeps it: a backward whose upstream gradient is 1 (loss.backward()) then moves no data at all, any other
 // only scales it. Traced calls (torch.compile, torch.export, dispatch modes), CUDA, create_graph and compiled
 // autograd keep the two-pass <loss>_backward. (docs/DESIGN.md, Kernels)
+#include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/utils.h>

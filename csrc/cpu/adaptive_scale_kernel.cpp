@@ -1,5 +1,6 @@
 // CPU kernels of the adaptive scale's operators (adaptive_scale_config.h; the per-bucket rule in
 // math/adaptive_scale.h). Both are tiny (B penalties, K buckets) and run on one thread.
+#include <ATen/ops/zeros.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 

@@ -14,6 +14,7 @@
 #error "include cpu/loss_kernel.h from a cpu/isa/*.cpp file, which names the instruction set"
 #endif
 
+#include <ATen/ops/empty_like.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>

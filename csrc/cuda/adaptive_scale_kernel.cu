@@ -5,7 +5,8 @@
 // bucket has the lower middle rank and writes the median: O(B^2) comparisons spread over B threads, no sort, the
 // same value as the CPU kernel's (meant for batches of up to a few thousand). A second, one-block kernel applies
 // the acceptance rules.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -8,7 +8,9 @@
 //   3. grad_input: the same 2-D grid, elementwise: coefficient_b * e'(r_bi).
 //
 // No float atomics anywhere: results are bitwise reproducible for a given device and shape.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>

@@ -1,7 +1,7 @@
 // CUDA kernel of risk_noising: elementwise (math/risk_noising.h, the formulas the CPU kernel uses) on a
 // 2-D grid (samples x segments), so small batches of long samples still fill the device. Products and
 // sums are rounded one at a time (no FMA), so r = 0 reproduces PyTorch's eager noising bit for bit.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
