@@ -295,6 +295,21 @@ def test_a_checkpoint_with_a_corrupted_tracker_state_is_refused(tmp_path):
         _trainer(tmp_path, steps=4).resume()
 
 
+@pytest.mark.parametrize("key, value", [("config", [1, 2]), ("step", "10"), ("rng", {"a": 1}), (None, [1, 2])],
+                         ids=["config", "step", "rng", "whole"])
+def test_a_checkpoint_of_the_right_format_but_the_wrong_shape_is_refused_in_one_line(tmp_path, key, value):
+    """A file that says it is a checkpoint (someone else's, edited, or from a buggy writer) but holds entries of
+    other types is refused with one line before anything is loaded, not a traceback from deep in the resume."""
+    _trainer(tmp_path, steps=2).train()
+    path = tmp_path / CHECKPOINT_NAME
+    state = read_checkpoint(path)
+    save_state(value if key is None else {**state, key: value}, path, CHECKPOINT_KIND, CHECKPOINT_VERSION)
+    with pytest.raises(ValueError, match=r"^cannot resume from .*checkpoint.safetensors: .*; delete it or pass "
+                                         r"another --out$") as error:
+        _trainer(tmp_path, steps=4).resume()
+    assert len(str(error.value).splitlines()) == 1
+
+
 def test_a_plain_loss_gives_weight_one_and_no_penalty(tmp_path):
     images = torch.rand(16, 1, 8, 8) * 2 - 1
     schedule = rd.NoiseSchedule.linear(50)

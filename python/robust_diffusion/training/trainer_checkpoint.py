@@ -37,6 +37,11 @@ _KEYS = frozenset({"step", "epoch", "batch_in_epoch", "world_size", "batch_size"
                    "train_time"})
 
 
+#: What the entries a resume reads before loading anything must be.
+_TYPES = {"step": int, "world_size": int, "batch_size": int, "num_samples": int, "config": dict, "schedule": str,
+          "rng": list, "influence": dict, "interval": dict, "train_time": (int, float)}
+
+
 def read_checkpoint(path: Path) -> Dict[str, Any]:
     """A checkpoint's contents (tensors on the CPU), or a one-line ``ValueError`` if it is not a checkpoint of this
     version. For inspection: ``read_checkpoint("runs/ned/checkpoint.safetensors")["step"]``."""
@@ -44,9 +49,13 @@ def read_checkpoint(path: Path) -> Dict[str, Any]:
         state = load_state(path, CHECKPOINT_KIND, CHECKPOINT_VERSION)
     except StateFileError as error:
         raise ValueError(f"cannot resume from {path}: {error.reason}; delete it or pass another --out") from None
-    missing = sorted(_KEYS - set(state))
+    missing = sorted(_KEYS - set(state)) if isinstance(state, dict) else sorted(_KEYS)
     if missing:
         raise ValueError(f"cannot resume from {path}: it lacks {missing}; delete it or pass another --out")
+    wrong = [key for key, kind in _TYPES.items() if not isinstance(state[key], kind) or isinstance(state[key], bool)]
+    if wrong:
+        raise ValueError(f"cannot resume from {path}: its {', '.join(wrong)} do not have the types a checkpoint's "
+                         f"have; delete it or pass another --out")
     return state
 
 
