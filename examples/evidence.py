@@ -55,6 +55,7 @@ class Cell:
     steps: int | None = None  # training steps per loss (default: the preset's)
     temperature: float = 1.0  # the adaptive scale's tau
     objective: str = "ddpm"  # or "flow": flow matching with SD3's logit-normal times (FLOW_SAMPLING)
+    seeds: tuple = (0, 1)  # the protocol's two seeds; the cells that decide by paired intervals run PAIRED_SEEDS
 
 
 # The rule, fixed before its cells ran (docs/RESULTS.md, protocol), that decides whether scale="batch" becomes
@@ -62,6 +63,15 @@ class Cell:
 BATCH_RULE_LOSSES = ("hellinger", "ned")
 BATCH_RULE_AUROC_TOLERANCE = 0.05  # at p > 0, influence AUROC at most 0.05 below the adaptive scale's
 BATCH_RULE_FD_TOLERANCE = 0.05  # everywhere, FD at most 5% above the adaptive scale's
+
+#: Seeds of the cells whose rule reads paired differences with 95% intervals (at least five).
+PAIRED_SEEDS = (0, 1, 2, 3, 4)
+
+# The rule, fixed before its cells ran (docs/RESULTS.md, Protocol, "Influence normalisation rule"), that decides
+# RobustDiffusionLoss's default normalize_influence.
+NORMALIZATION_LOSS = "ned"
+NORMALIZATION_FD_TOLERANCE = 0.05  # on every kind, the upper 95% bound of the mean paired FD change below +5%
+NORMALIZATION_CONTAMINANT_TOLERANCE = 0.02  # on contaminated kinds, that of the contaminant fraction at most +0.02
 
 # The protocol, in the order it is run (the first cells answer the main questions).
 CELLS = [
@@ -149,8 +159,15 @@ CELLS = [
          question="flow matching: robustness to noise images"),
     Cell("flow-gaussian-0.3", 0.3, "gaussian", ("mse", "kl", "hellinger", "ned", "pseudo_huber"), objective="flow",
          question="flow matching: robustness to known-std Gaussian noise"),
+    # Added after the cells above had run, with the rule written first (docs/RESULTS.md, Protocol, "Influence
+    # normalisation rule"; `normalization_rule` applies it): NED at the module's defaults with and without the
+    # loss divided by the batch's mean influence weight, five seeds, paired.
+    *(Cell(f"{name}-normalized", p, kind, (NORMALIZATION_LOSS, f"{NORMALIZATION_LOSS}+normalized"),
+           seeds=PAIRED_SEEDS, question="normalize_influence: the loss divided by the batch's mean influence weight")
+      for name, p, kind in (("noise-0.3", 0.3, "noise"), ("gaussian-0.3", 0.3, "gaussian"), ("clean", 0.0, "noise"))),
 ]
-SEEDS = (0, 1)
+#: Every seed some cell runs.
+SEEDS = tuple(sorted({seed for cell in CELLS for seed in cell.seeds}))
 #: How the flow-matching cells draw training times (diffusers' SD3 script's default weighting_scheme).
 FLOW_SAMPLING = "logit_normal"
 
@@ -203,7 +220,7 @@ def read_rows(out: Path) -> dict:
     """{(cell, loss): {seed: row}} of every finished run."""
     rows = {}
     for cell in CELLS:
-        for seed in SEEDS:
+        for seed in cell.seeds:
             path = run_dir(out, cell, seed) / "results.csv"
             if path.is_file():
                 with open(path) as f:
@@ -258,7 +275,7 @@ def tables(out: Path, kept: dict | None = None, cells: list | None = None) -> st
     kept = kept or {}
     lines = []
     for cell in CELLS if cells is None else cells:
-        done = [seed for seed in SEEDS if (run_dir(out, cell, seed) / "results.csv").is_file()]
+        done = [seed for seed in cell.seeds if (run_dir(out, cell, seed) / "results.csv").is_file()]
         if not done and cell.name in kept and "Not run yet." not in kept[cell.name]:
             lines += kept[cell.name].split("\n")
             continue
@@ -271,7 +288,7 @@ def tables(out: Path, kept: dict | None = None, cells: list | None = None) -> st
         if not done:
             lines += ["Not run yet.", ""]
             continue
-        lines += [f"Seeds done: {', '.join(map(str, done))} of {', '.join(map(str, SEEDS))}, tabulated "
+        lines += [f"Seeds done: {', '.join(map(str, done))} of {', '.join(map(str, cell.seeds))}, tabulated "
                   f"{datetime.date.today().isoformat()} ({machine(out, cell, done)}). Mean over seeds "
                   "(each seed's value in brackets). FD: Frechet distance in the evaluation classifier's "
                   f"features (lower is better); vs KL: relative FD change against `kl` of the same seeds"
@@ -288,7 +305,8 @@ def tables(out: Path, kept: dict | None = None, cells: list | None = None) -> st
             seeds = sorted(by_seed)
             fd = [number(by_seed[s], "frechet_distance") for s in seeds]
             rel = [number(by_seed[s], "frechet_distance") / number(kl[s], "frechet_distance") - 1
-                   for s in seeds if s in kl] if not loss.startswith("data") and (loss, cell) != ("kl", kl_cell(cell)) else []
+                   for s in seeds if s in kl] if not loss.startswith("data") and (loss, cell) != ("kl", kl_cell(cell)) \
+                and all(s in kl for s in seeds) else []  # blank where KL lacks some of the seeds
             rel_text = (f"{100 * statistics.mean(rel):+.0f}%" if rel else "")
             lines.append(f"| {loss} | {stat(fd)} | {rel_text} | "
                          f"{stat([number(by_seed[s], 'contaminant_fraction') for s in seeds])} | "
@@ -436,6 +454,70 @@ def batch_scale_rule(block: str) -> str:
     return "\n".join(lines)
 
 
+# Two-sided 97.5% quantiles of Student's t for 1-30 degrees of freedom (beyond: the normal's 1.96).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def paired_interval(differences: list) -> tuple:
+    """(mean, low, high): the mean of per-seed paired differences and its 95% t interval (nan bounds for one)."""
+    values = [v for v in differences if not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan, math.nan
+    mean = statistics.mean(values)
+    if len(values) == 1:
+        return mean, math.nan, math.nan
+    df = len(values) - 1
+    half = (_T975[df - 1] if df <= len(_T975) else 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def interval_text(interval: tuple, percent: bool = False) -> str:
+    mean, low, high = interval
+    form = (lambda v: f"{100 * v:+.1f}%") if percent else (lambda v: f"{v:+.3f}")
+    return f"{form(mean)} [{form(low)}, {form(high)}]" if not math.isnan(low) else form(mean)
+
+
+def normalization_rule(block: str) -> str:
+    """The influence-normalisation rule: paired per-seed differences (normalised minus plain NED) with 95%
+    intervals on each kind, and the verdict, from the generated tables `block`."""
+    found = sections(block)
+    plain, normalized = NORMALIZATION_LOSS, f"{NORMALIZATION_LOSS}+normalized"
+    lines = [f"### Influence normalisation rule: `{normalized}` against `{plain}` (the protocol's rule, applied by "
+             "`normalization_rule`)", "",
+             "Paired by seed; mean over seeds with its 95% t interval in brackets.", "",
+             "| cell | seeds | FD change | contaminant fraction change | holds |", "|---|---|---|---|---|"]
+    failures, missing, better = [], [], 0
+    cells = [cell for cell in CELLS if cell.name.endswith("-normalized")]
+    for cell in cells:
+        rows = parse_rows(found.get(cell.name, ""))
+        a, b = rows.get(plain), rows.get(normalized)
+        if not (a and b and len(a["fd"]) == len(b["fd"]) == len(cell.seeds)):
+            missing.append(cell.name)
+            lines.append(f"| {cell.name} | not all run | | | |")
+            continue
+        fd = paired_interval([y / x - 1 for x, y in zip(a["fd"], b["fd"])])
+        contaminant = paired_interval([y - x for x, y in zip(a["contaminant"], b["contaminant"])])
+        holds = fd[2] < NORMALIZATION_FD_TOLERANCE
+        if cell.contamination > 0:
+            holds = holds and contaminant[2] <= NORMALIZATION_CONTAMINANT_TOLERANCE
+        better += fd[0] < 0
+        if not holds:
+            failures.append(cell.name)
+        lines.append(f"| {cell.name} | {len(cell.seeds)} | {interval_text(fd, percent=True)} | "
+                     f"{interval_text(contaminant) if cell.contamination > 0 else ''} | {'yes' if holds else 'no'} |")
+    if missing:
+        verdict = f"undecided: {len(missing)} cell(s) not fully run yet ({', '.join(missing)})"
+    elif failures or better < 2:
+        why = [f"outside the tolerance on {', '.join(failures)}"] if failures else []
+        why += [f"lower mean FD on {better} of {len(cells)} kinds, not at least 2"] if better < 2 else []
+        verdict = f"the default stays normalize_influence=False ({'; '.join(why)})"
+    else:
+        verdict = "every condition holds: RobustDiffusionLoss's default becomes normalize_influence=True"
+    lines += ["", f"- Verdict: {verdict}.", ""]
+    return "\n".join(lines)
+
+
 def summary_figure(block: str, path: Path) -> bool:
     """Bars of the mean over seeds (dots: each seed) of FD and contaminant fraction per loss, one panel per
     cell of FIGURE_CELLS, read from the generated tables `block`; the standard MSE shows as `mse`, the same data
@@ -509,6 +591,7 @@ def write_report(out: Path, wall_minutes: float | None, path: Path = RESULTS_MD,
     if preset == "quick":  # the rule is the quick protocol's
         body += "\n" + temperature_rule(body)
         body += "\n" + batch_scale_rule(body)
+        body += "\n" + normalization_rule(body)
     where = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
     took = f"; this invocation ran {wall_minutes:.0f} min" if wall_minutes is not None else ""
     stamp = (f"Tables written by `python examples/evidence.py` on {datetime.date.today().isoformat()} from the "
@@ -530,7 +613,8 @@ def main() -> None:
                         help="the example's preset: quick is the protocol (a 2-core CPU); full, its cells at the "
                              "larger budget (a GPU), tabulated in their own section")
     parser.add_argument("--only", nargs="+", default=None, help="cell names to run (default: all, in order)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                        help="run only these seeds (default: each cell's own, 0 and 1 or the paired cells' 0-4)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run")
     parser.add_argument("--report-only", action="store_true")
@@ -541,14 +625,15 @@ def main() -> None:
     unknown = sorted(set(args.only or []) - names)
     if unknown:
         parser.error(f"unknown cell(s) {unknown} for preset {args.preset}; cells: {', '.join(c.name for c in cells)}")
-    bad_seeds = sorted(set(args.seeds) - set(SEEDS))
+    bad_seeds = sorted(set(args.seeds or ()) - set(SEEDS))
     if bad_seeds:
         parser.error(f"seeds {bad_seeds} are not in the protocol's {list(SEEDS)}")
 
     t0 = time.perf_counter()
     if not args.report_only:
         todo = [(cell, seed) for cell in cells if args.only is None or cell.name in args.only
-                for seed in args.seeds if not (run_dir(args.out, cell, seed) / "results.csv").is_file()]
+                for seed in cell.seeds if (args.seeds is None or seed in args.seeds)
+                and not (run_dir(args.out, cell, seed) / "results.csv").is_file()]
         print(f"{len(todo)} run(s) to do: {', '.join(f'{c.name}/seed{s}' for c, s in todo)}", flush=True)
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             finished = list(pool.map(lambda job: run_one(*job, args), todo))

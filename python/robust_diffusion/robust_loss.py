@@ -13,6 +13,7 @@ The normalisation by the typical penalty is also a timestep weighting, and it ap
 do to the running state: docs/DESIGN.md, Failure behaviour.
 """
 
+import math
 from typing import Dict, Optional, Tuple, Union
 
 import torch
@@ -87,7 +88,8 @@ class RobustDiffusionLoss(DtypeKeepingModule):
         dim_reduction: ``"mean"`` (default) or ``"sum"`` of the penalty over a sample's elements.
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
         normalize_influence: divide the loss by the batch mean influence weight (detached), which keeps
-            the effective learning rate when most weights fall below 1.
+            the effective learning rate when most weights fall below 1 (docs/DESIGN.md, Scale: what it does
+            under gradient clipping; docs/RESULTS.md, "Influence normalisation rule": why it is off by default).
         update: when a training batch's statistic enters the adaptive state: ``"forward"`` (default) at the
             end of the forward pass; ``"step"``: the forward pass stages it and :meth:`step`, called after the
             optimizer step, commits it (the statistics of several forward passes, as in gradient accumulation,
@@ -96,7 +98,12 @@ class RobustDiffusionLoss(DtypeKeepingModule):
             ``tau``, ``mode`` (clipped_mse).
 
     After each call, ``last_influence`` and ``last_penalty`` hold the batch's per-sample influence weights
-    and penalties R_b (detached), for logging. The adaptive state is the submodule ``adaptive_scale`` (an
+    and penalties R_b (detached), for logging. ``last_influence`` is relative to a typical sample: the weight
+    w_b = phi'(delta_b) divided by :attr:`typical_influence`, the weight of a sample whose penalty is the typical
+    (median) one at its noise level, so with the adaptive or batch scale a typical sample reads 1, an outlier
+    near 0 and a sample easier than typical above 1 (up to ``1 / typical_influence``). With a fixed or ``vlb``
+    scale nothing defines a typical sample: ``typical_influence`` is 1 and the weights are phi'(delta_b) as they
+    are (``rd.influence_weights`` gives those too). The adaptive state is the submodule ``adaptive_scale`` (an
     :class:`~robust_diffusion.adaptive_scale.AdaptiveScale`): its buffers ``bucket_penalty``, ``initialized``,
     ``skipped_updates`` (batch statistics refused: non-finite, zero, or from a step reported as skipped) and
     ``limited_updates`` (bucket updates clamped to :data:`MAX_UPDATE_RATIO` times the bucket) are saved in
@@ -109,6 +116,7 @@ class RobustDiffusionLoss(DtypeKeepingModule):
     """
 
     last_influence: Optional[Tensor]
+    typical_influence: float
     last_penalty: Optional[Tensor]
 
     def __init__(self, loss: str = "hellinger", schedule: Optional[Schedule] = None, *,
@@ -142,6 +150,7 @@ class RobustDiffusionLoss(DtypeKeepingModule):
         self.last_influence = None
         self.last_penalty = None
         self.adaptive_scale = AdaptiveScale(self.num_buckets, momentum, update)
+        self.typical_influence = self._weight_of_a_typical_sample()
 
         # Discrete: the per-step constants as float32 buffers indexed by t (no host round-trip per step; the weights
         # saturate at the float32 range, never inf). Continuous: the same functions at each call's t
@@ -226,7 +235,8 @@ class RobustDiffusionLoss(DtypeKeepingModule):
         loss, penalty, influence = self._call(input, target, scale, sample_weight, c, self.reduction)
         if self.scale_mode == "adaptive" and self.training:
             self.adaptive_scale.observe(penalty.detach(), bucket)
-        self.last_influence = influence.detach()
+        self.last_influence = influence.detach() if self.typical_influence == 1.0 \
+            else influence.detach() / self.typical_influence
         self.last_penalty = penalty.detach()
         if self.normalize_influence:
             loss = loss / influence.detach().mean().clamp_min(1e-12)
@@ -238,6 +248,19 @@ class RobustDiffusionLoss(DtypeKeepingModule):
         when ``ok`` is False (:meth:`AdaptiveScale.step <robust_diffusion.adaptive_scale.AdaptiveScale.step>`).
         Call it after the optimizer step, with ``torch.isfinite(grad_norm)``; no host sync."""
         self.adaptive_scale.step(ok)
+
+    def _weight_of_a_typical_sample(self) -> float:
+        """phi'(1 / temperature): the influence weight of a sample whose penalty is the typical one at its noise
+        level (the adaptive and batch scales give it delta = 1 / temperature), or 1 where no sample is typical
+        (a fixed or vlb scale), where every weight is 1, or where the typical sample gets no weight at all (a
+        clipped MSE that clips below the typical penalty)."""
+        if self.scale_mode not in ("adaptive", "batch") or not LOSS_TABLE[LOSSES.index(self.loss)].weighs_samples:
+            return 1.0
+        one = torch.ones(1, 1, dtype=torch.float64, device="cpu")
+        scale = torch.full((1,), 1.0 / self.temperature, dtype=torch.float64, device="cpu")
+        with torch.no_grad():  # R = mean(1^2) = 1 for every penalty that weighs samples, so delta = 1 / temperature
+            weight = float(self._call(one, torch.zeros_like(one), scale, None, None, "none")[2])
+        return weight if math.isfinite(weight) and weight > 0 else 1.0
 
     def _unit_scale_penalty(self, input: Tensor, target: Tensor, c: Optional[Tensor]) -> Tensor:
         """The batch's penalties R_b at scale 1 (an extra pass, no gradient)."""

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..continuous import FlowMatchingSchedule
+from ..ops import LOSS_TABLE
 from ..robust_loss import LOSSES, RobustDiffusionLoss
 from ..schedules import NoiseSchedule, Schedule
 from ..weighting import WEIGHTING_SCHEMES
@@ -210,13 +211,15 @@ def build_model(preset: str, in_channels: int, **overrides) -> UNet:
 
 class LossChoice(NamedTuple):
     """A parsed loss name: ``loss`` (one of :data:`LOSS_NAMES`), a timestep ``weighting``, whether to train
-    with the ``risk_free`` loss of :mod:`robust_diffusion.risk` (for data with known noise, ``--kind gaussian``)
-    and whether to weight each sample by its ``trust`` (``TrainConfig.sample_trust``)."""
+    with the ``risk_free`` loss of :mod:`robust_diffusion.risk` (for data with known noise, ``--kind gaussian``),
+    whether to weight each sample by its ``trust`` (``TrainConfig.sample_trust``) and whether to divide the loss
+    by the batch's mean influence weight (``normalized``: ``RobustDiffusionLoss(normalize_influence=True)``)."""
 
     loss: str
     weighting: str = "constant"
     risk_free: bool = False
     trust: bool = False
+    normalized: bool = False
 
     @property
     def name(self) -> str:
@@ -224,18 +227,18 @@ class LossChoice(NamedTuple):
         return "+".join(parts + [flag for flag in LOSS_FLAGS if getattr(self, flag)])
 
 
-#: On/off suffixes of a loss name, in the order its name lists them (``ned+debias+trust``).
-LOSS_FLAGS = ("risk_free", "trust")
+#: On/off suffixes of a loss name, in the order its name lists them (``ned+debias+trust+normalized``).
+LOSS_FLAGS = ("risk_free", "trust", "normalized")
 
 
 def parse_loss_name(spec: str) -> LossChoice:
-    """Parse ``"<loss>[+<weighting>][+risk_free][+trust]"`` (e.g. ``"ned"``, ``"ned+debias"``,
-    ``"kl+risk_free"``, ``"ned+trust"``), with a clear error."""
+    """Parse ``"<loss>[+<weighting>][+risk_free][+trust][+normalized]"`` (e.g. ``"ned"``, ``"ned+debias"``,
+    ``"kl+risk_free"``, ``"ned+trust"``, ``"ned+normalized"``), with a clear error."""
     loss, *suffixes = str(spec).strip().split("+")
     if loss not in LOSS_NAMES:
         raise ValueError(f"unknown loss {loss!r} in {spec!r}; expected one of {', '.join(LOSS_NAMES)}, "
                          f"optionally with a timestep weighting suffix +{'/+'.join(LOSS_WEIGHTINGS)} "
-                         f"(e.g. 'ned+debias'), +risk_free and/or +trust")
+                         f"(e.g. 'ned+debias'), +risk_free, +trust and/or +normalized")
     weighting, flags = "constant", {}
     for suffix in suffixes:
         if suffix in LOSS_FLAGS and suffix not in flags:
@@ -244,8 +247,8 @@ def parse_loss_name(spec: str) -> LossChoice:
             weighting = suffix
         else:
             raise ValueError(f"unknown or repeated suffix {suffix!r} in loss {spec!r}; expected at most one "
-                             f"weighting of {', '.join(LOSS_WEIGHTINGS)}, at most one risk_free and at most one "
-                             f"trust")
+                             f"weighting of {', '.join(LOSS_WEIGHTINGS)}, and each of {', '.join(LOSS_FLAGS)} "
+                             f"at most once")
     return LossChoice(loss, weighting, **flags)
 
 
@@ -289,12 +292,15 @@ def build_loss(spec: Union[str, LossChoice], schedule: Schedule, *, scale: Union
         raise ValueError(f"weighting parameters {sorted(weighting_params)} need a weighting: name one in the loss, "
                          f"e.g. {spec.loss}+min_snr")
     weighting = dict(weighting=spec.weighting, weighting_params=weighting_params)
+    if spec.normalized and not LOSS_TABLE[LOSSES.index(STANDARD_LOSSES.get(spec.loss, (spec.loss,))[0])].weighs_samples:
+        raise ValueError(f"loss {spec.name!r}: +normalized divides by the batch's mean influence weight, which is 1 "
+                         f"for {spec.loss} (every sample weighs the same): drop +normalized")
     if spec.loss in STANDARD_LOSSES:
         loss, params = STANDARD_LOSSES[spec.loss]
         return RobustDiffusionLoss(loss, schedule, scale=1.0, update="step", **weighting, **params)
     params = dict(BASELINE_PARAMS.get(spec.loss, {}))
     return RobustDiffusionLoss(spec.loss, schedule, scale=parse_scale(scale), temperature=temperature,
-                               update="step", **weighting, **params)
+                               update="step", normalize_influence=spec.normalized, **weighting, **params)
 
 
 def loss_settings(loss_fn: RobustDiffusionLoss) -> str:
