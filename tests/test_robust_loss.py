@@ -96,6 +96,40 @@ def test_eval_mode_does_not_update_the_scale():
     assert torch.equal(before, module.adaptive_scale.bucket_penalty)
 
 
+@pytest.mark.parametrize("loss", ["hellinger", "ned", "alpha", "js", "lecam", "tv"])
+@pytest.mark.parametrize("temperature", [1.0, 0.25])
+def test_a_typical_sample_reads_influence_one(loss, temperature):
+    """The reported weight is relative to a sample at its noise level's typical (median) penalty: that sample
+    reads 1 (the raw phi'(1/temperature), e.g. NED's 0.44, is ``typical_influence``), an outlier near 0, an easier
+    sample more than 1; the gradient itself is unchanged."""
+    module = rd.RobustDiffusionLoss(loss, num_buckets=1, momentum=0.0, temperature=temperature)
+    x = torch.zeros(5, 16)
+    y = torch.ones(5, 16) * torch.tensor([0.5, 0.8, 1.0, 1.2, 20.0]).reshape(-1, 1)  # penalties 0.25 .. 400
+    t = torch.full((5,), 10)
+    module(x, y, t)  # seeds the scale at the median penalty, 1
+    module(x, y, t)
+    raw = rd.influence_weights(x, y, t, divergence=loss, scale=1.0 / temperature, **(
+        {"alpha": module.alpha} if loss == "alpha" else {}))
+    assert module.typical_influence == pytest.approx(float(raw[2]), rel=1e-6) and module.typical_influence < 1
+    torch.testing.assert_close(module.last_influence, raw / module.typical_influence)
+    assert module.last_influence[2] == pytest.approx(1.0, rel=1e-6)
+    assert module.last_influence[4] < 0.05 and module.last_influence[0] > 1
+
+
+def test_without_a_typical_sample_the_weights_are_reported_as_they_are():
+    """A fixed or vlb scale defines no typical sample, and a loss that weighs every sample 1 has nothing to
+    divide: there the reported weight is phi'(delta) (rd.influence_weights)."""
+    x, y, t = batch()
+    for module in (rd.RobustDiffusionLoss("ned", scale=0.5), rd.RobustDiffusionLoss("ned", scale="vlb"),
+                   rd.RobustDiffusionLoss("kl"), rd.RobustDiffusionLoss("pseudo_huber")):
+        assert module.typical_influence == 1.0
+    module = rd.RobustDiffusionLoss("ned", scale=0.5)
+    module(x, y, t)
+    torch.testing.assert_close(module.last_influence, rd.influence_weights(x, y, t, divergence="ned", scale=0.5))
+    # a clipped MSE that clips the typical penalty (tau 1 < delta 4) gives it no weight to divide by
+    assert rd.RobustDiffusionLoss("clipped_mse", temperature=0.25).typical_influence == 1.0
+
+
 def test_normalize_influence_divides_by_the_mean_weight():
     x, y, t = batch()
     plain = rd.RobustDiffusionLoss("ned", scale=0.5)
