@@ -80,7 +80,7 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 import robust_diffusion as rd  # noqa: E402
-from robust_diffusion.training import metrics  # noqa: E402
+from robust_diffusion.training import diversity, metrics  # noqa: E402
 from robust_diffusion.training.data import CONTAMINATION_KINDS  # noqa: E402
 from robust_diffusion.training.export import export_model  # noqa: E402
 from robust_diffusion.training.sampling import ddim_sample, flow_sample  # noqa: E402
@@ -332,11 +332,20 @@ print("Inception FID:", "on" if INCEPTION else "off (needs torchmetrics, torch-f
 print(f"({eval_seconds:.0f} s)")
 
 
+NUM_CLASSES = int(cls_labels.max()) + 1
+# The class histogram generated samples are compared with: the clean training images' (contaminants have none).
+training_shares = diversity.label_shares(data.train_labels[~is_contaminated], NUM_CLASSES)
+
+
 def evaluate_images(images):
-    """Frechet distance to the clean test images and contaminant fraction of a set of images."""
-    fd = metrics.frechet_distance(metrics.extract_features(classifier.model, images), reference_features)
-    fraction = metrics.contaminant_fraction(detector.model, images)
-    return fd, fraction
+    """Frechet distance to the clean test images, contaminant fraction, precision/recall/density/coverage in the
+    same features (k = 5) and the class histogram (its total variation from the training set's)."""
+    features = metrics.extract_features(classifier.model, images)
+    shares = diversity.class_shares(classifier.model, images, NUM_CLASSES)
+    return {"frechet_distance": metrics.frechet_distance(features, reference_features),
+            "contaminant_fraction": metrics.contaminant_fraction(detector.model, images),
+            **diversity.manifold_metrics(reference_features, features, k=5),
+            "class_tv": diversity.total_variation(shares.argmax, training_shares), "shares": shares}
 
 
 # The real data as references: what a perfect model of the clean data, and of the contaminated training
@@ -348,9 +357,9 @@ pick_all = torch.randperm(len(train_set), generator=generator)[:n_samples]
 reference_rows = []
 for name, images in (("data: clean training images", train_set.images[~is_contaminated][pick_clean]),
                      ("data: contaminated training set", train_set.images[pick_all])):
-    fd, fraction = evaluate_images(images)
-    reference_rows.append({"loss": name, "frechet_distance": fd, "contaminant_fraction": fraction})
-    print(f"{name}: Frechet distance {fd:.2f}, contaminant fraction {fraction:.3f}")
+    reference_rows.append({"loss": name, **evaluate_images(images)})
+    print(f"{name}: Frechet distance {reference_rows[-1]['frechet_distance']:.2f}, contaminant fraction "
+          f"{reference_rows[-1]['contaminant_fraction']:.3f}, coverage {reference_rows[-1]['coverage']:.3f}")
 
 # %% [markdown]
 # ## Training, sampling, evaluation
@@ -429,7 +438,8 @@ for spec in args.specs:
         for start in range(0, n_samples, SAMPLE_CHUNK)])
     samples = samples.clamp(-1, 1)  # images (DDIM clamps its x0 estimates; an ODE sampler does not)
     sample_seconds = time.perf_counter() - t0
-    fd, fraction = evaluate_images(samples)
+    evaluation = evaluate_images(samples)
+    fd, fraction = evaluation["frechet_distance"], evaluation["contaminant_fraction"]
     mean_influence, count = trainer.average_influence()
     seen = count > 0
     auroc = (metrics.auroc(-mean_influence[seen], is_contaminated[seen])
@@ -439,13 +449,14 @@ for spec in args.specs:
            "steps": settings["steps"], "final_penalty": log[-1]["penalty"],
            "influence_clean": mean_influence[seen & ~is_contaminated].mean().item(),
            "influence_contaminated": mean_influence[seen & is_contaminated].mean().item(),
-           "auroc": auroc, "frechet_distance": fd, "contaminant_fraction": fraction,
+           "auroc": auroc, **evaluation,
            "inception_fid": metrics.inception_fid(samples, reference, device=args.device) if INCEPTION else None,
            "train_s": train_seconds[spec.name], "sample_s": sample_seconds}
     results.append(row)
     trained[spec.name] = dict(trainer=trainer, samples=samples, mean_influence=mean_influence, seen=seen, log=log)
     save_file({"samples": samples.contiguous()}, run_dir / "samples.safetensors")
-    print(f"{spec.name}: FD {fd:.2f}, contaminant fraction {fraction:.3f}, AUROC {auroc:.3f}, "
+    print(f"{spec.name}: FD {fd:.2f}, contaminant fraction {fraction:.3f}, coverage {evaluation['coverage']:.3f}, "
+          f"AUROC {auroc:.3f}, "
           f"train {train_seconds[spec.name]:.0f} s, sampling {sample_seconds:.0f} s")
 
 # %% [markdown]
@@ -453,7 +464,8 @@ for spec in args.specs:
 
 # %%
 COLUMNS = ["loss", "weighting", "settings", "steps", "final_penalty", "influence_clean", "influence_contaminated",
-           "auroc", "frechet_distance", "contaminant_fraction", "inception_fid", "train_s", "sample_s"]
+           "auroc", "frechet_distance", "contaminant_fraction", "precision", "recall", "density", "coverage",
+           "class_tv", "inception_fid", "train_s", "sample_s"]
 
 
 def fmt(value):
@@ -468,6 +480,15 @@ with open(OUT / "results.csv", "w", newline="") as f:
     writer.writeheader()
     for row in rows:
         writer.writerow({k: fmt(row.get(k)) for k in COLUMNS})
+# The class histograms: for each loss (and the data), the share of its images the feature classifier assigns to
+# each class (argmax) and assigns with probability above 0.9, beside the clean training set's shares.
+with open(OUT / "class_shares.csv", "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["loss", "class", "share", "confident_share", "training_share"])
+    for row in rows:
+        for k in range(NUM_CLASSES):
+            writer.writerow([row["loss"], k, f"{row['shares'].argmax[k]:.4f}", f"{row['shares'].confident[k]:.4f}",
+                             f"{training_shares[k]:.4f}"])
 accuracy = f"{classifier.test_accuracy:.3f}"
 machine = (torch.cuda.get_device_name(args.device) if args.device.type == "cuda"
            else f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s)")
@@ -483,6 +504,9 @@ header = [f"# Robust DDPM training on contaminated data", "",
           f"(held-out accuracy {detector.test_accuracy:.3f})",
           f"- AUROC: average influence weight of each training sample (steps >= {influence_from}) as a detector "
           f"of the contaminated ones; influence columns: mean of those averages over clean / contaminated samples",
+          "- precision, recall, density, coverage: k-nearest-neighbour balls (k = 5) of the same features against "
+          "the same test images (docs/DESIGN.md, Evidence); class_tv: total variation between the classifier's class "
+          "histogram of the images and the clean training set's (per class: class_shares.csv)",
           "- final_penalty: mean per-sample denoising penalty R_b (squared error; Huber penalty for huber) over "
           "the last log interval, on the contaminated training data",
           ""]
