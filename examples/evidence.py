@@ -56,6 +56,7 @@ class Cell:
     temperature: float = 1.0  # the adaptive scale's tau
     objective: str = "ddpm"  # or "flow": flow matching with SD3's logit-normal times (FLOW_SAMPLING)
     seeds: tuple = (0, 1)  # the protocol's two seeds; the cells that decide by paired intervals run PAIRED_SEEDS
+    preset: str | None = None  # the example's preset when not the grid's (the main job's "demo")
 
 
 # The rule, fixed before its cells ran (docs/RESULTS.md, protocol), that decides whether scale="batch" becomes
@@ -165,7 +166,24 @@ CELLS = [
     *(Cell(f"{name}-normalized", p, kind, (NORMALIZATION_LOSS, f"{NORMALIZATION_LOSS}+normalized"),
            seeds=PAIRED_SEEDS, question="normalize_influence: the loss divided by the batch's mean influence weight")
       for name, p, kind in (("noise-0.3", 0.3, "noise"), ("gaussian-0.3", 0.3, "gaussian"), ("clean", 0.0, "noise"))),
+    # Added with the rule written first (docs/RESULTS.md, Protocol, "Demo ablation"; `demo_ablation` reads it): the
+    # main job's recipe and what each of its ingredients adds, and the strongest baseline a user could configure,
+    # at the main job's budget, five seeds, paired.
+    Cell("demo-tau0.25", 0.3, "noise", ("mse", "pseudo_huber", "ned", "ned+trust"), temperature=0.25, preset="demo",
+         seeds=PAIRED_SEEDS, question="the main job's recipe, its ablation and the strongest baseline"),
+    Cell("demo-tau1", 0.3, "noise", ("kl", "ned"), preset="demo", seeds=PAIRED_SEEDS,
+         question="the main job's ablation at temperature 1"),
 ]
+#: The ablation of the main job's recipe: (what is added, the (cell, loss) without it, the (cell, loss) with it).
+ABLATION = (
+    ("the adaptive scale (KL, normalised per noise level)", ("demo-tau0.25", "mse"), ("demo-tau1", "kl")),
+    ("the divergence (NED instead of KL)", ("demo-tau1", "kl"), ("demo-tau1", "ned")),
+    ("temperature 0.25 instead of 1", ("demo-tau1", "ned"), ("demo-tau0.25", "ned")),
+    ("per-sample trust", ("demo-tau0.25", "ned"), ("demo-tau0.25", "ned+trust")),
+    ("the whole recipe, against the standard MSE", ("demo-tau0.25", "mse"), ("demo-tau0.25", "ned+trust")),
+    ("the whole recipe, against pseudo-Huber at the adaptive scale and temperature 0.25",
+     ("demo-tau0.25", "pseudo_huber"), ("demo-tau0.25", "ned+trust")),
+)
 #: Every seed some cell runs.
 SEEDS = tuple(sorted({seed for cell in CELLS for seed in cell.seeds}))
 #: How the flow-matching cells draw training times (diffusers' SD3 script's default weighting_scheme).
@@ -175,7 +193,7 @@ FLOW_SAMPLING = "logit_normal"
 def preset_cells(preset: str) -> list:
     """The cells a preset runs. A cell's `steps` is a multiple of the quick budget; another preset trains
     every cell at its own budget, so the cells that only change the steps would repeat their twins."""
-    return list(CELLS) if preset == "quick" else [cell for cell in CELLS if cell.steps is None]
+    return list(CELLS) if preset == "quick" else [cell for cell in CELLS if cell.steps is None and cell.preset is None]
 
 
 def machine(out: Path, cell: Cell, seeds: list) -> str:
@@ -193,12 +211,14 @@ def run_dir(out: Path, cell: Cell, seed: int) -> Path:
 
 
 def command(cell: Cell, seed: int, out: Path, preset: str, threads: int | None) -> list:
-    cmd = [sys.executable, str(EXAMPLE), "--dataset", "fashion-mnist", "--preset", preset,
+    cmd = [sys.executable, str(EXAMPLE), "--dataset", "fashion-mnist", "--preset", cell.preset or preset,
            "--contamination", str(cell.contamination), "--kind", cell.kind, "--losses", *cell.losses,
            "--scale", cell.scale, "--seed", str(seed), "--out", str(run_dir(out, cell, seed)),
            "--eval-cache", str(out / "eval_cache"), "--resume", "--no-export"]
     cmd += ["--steps", str(cell.steps)] if cell.steps else []
-    cmd += ["--temperature", str(cell.temperature)] if cell.temperature != 1.0 else []
+    # a preset of its own may set another temperature (the demo's 0.25): the cell's is then always passed
+    cmd += ["--temperature", str(cell.temperature)] if cell.temperature != 1.0 or cell.preset else []
+    cmd += ["--jobs", "1"] if cell.preset else []  # the grid runs jobs side by side, not the example
     cmd += ["--objective", "flow", "--timestep-sampling", FLOW_SAMPLING] if cell.objective == "flow" else []
     return cmd + (["--threads", str(threads)] if threads else [])
 
@@ -248,8 +268,8 @@ def kl_cell(cell: Cell) -> Cell:
     """The cell whose `kl` runs a cell is compared with: the adaptive-scale, temperature-1 cell with the same
     data and budget that trains `kl` (itself, when it is one)."""
     return next(c for c in CELLS if "kl" in c.losses and c.scale == "adaptive" and c.temperature == 1.0
-                and (c.contamination, c.kind, c.steps, c.objective)
-                == (cell.contamination, cell.kind, cell.steps, cell.objective))
+                and (c.contamination, c.kind, c.steps, c.objective, c.preset)
+                == (cell.contamination, cell.kind, cell.steps, cell.objective, cell.preset))
 
 
 def sections(block: str) -> dict:
@@ -283,6 +303,7 @@ def tables(out: Path, kept: dict | None = None, cells: list | None = None) -> st
         steps = f", {cell.steps} steps" if cell.steps else ""
         temperature = f", temperature {cell.temperature}" if cell.temperature != 1.0 else ""
         steps += f", flow matching ({FLOW_SAMPLING} times, Euler)" if cell.objective == "flow" else ""
+        steps += f", the `{cell.preset}` preset" if cell.preset else ""
         lines += [f"### {cell.name}: p = {cell.contamination}, {cell.kind}{scale}{temperature}{steps} "
                   f"({cell.question})", ""]
         if not done:
@@ -291,16 +312,19 @@ def tables(out: Path, kept: dict | None = None, cells: list | None = None) -> st
         lines += [f"Seeds done: {', '.join(map(str, done))} of {', '.join(map(str, cell.seeds))}, tabulated "
                   f"{datetime.date.today().isoformat()} ({machine(out, cell, done)}). Mean over seeds "
                   "(each seed's value in brackets). FD: Frechet distance in the evaluation classifier's "
-                  f"features (lower is better); vs KL: relative FD change against `kl` of the same seeds"
+                  "features (lower is better); recall, coverage: the share of the test images' variety the "
+                  "samples reach and class TV how far their class histogram is from the training set's (0: the "
+                  "same), in the same features (blank for runs that predate them); vs KL: relative FD change "
+                  "against `kl` of the same seeds"
                   f"{'' if kl_cell(cell) is cell else f' in `{kl_cell(cell).name}`'}.", "",
-                  "| loss | FD | vs KL | contaminant fraction | influence AUROC | train s |",
-                  "|---|---|---|---|---|---|"]
+                  "| loss | FD | vs KL | contaminant fraction | influence AUROC | train s | recall | coverage | "
+                  "class TV |", "|---|---|---|---|---|---|---|---|---|"]
         kl = rows.get((kl_cell(cell).name, "kl"), {}) or kept_kl(kept.get(kl_cell(cell).name, ""))
         data_rows = ["data: clean training images", "data: contaminated training set"] if "kl" in cell.losses else []
         for loss in list(cell.losses) + data_rows:
             by_seed = rows.get((cell.name, loss), {})
             if not by_seed:
-                lines.append(f"| {loss} | not run | | | | |")
+                lines.append(f"| {loss} | not run | | | | | | | |")
                 continue
             seeds = sorted(by_seed)
             fd = [number(by_seed[s], "frechet_distance") for s in seeds]
@@ -311,7 +335,9 @@ def tables(out: Path, kept: dict | None = None, cells: list | None = None) -> st
             lines.append(f"| {loss} | {stat(fd)} | {rel_text} | "
                          f"{stat([number(by_seed[s], 'contaminant_fraction') for s in seeds])} | "
                          f"{stat([number(by_seed[s], 'auroc') for s in seeds])} | "
-                         f"{stat([number(by_seed[s], 'train_s') for s in seeds])} |")
+                         f"{stat([number(by_seed[s], 'train_s') for s in seeds])} | "
+                         + " | ".join(stat([number(by_seed[s], key) for s in seeds])
+                                      for key in ("recall", "coverage", "class_tv")) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -341,6 +367,7 @@ def parse_rows(section: str) -> dict:
         if len(parts) < 4 or parts[0] in ("loss", "") or parts[0].startswith(("---", "data:")) or parts[1] == "not run":
             continue
         rows[parts[0]] = {"fd": values(parts[1]), "contaminant": values(parts[3]),
+                          "coverage": values(parts[7]) if len(parts) > 7 else [],
                           "fd_mean": printed(parts[1]), "contaminant_mean": printed(parts[3]),
                           "auroc_mean": printed(parts[4]) if len(parts) > 4 else math.nan}
     return rows
@@ -359,8 +386,8 @@ def temperature_pairs() -> list:
     temperature rule compares."""
     pairs = []
     for cell in CELLS:
-        if cell.scale != "adaptive" or cell.temperature != RULE_TEMPERATURE:
-            continue
+        if cell.scale != "adaptive" or cell.temperature != RULE_TEMPERATURE or cell.seeds != (0, 1) or cell.preset:
+            continue  # the rule reads the protocol's two-seed cells, not the paired cells added after it
         for loss in (l for l in cell.losses if l in RULE_LOSSES):
             reference = next(c for c in CELLS if c.scale == "adaptive" and c.temperature == 1.0 and loss in c.losses
                              and (c.contamination, c.kind, c.steps) == (cell.contamination, cell.kind, cell.steps))
@@ -518,6 +545,51 @@ def normalization_rule(block: str) -> str:
     return "\n".join(lines)
 
 
+def seed_rows(section: str) -> dict:
+    """{loss: {seed: {"fd", "contaminant", "coverage"}}} of one generated table section, paired by its
+    "Seeds done" line (a loss whose values do not match the seeds is left out)."""
+    done = next((line for line in section.splitlines() if line.startswith("Seeds done: ")), "")
+    seeds = [int(v) for v in done[len("Seeds done: "):].split(" of ")[0].split(",") if v.strip()] if done else []
+    found = {}
+    for loss, row in parse_rows(section).items():
+        if len(row["fd"]) != len(seeds):
+            continue
+        coverage = row["coverage"] if len(row["coverage"]) == len(seeds) else [math.nan] * len(seeds)
+        found[loss] = {seed: {"fd": fd, "contaminant": c, "coverage": cov}
+                       for seed, fd, c, cov in zip(seeds, row["fd"], row["contaminant"], coverage)}
+    return found
+
+
+def _shown(interval: tuple, percent: bool = False) -> str:
+    """An interval's text, marked when it excludes 0 (the effect survives)."""
+    survives = not math.isnan(interval[1]) and (interval[1] > 0 or interval[2] < 0)
+    return interval_text(interval, percent) + (" (survives)" if survives else "")
+
+
+def demo_ablation(block: str) -> str:
+    """The main job's ablation: for each step of ABLATION, the paired per-seed change in contaminant fraction, FD
+    and coverage with 95% intervals, and whether it survives (its interval excludes 0), from the tables `block`."""
+    found = sections(block)
+    rows = {name: seed_rows(found.get(name, "")) for name in {c for _, a, b in ABLATION for c in (a[0], b[0])}}
+    lines = ["### Demo ablation: what each ingredient of the main job's recipe changes (the protocol's rule, "
+             "applied by `demo_ablation`)", "",
+             "Paired by seed (same data, initial weights, batches and noise); mean change with its 95% t interval; "
+             "an effect survives when its interval excludes 0.", "",
+             "| added | seeds | contaminant fraction change | FD change | coverage change |", "|---|---|---|---|---|"]
+    for what, (cell_a, loss_a), (cell_b, loss_b) in ABLATION:
+        a, b = rows[cell_a].get(loss_a, {}), rows[cell_b].get(loss_b, {})
+        seeds = sorted(set(a) & set(b))
+        if not seeds:
+            lines.append(f"| {what} | not run | | | |")
+            continue
+        contaminant, coverage = (paired_interval([b[s][key] - a[s][key] for s in seeds])
+                                 for key in ("contaminant", "coverage"))
+        fd = paired_interval([b[s]["fd"] / a[s]["fd"] - 1 for s in seeds])
+        lines.append(f"| {what} (`{loss_a}` in {cell_a} -> `{loss_b}` in {cell_b}) | {', '.join(map(str, seeds))} | "
+                     f"{_shown(contaminant)} | {_shown(fd, True)} | {_shown(coverage)} |")
+    return "\n".join(lines + [""])
+
+
 def summary_figure(block: str, path: Path) -> bool:
     """Bars of the mean over seeds (dots: each seed) of FD and contaminant fraction per loss, one panel per
     cell of FIGURE_CELLS, read from the generated tables `block`; the standard MSE shows as `mse`, the same data
@@ -592,6 +664,7 @@ def write_report(out: Path, wall_minutes: float | None, path: Path = RESULTS_MD,
         body += "\n" + temperature_rule(body)
         body += "\n" + batch_scale_rule(body)
         body += "\n" + normalization_rule(body)
+        body += "\n" + demo_ablation(body)
     where = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
     took = f"; this invocation ran {wall_minutes:.0f} min" if wall_minutes is not None else ""
     stamp = (f"Tables written by `python examples/evidence.py` on {datetime.date.today().isoformat()} from the "
@@ -634,6 +707,7 @@ def main() -> None:
         todo = [(cell, seed) for cell in cells if args.only is None or cell.name in args.only
                 for seed in cell.seeds if (args.seeds is None or seed in args.seeds)
                 and not (run_dir(args.out, cell, seed) / "results.csv").is_file()]
+        todo.sort(key=lambda job: job[1])  # seed by seed, so that an interrupted grid leaves whole pairs
         print(f"{len(todo)} run(s) to do: {', '.join(f'{c.name}/seed{s}' for c, s in todo)}", flush=True)
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             finished = list(pool.map(lambda job: run_one(*job, args), todo))

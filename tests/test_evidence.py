@@ -118,9 +118,10 @@ def test_summary_figure_reads_the_generated_tables(evidence, tmp_path):
         {"loss": "kl", "frechet_distance": 100, "contaminant_fraction": 0.5, "auroc": 0.5, "train_s": 70}])
     block = evidence.tables(tmp_path / "runs")
     rows = evidence.parse_rows(evidence.sections(block)["noise-0.3"])
-    assert rows["kl"] == {"fd": [80.0, 100.0], "contaminant": [0.4, 0.5], "fd_mean": 90.0, "contaminant_mean": 0.45,
+    assert rows["kl"] == {"fd": [80.0, 100.0], "contaminant": [0.4, 0.5], "coverage": [], "fd_mean": 90.0,
+                          "contaminant_mean": 0.45,
                           "auroc_mean": 0.5}
-    assert rows["ned"] == {"fd": [60.0], "contaminant": [0.2], "fd_mean": 60.0, "contaminant_mean": 0.2,
+    assert rows["ned"] == {"fd": [60.0], "contaminant": [0.2], "coverage": [], "fd_mean": 60.0, "contaminant_mean": 0.2,
                            "auroc_mean": 0.9}
     assert "hellinger" not in rows and not any(name.startswith("data") for name in rows)  # not run; data rows
     figure = tmp_path / "summary.png"
@@ -253,3 +254,63 @@ def test_tables_name_the_current_machine_for_runs_that_do_not_say(evidence, tmp_
         {"loss": "kl", "frechet_distance": 30, "contaminant_fraction": 0.0, "auroc": "", "train_s": 70}])
     section = evidence.tables(tmp_path).split("### clean:")[1].split("###")[0]
     assert "Seeds done: 1 of 0, 1" in section and " CPU, " in section and "cores)" in section
+
+
+def test_paired_interval_is_the_mean_with_its_t_interval(evidence):
+    mean, low, high = evidence.paired_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and (high - mean) == pytest.approx(4.303 / 3 ** 0.5) and (mean - low) == pytest.approx(high - mean)
+    assert evidence.paired_interval([0.5])[0] == 0.5 and all(v != v for v in evidence.paired_interval([0.5])[1:])
+
+
+def _normalization_runs(evidence, folder, fd_factor, contaminant_shift):
+    for cell in (c for c in evidence.CELLS if c.name.endswith("-normalized")):
+        assert cell.seeds == evidence.PAIRED_SEEDS and len(cell.seeds) >= 5
+        for seed in cell.seeds:
+            fd = 50.0 + 3 * seed
+            write_results(folder / cell.name / f"seed{seed}", [
+                {"loss": "ned", "frechet_distance": fd, "contaminant_fraction": 0.2, "auroc": 0.9, "train_s": 70},
+                {"loss": "ned+normalized", "frechet_distance": fd * (fd_factor + 0.01 * (seed % 2)),
+                 "contaminant_fraction": 0.2 + contaminant_shift, "auroc": 0.9, "train_s": 70}])
+
+
+def test_the_normalization_rule_reads_paired_seeds(evidence, tmp_path):
+    assert "undecided" in evidence.normalization_rule(evidence.tables(tmp_path))
+    _normalization_runs(evidence, tmp_path / "better", 0.9, 0.0)
+    verdict = evidence.normalization_rule(evidence.tables(tmp_path / "better"))
+    assert "becomes normalize_influence=True" in verdict and "| clean-normalized | 5 | -9.6% [" in verdict
+    _normalization_runs(evidence, tmp_path / "worse", 1.04, 0.0)  # within +5% on average, but its interval is not
+    assert "stays normalize_influence=False" in evidence.normalization_rule(evidence.tables(tmp_path / "worse"))
+    _normalization_runs(evidence, tmp_path / "junk", 0.9, 0.05)  # better FD, more contaminant-like samples
+    verdict = evidence.normalization_rule(evidence.tables(tmp_path / "junk"))
+    assert "stays normalize_influence=False (outside the tolerance on noise-0.3-normalized, gaussian-0.3-norm" in verdict
+
+
+def test_the_demo_ablation_pairs_seeds_across_its_two_cells(evidence, tmp_path):
+    cells = {c.name: c for c in evidence.CELLS}
+    tau, one = cells["demo-tau0.25"], cells["demo-tau1"]
+    assert tau.preset == one.preset == "demo" and len(tau.seeds) >= 5 and tau.seeds == one.seeds
+    cmd = evidence.command(one, 0, tmp_path, "quick", threads=1)
+    # the demo preset's own temperature is 0.25: a temperature-1 cell must say so, and runs train one at a time
+    assert cmd[cmd.index("--temperature") + 1] == "1.0" and cmd[cmd.index("--jobs") + 1] == "1"
+    assert cmd[cmd.index("--preset") + 1] == "demo" and evidence.kl_cell(tau) is one
+    assert all(c.preset is None for c in evidence.preset_cells("full"))
+    for seed in (0, 1, 2):
+        common = {"auroc": 0.9, "train_s": 70}
+        write_results(tmp_path / "demo-tau0.25" / f"seed{seed}", [
+            {"loss": "mse", "frechet_distance": 60 + seed, "contaminant_fraction": 0.45 + 0.01 * seed, **common},
+            {"loss": "pseudo_huber", "frechet_distance": 40, "contaminant_fraction": 0.1, **common},
+            {"loss": "ned", "frechet_distance": 30, "contaminant_fraction": 0.2, **common},
+            {"loss": "ned+trust", "frechet_distance": 20, "contaminant_fraction": 0.02 * seed, **common}])
+        if seed < 2:  # seed 2 of the temperature-1 cell has not run: the steps that need it pair seeds 0 and 1
+            write_results(tmp_path / "demo-tau1" / f"seed{seed}", [
+                {"loss": "kl", "frechet_distance": 50, "contaminant_fraction": 0.3, **common},
+                {"loss": "ned", "frechet_distance": 40, "contaminant_fraction": 0.3, **common}])
+    text = evidence.demo_ablation(evidence.tables(tmp_path))
+    row = next(line for line in text.splitlines() if line.startswith("| the whole recipe, against the standard MSE"))
+    # changes -0.45, -0.44, -0.43: mean -0.44, interval -0.44 +- 4.303 * 0.01 / sqrt(3)
+    assert "| 0, 1, 2 | -0.440 [-0.465, -0.415] (survives) |" in row
+    trust = next(line for line in text.splitlines() if line.startswith("| per-sample trust"))
+    assert "-0.180 [-0.230, -0.130] (survives)" in trust  # -0.2, -0.18, -0.16
+    assert "-33.3% [-33.3%, -33.3%] (survives)" in trust  # the same FD change on every seed
+    scale = next(line for line in text.splitlines() if line.startswith("| the adaptive scale"))
+    assert "| 0, 1 |" in scale
