@@ -154,6 +154,10 @@ def build_parser():
                         help="CIFAR-10: download it into --data-root if it is not there (needs network)")
     parser.add_argument("--contamination", type=float, default=0.3, help="contaminated fraction p in [0, 1)")
     parser.add_argument("--kind", choices=CONTAMINATION_KINDS, default="noise")
+    parser.add_argument("--rare-class", type=int, default=None,
+                        help="a control: make this class legitimately rare in the training images (its share of "
+                             "samples and its influence are then reported)")
+    parser.add_argument("--rare-fraction", type=float, default=0.03, help="the rare class's share of the training images")
     parser.add_argument("--losses", nargs="+", default=None,
                         help="loss names, optionally +weighting, +risk_free, +trust (e.g. ned+debias) (default: preset)")
     parser.add_argument("--preset", choices=PRESET_NAMES, default=None,
@@ -260,7 +264,7 @@ def load_data(contamination, **options):
 
 
 data = load_data(args.contamination, num_train=settings["num_train"], image_size=settings["image_size"],
-                 seed=args.seed)
+                 seed=args.seed, rare_class=args.rare_class, rare_fraction=args.rare_fraction)
 train_set = data.train
 print(data.description)
 image_shape = data.image_shape
@@ -426,6 +430,20 @@ with ThreadPoolExecutor(max_workers=jobs) as pool:
             trainer.stop()
         raise
 
+def rare_class_row(shares, mean_influence, seen):
+    """With --rare-class: the rare class's share of the samples (argmax and confident), and how much less the loss
+    trusted its clean training images than the other clean ones (AUROC of a low mean influence as a detector of
+    the rare class: 0.5, no difference)."""
+    if args.rare_class is None:
+        return {}
+    clean = seen & ~is_contaminated
+    is_rare = (data.train_labels == args.rare_class).cpu() & clean
+    separable = bool(is_rare.any()) and bool((clean & ~is_rare).any())
+    return {"rare_share": shares.argmax[args.rare_class].item(),
+            "rare_confident": shares.confident[args.rare_class].item(),
+            "rare_auroc": metrics.auroc(-mean_influence[clean], is_rare[clean]) if separable else math.nan}
+
+
 results, trained = [], {}
 for spec in args.specs:
     trainer, run_dir = trainers[spec.name], OUT / "runs" / spec.name
@@ -449,6 +467,7 @@ for spec in args.specs:
            "steps": settings["steps"], "final_penalty": log[-1]["penalty"],
            "influence_clean": mean_influence[seen & ~is_contaminated].mean().item(),
            "influence_contaminated": mean_influence[seen & is_contaminated].mean().item(),
+           **rare_class_row(evaluation["shares"], mean_influence, seen),
            "auroc": auroc, **evaluation,
            "inception_fid": metrics.inception_fid(samples, reference, device=args.device) if INCEPTION else None,
            "train_s": train_seconds[spec.name], "sample_s": sample_seconds}
@@ -466,6 +485,11 @@ for spec in args.specs:
 COLUMNS = ["loss", "weighting", "settings", "steps", "final_penalty", "influence_clean", "influence_contaminated",
            "auroc", "frechet_distance", "contaminant_fraction", "precision", "recall", "density", "coverage",
            "class_tv", "inception_fid", "train_s", "sample_s"]
+if args.rare_class is not None:  # the rare-class control's columns, for the data rows too
+    COLUMNS += ["rare_share", "rare_confident", "rare_auroc"]
+    for row in reference_rows:
+        row.update(rare_share=row["shares"].argmax[args.rare_class].item(),
+                   rare_confident=row["shares"].confident[args.rare_class].item())
 
 
 def fmt(value):

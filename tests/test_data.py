@@ -288,3 +288,23 @@ def test_contaminate_error_messages():
         contaminate(images, 0.1, "noise", noise_distribution="laplace")
     with pytest.raises(TypeError, match="images must be a floating tensor"):
         contaminate(torch.zeros(4, 8, dtype=torch.uint8), 0.1, "noise")
+
+
+@needs_fashion_mnist
+def test_a_rare_class_control_keeps_the_order_and_caps_one_class():
+    from robust_diffusion.training.experiment import load_experiment_data
+    full = load_experiment_data("fashion-mnist", 0.0, num_train=400)
+    rare = load_experiment_data("fashion-mnist", 0.0, num_train=400, rare_class=1, rare_fraction=0.03)
+    labels = rare.train_labels
+    assert labels.numel() == 400 and int((labels == 1).sum()) == 12 and "class 1 rare (12 images, 3%)" in rare.description
+    # the same images as before up to the 12th trouser, then the next non-trouser images fill the set
+    first = full.train_labels
+    cut = int(torch.nonzero(first == 1).flatten()[11]) + 1
+    assert torch.equal(labels[:cut], first[:cut]) and not bool((labels[cut:] == 1).any())
+    assert torch.equal(rare.test_labels, full.test_labels)  # the test split is not thinned
+    contaminated = load_experiment_data("fashion-mnist", 0.3, num_train=400, rare_class=1, rare_fraction=0.03, seed=0)
+    assert torch.equal(contaminated.train_labels, labels)  # contamination comes after, on the same images
+    with pytest.raises(ValueError, match=r"rare_class must be one of the dataset's classes \[0, 1, 2"):
+        load_experiment_data("fashion-mnist", 0.0, num_train=400, rare_class=12)
+    with pytest.raises(ValueError, match="rare_fraction must be a fraction in"):
+        load_experiment_data("fashion-mnist", 0.0, num_train=400, rare_class=1, rare_fraction=1.5)

@@ -1,7 +1,7 @@
 """InfluenceTracker: which training samples does the robust loss trust least?
 
-Every robust loss gives each sample of a batch an influence weight ``w_b`` (1 for a typical sample, near 0 for
-an outlier; docs/DESIGN.md, Losses) and a penalty ``R_b`` (its mean squared error with the default
+Every robust loss gives each sample of a batch an influence weight ``w_b`` (``RobustDiffusionLoss.last_influence``:
+1 for a sample at its noise level's typical error, near 0 for an outlier; docs/DESIGN.md, Losses) and a penalty ``R_b`` (its mean squared error with the default
 ``dim_reduction="mean"``). One batch says little about a sample; averaged over the many times a sample is drawn
 (at many noise levels) the weight ranks the training set from least to most trusted: the data audit of
 ``python -m robust_diffusion.audit`` and of the Trainer. Add it to any training loop::
@@ -14,7 +14,8 @@ an outlier; docs/DESIGN.md, Losses) and a penalty ``R_b`` (its mean squared erro
     for row in tracker.table()[:20]:                 # the 20 least-trusted samples
         print(row)
 
-``rd.influence_weights(...)`` (with the ``penalty`` left out) works as well as ``last_influence``. To train with
+``rd.influence_weights(...)`` (with the ``penalty`` left out) ranks the same as ``last_influence`` (it gives
+phi'(delta) itself, not relative to a typical sample). To train with
 the result, ``weight=tracker.trust(index)`` in the criterion's call weights each sample by how much the loss
 trusted it at low noise (:meth:`InfluenceTracker.trust`; the Trainer's ``sample_trust``).
 

@@ -210,9 +210,10 @@ def write_report(args, source: str, loaded: ImageSet, table, files, loss_name: s
     lines += [f"- `{name}`: {what}" for name, what in figures.items()]
     lines += ["", "## How to read it", "",
               "Each time an image is drawn for a training step, at a random noise level, the robust loss gives it an "
-              "*influence weight*: the factor its gradient is scaled by. 1 means the model learns from it like from a "
-              "typical image; near 0 means the loss treats it as an outlier, an image much harder to denoise than the "
-              "others at that noise level. `mean_influence` averages that weight over the times the image was drawn "
+              "*influence weight*: the factor its gradient is scaled by, relative to a typical image's. 1 means the "
+              "model learns from it like from a typical image (one whose denoising error is the median at that noise "
+              "level); near 0 means the loss treats it as an outlier, an image much harder to denoise than the "
+              "others at that noise level; above 1, an image easier than typical. `mean_influence` averages that weight over the times the image was drawn "
               "and ranks the images: rank 1 is the least trusted. `mean_penalty` is the image's mean squared "
               "denoising error, `times_seen` how often it was scored.", "",
               "- Look at the top of the ranking (`least_trusted.png`): corrupted files, noise, images from another "

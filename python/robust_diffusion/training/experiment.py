@@ -88,7 +88,8 @@ class ExperimentData:
 def load_experiment_data(dataset: str, contamination: float, kind: str = "noise", *,
                          root: Optional[Union[str, os.PathLike]] = None, num_train: Optional[int] = None,
                          image_size: Optional[int] = None, noise_std: float = 0.5, seed: int = 0,
-                         download: bool = False, channels: Optional[int] = None) -> ExperimentData:
+                         download: bool = False, channels: Optional[int] = None,
+                         rare_class: Optional[int] = None, rare_fraction: float = 0.03) -> ExperimentData:
     """Load ``dataset`` and contaminate a fraction ``contamination`` of its training images (docs/DESIGN.md, Evidence).
 
     Args:
@@ -108,6 +109,11 @@ def load_experiment_data(dataset: str, contamination: float, kind: str = "noise"
         seed: seeds the contamination.
         download: CIFAR-10 only: let torchvision download it into ``root``.
         channels: folder only: 1 (grey) or 3 (RGB); default what the images are.
+        rare_class: make this class legitimately rare, a control for what a robust recipe does to rare but valid
+            data: the training images are taken in order as before, but those of ``rare_class`` only until they
+            make ``rare_fraction`` of ``num_train`` (rounded, at least 1); the others fill the rest. Applied
+            before contamination, which may replace rare images like any others. The test split is unchanged.
+        rare_fraction: the rare class's share of the training images, in (0, 1).
     """
     if dataset not in TRAIN_DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(TRAIN_DATASETS)}")
@@ -118,6 +124,8 @@ def load_experiment_data(dataset: str, contamination: float, kind: str = "noise"
         raise ValueError(f"unknown contamination kind {kind!r}; expected one of {', '.join(CONTAMINATION_KINDS)}")
     if num_train is not None and num_train < 2:
         raise ValueError(f"num_train must be at least 2, got {num_train!r}")
+    if rare_class is not None and not 0.0 < rare_fraction < 1.0:
+        raise ValueError(f"rare_fraction must be a fraction in (0, 1), got {rare_fraction!r}")
 
     if dataset == "folder":
         source = _load_folder(root, kind, image_size, channels)
@@ -129,17 +137,41 @@ def load_experiment_data(dataset: str, contamination: float, kind: str = "noise"
     notes, unreadable = source.notes, source.unreadable
 
     images, labels = train
-    if num_train is not None:
+    if rare_class is not None:
+        images, labels = _with_rare_class(images, labels, rare_class, rare_fraction, num_train, dataset)
+    elif num_train is not None:
         images, labels = images[:num_train], labels[:num_train]
     contaminated = contaminate(images, contamination, kind, seed=seed, noise_std=noise_std,
                                contaminant_images=contaminant_images)
     what = {"noise": "uniform noise images", "gaussian": f"images + N(0, {noise_std}^2) noise",
             "dataset": ("held-out classes Bag/Ankle boot" if dataset == "fashion-mnist"
                         else "Fashion-MNIST images")}[kind]
+    if rare_class is not None:
+        name += f", class {rare_class} rare ({int((labels == rare_class).sum())} images, {rare_fraction:.0%})"
     description = (f"{name}, {len(contaminated)} training images, "
                    + (f"{contaminated.num_contaminated} ({contamination:.0%}) replaced by {what}"
                       if contaminated.num_contaminated else "none replaced (no contamination)"))
     return ExperimentData(contaminated, labels, test.images, test.labels, description, notes, unreadable)
+
+
+def _with_rare_class(images: Tensor, labels: Tensor, rare_class: int, fraction: float, num_train: Optional[int],
+                     dataset: str) -> Tuple[Tensor, Tensor]:
+    """The first ``num_train`` images in order, with ``rare_class`` capped at ``fraction`` of them."""
+    if dataset == "folder":
+        raise ValueError("rare_class needs a labelled benchmark dataset; a folder of images has no classes")
+    classes = sorted(int(c) for c in labels.unique())
+    if rare_class not in classes:
+        raise ValueError(f"rare_class must be one of the dataset's classes {classes}, got {rare_class!r}")
+    total = labels.numel() if num_train is None else min(num_train, labels.numel())
+    quota = max(1, round(fraction * total))
+    is_rare = labels == rare_class
+    rare = torch.nonzero(is_rare).flatten()[:quota]
+    common = torch.nonzero(~is_rare).flatten()[:total - rare.numel()]
+    if rare.numel() < quota or common.numel() < total - quota:
+        raise ValueError(f"the dataset has too few images for {total} training images with class {rare_class} at "
+                         f"{fraction:.0%}")
+    keep = torch.cat([rare, common]).sort().values  # the dataset's own order
+    return images[keep], labels[keep]
 
 
 class _CleanData(NamedTuple):
