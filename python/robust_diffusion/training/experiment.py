@@ -70,6 +70,8 @@ class ExperimentData:
         description: one line saying what the data is.
         notes: for ``folder``: what the loader found and did (value range, resizing, channels).
         unreadable: for ``folder``: ``(file, reason)`` of every image file that could not be read (left out).
+        train_indices: where each training image sits in the dataset's training split (its clean classes for
+            Fashion-MNIST's ``kind="dataset"``), so that two draws can be checked for shared images.
     """
 
     train: ContaminatedDataset
@@ -79,6 +81,7 @@ class ExperimentData:
     description: str
     notes: Tuple[str, ...] = ()
     unreadable: Tuple[Tuple[str, str], ...] = ()
+    train_indices: Optional[Tensor] = None
 
     @property
     def image_shape(self) -> Tuple[int, ...]:
@@ -88,7 +91,8 @@ class ExperimentData:
 def load_experiment_data(dataset: str, contamination: float, kind: str = "noise", *,
                          root: Optional[Union[str, os.PathLike]] = None, num_train: Optional[int] = None,
                          image_size: Optional[int] = None, noise_std: float = 0.5, seed: int = 0,
-                         download: bool = False, channels: Optional[int] = None) -> ExperimentData:
+                         download: bool = False, channels: Optional[int] = None,
+                         from_end: bool = False) -> ExperimentData:
     """Load ``dataset`` and contaminate a fraction ``contamination`` of its training images (docs/DESIGN.md, Evidence).
 
     Args:
@@ -102,6 +106,8 @@ def load_experiment_data(dataset: str, contamination: float, kind: str = "noise"
             images, grey, padded to 32x32; not for ``folder``).
         root: the dataset directory (default: Debian's path for Fashion-MNIST; required for CIFAR-10 and folder).
         num_train: use the first ``num_train`` (clean-class) training images (default: all).
+        from_end: take the last ``num_train`` training images instead of the first: images that a model trained
+            on the first ones never saw (the example's contaminant detectors learn from them).
         image_size: Fashion-MNIST: 28 (native, the default) or 32 (padded with the background); CIFAR-10: 32;
             folder: any (default 32 for a folder of files, an array's own size for an array file).
         noise_std: the std of ``kind="gaussian"``.
@@ -129,17 +135,21 @@ def load_experiment_data(dataset: str, contamination: float, kind: str = "noise"
     notes, unreadable = source.notes, source.unreadable
 
     images, labels = train
-    if num_train is not None:
-        images, labels = images[:num_train], labels[:num_train]
+    total = images.shape[0]
+    count = total if num_train is None else min(num_train, total)
+    start = total - count if from_end else 0
+    images, labels = images[start:start + count], labels[start:start + count]
+    indices = torch.arange(start, start + count)
     contaminated = contaminate(images, contamination, kind, seed=seed, noise_std=noise_std,
                                contaminant_images=contaminant_images)
     what = {"noise": "uniform noise images", "gaussian": f"images + N(0, {noise_std}^2) noise",
             "dataset": ("held-out classes Bag/Ankle boot" if dataset == "fashion-mnist"
                         else "Fashion-MNIST images")}[kind]
-    description = (f"{name}, {len(contaminated)} training images, "
+    description = (f"{name}, {len(contaminated)} training images"
+                   + (f" (the last of its {total})" if from_end else "") + ", "
                    + (f"{contaminated.num_contaminated} ({contamination:.0%}) replaced by {what}"
                       if contaminated.num_contaminated else "none replaced (no contamination)"))
-    return ExperimentData(contaminated, labels, test.images, test.labels, description, notes, unreadable)
+    return ExperimentData(contaminated, labels, test.images, test.labels, description, notes, unreadable, indices)
 
 
 class _CleanData(NamedTuple):
