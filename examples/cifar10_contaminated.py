@@ -48,7 +48,9 @@
 # * the **Frechet distance** between generated and clean test images in the feature space of a small CNN
 #   trained on the clean data (`robust_diffusion.training.metrics.FeatureClassifier`; no Inception weights needed);
 # * the **fraction of contaminant-like samples**, judged by the same CNN architecture trained to tell clean images
-#   from this kind of contaminant;
+#   from this kind of contaminant, on images that no other network here learns from; beside it the fraction that a
+#   second detector, trained with *hybrids* too (noise inside a garment's outline, a noisy half or quarter), calls
+#   contaminant;
 # * the **AUROC** of a training sample's average influence weight as a detector of contaminated samples
 #   (0.5 = no information; plain MSE gives every sample weight 1);
 # * the standard **Inception FID** too, when torchmetrics and the Inception weights are already on disk.
@@ -80,7 +82,7 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 import robust_diffusion as rd  # noqa: E402
-from robust_diffusion.training import diversity, metrics  # noqa: E402
+from robust_diffusion.training import detectors, diversity, metrics  # noqa: E402
 from robust_diffusion.training.data import CONTAMINATION_KINDS  # noqa: E402
 from robust_diffusion.training.export import export_model  # noqa: E402
 from robust_diffusion.training.sampling import ddim_sample, flow_sample  # noqa: E402
@@ -300,8 +302,9 @@ plt.show() if IN_JUPYTER else plt.close(fig)
 #
 # A small CNN trained on clean images provides the feature space of the Frechet distance; a second one,
 # trained to tell clean images from the contaminant, judges how many generated samples look like the
-# contaminant. Both are fixed in advance (seed 0, independent of `--seed` and `--contamination`), so runs
-# that share `--eval-cache` are judged by the same networks.
+# contaminant; a third, trained with hybrids of clean images and the contaminant among the contaminants, judges
+# the samples that are part garment, part junk. All are fixed in advance (seed 0, independent of `--seed` and
+# `--contamination`), so runs that share `--eval-cache` are judged by the same networks.
 
 # %%
 EVAL_SEED = 0
@@ -315,20 +318,40 @@ classifier = metrics.train_classifier(
     cls_images, cls_labels, test_images=data.test_images, test_labels=data.test_labels,
     epochs=settings["classifier_epochs"], seed=EVAL_SEED, cache_path=eval_cache / "classifier.safetensors",
     device=args.device, progress=not IN_JUPYTER)
-# The detector learns from its own half-contaminated draw of this kind of contaminant.
-half = load_data(0.5, image_size=settings["image_size"], num_train=settings["detector_train"], seed=EVAL_SEED)
-n_det = len(half.train)
-split = n_det - n_det // 5  # the last fifth of the detector's images measure its accuracy
-detector = metrics.train_contaminant_detector(
-    half.train.images[:split], half.train.is_contaminated[:split].cpu(), test_images=half.train.images[split:],
-    test_labels=half.train.is_contaminated[split:].cpu(), epochs=3, seed=EVAL_SEED,
-    cache_path=eval_cache / f"detector_{args.kind}.safetensors", device=args.device, progress=not IN_JUPYTER)
+# The detectors learn from their own half-contaminated draw of this kind of contaminant, made from the last
+# `detector_train` images of the training split, while the diffusion models train on the first `num_train` and
+# the classifier on the first `classifier_train`. A detector that learned the diffusion models' own training
+# images as "clean" would call a model that reproduces them clean because it saw those very images, not because
+# they look clean; held-out images rule that out. (The full presets train on the whole split, so there the
+# overlap is counted and reported.)
+half = load_data(0.5, image_size=settings["image_size"], num_train=settings["detector_train"], seed=EVAL_SEED,
+                 from_end=True)
+detector_shared = detectors.count_shared(half.train_indices, settings["num_train"], settings["classifier_train"])
+# The hybrids: noise (for --kind gaussian: the kind's Gaussian noise) inside a garment's outline, and the kind's
+# contaminant over a random half or quarter; --kind dataset and CIFAR-10 (no plain background) get the partial
+# ones only (detectors.hybrid_styles).
+hybrid_styles = detectors.hybrid_styles(args.dataset, args.kind)
+trained_detectors = detectors.train_detectors(half.train, hybrid_styles, seed=EVAL_SEED, epochs=3,
+                                              cache_dir=eval_cache, device=args.device, progress=not IN_JUPYTER)
+detector, hybrid_detector = trained_detectors.pure, trained_detectors.hybrid
 reference = data.test_images[:settings["reference"]]
 reference_features = metrics.extract_features(classifier.model, reference)
 eval_seconds = time.perf_counter() - t0
 print(f"feature classifier: FeatureClassifier (0.16M-parameter CNN, {cls_images.shape[0]} clean images, "
       f"{settings['classifier_epochs']} epoch(s)), test accuracy {classifier.test_accuracy:.3f}")
-print(f"contaminant detector ({args.kind}): held-out accuracy {detector.test_accuracy:.3f}")
+
+
+def recall_text(which):
+    recall = trained_detectors.recall[which]
+    return ", ".join(f"{style} {recall[style]:.3f}" for style in hybrid_styles)
+
+
+print(f"contaminant detectors ({args.kind}): {half.description}"
+      + (f"; {detector_shared} of them also train the diffusion models or the classifier" if detector_shared else ""))
+for which, trained_detector in (("pure", detector), ("hybrid", hybrid_detector)):
+    print(f"  {'pure-contaminant' if which == 'pure' else 'hybrid-aware'} detector: held-out accuracy "
+          f"{trained_detector.test_accuracy:.3f}, recall on {trained_detectors.num_hybrids} held-out hybrids: "
+          f"{recall_text(which)}")
 # The standard Inception FID as well, when torchmetrics and the Inception weights are already on disk.
 INCEPTION = metrics.inception_weights_available()
 print("Inception FID:", "on" if INCEPTION else "off (needs torchmetrics, torch-fidelity and the Inception weights "
@@ -342,12 +365,18 @@ training_shares = diversity.label_shares(data.train_labels[~is_contaminated], NU
 
 
 def evaluate_images(images):
-    """Frechet distance to the clean test images, contaminant fraction, precision/recall/density/coverage in the
-    same features (k = 5) and the class histogram (its total variation from the training set's)."""
+    """Frechet distance to the clean test images, contaminant fraction under both detectors (and each image's
+    probability under each), precision/recall/density/coverage in the same features (k = 5) and the class
+    histogram (its total variation from the training set's)."""
     features = metrics.extract_features(classifier.model, images)
     shares = diversity.class_shares(classifier.model, images, NUM_CLASSES)
+    probability = {"contaminant": detectors.contaminant_probability(detector.model, images),
+                   "contaminant_hybrid": detectors.contaminant_probability(hybrid_detector.model, images)}
     return {"frechet_distance": metrics.frechet_distance(features, reference_features),
-            "contaminant_fraction": metrics.contaminant_fraction(detector.model, images),
+            # the rule of metrics.contaminant_fraction: the share of images with probability above 0.5
+            "contaminant_fraction": (probability["contaminant"] > 0.5).float().mean().item(),
+            "contaminant_fraction_hybrid": (probability["contaminant_hybrid"] > 0.5).float().mean().item(),
+            "detector_probability": probability,
             **diversity.manifold_metrics(reference_features, features, k=5),
             "class_tv": diversity.total_variation(shares.argmax, training_shares), "shares": shares}
 
@@ -363,7 +392,8 @@ for name, images in (("data: clean training images", train_set.images[~is_contam
                      ("data: contaminated training set", train_set.images[pick_all])):
     reference_rows.append({"loss": name, **evaluate_images(images)})
     print(f"{name}: Frechet distance {reference_rows[-1]['frechet_distance']:.2f}, contaminant fraction "
-          f"{reference_rows[-1]['contaminant_fraction']:.3f}, coverage {reference_rows[-1]['coverage']:.3f}")
+          f"{reference_rows[-1]['contaminant_fraction']:.3f} (hybrid-aware "
+          f"{reference_rows[-1]['contaminant_fraction_hybrid']:.3f}), coverage {reference_rows[-1]['coverage']:.3f}")
 
 # %% [markdown]
 # ## Training, sampling, evaluation
@@ -474,7 +504,10 @@ for spec in args.specs:
     results.append(row)
     trained[spec.name] = dict(trainer=trainer, samples=samples, mean_influence=mean_influence, seen=seen, log=log)
     save_file({"samples": samples.contiguous()}, run_dir / "samples.safetensors")
-    print(f"{spec.name}: FD {fd:.2f}, contaminant fraction {fraction:.3f}, coverage {evaluation['coverage']:.3f}, "
+    # Each sample's probability and call under both detectors, in the order of samples.safetensors.
+    detectors.write_calls(run_dir / "detector_calls.csv", evaluation["detector_probability"])
+    print(f"{spec.name}: FD {fd:.2f}, contaminant fraction {fraction:.3f} "
+          f"(hybrid-aware {evaluation['contaminant_fraction_hybrid']:.3f}), coverage {evaluation['coverage']:.3f}, "
           f"AUROC {auroc:.3f}, "
           f"train {train_seconds[spec.name]:.0f} s, sampling {sample_seconds:.0f} s")
 
@@ -483,8 +516,8 @@ for spec in args.specs:
 
 # %%
 COLUMNS = ["loss", "weighting", "settings", "steps", "final_penalty", "influence_clean", "influence_contaminated",
-           "auroc", "frechet_distance", "contaminant_fraction", "precision", "recall", "density", "coverage",
-           "class_tv", "inception_fid", "train_s", "sample_s"]
+           "auroc", "frechet_distance", "contaminant_fraction", "contaminant_fraction_hybrid", "precision", "recall",
+           "density", "coverage", "class_tv", "inception_fid", "train_s", "sample_s"]
 if args.rare_class is not None:  # the rare-class control's columns, for the data rows too
     COLUMNS += ["rare_share", "rare_confident", "rare_auroc"]
     for row in reference_rows:
@@ -514,6 +547,22 @@ with open(OUT / "class_shares.csv", "w", newline="") as f:
             writer.writerow([row["loss"], k, f"{row['shares'].argmax[k]:.4f}", f"{row['shares'].confident[k]:.4f}",
                              f"{training_shares[k]:.4f}"])
 accuracy = f"{classifier.test_accuracy:.3f}"
+split_size = int(half.train_indices[-1]) + 1
+first = {key: "all" if settings[key] is None else f"the first {settings[key]}"
+         for key in ("num_train", "classifier_train")}
+detector_images = (f"the last {len(half.train)} of its {split_size}, "
+                   + (f"of which {detector_shared}" if detector_shared else "none of which")
+                   + f" the diffusion models ({first['num_train']}) or the classifier ({first['classifier_train']}) "
+                   "train on")
+contaminant_words = {"noise": "uniform noise", "gaussian": "the kind's Gaussian noise added",
+                     "dataset": "the pixels of a contaminant image"}[args.kind]
+hybrid_words = "; ".join(
+    {"silhouette": f"silhouette: {contaminant_words} on the pixels that differ from the background, which is kept",
+     "partial": f"partial: {contaminant_words} over a random half or quarter"}[style] for style in hybrid_styles)
+if "silhouette" not in hybrid_styles:
+    hybrid_words += ("; no silhouette hybrids: another distribution's images are no noise to put inside a garment's "
+                     "outline" if args.kind == "dataset" else
+                     "; no silhouette hybrids: these images have no plain background to find an outline against")
 machine = (torch.cuda.get_device_name(args.device) if args.device.type == "cuda"
            else f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s)")
 header = [f"# Robust DDPM training on contaminated data", "",
@@ -524,8 +573,15 @@ header = [f"# Robust DDPM training on contaminated data", "",
           f"- sampling: DDIM, {settings['ddim_steps']} steps, eta 0, {n_samples} samples per loss",
           f"- Frechet distance: FeatureClassifier features (128-d, test accuracy {accuracy}) against "
           f"{reference.shape[0]} clean test images",
-          f"- contaminant fraction: FeatureClassifier trained to tell clean images from `{args.kind}` contaminants "
-          f"(held-out accuracy {detector.test_accuracy:.3f})",
+          f"- contaminant_fraction: the share of the images a FeatureClassifier calls contaminant (probability above "
+          f"0.5). It learned to tell clean images from `{args.kind}` contaminants on {trained_detectors.num_train} "
+          f"half-contaminated images from the end of the training split, {detector_images}; held-out accuracy "
+          f"{detector.test_accuracy:.3f} on the other {trained_detectors.num_test}, recall (share called contaminant) "
+          f"on {trained_detectors.num_hybrids} hybrids of the held-out clean images: {recall_text('pure')}",
+          f"- contaminant_fraction_hybrid: the same network trained with one hybrid of each of its clean images among "
+          f"the contaminants ({hybrid_words}); held-out accuracy {hybrid_detector.test_accuracy:.3f}, recall on the "
+          f"same hybrids: {recall_text('hybrid')}. Each generated sample's probability and call under both "
+          f"detectors: `runs/<loss>/detector_calls.csv`",
           f"- AUROC: average influence weight of each training sample (steps >= {influence_from}) as a detector "
           f"of the contaminated ones; influence columns: mean of those averages over clean / contaminated samples",
           "- precision, recall, density, coverage: k-nearest-neighbour balls (k = 5) of the same features against "

@@ -317,13 +317,32 @@ def test_example_end_to_end(smoke_run):
                                                        "data: contaminated training set"]
     for row in rows[:len(SMOKE_LOSSES)]:
         assert float(row["frechet_distance"]) >= 0 and 0 <= float(row["contaminant_fraction"]) <= 1
+        assert 0 <= float(row["contaminant_fraction_hybrid"]) <= 1
         assert 0 <= float(row["auroc"]) <= 1
         assert row["settings"] == ("scale=1 form=huber" if row["loss"] == "diffusers_huber"
                                    else "scale=adaptive temperature=1" + (" tau=3" if row["loss"] == "clipped_mse"
                                                                            else " delta=1" if row["loss"] == "huber"
                                                                            else ""))
     assert rows[0]["auroc"] == "0.5"  # plain MSE: every weight is 1
+    # Every sample's probability and call under both detectors, beside its samples; the calls give the fractions.
+    for row in rows[:len(SMOKE_LOSSES)]:
+        with open(out / "runs" / row["loss"] / "detector_calls.csv", newline="") as f:
+            calls = list(csv.DictReader(f))
+        assert [int(c["sample"]) for c in calls] == list(range(16))  # the smoke preset's 16 samples
+        for name, fraction in (("contaminant", "contaminant_fraction"),
+                               ("contaminant_hybrid", "contaminant_fraction_hybrid")):
+            assert all(int(c[f"call_{name}"]) == (float(c[f"p_{name}"]) > 0.5) for c in calls)
+            called = sum(int(c[f"call_{name}"]) for c in calls)
+            assert float(row[fraction]) == pytest.approx(called / 16, abs=1e-3)
     report = (out / "results.md").read_text()
+    detector_line = next(line for line in report.splitlines() if line.startswith("- contaminant_fraction: "))
+    assert "the last 128 of its 60000, none of which the diffusion models (the first 128) or the classifier " \
+           "(the first 512) train on" in detector_line
+    assert "recall (share called contaminant) on " in detector_line and "silhouette " in detector_line
+    assert next(line for line in report.splitlines() if line.startswith("- contaminant_fraction_hybrid: "))
+    assert "  hybrid-aware detector: held-out accuracy " in result.stdout
+    assert sorted(p.name for p in (out / "cache").glob("detector*")) == ["detector_noise_heldout.safetensors",
+                                                                         "detector_noise_hybrid.safetensors"]
     assert rows[-1]["loss"] in report
     machine = next(line for line in report.splitlines() if line.startswith("- machine: "))  # evidence.py reads it
     assert machine.startswith(f"- machine: {platform.machine()} CPU, {os.cpu_count()} cores, ")
@@ -382,7 +401,7 @@ def test_example_resume_continues_an_interrupted_run(tmp_path):
     assert [r["loss"] for r in actual] == [r["loss"] for r in expected]
     for a, e in zip(actual, expected):
         for column in ("steps", "final_penalty", "influence_clean", "influence_contaminated", "auroc",
-                       "frechet_distance", "contaminant_fraction"):
+                       "frechet_distance", "contaminant_fraction", "contaminant_fraction_hybrid"):
             assert a[column] == e[column], (a["loss"], column)
     # A finished run is reused as it is: resuming again trains nothing and gives the same table.
     again = _run_example(*common, "--out", out, "--resume")

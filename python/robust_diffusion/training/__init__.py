@@ -11,6 +11,8 @@ it: the library never imports this package.
 - :mod:`~robust_diffusion.training.models`: a small UNet.
 - :mod:`~robust_diffusion.training.sampling`: DDPM and DDIM samplers, Euler and Heun for flow matching.
 - :mod:`~robust_diffusion.training.metrics`: offline evaluation (Frechet distance in a classifier's features, AUROC, ...).
+- :mod:`~robust_diffusion.training.detectors`: the contaminant detectors' hybrids (noise inside a garment, a noisy
+  half or quarter), a hybrid-aware detector and per-sample calls.
 - :mod:`~robust_diffusion.training.export`: TorchScript / torch.export of a trained model for the C++ sampler.
 - :mod:`~robust_diffusion.training.experiment`: what the commands and examples build (datasets, models, losses by
   name, schedules); :mod:`~robust_diffusion.training.arguments`: their shared options.

@@ -70,6 +70,8 @@ class ExperimentData:
         description: one line saying what the data is.
         notes: for ``folder``: what the loader found and did (value range, resizing, channels).
         unreadable: for ``folder``: ``(file, reason)`` of every image file that could not be read (left out).
+        train_indices: where each training image sits in the dataset's training split (its clean classes for
+            Fashion-MNIST's ``kind="dataset"``), so that two draws can be checked for shared images.
     """
 
     train: ContaminatedDataset
@@ -79,6 +81,7 @@ class ExperimentData:
     description: str
     notes: Tuple[str, ...] = ()
     unreadable: Tuple[Tuple[str, str], ...] = ()
+    train_indices: Optional[Tensor] = None
 
     @property
     def image_shape(self) -> Tuple[int, ...]:
@@ -89,7 +92,8 @@ def load_experiment_data(dataset: str, contamination: float, kind: str = "noise"
                          root: Optional[Union[str, os.PathLike]] = None, num_train: Optional[int] = None,
                          image_size: Optional[int] = None, noise_std: float = 0.5, seed: int = 0,
                          download: bool = False, channels: Optional[int] = None,
-                         rare_class: Optional[int] = None, rare_fraction: float = 0.03) -> ExperimentData:
+                         from_end: bool = False, rare_class: Optional[int] = None,
+                         rare_fraction: float = 0.03) -> ExperimentData:
     """Load ``dataset`` and contaminate a fraction ``contamination`` of its training images (docs/DESIGN.md, Evidence).
 
     Args:
@@ -103,6 +107,8 @@ def load_experiment_data(dataset: str, contamination: float, kind: str = "noise"
             images, grey, padded to 32x32; not for ``folder``).
         root: the dataset directory (default: Debian's path for Fashion-MNIST; required for CIFAR-10 and folder).
         num_train: use the first ``num_train`` (clean-class) training images (default: all).
+        from_end: take the last ``num_train`` training images instead of the first: images that a model trained
+            on the first ones never saw (the example's contaminant detectors learn from them).
         image_size: Fashion-MNIST: 28 (native, the default) or 32 (padded with the background); CIFAR-10: 32;
             folder: any (default 32 for a folder of files, an array's own size for an array file).
         noise_std: the std of ``kind="gaussian"``.
@@ -126,6 +132,8 @@ def load_experiment_data(dataset: str, contamination: float, kind: str = "noise"
         raise ValueError(f"num_train must be at least 2, got {num_train!r}")
     if rare_class is not None and not 0.0 < rare_fraction < 1.0:
         raise ValueError(f"rare_fraction must be a fraction in (0, 1), got {rare_fraction!r}")
+    if rare_class is not None and from_end:
+        raise ValueError("rare_class thins the images a model trains on; from_end takes held-out ones: pick one")
 
     if dataset == "folder":
         source = _load_folder(root, kind, image_size, channels)
@@ -137,10 +145,14 @@ def load_experiment_data(dataset: str, contamination: float, kind: str = "noise"
     notes, unreadable = source.notes, source.unreadable
 
     images, labels = train
+    total = images.shape[0]
     if rare_class is not None:
-        images, labels = _with_rare_class(images, labels, rare_class, rare_fraction, num_train, dataset)
-    elif num_train is not None:
-        images, labels = images[:num_train], labels[:num_train]
+        indices = _with_rare_class(labels, rare_class, rare_fraction, num_train, dataset)
+    else:
+        count = total if num_train is None else min(num_train, total)
+        start = total - count if from_end else 0
+        indices = torch.arange(start, start + count)
+    images, labels = images[indices], labels[indices]
     contaminated = contaminate(images, contamination, kind, seed=seed, noise_std=noise_std,
                                contaminant_images=contaminant_images)
     what = {"noise": "uniform noise images", "gaussian": f"images + N(0, {noise_std}^2) noise",
@@ -148,15 +160,16 @@ def load_experiment_data(dataset: str, contamination: float, kind: str = "noise"
                         else "Fashion-MNIST images")}[kind]
     if rare_class is not None:
         name += f", class {rare_class} rare ({int((labels == rare_class).sum())} images, {rare_fraction:.0%})"
-    description = (f"{name}, {len(contaminated)} training images, "
+    description = (f"{name}, {len(contaminated)} training images"
+                   + (f" (the last of its {total})" if from_end else "") + ", "
                    + (f"{contaminated.num_contaminated} ({contamination:.0%}) replaced by {what}"
                       if contaminated.num_contaminated else "none replaced (no contamination)"))
-    return ExperimentData(contaminated, labels, test.images, test.labels, description, notes, unreadable)
+    return ExperimentData(contaminated, labels, test.images, test.labels, description, notes, unreadable, indices)
 
 
-def _with_rare_class(images: Tensor, labels: Tensor, rare_class: int, fraction: float, num_train: Optional[int],
-                     dataset: str) -> Tuple[Tensor, Tensor]:
-    """The first ``num_train`` images in order, with ``rare_class`` capped at ``fraction`` of them."""
+def _with_rare_class(labels: Tensor, rare_class: int, fraction: float, num_train: Optional[int],
+                     dataset: str) -> Tensor:
+    """The positions of the first ``num_train`` images in order, with ``rare_class`` capped at ``fraction``."""
     if dataset == "folder":
         raise ValueError("rare_class needs a labelled benchmark dataset; a folder of images has no classes")
     classes = sorted(int(c) for c in labels.unique())
@@ -170,8 +183,7 @@ def _with_rare_class(images: Tensor, labels: Tensor, rare_class: int, fraction: 
     if rare.numel() < quota or common.numel() < total - quota:
         raise ValueError(f"the dataset has too few images for {total} training images with class {rare_class} at "
                          f"{fraction:.0%}")
-    keep = torch.cat([rare, common]).sort().values  # the dataset's own order
-    return images[keep], labels[keep]
+    return torch.cat([rare, common]).sort().values  # the dataset's own order
 
 
 class _CleanData(NamedTuple):
