@@ -1,5 +1,6 @@
-"""The evidence grid of docs/RESULTS.md: every (cell, seed) of a protocol fixed before any result was seen,
-run with examples/cifar10_contaminated.py, then aggregated into the tables of docs/RESULTS.md.
+"""The evidence grid of docs/RESULTS.md: every (cell, seed) of its protocol (the first cells fixed before any
+result was seen, later ones marked there as added, with their rules and whether git shows each rule before its
+results), run with examples/cifar10_contaminated.py, then aggregated into the tables of docs/RESULTS.md.
 
     python examples/evidence.py                      # run what is missing (resumable), then write the tables
     python examples/evidence.py --jobs 2 --threads 1 # two single-thread runs at a time (a 2-core CPU)
@@ -59,8 +60,8 @@ class Cell:
     preset: str | None = None  # the example's preset when not the grid's (the main job's "demo")
 
 
-# The rule, fixed before its cells ran (docs/RESULTS.md, protocol), that decides whether scale="batch" becomes
-# the default of the bounded-influence divergences' functional losses.
+# The rule (docs/RESULTS.md, Protocol; committed together with its cells' results) that decides whether
+# scale="batch" becomes the default of the bounded-influence divergences' functional losses.
 BATCH_RULE_LOSSES = ("hellinger", "ned")
 BATCH_RULE_AUROC_TOLERANCE = 0.05  # at p > 0, influence AUROC at most 0.05 below the adaptive scale's
 BATCH_RULE_FD_TOLERANCE = 0.05  # everywhere, FD at most 5% above the adaptive scale's
@@ -146,8 +147,8 @@ CELLS = [
     # dominate the loss and the last denoising steps are not learnt); its paper trains far longer.
     Cell("clean-1500steps-debias", 0.0, "noise", ("kl+debias", "ned+debias"), steps=1500,
          question="constant vs debias weighting at 6x the budget"),
-    # Added after the cells above had run, with the rule that decides written down first (docs/RESULTS.md,
-    # Protocol, "Rule for a stateless default scale"; `batch_scale_rule` below applies it): the stateless
+    # Added after the cells above had run, with the rule that decides (docs/RESULTS.md, Protocol, "Rule for a
+    # stateless default scale", committed with these cells' results; `batch_scale_rule` applies it): the stateless
     # scale="batch" (no running state, so the functional losses can have it) against the adaptive scale of
     # noise-0.3, gaussian-0.3 and clean.
     Cell("noise-0.3-batch", 0.3, "noise", BATCH_RULE_LOSSES, scale="batch", question="stateless batch scale"),
