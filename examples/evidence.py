@@ -601,8 +601,8 @@ def summary_figure(block: str, path: Path) -> bool:
         rows = parse_rows(found.get(name, ""))
         cell = next(c for c in CELLS if c.name == name)
         for other in CELLS:
-            if other is cell or kl_cell(other) is not cell:
-                continue
+            if other is cell or kl_cell(other) is not cell or other.seeds != cell.seeds:
+                continue  # the paired cells' losses would replace the protocol's two-seed ones
             if other.scale == "1.0" and other.losses == ("kl",):
                 rows.update({"mse": r for r in parse_rows(found.get(other.name, "")).values()})
             elif other.scale == "adaptive":
