@@ -273,6 +273,17 @@ def kl_cell(cell: Cell) -> Cell:
                 == (cell.contamination, cell.kind, cell.steps, cell.objective, cell.preset))
 
 
+def accuracies(rows: dict, cell: Cell) -> str:
+    """" Evaluation networks' test accuracy: ..." from the cell's runs (empty for runs that predate the columns)."""
+    for loss in cell.losses:
+        for row in rows.get((cell.name, loss), {}).values():
+            feature, judge = number(row, "classifier_accuracy"), number(row, "judge_accuracy")
+            if not math.isnan(feature):
+                return (f" Evaluation networks' test accuracy: feature classifier {feature:.3f}, class judge "
+                        f"{judge:.3f}.")
+    return ""
+
+
 def sections(block: str) -> dict:
     """{cell name: its section's text} of a generated tables block."""
     parts = ("\n" + block).split("\n### ")[1:]
@@ -314,10 +325,10 @@ def tables(out: Path, kept: dict | None = None, cells: list | None = None) -> st
                   f"{datetime.date.today().isoformat()} ({machine(out, cell, done)}). Mean over seeds "
                   "(each seed's value in brackets). FD: Frechet distance in the evaluation classifier's "
                   "features (lower is better); recall, coverage: the share of the test images' variety the "
-                  "samples reach and class TV how far their class histogram is from the training set's (0: the "
-                  "same), in the same features (blank for runs that predate them); vs KL: relative FD change "
-                  "against `kl` of the same seeds"
-                  f"{'' if kl_cell(cell) is cell else f' in `{kl_cell(cell).name}`'}.", "",
+                  "samples reach, in the same features; class TV: how far the class judge's histogram of the "
+                  "samples is from the training set's (0: the same); blank for runs that predate them; vs KL: "
+                  "relative FD change against `kl` of the same seeds"
+                  f"{'' if kl_cell(cell) is cell else f' in `{kl_cell(cell).name}`'}.{accuracies(rows, cell)}", "",
                   "| loss | FD | vs KL | contaminant fraction | influence AUROC | train s | recall | coverage | "
                   "class TV |", "|---|---|---|---|---|---|---|---|---|"]
         kl = rows.get((kl_cell(cell).name, "kl"), {}) or kept_kl(kept.get(kl_cell(cell).name, ""))

@@ -324,6 +324,19 @@ def test_example_end_to_end(smoke_run):
                                                                            else " delta=1" if row["loss"] == "huber"
                                                                            else ""))
     assert rows[0]["auroc"] == "0.5"  # plain MSE: every weight is 1
+    # Diversity and class histograms, and the evaluation networks' accuracy, on every row (the data rows too).
+    for row in rows:
+        for key in ("precision", "recall", "coverage", "class_tv", "classifier_accuracy", "judge_accuracy"):
+            assert 0 <= float(row[key]) <= 1, (row["loss"], key)
+        assert float(row["density"]) >= 0
+    with open(out / "class_shares.csv", newline="") as f:
+        shares = list(csv.DictReader(f))
+    for loss in [r["loss"] for r in rows]:
+        mine = [r for r in shares if r["loss"] == loss]
+        assert [int(r["class"]) for r in mine] == list(range(10))
+        assert sum(float(r["share"]) for r in mine) == pytest.approx(1, abs=1e-3)
+        assert all(float(r["confident_share"]) <= float(r["share"]) for r in mine)
+        assert sum(float(r["training_share"]) for r in mine) == pytest.approx(1, abs=1e-3)
     # Every sample's probability and call under both detectors, beside its samples; the calls give the fractions.
     for row in rows[:len(SMOKE_LOSSES)]:
         with open(out / "runs" / row["loss"] / "detector_calls.csv", newline="") as f:
@@ -433,13 +446,18 @@ def test_example_defaults_to_the_demo_preset(tmp_path):
 def test_example_trains_flow_matching(tmp_path):
     """--objective flow: the same example with flow matching (velocity target, Euler sampling, log-SNR buckets)."""
     result = _run_example("--preset", "smoke", "--objective", "flow", "--timestep-sampling", "logit_normal",
-                          "--losses", "mse", "ned", "--out", tmp_path / "out")
+                          "--losses", "mse", "ned", "--out", tmp_path / "out", "--rare-class", "1")
     assert result.returncode == 0, result.stderr[-4000:]
     assert "objective flow" in result.stdout
     assert "# process flow" in (tmp_path / "out" / "export" / "ned.schedule.txt").read_text()
     rows = _results(tmp_path / "out")
     assert [r["loss"] for r in rows[:2]] == ["mse", "ned"]
     assert all(0 <= float(r["contaminant_fraction"]) <= 1 and float(r["frechet_distance"]) >= 0 for r in rows[:2])
+    # the rare-class control (here with flow matching): class 1 capped at 3% of the 128 images, its share reported
+    assert "class 1 rare (4 images, 3%)" in result.stdout
+    assert all(0 <= float(r["rare_confident"]) <= float(r["rare_share"]) <= 1 for r in rows)
+    # 3 smoke steps may draw none of the 4 rare images: then there is nothing to rank (blank, never "nan")
+    assert rows[0]["rare_auroc"] in ("", "0.5") and rows[1]["rare_auroc"] != "nan"  # the MSE weighs all alike
     report = (tmp_path / "out" / "results.md").read_text()
     assert "| log-SNR | clean | contaminated | ratio |" in report and "| 10 to 8 |" in report
     state = read_checkpoint(tmp_path / "out" / "runs" / "ned" / "checkpoint.safetensors")
