@@ -330,8 +330,10 @@ def test_experiment_data_kinds():
     assert data.image_shape == (1, 28, 28) and data.train.num_contaminated == 100
     held_out = set(experiment._HELD_OUT_CLASSES)
     assert not held_out & set(data.train_labels.tolist()) and not held_out & set(data.test_labels.tolist())
+    assert data.num_classes == 8 and torch.equal(data.train.labels, data.train_labels)  # Bag, Ankle boot: 8 and 9
     noisy = experiment.load_experiment_data("fashion-mnist", 0.1, "gaussian", num_train=100, image_size=32)
     assert noisy.image_shape == (1, 32, 32) and noisy.train.risk.max() == 0.5
+    assert noisy.num_classes == 10 and torch.equal(noisy.train.labels, noisy.train_labels)
 
 
 # ---------------------------------------------------------------------------------------------- subprocesses
