@@ -308,6 +308,32 @@ def test_trainer_trains_and_resumes_a_diffusers_unet2dmodel(tmp_path):
     assert samples.shape == (2, 1, 8, 8) and torch.isfinite(samples).all()
 
 
+def test_trainer_trains_a_class_conditional_unet2dmodel_with_label_dropout(tmp_path):
+    """TrainConfig.conditional with diffusers' UNet2DModel(num_class_embeds=K + 1): its forward gets class_labels=,
+    dropped labels are the last row (K), and the trained EMA model samples with guidance."""
+    from diffusers import UNet2DModel
+    from robust_diffusion.training.data import contaminate
+    from robust_diffusion.training.sampling import ddim_sample
+    from robust_diffusion.training.trainer import TrainConfig, Trainer
+    torch.manual_seed(0)
+    model = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                        norm_num_groups=4, num_class_embeds=3 + 1)
+    seen = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["class_labels"].clone()),
+                                    with_kwargs=True)
+    dataset = contaminate(torch.rand(16, 1, 8, 8) * 2 - 1, 0.0, labels=torch.arange(16) % 3)
+    schedule = rd.NoiseSchedule.from_diffusers(DDPMScheduler(num_train_timesteps=100))
+    config = TrainConfig(steps=4, batch_size=8, log_every=1, progress=False, conditional=True, label_dropout=0.5)
+    trainer = Trainer(model, rd.RobustDiffusionLoss("ned", schedule, update="step"), dataset, schedule, config,
+                      out_dir=tmp_path).train()
+    labels = torch.cat(seen[:4])  # the training steps' (the EMA copy holds the hook too)
+    assert len(seen) == 4 and labels.shape == (32,) and set(labels.tolist()) == {0, 1, 2, 3} and trainer.null_label == 3
+    samples = ddim_sample(trainer.ema, schedule, (3, 1, 8, 8), num_steps=5, class_labels=[0, 1, 2],
+                          guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (3, 1, 8, 8) and torch.isfinite(samples).all()
+
+
 def test_a_model_that_returns_something_else_is_a_clear_error():
     from robust_diffusion.training.models import model_prediction
     x = torch.zeros(2, 1, 4, 4)
