@@ -84,7 +84,7 @@ def test_unet_torchscript_matches_eager_and_round_trips():
     model = _micro_unet()
     x, t = torch.randn(2, 1, 28, 28), torch.tensor([5, 900])
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.jit.script is deprecated upstream  # TorchScript is deprecated since torch 2.11
+        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated since torch 2.11
         warnings.simplefilter("ignore", FutureWarning)
         scripted = torch.jit.script(model)
         buffer = io.BytesIO()
@@ -149,11 +149,11 @@ def test_class_labels_condition_the_output_and_script():
         torch.testing.assert_close(model(x[:1], t[:1], class_labels=labels[:1]), out[:1])
         torch.testing.assert_close(model(x, t, class_labels=torch.tensor(2)), model(x, t, torch.full((4,), 2)))
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.jit.script is deprecated upstream
+            warnings.simplefilter("ignore")  # TorchScript's deprecation warnings
             scripted = torch.jit.script(model)
         torch.testing.assert_close(scripted(x, t, labels), out, rtol=0, atol=0)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.jit.script is deprecated upstream
+            warnings.simplefilter("ignore")
             torch.jit.script(_micro_unet())  # the unconditional model still scripts with the optional argument
 
 

@@ -352,7 +352,8 @@ def test_label_and_guidance_errors():
     for bad in (-1.0, float("nan"), "2"):
         with pytest.raises(ValueError, match=r"guidance_scale must be a finite number >= 0 \(1: no guidance\)"):
             ddim_sample(_LabelModel(), schedule, (2, 2), class_labels=[0, 1], guidance_scale=bad)
-    with pytest.raises(ValueError, match=r"class_labels must be an int or hold one label per sample, \[2\], got \(3,\)"):
+    with pytest.raises(ValueError, match=r"class_labels must be an int or hold one label per sample, \[2\], "
+                                         r"got \(3,\)"):
         ddpm_sample(_LabelModel(), schedule, (2, 2), class_labels=[0, 1, 2])
     with pytest.raises(ValueError, match="class_labels must be integers"):
         flow_sample(_LabelModel(), rd.FlowMatchingSchedule(), (2, 2), class_labels=[0.5, 1.0])

@@ -422,14 +422,16 @@ def _cli_args(out, steps, extra=()):
 
 @needs_fashion_mnist
 @pytest.mark.slow
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("conditional", [[], ["--conditional", "--label-dropout", "0.2"]],
+                         ids=["unconditional", "conditional"])
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, conditional):
     steps = 60
     command = [sys.executable, "-m", "robust_diffusion.train"]
-    subprocess.run(command + _cli_args(tmp_path / "reference", steps), env=_env(), check=True,
+    subprocess.run(command + _cli_args(tmp_path / "reference", steps, conditional), env=_env(), check=True,
                    capture_output=True, timeout=600)
 
     out = tmp_path / "killed"
-    process = subprocess.Popen(command + _cli_args(out, steps), env=_env(), stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(command + _cli_args(out, steps, conditional), env=_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE)
     checkpoint = out / "checkpoint.safetensors"
     deadline = time.monotonic() + 300
@@ -442,8 +444,8 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     killed_at = state["step"]
     assert 5 <= killed_at < steps and killed_at % 5 == 0
 
-    resumed = subprocess.run(command + _cli_args(out, steps, ["--resume"]), env=_env(), capture_output=True,
-                             text=True, timeout=600)
+    resumed = subprocess.run(command + _cli_args(out, steps, conditional + ["--resume"]), env=_env(),
+                             capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {checkpoint} at step {killed_at}" in resumed.stdout
 
@@ -680,6 +682,34 @@ def test_cli_trains_flow_matching_and_refuses_what_it_cannot_do(tmp_path, capsys
         with pytest.raises(SystemExit):
             train_command.main(["--dataset", "folder", "--data-root", str(_npy(tmp_path)), "--model", "micro", "--steps", "1",
                       "--batch-size", "8", "--out", str(tmp_path / "bad"), "--no-progress"] + argv)
+        assert re.search(message, " ".join(capsys.readouterr().err.split())), message
+
+
+def test_cli_trains_a_conditional_model_on_npz_labels_and_refuses_what_it_cannot(tmp_path, capsys):
+    path = tmp_path / "labelled.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, images=(rng.random((24, 12, 12)) * 255).astype(np.uint8), labels=np.arange(24) % 4)
+    common = ["--dataset", "folder", "--data-root", str(path), "--model", "micro", "--batch-size", "8", "--no-progress",
+              "--threads", "1"]
+    assert train_command.main(common + ["--conditional", "--label-dropout", "0.2", "--steps", "2",
+                                        "--out", str(tmp_path / "run")]) == 0
+    assert "conditional on 4 classes" in capsys.readouterr().out
+    state = read_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
+    assert state["config"]["conditional"] and state["config"]["label_dropout"] == 0.2
+    assert state["model"]["class_embed.weight"].shape[0] == 5  # four classes and the null label
+    args = train_command.build_parser().parse_args(["--out", "x"])
+    assert (args.conditional, args.label_dropout, args.guidance_scale) == (False, 0.1, 1.0)
+    for argv, message in [(["--conditional", "--data-root", str(_npy(tmp_path))],
+                           r"--conditional needs class labels, and .*images.npy has none"),
+                          (["--conditional", "--export"], "--export of a class-conditional model is not supported yet"),
+                          (["--guidance-scale", "2"], r"guidance_scale guides a class-conditional model's samples: set "
+                                                      r"conditional=True \(--conditional\)"),
+                          (["--conditional", "--label-dropout", "1"],
+                           r"label_dropout must be a probability in \[0, 1\)"),
+                          (["--guidance-scale", "-1"], r"--guidance-scale: must be a non-negative number")]:
+        with pytest.raises(SystemExit) as exit_info:
+            train_command.main(common + ["--steps", "1", "--out", str(tmp_path / "bad")] + argv)
+        assert exit_info.value.code == 2
         assert re.search(message, " ".join(capsys.readouterr().err.split())), message
 
 

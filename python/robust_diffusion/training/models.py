@@ -315,8 +315,8 @@ def _check_labels(labels: Tensor, batch: int, num_classes: int) -> None:
     if labels.device.type == "cpu" and not torch.compiler.is_compiling() and labels.numel():
         low, high = int(labels.min()), int(labels.max())
         if low < 0 or high > num_classes:
-            raise ValueError(f"UNet.forward: class_labels must lie in [0, {num_classes}] (classes 0..{num_classes - 1}, "
-                             f"{num_classes} the null label), got values in [{low}, {high}]; build the UNet with "
+            raise ValueError(f"UNet.forward: class_labels must lie in [0, {num_classes}] (classes "
+                             f"0..{num_classes - 1}, {num_classes} the null label), got values in [{low}, {high}]; build the UNet with "
                              f"num_classes covering the dataset's labels")
 
 

@@ -119,7 +119,7 @@ class TrainConfig:
                              f"{self.guidance_scale!r}")
         if self.guidance_scale != 1 and not self.conditional:
             raise ValueError("TrainConfig.guidance_scale guides a class-conditional model's samples: set "
-                             "conditional=True, or leave guidance_scale at 1")
+                             "conditional=True (--conditional), or leave guidance_scale at 1")
         if self.sample_every and self.report_to is None:
             raise ValueError("TrainConfig.sample_every draws sample grids for TensorBoard: set report_to='tensorboard'")
         self.adam_betas = tuple(float(b) for b in self.adam_betas)

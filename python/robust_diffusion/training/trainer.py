@@ -185,32 +185,7 @@ class Trainer:
                              f"{self.config.batch_size}")
         flags = getattr(dataset, "is_contaminated", None)
         self.is_contaminated = torch.as_tensor(flags).to(self.device, torch.bool) if flags is not None else None
-        self.labels, self.null_label = self._class_labels(dataset)
-
-    def _class_labels(self, dataset: Dataset) -> Tuple[Optional[Tensor], Optional[int]]:
-        """The dataset's labels on the device and the model's null label for a conditional run; (None, None)
-        otherwise. A model and a config that disagree on conditioning are refused."""
-        null = null_class_label(self.model)
-        if not self.config.conditional:
-            if null is not None:
-                raise ValueError(f"the model is class-conditional ({null} classes and a null label): set "
-                                 f"TrainConfig.conditional=True (--conditional), or train an unconditional model")
-            return None, None
-        if null is None:
-            raise ValueError("TrainConfig.conditional needs a class-conditional model: UNet(num_classes=K) or "
-                             "diffusers' UNet2DModel(num_class_embeds=K + 1)")
-        labels = getattr(dataset, "labels", None)
-        if labels is None:
-            raise ValueError("TrainConfig.conditional needs a dataset with a `labels` [N] tensor of class labels, "
-                             "e.g. contaminate(images, p, labels=labels) or load_experiment_data on labelled data")
-        labels = torch.as_tensor(labels)
-        if labels.shape != (self.num_samples,) or labels.is_floating_point() or labels.dtype == torch.bool:
-            raise ValueError(f"the dataset's labels must be integers, one per sample [{self.num_samples}], got "
-                             f"{labels.dtype} {tuple(labels.shape)}")
-        if self.num_samples and not 0 <= int(labels.min()) <= int(labels.max()) < null:
-            raise ValueError(f"the dataset's labels lie in [{int(labels.min())}, {int(labels.max())}], the model has "
-                             f"{null} classes (labels 0..{null - 1}): build it with num_classes={int(labels.max()) + 1}")
-        return labels.to(self.device, torch.int64), null
+        self.labels, self.null_label = _class_labels(self.model, dataset, self.config, self.num_samples, self.device)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -537,6 +512,36 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _class_labels(model: nn.Module, dataset: Dataset, config: TrainConfig, num_samples: int,
+                  device: torch.device) -> Tuple[Optional[Tensor], Optional[int]]:
+    """The dataset's labels on ``device`` and the model's null label for a conditional run; (None, None) otherwise.
+    A model, config and dataset that disagree on conditioning are refused."""
+    null = null_class_label(model)
+    if not config.conditional:
+        if null is not None:
+            raise ValueError(f"the model is class-conditional ({null} classes and a null label): set "
+                             f"TrainConfig.conditional=True (--conditional), or train an unconditional model")
+        return None, None
+    if null is None:
+        raise ValueError("TrainConfig.conditional needs a class-conditional model: UNet(num_classes=K) or "
+                         "diffusers' UNet2DModel(num_class_embeds=K + 1)")
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        raise ValueError("TrainConfig.conditional needs a dataset with a `labels` [N] tensor of class labels, "
+                         "e.g. contaminate(images, p, labels=labels) or load_experiment_data on labelled data")
+    labels = torch.as_tensor(labels)
+    if labels.shape != (num_samples,) or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"the dataset's labels must be integers, one per sample [{num_samples}], got "
+                         f"{labels.dtype} {tuple(labels.shape)}")
+    low, high = (int(labels.min()), int(labels.max())) if num_samples else (0, 0)
+    if low < 0:
+        raise ValueError(f"the dataset's labels must be non-negative class indices, got {low}")
+    if high >= null:
+        raise ValueError(f"the dataset's labels lie in [{low}, {high}], the model has {null} classes (labels "
+                         f"0..{null - 1}): build it with num_classes={high + 1}")
+    return labels.to(device, torch.int64), null
+
+
 def _check_robust_loss(loss_fn: RobustDiffusionLoss, schedule: Schedule) -> None:
     """A RobustDiffusionLoss fit for the Trainer: the Trainer's kind of schedule, and its adaptive state updated at
     the optimizer step (``update="step"``), so a step skipped for non-finite gradients leaves no trace in it. The
