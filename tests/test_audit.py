@@ -104,6 +104,74 @@ def test_folder_loader_errors(tmp_path):
         load_images(tmp_path / "missing")
 
 
+def test_folder_of_class_sub_folders_gives_imagefolder_labels(tmp_path):
+    """torchvision's ImageFolder layout: each image's label is its sub-folder's index among the sorted names, at any
+    depth below it; a folder with images of its own has no labels."""
+    rng = np.random.default_rng(0)
+    counts = {"zebra": 2, "apple": 3, "mango": 1}
+    for name, count in counts.items():
+        for i in range(count):
+            _save(tmp_path / "classes" / name / ("deep" if i else "") / f"{i}.png",
+                  rng.integers(0, 256, (8, 8), dtype=np.uint8))
+    loaded = load_images(tmp_path / "classes", 8)
+    assert loaded.classes == ("apple", "mango", "zebra")
+    assert loaded.labels.dtype == torch.int64 and loaded.labels.shape == (6,)
+    for path, label in zip(loaded.paths, loaded.labels.tolist()):
+        assert Path(path).relative_to(tmp_path / "classes").parts[0] == loaded.classes[label]
+    assert torch.bincount(loaded.labels).tolist() == [3, 1, 2]
+    assert "3 classes from the sub-folders" in loaded.notes[-1] and "0 'apple' (3)" in loaded.notes[-1]
+    datasets = pytest.importorskip("torchvision.datasets")
+    reference = datasets.ImageFolder(str(tmp_path / "classes"))
+    assert tuple(reference.classes) == loaded.classes
+    assert sorted((str(Path(p)), k) for p, k in reference.samples) == sorted(zip(loaded.paths, loaded.labels.tolist()))
+    unlabelled = load_image_folder(_folder(tmp_path / "mixed", n_grey=2, n_rgb=2, corrupt=False), 8)
+    assert unlabelled.labels is None and unlabelled.classes == ()
+
+
+def test_npz_labels_are_read_without_pickle_and_checked(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (4, 5, 5), dtype=np.uint8)
+    np.savez(tmp_path / "labelled.npz", images=images, labels=np.array([2, 0, 1, 2]))
+    loaded = load_array_file(tmp_path / "labelled.npz")
+    assert loaded.labels.tolist() == [2, 0, 1, 2] and loaded.labels.dtype == torch.int64
+    assert loaded.classes == ("0", "1", "2") and "3 classes" in loaded.notes[-1]
+    np.savez(tmp_path / "unnamed.npz", pixels=images, labels=np.array([0.0, 1.0, 1.0, 0.0]))  # whole floats count
+    assert load_array_file(tmp_path / "unnamed.npz").labels.tolist() == [0, 1, 1, 0]
+    assert load_array_file(tmp_path / "labelled.npz").images.shape == (4, 1, 5, 5)
+    np.save(tmp_path / "plain.npy", images)
+    assert load_array_file(tmp_path / "plain.npy").labels is None
+    for name, labels, message in [("short", np.array([0, 1]), r"one integer class label per image, shape \(4,\)"),
+                                  ("halves", np.array([0.5, 1, 1, 0]), "not whole numbers"),
+                                  ("negative", np.array([0, -1, 1, 0]), "non-negative class indices, got -1")]:
+        np.savez(tmp_path / f"{name}.npz", images=images, labels=labels)
+        with pytest.raises(ValueError, match=message):
+            load_array_file(tmp_path / f"{name}.npz")
+    np.savez(tmp_path / "objects.npz", images=images, labels=np.array([0, "a", None, 1], dtype=object))
+    with pytest.raises(ValueError, match=r"cannot read images from .*objects.npz \(Object arrays cannot be loaded"):
+        load_array_file(tmp_path / "objects.npz")  # allow_pickle=False: refused unopened
+
+
+def test_contaminated_dataset_carries_labels_and_keeps_its_items(tmp_path):
+    from robust_diffusion.training.data import ContaminatedDataset, contaminate
+    from robust_diffusion.training.experiment import load_experiment_data
+    images, labels = torch.rand(10, 1, 4, 4) * 2 - 1, torch.arange(10) % 3
+    dataset = contaminate(images, 0.3, "noise", labels=labels)
+    assert torch.equal(dataset.labels, labels)
+    image, flag, risk, index = dataset[4]  # the item layout every caller unpacks
+    assert image.shape == (1, 4, 4) and index == 4
+    assert contaminate(images, 0.3, "noise").labels is None
+    with pytest.raises(ValueError, match=r"labels must be integer class labels, one per image \[10\]"):
+        contaminate(images, 0.3, labels=torch.zeros(9, dtype=torch.int64))
+    with pytest.raises(ValueError, match="labels must be non-negative class indices, got -1"):
+        ContaminatedDataset(images, torch.zeros(10, dtype=torch.bool), torch.zeros(10), "noise", 0.0,
+                            labels=-torch.ones(10, dtype=torch.int64))
+    np.savez(tmp_path / "data.npz", images=(images[:, 0].numpy() + 1) / 2, labels=labels.numpy())
+    data = load_experiment_data("folder", 0.2, root=tmp_path / "data.npz")
+    assert data.num_classes == 3 and torch.equal(data.train.labels, labels) and torch.equal(data.train_labels, labels)
+    np.save(tmp_path / "plain.npy", (images[:, 0].numpy() + 1) / 2)
+    plain = load_experiment_data("folder", 0.2, root=tmp_path / "plain.npy")
+    assert plain.num_classes is None and plain.train.labels is None
+
+
 @pytest.mark.parametrize("layout", ["NHW", "NHWC", "NCHW"])
 @pytest.mark.parametrize("kind", ["uint8", "unit", "symmetric"])
 def test_array_loader_layouts_and_value_ranges(tmp_path, layout, kind):

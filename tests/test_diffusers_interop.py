@@ -236,6 +236,51 @@ def test_ddpm_matches_diffusers_ddpm_scheduler_step_by_step(spacing, prediction_
     torch.testing.assert_close(sampled, ours, rtol=1e-5, atol=1e-5)
 
 
+def test_classifier_free_guidance_equals_diffusers_dit_pipeline():
+    """Our guided DDIM against DiTPipeline's loop, re-created line for line on a class-conditional UNet2DModel
+    (num_class_embeds = K + 1, the last row the null label, as DiT's 1000 of 1001): the latents doubled, the labels
+    followed by the null class, one call of 2B, ``uncond_eps + guidance_scale * (cond_eps - uncond_eps)``, then the
+    scheduler's step. The formula is read from diffusers' own source first, so a change there fails here."""
+    import inspect
+    from diffusers import DDIMScheduler, DiTPipeline, UNet2DModel
+    from robust_diffusion.training.models import null_class_label
+    from robust_diffusion.training.sampling import ddim_sample
+    source = inspect.getsource(DiTPipeline.__call__)
+    assert "half_eps = uncond_eps + guidance_scale * (cond_eps - uncond_eps)" in source
+    assert "cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)" in source
+    assert "torch.cat([class_labels, class_null], 0)" in source
+    num_classes, guidance_scale = 3, 4.0
+    torch.manual_seed(0)
+    model = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                        norm_num_groups=4, num_class_embeds=num_classes + 1).eval()
+    assert null_class_label(model) == num_classes
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True,
+                              set_alpha_to_one=True, timestep_spacing="trailing")
+    scheduler.set_timesteps(10)
+    schedule = rd.NoiseSchedule.from_diffusers(scheduler)
+    class_labels = [2, 0]
+    latents = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # DiTPipeline.__call__ with guidance_scale > 1, its transformer replaced by the UNet
+        labels = torch.tensor(class_labels).reshape(-1)
+        class_null = torch.tensor([num_classes] * len(class_labels))
+        class_labels_input = torch.cat([labels, class_null], 0)
+        latent_model_input = torch.cat([latents] * 2)
+        for t in scheduler.timesteps:
+            half = latent_model_input[: len(latent_model_input) // 2]
+            latent_model_input = torch.cat([half, half], dim=0)
+            timesteps = t[None].expand(latent_model_input.shape[0])
+            eps = model(latent_model_input, timesteps, class_labels=class_labels_input).sample
+            cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+            half_eps = uncond_eps + guidance_scale * (cond_eps - uncond_eps)
+            eps = torch.cat([half_eps, half_eps], dim=0)
+            latent_model_input = scheduler.step(eps, t, latent_model_input, use_clipped_model_output=True).prev_sample
+        theirs = latent_model_input.chunk(2)[0]
+    ours = ddim_sample(model, schedule, latents.shape, num_steps=10, x_T=latents, class_labels=class_labels,
+                       guidance_scale=guidance_scale)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
 def test_trainer_trains_and_resumes_a_diffusers_unet2dmodel(tmp_path):
     """The kit's Trainer with diffusers' UNet2DModel as it is (its output is a UNet2DOutput), a checkpoint
     resumed exactly, and our DDIM sampler on the trained EMA model."""
@@ -261,6 +306,32 @@ def test_trainer_trains_and_resumes_a_diffusers_unet2dmodel(tmp_path):
     samples = ddim_sample(straight.ema, schedule, (2, 1, 8, 8), num_steps=5,
                           generator=torch.Generator().manual_seed(0))
     assert samples.shape == (2, 1, 8, 8) and torch.isfinite(samples).all()
+
+
+def test_trainer_trains_a_class_conditional_unet2dmodel_with_label_dropout(tmp_path):
+    """TrainConfig.conditional with diffusers' UNet2DModel(num_class_embeds=K + 1): its forward gets class_labels=,
+    dropped labels are the last row (K), and the trained EMA model samples with guidance."""
+    from diffusers import UNet2DModel
+    from robust_diffusion.training.data import contaminate
+    from robust_diffusion.training.sampling import ddim_sample
+    from robust_diffusion.training.trainer import TrainConfig, Trainer
+    torch.manual_seed(0)
+    model = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                        norm_num_groups=4, num_class_embeds=3 + 1)
+    seen = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["class_labels"].clone()),
+                                    with_kwargs=True)
+    dataset = contaminate(torch.rand(16, 1, 8, 8) * 2 - 1, 0.0, labels=torch.arange(16) % 3)
+    schedule = rd.NoiseSchedule.from_diffusers(DDPMScheduler(num_train_timesteps=100))
+    config = TrainConfig(steps=4, batch_size=8, log_every=1, progress=False, conditional=True, label_dropout=0.5)
+    trainer = Trainer(model, rd.RobustDiffusionLoss("ned", schedule, update="step"), dataset, schedule, config,
+                      out_dir=tmp_path).train()
+    labels = torch.cat(seen[:4])  # the training steps' (the EMA copy holds the hook too)
+    assert len(seen) == 4 and labels.shape == (32,) and set(labels.tolist()) == {0, 1, 2, 3} and trainer.null_label == 3
+    samples = ddim_sample(trainer.ema, schedule, (3, 1, 8, 8), num_steps=5, class_labels=[0, 1, 2],
+                          guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (3, 1, 8, 8) and torch.isfinite(samples).all()
 
 
 def test_a_model_that_returns_something_else_is_a_clear_error():

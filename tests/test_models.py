@@ -105,3 +105,73 @@ def test_unet_torch_export_with_dynamic_batch():
     x3, t3 = torch.randn(3, 1, 32, 32), torch.tensor([0, 1, 999])
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x3, t3), model(x3, t3))
+
+
+# ---------------------------------------------------------------------------------------------- class labels
+def _conditional_unet(num_classes: int = 3, seed: int = 0) -> UNet:
+    torch.manual_seed(seed)
+    model = UNet(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=2,
+                 norm_groups=4, num_classes=num_classes)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.1)
+    return model.eval()
+
+
+def test_an_unconditional_unet_is_unchanged_by_the_class_option():
+    """num_classes=None adds no parameter, no config entry and draws nothing more from the RNG, so existing
+    checkpoints load and a seed builds the same weights as before."""
+    torch.manual_seed(0)
+    plain = UNet(base_channels=8, channel_mults=(1, 2), attention_levels=(1,), norm_groups=4)
+    torch.manual_seed(0)
+    same = UNet(base_channels=8, channel_mults=(1, 2), attention_levels=(1,), norm_groups=4, num_classes=None)
+    assert "num_classes" not in plain.config and plain.num_classes is None
+    assert not any(key.startswith("class_embed") for key in plain.state_dict())
+    assert plain.state_dict().keys() == same.state_dict().keys()
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, same.state_dict()[key]), key
+    conditional = _conditional_unet(3)
+    assert conditional.class_embed.num_embeddings == 4  # three classes and the null label
+    assert conditional.config["num_classes"] == 3
+    extra = set(conditional.state_dict()) - set(_micro_unet().state_dict())
+    assert extra == {"class_embed.weight"}
+
+
+def test_class_labels_condition_the_output_and_script():
+    model = _conditional_unet(3)
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([5, 5, 5, 5])
+    labels = torch.tensor([0, 1, 2, 3])  # 3: the null label
+    with torch.no_grad():
+        out = model(x, t, class_labels=labels)
+        assert out.shape == x.shape
+        assert not torch.allclose(out, model(x, t, class_labels=torch.tensor([1, 2, 3, 0])))
+        # Each sample sees only its own label: a row is the same in any batch.
+        torch.testing.assert_close(model(x[:1], t[:1], class_labels=labels[:1]), out[:1])
+        torch.testing.assert_close(model(x, t, class_labels=torch.tensor(2)), model(x, t, torch.full((4,), 2)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TorchScript's deprecation warnings
+            scripted = torch.jit.script(model)
+        torch.testing.assert_close(scripted(x, t, labels), out, rtol=0, atol=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.script(_micro_unet())  # the unconditional model still scripts with the optional argument
+
+
+def test_class_label_errors_name_the_argument_and_the_fix():
+    conditional, plain = _conditional_unet(3), _micro_unet()
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match=r"class_labels is missing: this UNet is class-conditional \(num_classes=3\)"):
+        conditional(x, t)
+    with pytest.raises(ValueError, match=r"class_labels given to an unconditional UNet: build it with "
+                                         r"UNet\(num_classes=K\)"):
+        plain(x, t, class_labels=torch.tensor([0, 1]))
+    for bad in ([0, 4], [-1, 0]):
+        with pytest.raises(ValueError, match=r"class_labels must lie in \[0, 3\] \(classes 0..2, 3 the null label\)"):
+            conditional(x, t, class_labels=torch.tensor(bad))
+    with pytest.raises(ValueError, match=r"class_labels must be an int64 tensor \[2\]"):
+        conditional(x, t, class_labels=torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"class_labels must be an int64 tensor \[2\]"):
+        conditional(x, t, class_labels=torch.tensor([0, 1, 2]))
+    for bad in (0, -2, 2.5, True):
+        with pytest.raises(ValueError, match="num_classes must be a positive integer"):
+            UNet(num_classes=bad)

@@ -264,3 +264,98 @@ def test_flow_sampler_grid_calls_and_errors():
             flow_sample(model, schedule, (2, 1, 2, 2), **kwargs)
     with pytest.raises(TypeError, match="flow_sample: schedule must be a FlowMatchingSchedule, got NoiseSchedule"):
         flow_sample(model, NoiseSchedule.linear(), (2, 1, 2, 2))
+
+
+# ---------------------------------------------------------------------------------------------- class labels
+class _LabelModel(torch.nn.Module):
+    """A prediction that depends on the label: x * 0.1 + label / 10 (the null label, 9, gives 0.9), recording each
+    call's batch and labels."""
+
+    null = 9
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, t, class_labels=None):
+        self.calls.append((x.shape[0], None if class_labels is None else class_labels.tolist()))
+        shift = 0.0 if class_labels is None else class_labels.to(x.dtype).view(-1, *[1] * (x.dim() - 1)) / 10
+        return x * 0.1 + shift
+
+
+def _label_samplers():
+    discrete, flow = NoiseSchedule.linear(100), rd.FlowMatchingSchedule()
+    return [lambda m, **k: ddim_sample(m, discrete, (2, 1, 4, 4), num_steps=4, null_label=_LabelModel.null, **k),
+            lambda m, **k: ddpm_sample(m, discrete, (2, 1, 4, 4), num_steps=4, null_label=_LabelModel.null, **k),
+            lambda m, **k: flow_sample(m, flow, (2, 1, 4, 4), num_steps=4, null_label=_LabelModel.null, **k),
+            lambda m, **k: flow_sample(m, flow, (2, 1, 4, 4), num_steps=4, solver="heun", null_label=_LabelModel.null,
+                                       **k)]
+
+
+@pytest.mark.parametrize("sampler", _label_samplers(), ids=["ddim", "ddpm", "euler", "heun"])
+def test_every_sampler_passes_labels_and_guides_in_one_batched_call(sampler):
+    seed = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    plain, labelled, guided = _LabelModel(), _LabelModel(), _LabelModel()
+    unconditional = sampler(plain, generator=seed())
+    assert all(call == (2, None) for call in plain.calls)  # no labels: model(x, t), as before
+    conditional = sampler(labelled, generator=seed(), class_labels=[1, 5])
+    assert labelled.calls and all(call == (2, [1, 5]) for call in labelled.calls)  # s = 1: one call of B
+    assert not torch.equal(conditional, unconditional)
+    torch.testing.assert_close(sampler(_LabelModel(), generator=seed(), class_labels=torch.tensor([1, 5])),
+                               conditional, rtol=0, atol=0)
+    assert sampler(_LabelModel(), generator=seed(), class_labels=3).shape == (2, 1, 4, 4)  # one int for all
+    out = sampler(guided, generator=seed(), class_labels=[1, 5], guidance_scale=3.0)
+    assert guided.calls and all(call == (4, [1, 5, 9, 9]) for call in guided.calls)  # 2B: cond first, then null
+    assert not torch.equal(out, conditional)
+    # s = 0 is the unconditional prediction: the model on the null label alone.
+    torch.testing.assert_close(sampler(_LabelModel(), generator=seed(), class_labels=[1, 5], guidance_scale=0.0),
+                               sampler(_LabelModel(), generator=seed(), class_labels=[9, 9]), rtol=1e-6, atol=1e-6)
+
+
+def test_guidance_is_the_classifier_free_formula_in_float64():
+    """One guided DDIM step equals the step on eps_u + s (eps_c - eps_u), computed in float64 from the model's two
+    outputs."""
+    model, schedule = _LabelModel(), NoiseSchedule.linear(100)
+    x_T = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    s = 2.5
+    out = ddim_sample(model, schedule, x_T.shape, num_steps=1, x_T=x_T, dtype=torch.float64, class_labels=[1, 5],
+                      guidance_scale=s, null_label=9, clip_denoised=False)
+    labels = torch.tensor([1.0, 5.0], dtype=torch.float64).view(2, 1, 1, 1)
+    eps = (x_T * 0.1 + 0.9) + s * ((x_T * 0.1 + labels / 10) - (x_T * 0.1 + 0.9))
+    abar = float(schedule.alphas_cumprod[99])
+    expected = (x_T - math.sqrt(1 - abar) * eps) / math.sqrt(abar)  # the last step returns x0
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_conditional_unet_samples_with_labels_and_guidance():
+    torch.manual_seed(0)
+    model = UNet(base_channels=8, channel_mults=(1, 2), attention_levels=(), norm_groups=4, num_classes=3)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.05)
+    model.eval()
+    schedule = NoiseSchedule.linear()
+    draw = lambda **k: ddim_sample(model, schedule, (3, 1, 8, 8), num_steps=4,  # noqa: E731
+                                   generator=torch.Generator().manual_seed(0), **k)
+    a, b = draw(class_labels=[0, 1, 2]), draw(class_labels=[2, 1, 0])
+    assert not torch.equal(a, b) and torch.isfinite(a).all()
+    guided = draw(class_labels=[0, 1, 2], guidance_scale=4.0)  # the null label (3) from the model itself
+    assert torch.isfinite(guided).all() and not torch.equal(guided, a)
+    with pytest.raises(ValueError, match="class_labels is missing"):
+        draw()
+
+
+def test_label_and_guidance_errors():
+    schedule = NoiseSchedule.linear(100)
+    with pytest.raises(ValueError, match=r"guidance_scale=2.0 guides a class-conditional model: pass class_labels"):
+        ddim_sample(lambda x, t: x, schedule, (2, 2), guidance_scale=2.0)
+    for bad in (-1.0, float("nan"), "2"):
+        with pytest.raises(ValueError, match=r"guidance_scale must be a finite number >= 0 \(1: no guidance\)"):
+            ddim_sample(_LabelModel(), schedule, (2, 2), class_labels=[0, 1], guidance_scale=bad)
+    with pytest.raises(ValueError, match=r"class_labels must be an int or hold one label per sample, \[2\], "
+                                         r"got \(3,\)"):
+        ddpm_sample(_LabelModel(), schedule, (2, 2), class_labels=[0, 1, 2])
+    with pytest.raises(ValueError, match="class_labels must be integers"):
+        flow_sample(_LabelModel(), rd.FlowMatchingSchedule(), (2, 2), class_labels=[0.5, 1.0])
+    with pytest.raises(ValueError, match="guidance_scale needs the null label .* pass null_label="):
+        ddim_sample(_LabelModel(), schedule, (2, 2), class_labels=[0, 1], guidance_scale=2.0)

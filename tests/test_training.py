@@ -86,6 +86,83 @@ def test_resume_is_exact_in_process(tmp_path):
 
 
 
+def _labelled_dataset(n=48, seed=0, classes=3):
+    images = torch.rand(n, 1, 12, 12, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return contaminate(images, 0.25, "noise", seed=seed, labels=torch.arange(n) % classes)
+
+
+def _conditional_trainer(tmp_path, steps, classes=3, **config):
+    torch.manual_seed(0)
+    model = experiment.build_model("micro", 1, num_classes=classes)
+    schedule = rd.NoiseSchedule.linear(100)
+    settings = dict(steps=steps, batch_size=8, lr=1e-3, log_every=2, checkpoint_every=3, progress=False,
+                    conditional=True, label_dropout=0.25)
+    settings.update(config)
+    return Trainer(model, rd.RobustDiffusionLoss("ned", schedule, update="step"), _labelled_dataset(classes=classes),
+                   schedule, TrainConfig(**settings), out_dir=tmp_path)
+
+
+def test_conditional_training_passes_labels_with_dropout_and_resumes_exactly(tmp_path):
+    """The dataset's labels reach the model, a seeded quarter of them replaced by the null label (3); a run
+    stopped at a checkpoint and resumed ends bit for bit where an uninterrupted one does, dropped labels included."""
+    seen = []
+
+    def recording(trainer):
+        forward = trainer.model.forward
+
+        def forward_and_record(x, t, class_labels=None):
+            seen.append(class_labels.clone())
+            return forward(x, t, class_labels=class_labels)
+
+        trainer.model.forward = forward_and_record
+        return trainer
+
+    reference = recording(_conditional_trainer(tmp_path / "full", steps=7)).train()
+    full_labels = torch.cat(seen)
+    dataset = reference.dataset
+    assert full_labels.shape == (56,) and set(full_labels.tolist()) <= {0, 1, 2, 3}
+    dropped = full_labels == 3
+    assert 4 <= int(dropped.sum()) <= 24  # about a quarter of 56
+    seen.clear()
+    _conditional_trainer(tmp_path / "split", steps=3).train()
+    resumed = recording(_conditional_trainer(tmp_path / "split", steps=7))
+    assert resumed.resume() and resumed.step == 3
+    resumed.train()
+    assert torch.equal(torch.cat(seen), full_labels[24:])  # the same labels dropped after the resume
+    _assert_states_equal(reference.model.state_dict(), resumed.model.state_dict())
+    _assert_states_equal(reference.ema.state_dict(), resumed.ema.state_dict())
+    assert torch.equal(reference.influence.influence_sum, resumed.influence.influence_sum)
+    assert torch.equal(dataset.labels, torch.arange(48) % 3)
+    with pytest.raises(ValueError, match="it was written with conditional=True, this run has False"):
+        _trainer(tmp_path / "split", steps=9, dataset=_labelled_dataset()).resume()
+
+
+def test_conditional_training_refuses_what_does_not_fit():
+    schedule = rd.NoiseSchedule.linear(100)
+    loss = rd.RobustDiffusionLoss("ned", schedule, update="step")
+    config = TrainConfig(steps=2, batch_size=8, progress=False, conditional=True)
+    torch.manual_seed(0)
+    conditional = experiment.build_model("micro", 1, num_classes=3)
+    with pytest.raises(ValueError, match=r"TrainConfig.conditional needs a class-conditional model: "
+                                         r"UNet\(num_classes=K\)"):
+        Trainer(_micro_model(), loss, _labelled_dataset(), schedule, config)
+    with pytest.raises(ValueError, match=r"TrainConfig.conditional needs a dataset with a `labels` \[N\] tensor"):
+        Trainer(conditional, loss, _toy_dataset(), schedule, config)
+    with pytest.raises(ValueError, match=r"labels lie in \[0, 4\], the model has 3 classes \(labels 0..2\): build "
+                                         r"it with num_classes=5"):
+        Trainer(conditional, loss, _labelled_dataset(classes=5), schedule, config)
+    with pytest.raises(ValueError, match=r"the model is class-conditional \(3 classes and a null label\): set "
+                                         r"TrainConfig.conditional=True"):
+        Trainer(conditional, loss, _labelled_dataset(), schedule, TrainConfig(steps=2, batch_size=8, progress=False))
+    for bad in (-0.1, 1.0, True):
+        with pytest.raises(ValueError, match=r"TrainConfig.label_dropout must be a probability in \[0, 1\)"):
+            TrainConfig(conditional=True, label_dropout=bad)
+    with pytest.raises(ValueError, match="TrainConfig.guidance_scale must be a finite number >= 0"):
+        TrainConfig(conditional=True, guidance_scale=-1.0)
+    with pytest.raises(ValueError, match="TrainConfig.guidance_scale guides a class-conditional model's samples"):
+        TrainConfig(guidance_scale=2.0)
+
+
 def test_stop_ends_training_after_the_current_step_with_a_checkpoint(tmp_path):
     """Trainer.stop(), called while a step runs (as from another thread or a signal handler), ends train() after
     that step with a checkpoint there; resuming continues to the same state as an uninterrupted run. A stop
@@ -330,8 +407,10 @@ def test_experiment_data_kinds():
     assert data.image_shape == (1, 28, 28) and data.train.num_contaminated == 100
     held_out = set(experiment._HELD_OUT_CLASSES)
     assert not held_out & set(data.train_labels.tolist()) and not held_out & set(data.test_labels.tolist())
+    assert data.num_classes == 8 and torch.equal(data.train.labels, data.train_labels)  # Bag, Ankle boot: 8 and 9
     noisy = experiment.load_experiment_data("fashion-mnist", 0.1, "gaussian", num_train=100, image_size=32)
     assert noisy.image_shape == (1, 32, 32) and noisy.train.risk.max() == 0.5
+    assert noisy.num_classes == 10 and torch.equal(noisy.train.labels, noisy.train_labels)
 
 
 # ---------------------------------------------------------------------------------------------- subprocesses
@@ -343,14 +422,16 @@ def _cli_args(out, steps, extra=()):
 
 @needs_fashion_mnist
 @pytest.mark.slow
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("conditional", [[], ["--conditional", "--label-dropout", "0.2"]],
+                         ids=["unconditional", "conditional"])
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, conditional):
     steps = 60
     command = [sys.executable, "-m", "robust_diffusion.train"]
-    subprocess.run(command + _cli_args(tmp_path / "reference", steps), env=_env(), check=True,
+    subprocess.run(command + _cli_args(tmp_path / "reference", steps, conditional), env=_env(), check=True,
                    capture_output=True, timeout=600)
 
     out = tmp_path / "killed"
-    process = subprocess.Popen(command + _cli_args(out, steps), env=_env(), stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(command + _cli_args(out, steps, conditional), env=_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE)
     checkpoint = out / "checkpoint.safetensors"
     deadline = time.monotonic() + 300
@@ -363,8 +444,8 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     killed_at = state["step"]
     assert 5 <= killed_at < steps and killed_at % 5 == 0
 
-    resumed = subprocess.run(command + _cli_args(out, steps, ["--resume"]), env=_env(), capture_output=True,
-                             text=True, timeout=600)
+    resumed = subprocess.run(command + _cli_args(out, steps, conditional + ["--resume"]), env=_env(),
+                             capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {checkpoint} at step {killed_at}" in resumed.stdout
 
@@ -502,6 +583,22 @@ def test_tensorboard_gets_the_log_rows_the_scale_and_sample_grids(tmp_path):
     assert (args.report_to, args.sample_every) == ("tensorboard", 5)
 
 
+def test_tensorboard_grid_of_a_conditional_model_has_a_row_per_class(tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    board = dict(report_to="tensorboard", sample_every=2)
+    _trainer(tmp_path / "plain", steps=2, **board).train()
+    _conditional_trainer(tmp_path / "classes", steps=2, classes=5, guidance_scale=2.0, **board).train()
+    sizes = {}
+    for name in ("plain", "classes"):
+        events = event_accumulator.EventAccumulator(str(tmp_path / name / "tensorboard"),
+                                                    size_guidance={event_accumulator.IMAGES: 0})
+        events.Reload()
+        grid = events.Images("samples")[-1]
+        sizes[name] = (grid.height, grid.width)
+    # 12x12 images in rows of 8: two rows unconditional, one per class (5) conditional.
+    assert sizes == {"plain": (2 * 12, 8 * 12), "classes": (5 * 12, 8 * 12)}
+
+
 def test_bfloat16_autocast_trains_on_the_cpu(tmp_path):
     trainer = _trainer(tmp_path / "bf16", steps=3, mixed_precision="bf16")
     assert trainer.autocast_dtype == torch.bfloat16 and not trainer.scaler.is_enabled()
@@ -585,6 +682,34 @@ def test_cli_trains_flow_matching_and_refuses_what_it_cannot_do(tmp_path, capsys
         with pytest.raises(SystemExit):
             train_command.main(["--dataset", "folder", "--data-root", str(_npy(tmp_path)), "--model", "micro", "--steps", "1",
                       "--batch-size", "8", "--out", str(tmp_path / "bad"), "--no-progress"] + argv)
+        assert re.search(message, " ".join(capsys.readouterr().err.split())), message
+
+
+def test_cli_trains_a_conditional_model_on_npz_labels_and_refuses_what_it_cannot(tmp_path, capsys):
+    path = tmp_path / "labelled.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, images=(rng.random((24, 12, 12)) * 255).astype(np.uint8), labels=np.arange(24) % 4)
+    common = ["--dataset", "folder", "--data-root", str(path), "--model", "micro", "--batch-size", "8", "--no-progress",
+              "--threads", "1"]
+    assert train_command.main(common + ["--conditional", "--label-dropout", "0.2", "--steps", "2",
+                                        "--out", str(tmp_path / "run")]) == 0
+    assert "conditional on 4 classes" in capsys.readouterr().out
+    state = read_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
+    assert state["config"]["conditional"] and state["config"]["label_dropout"] == 0.2
+    assert state["model"]["class_embed.weight"].shape[0] == 5  # four classes and the null label
+    args = train_command.build_parser().parse_args(["--out", "x"])
+    assert (args.conditional, args.label_dropout, args.guidance_scale) == (False, 0.1, 1.0)
+    for argv, message in [(["--conditional", "--data-root", str(_npy(tmp_path))],
+                           r"--conditional needs class labels, and .*images.npy has none"),
+                          (["--conditional", "--export"], "--export of a class-conditional model is not supported yet"),
+                          (["--guidance-scale", "2"], r"guidance_scale guides a class-conditional model's samples: set "
+                                                      r"conditional=True \(--conditional\)"),
+                          (["--conditional", "--label-dropout", "1"],
+                           r"label_dropout must be a probability in \[0, 1\)"),
+                          (["--guidance-scale", "-1"], r"--guidance-scale: must be a non-negative number")]:
+        with pytest.raises(SystemExit) as exit_info:
+            train_command.main(common + ["--steps", "1", "--out", str(tmp_path / "bad")] + argv)
+        assert exit_info.value.code == 2
         assert re.search(message, " ".join(capsys.readouterr().err.split())), message
 
 

@@ -209,13 +209,18 @@ class ContaminatedDataset(Dataset):
     the int index, so a training loop can log per-sample influence weights against the truth.
 
     Build it with :func:`contaminate`. The attributes hold the whole set as tensors:
-    ``images [N, ...]``, ``is_contaminated [N]`` (bool), ``risk [N]`` (float32), ``kind``, ``fraction``.
+    ``images [N, ...]``, ``is_contaminated [N]`` (bool), ``risk [N]`` (float32), ``kind``, ``fraction``, and
+    ``labels [N]`` (int64 class labels of the images before contamination; ``None`` for unlabelled data), which a
+    class-conditional :class:`~robust_diffusion.training.trainer.Trainer` reads by index, as it reads
+    ``is_contaminated``: the items keep their four fields.
     """
 
-    def __init__(self, images: Tensor, is_contaminated: Tensor, risk: Tensor, kind: str, fraction: float):
+    def __init__(self, images: Tensor, is_contaminated: Tensor, risk: Tensor, kind: str, fraction: float,
+                 labels: Optional[Tensor] = None):
         if not (images.shape[0] == is_contaminated.shape[0] == risk.shape[0]):
             raise ValueError(f"images, is_contaminated and risk need the same length, got {images.shape[0]}, "
                              f"{is_contaminated.shape[0]} and {risk.shape[0]}")
+        self.labels = _check_labels(labels, images.shape[0])
         self.images = images
         self.is_contaminated = is_contaminated
         self.risk = risk
@@ -244,7 +249,7 @@ class ContaminatedDataset(Dataset):
 
 def contaminate(images: Tensor, fraction: float, kind: str = "noise", seed: int = 0, *,
                 noise_distribution: str = "uniform", noise_std: float = 0.5,
-                contaminant_images: Optional[Tensor] = None) -> ContaminatedDataset:
+                contaminant_images: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> ContaminatedDataset:
     """Huber epsilon-contamination: replace exactly ``round(fraction * N)`` images by outliers.
 
     Which samples are replaced, and how, is drawn from ``torch.Generator().manual_seed(seed)``, so the
@@ -264,6 +269,8 @@ def contaminate(images: Tensor, fraction: float, kind: str = "noise", seed: int 
     Args:
         fraction: the contaminated fraction p, in [0, 1).
         seed: seed of the generator that picks the samples and draws the outliers.
+        labels: the images' class labels ``[N]`` (int), kept as the dataset's ``labels`` (a replaced image keeps its
+            label: the outlier took its place in that class).
     """
     _check_contamination(images, fraction, kind, noise_distribution, noise_std, contaminant_images)
     n = images.shape[0]
@@ -292,7 +299,21 @@ def contaminate(images: Tensor, fraction: float, kind: str = "noise", seed: int 
                       else torch.randint(0, m, (count,), generator=generator))
             outliers = contaminant_images[source.to(contaminant_images.device)].detach().cpu().float()
         out[indices.to(out.device)] = outliers.to(device=out.device, dtype=out.dtype)
-    return ContaminatedDataset(out, is_contaminated.to(out.device), risk.to(out.device), kind, float(fraction))
+    return ContaminatedDataset(out, is_contaminated.to(out.device), risk.to(out.device), kind, float(fraction),
+                               labels=labels)
+
+
+def _check_labels(labels, count: int) -> Optional[Tensor]:
+    """Class labels as an int64 tensor ``[count]`` of non-negative values, or ``None``."""
+    if labels is None:
+        return None
+    labels = torch.as_tensor(labels)
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool or labels.shape != (count,):
+        raise ValueError(f"labels must be integer class labels, one per image [{count}], got {labels.dtype} "
+                         f"{tuple(labels.shape)}")
+    if labels.numel() and int(labels.min()) < 0:
+        raise ValueError(f"labels must be non-negative class indices, got {int(labels.min())}")
+    return labels.to(torch.int64)
 
 
 def _check_contamination(images: Tensor, fraction: float, kind: str, noise_distribution: str, noise_std: float,
@@ -339,12 +360,18 @@ class ImageSet(NamedTuple):
         paths: for a folder, the file of each image (``images[i]`` came from ``paths[i]``); empty for an array.
         unreadable: ``(file, reason)`` of every image file that could not be read (left out of ``images``).
         notes: what the loader found and did (value range, resizing, channels, ignored files), one sentence each.
+        labels: int64 class labels ``[N]`` where the data has them (a folder of class sub-folders, an ``.npz`` with
+            a ``labels`` array), else ``None``.
+        classes: the class names, ``labels`` indexing them (the sub-folders' names, sorted; for an ``.npz`` the
+            label values as strings, 0 to the largest).
     """
 
     images: Tensor
     paths: List[str]
     unreadable: List[Tuple[str, str]]
     notes: List[str]
+    labels: Optional[Tensor] = None
+    classes: Tuple[str, ...] = ()
 
 
 def load_images(source: PathLike, image_size: Optional[int] = None, channels: Optional[int] = None) -> ImageSet:
@@ -370,6 +397,10 @@ def load_image_folder(root: PathLike, image_size: int = DEFAULT_IMAGE_SIZE,
     when every image is greyscale, else 3; colour images are made grey with Pillow's luma weights, grey ones
     repeated over RGB). A file that cannot be read is listed in ``unreadable``, never skipped silently; a folder
     with no image file, or with none readable, raises a ValueError naming it.
+
+    Classes: a folder holding only sub-folders (torchvision's ``ImageFolder`` layout, ``root/<class>/.../<image>``)
+    gives each image the index of its sub-folder among the sorted sub-folder names (``labels``, ``classes``), as
+    ``ImageFolder`` does; a folder with image files of its own has no labels.
     """
     root = Path(root)
     _check_size_and_channels(image_size, channels)
@@ -407,12 +438,30 @@ def load_image_folder(root: PathLike, image_size: int = DEFAULT_IMAGE_SIZE,
                          f"{reason})")
     channels = channels or (1 if grey_count == len(pixels) else 3)
     images = torch.stack([_to_channels(p, channels) for p in pixels]) * 2.0 - 1.0
+    classes = _class_folders(root)
+    labels = None
+    if classes:
+        index = {name: k for k, name in enumerate(classes)}
+        labels = torch.tensor([index[Path(path).relative_to(root).parts[0]] for path in paths], dtype=torch.int64)
     notes = [f"{len(image_files)} image files under {root} (searched recursively), {len(pixels)} read"
              + (f", {len(unreadable)} unreadable" if unreadable else "")]
     if ignored:
         notes.append(f"{ignored} other file(s) ignored (not {', '.join(IMAGE_SUFFIXES)})")
     notes += _folder_notes(sizes, image_size, grey_count, len(pixels) - grey_count, channels, alpha_count)
-    return ImageSet(images.contiguous(), paths, unreadable, notes)
+    if classes:
+        counts = torch.bincount(labels, minlength=len(classes)).tolist()
+        notes.append(f"{len(classes)} classes from the sub-folders (sorted, as torchvision's ImageFolder): "
+                     + ", ".join(f"{k} {name!r} ({n})" for k, (name, n) in enumerate(zip(classes, counts))))
+    return ImageSet(images.contiguous(), paths, unreadable, notes, labels, classes)
+
+
+def _class_folders(root: Path) -> Tuple[str, ...]:
+    """The sorted sub-folder names of a folder in ``ImageFolder``'s layout (sub-folders and no image file of its
+    own), else ``()``."""
+    entries = list(root.iterdir())
+    if any(entry.is_file() and entry.suffix.lower() in IMAGE_SUFFIXES for entry in entries):
+        return ()
+    return tuple(sorted(entry.name for entry in entries if entry.is_dir()))
 
 
 def _read_image_file(path: Path, image_size: int, Image, ImageOps) -> Tuple[np.ndarray, Tuple[int, int], bool, bool]:
@@ -461,7 +510,8 @@ def _folder_notes(sizes: List[Tuple[int, int]], image_size: int, grey_count: int
 
 def load_array_file(path: PathLike, image_size: Optional[int] = None, channels: Optional[int] = None) -> ImageSet:
     """Read images from a ``.npy`` or ``.npz`` array (an ``.npz`` with one array, or with one called ``images``) or
-    an IDX file (any other name, ``.gz`` compressed or not; :func:`read_idx`).
+    an IDX file (any other name, ``.gz`` compressed or not; :func:`read_idx`). An ``.npz`` may also hold ``labels``,
+    one non-negative integer class label per image (``ImageSet.labels``). Nothing is unpickled.
 
     Layouts ``[N, H, W]`` (grey), ``[N, H, W, C]`` or ``[N, C, H, W]`` with C = 1 or 3 (told apart by where the 1
     or 3 is; ``[N, H, W, C]`` when both fit). Values: integers 0..255 (uint8), or floats in ``[0, 1]``, in
@@ -474,16 +524,19 @@ def load_array_file(path: PathLike, image_size: Optional[int] = None, channels: 
     if not path.is_file():
         raise FileNotFoundError(f"array file not found: {path}")
     suffix = path.suffix.lower()
+    labels = None
     try:
         if suffix == ".npy":
             array, what = np.load(path, allow_pickle=False), ".npy array"
         elif suffix == ".npz":
             with np.load(path, allow_pickle=False) as archive:
-                names = list(archive.files)
+                names = [name for name in archive.files if name != "labels"]
                 if len(names) != 1 and "images" not in names:
-                    raise ValueError(f"it holds the arrays {names}: keep one, or name the images 'images'")
+                    raise ValueError(f"it holds the arrays {list(archive.files)}: keep one, or name the images "
+                                     f"'images' (and class labels 'labels')")
                 name = names[0] if len(names) == 1 else "images"
                 array, what = archive[name], f".npz array {name!r}"
+                labels = archive["labels"] if "labels" in archive.files else None
         else:
             array, what = read_idx(path).numpy(), "IDX file"
     except Exception as error:
@@ -500,7 +553,25 @@ def load_array_file(path: PathLike, image_size: Optional[int] = None, channels: 
     if image_size is not None and tuple(tensor.shape[2:]) != (image_size, image_size):
         tensor = resize_center_crop(tensor, image_size)
         notes.append(f"resized (shorter side to {image_size}) and centre-cropped to {image_size}x{image_size}")
-    return ImageSet((tensor * 2.0 - 1.0).contiguous(), [], [], notes)
+    classes: Tuple[str, ...] = ()
+    if labels is not None:
+        labels = _array_labels(labels, tensor.shape[0], path)
+        classes = tuple(str(k) for k in range(int(labels.max()) + 1 if labels.numel() else 0))
+        notes.append(f"labels: {len(classes)} classes (0..{len(classes) - 1}) from the .npz array 'labels'")
+    return ImageSet((tensor * 2.0 - 1.0).contiguous(), [], [], notes, labels, classes)
+
+
+def _array_labels(labels: np.ndarray, count: int, path: Path) -> Tensor:
+    """An ``.npz``'s ``labels`` array: one non-negative integer per image (floats holding whole numbers count)."""
+    whole = np.issubdtype(labels.dtype, np.integer) or (
+        np.issubdtype(labels.dtype, np.floating) and bool(np.all(np.isfinite(labels) & (np.round(labels) == labels))))
+    if labels.shape != (count,) or not whole:
+        raise ValueError(f"{path}: 'labels' must be one integer class label per image, shape ({count},), got "
+                         f"{labels.dtype} {tuple(labels.shape)}" + ("" if labels.shape != (count,) else
+                                                                    " with values that are not whole numbers"))
+    if labels.size and int(labels.min()) < 0:
+        raise ValueError(f"{path}: 'labels' must be non-negative class indices, got {int(labels.min())}")
+    return torch.from_numpy(labels.astype(np.int64))
 
 
 def unreadable_summary(unreadable: List[Tuple[str, str]], first: int = 3) -> str:

@@ -63,8 +63,9 @@ class ExperimentData:
     """A contaminated training set and the clean data to evaluate against.
 
     Attributes:
-        train: the contaminated training set (items ``(image, is_contaminated, risk, index)``).
-        train_labels: class labels of the training images before contamination.
+        train: the contaminated training set (items ``(image, is_contaminated, risk, index)``; its ``labels`` are
+            ``train_labels`` where the data has classes, else ``None``).
+        train_labels: class labels of the training images before contamination (zeros for a folder without classes).
         test_images, test_labels: the clean test split (only clean classes), for the feature classifier and
             the Frechet distance (empty for ``folder``).
         description: one line saying what the data is.
@@ -72,6 +73,9 @@ class ExperimentData:
         unreadable: for ``folder``: ``(file, reason)`` of every image file that could not be read (left out).
         train_indices: where each training image sits in the dataset's training split (its clean classes for
             Fashion-MNIST's ``kind="dataset"``), so that two draws can be checked for shared images.
+        num_classes: how many classes the labels index (what a class-conditional model is built for): 10 for the
+            benchmarks (8 for Fashion-MNIST's ``kind="dataset"``, whose last two classes are the contaminants), the
+            class sub-folders or the ``.npz`` labels of a folder; ``None`` for data without classes.
     """
 
     train: ContaminatedDataset
@@ -82,6 +86,7 @@ class ExperimentData:
     notes: Tuple[str, ...] = ()
     unreadable: Tuple[Tuple[str, str], ...] = ()
     train_indices: Optional[Tensor] = None
+    num_classes: Optional[int] = None
 
     @property
     def image_shape(self) -> Tuple[int, ...]:
@@ -154,7 +159,8 @@ def load_experiment_data(dataset: str, contamination: float, kind: str = "noise"
         indices = torch.arange(start, start + count)
     images, labels = images[indices], labels[indices]
     contaminated = contaminate(images, contamination, kind, seed=seed, noise_std=noise_std,
-                               contaminant_images=contaminant_images)
+                               contaminant_images=contaminant_images,
+                               labels=labels if source.num_classes is not None else None)
     what = {"noise": "uniform noise images", "gaussian": f"images + N(0, {noise_std}^2) noise",
             "dataset": ("held-out classes Bag/Ankle boot" if dataset == "fashion-mnist"
                         else "Fashion-MNIST images")}[kind]
@@ -164,7 +170,8 @@ def load_experiment_data(dataset: str, contamination: float, kind: str = "noise"
                    + (f" (the last of its {total})" if from_end else "") + ", "
                    + (f"{contaminated.num_contaminated} ({contamination:.0%}) replaced by {what}"
                       if contaminated.num_contaminated else "none replaced (no contamination)"))
-    return ExperimentData(contaminated, labels, test.images, test.labels, description, notes, unreadable, indices)
+    return ExperimentData(contaminated, labels, test.images, test.labels, description, notes, unreadable, indices,
+                          source.num_classes)
 
 
 def _with_rare_class(labels: Tensor, rare_class: int, fraction: float, num_train: Optional[int],
@@ -195,6 +202,7 @@ class _CleanData(NamedTuple):
     name: str
     notes: Tuple[str, ...] = ()
     unreadable: Tuple[Tuple[str, str], ...] = ()
+    num_classes: Optional[int] = None
 
 
 def _load_folder(root, kind: str, image_size: Optional[int], channels: Optional[int]) -> _CleanData:
@@ -205,10 +213,11 @@ def _load_folder(root, kind: str, image_size: Optional[int], channels: Optional[
                          "dataset; for your own images use noise or gaussian")
     loaded = load_images(root, image_size, channels)
     count, shape = loaded.images.shape[0], tuple(loaded.images.shape[1:])
-    train = LabelledImages(loaded.images, torch.zeros(count, dtype=torch.int64))  # no classes
+    labels = loaded.labels if loaded.labels is not None else torch.zeros(count, dtype=torch.int64)
+    train = LabelledImages(loaded.images, labels)
     test = LabelledImages(torch.zeros((0, *shape)), torch.zeros(0, dtype=torch.int64))
     return _CleanData(train, test, None, f"{root} ({shape[0]}x{shape[1]}x{shape[2]})", tuple(loaded.notes),
-                      tuple(loaded.unreadable))
+                      tuple(loaded.unreadable), len(loaded.classes) if loaded.labels is not None else None)
 
 
 def _load_fashion_mnist(root, kind: str, image_size: Optional[int]) -> _CleanData:
@@ -229,7 +238,8 @@ def _load_fashion_mnist(root, kind: str, image_size: Optional[int]) -> _CleanDat
         train = type(train)(train.images[~held_out_train], train.labels[~held_out_train])
         test = type(test)(test.images[~held_out_test], test.labels[~held_out_test])
     side = train.images.shape[-1]
-    return _CleanData(train, test, contaminant_images, f"Fashion-MNIST {side}x{side}")
+    num_classes = len(FASHION_MNIST_CLASSES) - (len(_HELD_OUT_CLASSES) if kind == "dataset" else 0)
+    return _CleanData(train, test, contaminant_images, f"Fashion-MNIST {side}x{side}", num_classes=num_classes)
 
 
 def _load_cifar10(root, kind: str, image_size: Optional[int], download: bool) -> _CleanData:
@@ -242,7 +252,7 @@ def _load_cifar10(root, kind: str, image_size: Optional[int], download: bool) ->
     contaminant_images = None
     if kind == "dataset":  # Fashion-MNIST, grey, padded to 32x32
         contaminant_images = load_fashion_mnist("train", pad_to=32).images.expand(-1, 3, -1, -1).contiguous()
-    return _CleanData(train, test, contaminant_images, "CIFAR-10 32x32")
+    return _CleanData(train, test, contaminant_images, "CIFAR-10 32x32", num_classes=10)
 
 
 # ---------------------------------------------------------------------------------------------- model / loss

@@ -4,6 +4,9 @@ Layout (Ho et al. 2020, simplified from ADM): a sinusoidal timestep embedding fe
 every residual block; per resolution level ``num_res_blocks`` residual blocks (GroupNorm, SiLU, dropout),
 optional self-attention after them, and a stride-2 convolution between levels; a middle block; the mirrored
 decoder with skip connections; a zero-initialised output convolution so training starts from a zero prediction.
+With ``num_classes=K`` a learned class embedding (K + 1 rows; the last, ``K``, is the null label that classifier-free
+guidance samples the unconditional model with) is added to the time embedding, as ADM and diffusers' ``UNet2DModel``
+(``class_embed_type=None``) do.
 
 The module is kept simple enough for ``torch.jit.script`` (deprecated upstream since torch 2.11, still
 asked for by the C++ sampler; it emits a deprecation warning) and ``torch.export``.
@@ -18,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["UNET_PRESETS", "UNet", "model_prediction", "timestep_embedding"]
+__all__ = ["UNET_PRESETS", "UNet", "model_prediction", "null_class_label", "timestep_embedding"]
 
 UNET_PRESETS: Dict[str, Dict[str, object]] = {
     # About 1.1M parameters: the quick CPU preset for tests and small Fashion-MNIST runs.
@@ -46,6 +49,18 @@ def model_prediction(output, like: Tensor) -> Tensor:
         raise ValueError(f"the model must return a tensor of its input's shape {tuple(like.shape)} (or a diffusers "
                          f"output with .sample), got {got}")
     return output
+
+
+def null_class_label(model) -> Optional[int]:
+    """The null label of a class-conditional model (the label classifier-free guidance samples its unconditional
+    prediction with, and label dropout trains it on), or ``None`` for an unconditional one: ``K`` for our
+    ``UNet(num_classes=K)``, ``num_class_embeds - 1`` for a diffusers ``UNet2DModel(num_class_embeds=K + 1)`` (the
+    last of its rows, as our UNet's). A DDP wrapper is looked through."""
+    model = getattr(model, "module", model)
+    if isinstance(model, UNet):
+        return model.num_classes
+    embeds = getattr(getattr(model, "config", None), "num_class_embeds", None)
+    return int(embeds) - 1 if embeds else None
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -179,16 +194,23 @@ class UNet(nn.Module):
         num_heads: attention heads.
         dropout: dropout rate inside residual blocks.
         norm_groups: GroupNorm groups (capped at, and must divide, each layer's channel count).
+        num_classes: ``K`` makes the model class-conditional (module docstring): labels ``0..K-1`` are classes,
+            ``K`` the null label. ``None`` (default): unconditional, with no parameter more.
 
-    ``forward(x, t)``: ``x [B, C, H, W]``, ``t [B]`` integer or float timesteps (a 0-dim ``t`` is broadcast).
+    ``forward(x, t, class_labels=None)``: ``x [B, C, H, W]``, ``t [B]`` integer or float timesteps (a 0-dim ``t`` is
+    broadcast), ``class_labels [B]`` integer labels in ``[0, K]`` for a conditional model (a 0-dim one is broadcast),
+    ``None`` for an unconditional one.
     Use :meth:`from_preset` for the configurations in :data:`UNET_PRESETS`.
     """
 
     def __init__(self, in_channels: int = 1, out_channels: Optional[int] = None, base_channels: int = 32,
                  channel_mults: Sequence[int] = (1, 2, 2), num_res_blocks: int = 1,
                  attention_levels: Sequence[int] = (2,), num_heads: int = 1, dropout: float = 0.0,
-                 norm_groups: int = 8):
+                 norm_groups: int = 8, num_classes: Optional[int] = None):
         super().__init__()
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                        or num_classes < 1):
+            raise ValueError(f"num_classes must be a positive integer (or None: unconditional), got {num_classes!r}")
         channel_mults = tuple(int(m) for m in channel_mults)
         attention_levels = tuple(int(level) for level in attention_levels)
         if not channel_mults or min(channel_mults) < 1:
@@ -203,6 +225,9 @@ class UNet(nn.Module):
                            channel_mults=channel_mults, num_res_blocks=num_res_blocks,
                            attention_levels=attention_levels, num_heads=num_heads, dropout=dropout,
                            norm_groups=norm_groups)
+        if num_classes is not None:  # an unconditional model's config stays as it was
+            self.config["num_classes"] = num_classes
+        self.num_classes = num_classes
         self.base_channels = base_channels
         embed_dim = 4 * base_channels
 
@@ -210,6 +235,8 @@ class UNet(nn.Module):
             return ResidualAttentionBlock(cin, cout, embed_dim, dropout, norm_groups, attention, num_heads)
 
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim))
+        # One row more than classes: the null label. None keeps an unconditional model's state_dict as it was.
+        self.class_embed = nn.Embedding(num_classes + 1, embed_dim) if num_classes is not None else None
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
         skip_channels = [base_channels]
@@ -252,10 +279,23 @@ class UNet(nn.Module):
             raise ValueError(f"unknown UNet preset {name!r}; expected one of {', '.join(UNET_PRESETS)}")
         return cls(in_channels=in_channels, **{**UNET_PRESETS[name], **overrides})
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, class_labels: Optional[Tensor] = None) -> Tensor:
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         emb = self.time_mlp(timestep_embedding(t, self.base_channels).to(x.dtype))
+        if self.class_embed is not None:
+            if class_labels is None:
+                raise ValueError("UNet.forward: class_labels is missing: this UNet is class-conditional "
+                                 "(num_classes=" + str(self.class_embed.num_embeddings - 1) + "), pass class_labels "
+                                 "[B] in [0, num_classes] (num_classes: the null label)")
+            if class_labels.dim() == 0:
+                class_labels = class_labels.expand(x.shape[0])
+            if not torch.jit.is_scripting():
+                _check_labels(class_labels, x.shape[0], self.class_embed.num_embeddings - 1)
+            emb = emb + self.class_embed(class_labels).to(emb.dtype)
+        elif class_labels is not None:
+            raise ValueError("UNet.forward: class_labels given to an unconditional UNet: build it with "
+                             "UNet(num_classes=K) to condition on classes, or pass class_labels=None")
         h = self.conv_in(x)
         skips: List[Tensor] = [h]
         for down in self.down_levels:
@@ -264,6 +304,20 @@ class UNet(nn.Module):
         for up in self.up_levels:
             h = up(h, emb, skips)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def _check_labels(labels: Tensor, batch: int, num_classes: int) -> None:
+    """Labels an embedding can look up. Their range is checked where it costs no host sync (on the CPU, outside
+    tracing); on a GPU the embedding's own device assertion catches a label out of range."""
+    if labels.dtype not in (torch.int64, torch.int32) or tuple(labels.shape) != (batch,):
+        raise ValueError(f"UNet.forward: class_labels must be an int64 tensor [{batch}] (one label per image), got "
+                         f"{labels.dtype} {tuple(labels.shape)}")
+    if labels.device.type == "cpu" and not torch.compiler.is_compiling() and labels.numel():
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high > num_classes:
+            raise ValueError(f"UNet.forward: class_labels must lie in [0, {num_classes}] (classes "
+                             f"0..{num_classes - 1}, {num_classes} the null label), got values in [{low}, {high}]; build the UNet with "
+                             f"num_classes covering the dataset's labels")
 
 
 def _groups(norm_groups: int, channels: int) -> int:

@@ -30,19 +30,27 @@ diffusers' sigmas):
 Heun takes a plain Euler step where the step ends at t = 0, as k-diffusion's and diffusers'
 ``FlowMatchHeunDiscreteScheduler`` do: near t = 0 the velocity of a finite training set is (x - x0) / t, singular
 at 0. The default grid therefore ends with a tiny step, from 1 / num_train_timesteps to 0 (diffusers' grid).
+
+Every sampler takes ``class_labels`` for a class-conditional model and a classifier-free guidance scale s (Ho &
+Salimans 2022), applied to the model output of any prediction type (each is affine in eps at fixed x_t):
+
+    out = out(x, t, null) + s (out(x, t, y) - out(x, t, null))      (:func:`guided_output`; DiTPipeline's formula)
+
+with both calls batched as one of 2B, the conditional half first, as diffusers' class-conditional pipelines do.
+s = 1 (default) is the conditional model alone, one call of B per step; s = 0 the unconditional one.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..continuous import FlowMatchingSchedule
 from ..schedules import NoiseSchedule, canonical_prediction_type
-from .models import model_prediction
+from .models import model_prediction, null_class_label
 
 __all__ = [
     "TIMESTEP_SPACINGS",
@@ -53,12 +61,15 @@ __all__ = [
     "FLOW_SOLVERS",
     "flow_sample",
     "flow_step",
+    "guided_output",
     "inference_timesteps",
     "predict_x0_and_epsilon",
 ]
 
 TIMESTEP_SPACINGS = ("trailing", "leading", "linspace")
 FLOW_SOLVERS = ("euler", "heun")
+#: What the samplers take as ``class_labels``: one int for every sample, ``[B]`` ints, or ``None`` (unconditional).
+Labels = Optional[Union[int, Sequence[int], Tensor]]
 _VARIANCES = ("fixed_small", "fixed_large")
 
 
@@ -144,6 +155,11 @@ def ddpm_step(x_t: Tensor, model_output: Tensor, alpha_cumprod_t: float, alpha_c
     return mean + math.sqrt(max(variance, 0.0)) * noise, x0
 
 
+def guided_output(conditional: Tensor, unconditional: Tensor, guidance_scale: float) -> Tensor:
+    """Classifier-free guidance: ``unconditional + guidance_scale * (conditional - unconditional)``."""
+    return unconditional + guidance_scale * (conditional - unconditional)
+
+
 def inference_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "trailing") -> List[int]:
     """The descending timesteps a sampler visits (diffusers' ``timestep_spacing``).
 
@@ -170,7 +186,8 @@ def ddim_sample(model: Callable[[Tensor, Tensor], Tensor], schedule: NoiseSchedu
                 clip_denoised: bool = True, timestep_spacing: str = "trailing",
                 generator: Optional[torch.Generator] = None, device: Optional[torch.device] = None,
                 dtype: torch.dtype = torch.float32, x_T: Optional[Tensor] = None,
-                progress: bool = False) -> Tensor:
+                progress: bool = False, class_labels: Labels = None, guidance_scale: float = 1.0,
+                null_label: Optional[int] = None) -> Tensor:
     """Sample with DDIM (``eta = 0``: deterministic; ``eta = 1``: DDPM's posterior variance).
 
     Args:
@@ -183,6 +200,12 @@ def ddim_sample(model: Callable[[Tensor, Tensor], Tensor], schedule: NoiseSchedu
         device: defaults to ``x_T``'s, else the model's parameters', else the CPU.
         x_T: the starting noise instead of a fresh draw.
         progress: show a tqdm bar.
+        class_labels: for a class-conditional model, the class of each sample (an int for all, or ``[B]``); the model
+            is then called as ``model(x_t, t, class_labels=...)`` (our ``UNet(num_classes=K)``, diffusers'
+            ``UNet2DModel(num_class_embeds=K + 1)``). ``None``: ``model(x_t, t)``, as for an unconditional model.
+        guidance_scale: classifier-free guidance (module docstring); 1 (default): none, one model call per step.
+        null_label: the label of the unconditional prediction (default: the model's,
+            :func:`~robust_diffusion.training.models.null_class_label`).
     """
     if not (isinstance(eta, (int, float)) and eta >= 0.0):
         raise ValueError(f"eta must be a number >= 0, got {eta!r}")
@@ -191,8 +214,9 @@ def ddim_sample(model: Callable[[Tensor, Tensor], Tensor], schedule: NoiseSchedu
              kind: str) -> Tensor:
         return ddim_step(x, output, abar_t, abar_prev, float(eta), noise, kind, clip_denoised)[0]
 
+    guidance = (class_labels, guidance_scale, null_label)
     return _sample(model, schedule, shape, step, num_steps, prediction_type, timestep_spacing, generator,
-                   device, dtype, x_T, progress, needs_noise=eta > 0, description="DDIM")
+                   device, dtype, x_T, progress, needs_noise=eta > 0, description="DDIM", guidance=guidance)
 
 
 @torch.no_grad()
@@ -201,11 +225,12 @@ def ddpm_sample(model: Callable[[Tensor, Tensor], Tensor], schedule: NoiseSchedu
                 prediction_type: Optional[str] = None, clip_denoised: bool = True,
                 timestep_spacing: str = "trailing", generator: Optional[torch.Generator] = None,
                 device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32,
-                x_T: Optional[Tensor] = None, progress: bool = False) -> Tensor:
+                x_T: Optional[Tensor] = None, progress: bool = False, class_labels: Labels = None,
+                guidance_scale: float = 1.0, null_label: Optional[int] = None) -> Tensor:
     """Ancestral DDPM sampling over all ``T`` steps (default) or a respaced chain of ``num_steps``.
 
     ``variance_type`` is ``"fixed_small"`` (posterior variance, DDPM's choice for CIFAR-10) or
-    ``"fixed_large"`` (beta). Other arguments as in :func:`ddim_sample`.
+    ``"fixed_large"`` (beta). Other arguments (``class_labels``, ``guidance_scale``) as in :func:`ddim_sample`.
     """
     if variance_type not in _VARIANCES:
         raise ValueError(f"variance_type must be one of {', '.join(_VARIANCES)}, got {variance_type!r}")
@@ -217,13 +242,13 @@ def ddpm_sample(model: Callable[[Tensor, Tensor], Tensor], schedule: NoiseSchedu
     num_steps = schedule.num_timesteps if num_steps is None else num_steps
     return _sample(model, schedule, shape, step, num_steps, prediction_type,
                    timestep_spacing, generator, device, dtype, x_T, progress, needs_noise=True,
-                   description="DDPM")
+                   description="DDPM", guidance=(class_labels, guidance_scale, null_label))
 
 
 def _sample(model, schedule: NoiseSchedule, shape: Sequence[int], step, num_steps: int,
             prediction_type: Optional[str], timestep_spacing: str, generator: Optional[torch.Generator],
             device: Optional[torch.device], dtype: torch.dtype, x_T: Optional[Tensor], progress: bool,
-            needs_noise: bool, description: str) -> Tensor:
+            needs_noise: bool, description: str, guidance: Tuple) -> Tensor:
     kind = canonical_prediction_type(prediction_type or schedule.prediction_type)
     timesteps = inference_timesteps(schedule.num_timesteps, num_steps, timestep_spacing)
     alphas_cumprod = schedule.alphas_cumprod.tolist()  # float64 on the host, read once
@@ -232,6 +257,7 @@ def _sample(model, schedule: NoiseSchedule, shape: Sequence[int], step, num_step
                          f"prediction_type 'epsilon' cannot recover x0; train with 'v_prediction' or 'sample'")
     shape = tuple(int(s) for s in shape)
     x, device = _starting_noise(model, shape, generator, device, dtype, x_T)
+    denoise = _denoiser(model, shape[0], device, *guidance)
 
     iterator = timesteps
     if progress:
@@ -240,7 +266,7 @@ def _sample(model, schedule: NoiseSchedule, shape: Sequence[int], step, num_step
     for i, t in enumerate(iterator):
         prev_t = timesteps[i + 1] if i + 1 < len(timesteps) else -1
         abar_prev = alphas_cumprod[prev_t] if prev_t >= 0 else 1.0
-        output = model_prediction(model(x, torch.full((shape[0],), t, device=device, dtype=torch.int64)), x)
+        output = denoise(x, torch.full((shape[0],), t, device=device, dtype=torch.int64))
         noise = (torch.randn(shape, generator=generator, device=device, dtype=dtype)
                  if needs_noise and prev_t >= 0 else None)
         x = step(x, output.to(dtype), alphas_cumprod[t], abar_prev, noise, kind)
@@ -256,7 +282,8 @@ def flow_step(x: Tensor, velocity: Tensor, t: float, t_next: float) -> Tensor:
 def flow_sample(model: Callable[[Tensor, Tensor], Tensor], schedule: FlowMatchingSchedule, shape: Sequence[int], *,
                 num_steps: int = 50, solver: str = "euler", times: Optional[Sequence[float]] = None,
                 generator: Optional[torch.Generator] = None, device: Optional[torch.device] = None,
-                dtype: torch.dtype = torch.float32, x_T: Optional[Tensor] = None, progress: bool = False) -> Tensor:
+                dtype: torch.dtype = torch.float32, x_T: Optional[Tensor] = None, progress: bool = False,
+                class_labels: Labels = None, guidance_scale: float = 1.0, null_label: Optional[int] = None) -> Tensor:
     """Sample a flow-matching model (module docstring): Euler or Heun from noise at t = 1 to t = 0.
 
     Args:
@@ -265,7 +292,7 @@ def flow_sample(model: Callable[[Tensor, Tensor], Tensor], schedule: FlowMatchin
         times: the descending grid from 1 (or below) to 0 (default: ``schedule.inference_times(num_steps)``); e.g.
             a diffusers ``FlowMatchEulerDiscreteScheduler``'s ``sigmas`` after ``set_timesteps``.
         solver: ``"euler"`` (one model call per step) or ``"heun"`` (two, second order; module docstring).
-        Other arguments as in :func:`ddim_sample`.
+        Other arguments (``class_labels``, ``guidance_scale``: guidance of the velocity) as in :func:`ddim_sample`.
     """
     if not isinstance(schedule, FlowMatchingSchedule):
         raise TypeError(f"flow_sample: schedule must be a FlowMatchingSchedule, got {type(schedule).__name__}")
@@ -278,10 +305,11 @@ def flow_sample(model: Callable[[Tensor, Tensor], Tensor], schedule: FlowMatchin
                          f"{[round(v, 4) for v in grid[:4]]}{' ...' if len(grid) > 4 else ''}")
     shape = tuple(int(s) for s in shape)
     x, device = _starting_noise(model, shape, generator, device, dtype, x_T)
+    denoise = _denoiser(model, shape[0], device, class_labels, guidance_scale, null_label)
 
     def velocity(x: Tensor, t: float) -> Tensor:
         time = schedule.model_timestep(torch.full((shape[0],), t, device=device, dtype=torch.float32))
-        return model_prediction(model(x, time), x).to(dtype)
+        return denoise(x, time).to(dtype)
 
     steps = range(len(grid) - 1)
     if progress:
@@ -296,6 +324,42 @@ def flow_sample(model: Callable[[Tensor, Tensor], Tensor], schedule: FlowMatchin
         else:
             x = euler
     return x
+
+
+def _denoiser(model, batch: int, device: torch.device, class_labels: Labels, guidance_scale: float,
+              null_label: Optional[int]) -> Callable[[Tensor, Tensor], Tensor]:
+    """``f(x, t)``: the model's prediction at ``x``, conditioned on ``class_labels`` and guided by ``guidance_scale``
+    (module docstring); ``model(x, t)`` alone without labels."""
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+            or not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be a finite number >= 0 (1: no guidance), got {guidance_scale!r}")
+    if class_labels is None:
+        if guidance_scale != 1.0:
+            raise ValueError(f"guidance_scale={guidance_scale} guides a class-conditional model: pass class_labels "
+                             f"(or guidance_scale=1.0 for an unconditional model)")
+        return lambda x, t: model_prediction(model(x, t), x)
+    labels = torch.as_tensor(class_labels, device=device)
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"class_labels must be integers (an int or [{batch}]), got {labels.dtype}")
+    labels = labels.to(torch.int64).expand(batch) if labels.dim() == 0 else labels.to(torch.int64)
+    if tuple(labels.shape) != (batch,):
+        raise ValueError(f"class_labels must be an int or hold one label per sample, [{batch}], got "
+                         f"{tuple(labels.shape)}")
+    if guidance_scale == 1.0:
+        return lambda x, t: model_prediction(model(x, t, class_labels=labels), x)
+    null = null_class_label(model) if null_label is None else int(null_label)
+    if null is None:
+        raise ValueError("guidance_scale needs the null label of the unconditional prediction: the model is not our "
+                         "UNet(num_classes=K) nor a diffusers model with num_class_embeds, so pass null_label=")
+    both = torch.cat([labels, torch.full_like(labels, null)])
+
+    def guided(x: Tensor, t: Tensor) -> Tensor:
+        output = model_prediction(model(torch.cat([x, x]), torch.cat([t, t]), class_labels=both),
+                                  torch.cat([x, x]))
+        conditional, unconditional = output.chunk(2)
+        return guided_output(conditional, unconditional, float(guidance_scale))
+
+    return guided
 
 
 def _starting_noise(model, shape: Tuple[int, ...], generator: Optional[torch.Generator],

@@ -4,12 +4,17 @@ your images or on (contaminated) benchmark data.
     python -m robust_diffusion.train --dataset folder --data-root my_images/ --loss ned --out runs/mine
     python -m robust_diffusion.train --dataset fashion-mnist --contamination 0.3 --kind noise \\
         --loss ned --steps 2000 --out runs/ned --export
+    python -m robust_diffusion.train --dataset fashion-mnist --conditional --label-dropout 0.1 --out runs/classes
     torchrun --nproc_per_node 2 -m robust_diffusion.train ...        # data parallel (gloo on CPU, nccl on GPU)
 
 ``--dataset folder`` reads ``--data-root``, a folder of image files (resized and centre-cropped to
 ``--image-size``, default 32) or a ``.npy``/``.npz``/IDX array file, with
 :func:`~robust_diffusion.training.data.load_images` (the loader of ``python -m robust_diffusion.audit``). Nothing is
 contaminated unless ``--contamination`` says so (default 0).
+
+``--conditional`` trains a class-conditional UNet on the data's labels (the benchmarks' classes, a folder's class
+sub-folders, an ``.npz``'s ``labels``), each replaced by the null label with probability ``--label-dropout`` so that
+classifier-free guidance (``--guidance-scale``, for the TensorBoard sample grids) can use the same network.
 
 It writes the checkpoint and ``log.csv`` (see :mod:`robust_diffusion.training.trainer`), ``influence.safetensors`` (each
 training sample's average influence weight and contamination label) and with ``--export`` the EMA model as
@@ -76,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument("--temperature", type=positive_float, default=1.0, help="the adaptive scale's tau")
     train = parser.add_argument_group("training")
     add_objective_arguments(train)
+    train.add_argument("--conditional", action="store_true",
+                       help="class-conditional: the UNet gets each image's class label (the benchmarks' classes, a "
+                            "folder's class sub-folders or an .npz's 'labels')")
+    train.add_argument("--label-dropout", type=float, default=0.1,
+                       help="--conditional: the probability of training on the null label instead, for "
+                            "classifier-free guidance, in [0, 1)")
     train.add_argument("--model", default="tiny", choices=sorted(MODEL_PRESETS), help="the UNet preset")
     train.add_argument("--base-channels", type=positive_int, default=None, help="override the preset's base channels")
     train.add_argument("--steps", type=positive_int, default=2000, help="optimizer steps of the whole run")
@@ -109,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "--report_to")
     out.add_argument("--sample-every", type=non_negative_int, default=0,
                      help="with --report-to: steps between grids of the EMA model's samples (0: none)")
+    out.add_argument("--guidance-scale", type=non_negative_float, default=1.0,
+                     help="--conditional: the classifier-free guidance scale of the sample grids (1: none)")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -131,7 +144,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              mixed_precision=args.mixed_precision, log_every=args.log_every,
                              report_to=args.report_to, sample_every=args.sample_every,
                              checkpoint_every=args.checkpoint_every, risk_free=spec.risk_free,
-                             sample_trust=spec.trust, seed=args.seed,
+                             sample_trust=spec.trust, conditional=args.conditional,
+                             label_dropout=args.label_dropout, guidance_scale=args.guidance_scale, seed=args.seed,
                              num_workers=args.num_workers, progress=not args.no_progress)
         rank, world_size, device = init_distributed(args.device)
         out = Path(args.out)
@@ -145,12 +159,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                     noise_std=args.noise_std, seed=args.seed, download=args.download,
                                     channels=args.channels)
         overrides = {"base_channels": args.base_channels} if args.base_channels else {}
+        if args.conditional:
+            if data.num_classes is None:
+                raise ValueError(f"--conditional needs class labels, and {args.data_root} has none: use a folder of "
+                                 f"class sub-folders, an .npz with a 'labels' array, or a benchmark dataset")
+            if args.export:
+                raise ValueError("--export of a class-conditional model is not supported yet: train without --export "
+                                 "and sample with robust_diffusion.training.sampling (class_labels=, guidance_scale=)")
+            overrides["num_classes"] = data.num_classes
         torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run of this seed
         model = build_model(args.model, data.image_shape[0], **overrides)
         trainer = Trainer(model, loss_fn, data.train, schedule, config, out_dir=out, device=device)
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-            print(f"{data.description}; loss {spec.name} ({loss_settings(loss_fn)}); model {args.model} "
+            classes = f", conditional on {data.num_classes} classes" if args.conditional else ""
+            print(f"{data.description}; loss {spec.name} ({loss_settings(loss_fn)}); model {args.model}{classes} "
                   f"({sum(p.numel() for p in model.parameters()):,} parameters); {world_size} process(es) on "
                   f"{device}", flush=True)
             for note in data.notes:

@@ -50,6 +50,13 @@ class TrainConfig:
             every noise level; docs/DESIGN.md, Data audit). Needs a RobustDiffusionLoss whose influence weights
             differ between samples (not KL, Huber or pseudo-Huber). Counts from ``influence_from_step``: every
             sample has trust 1 until the tracker has seen it at low noise.
+        conditional: train a class-conditional model (``UNet(num_classes=K)``, or diffusers'
+            ``UNet2DModel(num_class_embeds=K + 1)``) on the dataset's ``labels``, called as
+            ``model(x_t, t, class_labels=...)``.
+        label_dropout: with ``conditional``, the probability that a sample's label is replaced by the null label, so
+            that the one network learns the unconditional model too, which classifier-free guidance needs (0.1 as in
+            Ho & Salimans 2022). Drawn from the shared noise generator: resume and data parallelism stay exact.
+        guidance_scale: with ``conditional``, the classifier-free guidance scale of the sample grids (1: none).
         seed: seeds the data order, the diffusion noise and torch's global RNG (one stream per rank), each
             through :func:`derive_seed`.
         num_workers: DataLoader worker processes.
@@ -75,6 +82,9 @@ class TrainConfig:
     influence_from_step: int = 0
     risk_free: bool = False
     sample_trust: bool = False
+    conditional: bool = False
+    label_dropout: float = 0.1
+    guidance_scale: float = 1.0
     seed: int = 0
     num_workers: int = 0
     progress: bool = True
@@ -100,6 +110,16 @@ class TrainConfig:
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"TrainConfig.mixed_precision must be one of {MIXED_PRECISION}, "
                              f"got {self.mixed_precision!r}")
+        if isinstance(self.label_dropout, bool) or not isinstance(self.label_dropout, (int, float)) \
+                or not 0 <= self.label_dropout < 1:
+            raise ValueError(f"TrainConfig.label_dropout must be a probability in [0, 1), got {self.label_dropout!r}")
+        if isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float)) \
+                or not 0 <= self.guidance_scale < float("inf"):
+            raise ValueError(f"TrainConfig.guidance_scale must be a finite number >= 0 (1: no guidance), got "
+                             f"{self.guidance_scale!r}")
+        if self.guidance_scale != 1 and not self.conditional:
+            raise ValueError("TrainConfig.guidance_scale guides a class-conditional model's samples: set "
+                             "conditional=True (--conditional), or leave guidance_scale at 1")
         if self.sample_every and self.report_to is None:
             raise ValueError("TrainConfig.sample_every draws sample grids for TensorBoard: set report_to='tensorboard'")
         self.adam_betas = tuple(float(b) for b in self.adam_betas)

@@ -58,7 +58,7 @@ from ..influence import InfluenceTracker
 from ..robust_loss import RobustDiffusionLoss
 from ..schedules import NoiseSchedule, Schedule, prediction_type_for
 from .distributed import rank_and_world_size
-from .models import model_prediction
+from .models import model_prediction, null_class_label
 from .runlog import LogInterval, TensorBoardLog, append_row
 from .train_config import TrainConfig
 from .trainer_checkpoint import CHECKPOINT_NAME, resume_trainer, save_trainer
@@ -81,14 +81,16 @@ class Trainer:
     statistics on every rank and needs no ``sync``.
 
     Args:
-        model: called as ``model(x_t, t)`` and returning the prediction of ``schedule``'s prediction type (a
+        model: called as ``model(x_t, t)`` (``model(x_t, t, class_labels=y)`` with ``config.conditional``; each label
+            replaced by the model's null label with probability ``config.label_dropout``) and returning the prediction of ``schedule``'s prediction type (a
             tensor, or a diffusers output with ``.sample``: a ``UNet2DModel`` works as it is).
         loss_fn: ``loss_fn(model_output, target, t) -> scalar``, e.g. a
             :class:`~robust_diffusion.RobustDiffusionLoss` (its buffers are checkpointed, its
             ``last_influence`` is logged; other callables count as influence 1).
         dataset: a map-style dataset whose items are an image tensor or a tuple starting with one (e.g. a
             :class:`~robust_diffusion.training.data.ContaminatedDataset`). If it has an ``is_contaminated`` [N] bool
-            tensor, the influence weights are logged separately for clean and contaminated samples.
+            tensor, the influence weights are logged separately for clean and contaminated samples. With
+            ``config.conditional`` its ``labels`` [N] int tensor holds each sample's class (read by index).
         schedule: the noise schedule (default: linear, T = 1000): a discrete :class:`NoiseSchedule`, or a
             :class:`~robust_diffusion.FlowMatchingSchedule` for flow matching, or the diffusers scheduler of either
             (:func:`~robust_diffusion.schedule_from_diffusers` maps it) (times drawn by its sampler, the
@@ -183,6 +185,7 @@ class Trainer:
                              f"{self.config.batch_size}")
         flags = getattr(dataset, "is_contaminated", None)
         self.is_contaminated = torch.as_tensor(flags).to(self.device, torch.bool) if flags is not None else None
+        self.labels, self.null_label = _class_labels(self.model, dataset, self.config, self.num_samples, self.device)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -308,6 +311,7 @@ class Trainer:
         noise_all = torch.randn((config.batch_size, *x0.shape[1:]), device=self.device, dtype=x0.dtype,
                                 generator=self.noise_generator)
         noise = noise_all[self.rank::self.world_size]
+        labels = self._dropped_labels(indices) if self.labels is not None else None
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate(self.step)
         self.optimizer.zero_grad(set_to_none=True)
@@ -319,7 +323,8 @@ class Trainer:
             last = part == parts - 1
             sync = self.network.no_sync() if self.world_size > 1 and not last else contextlib.nullcontext()
             with sync:  # DDP all-reduces the gradients once, after the last micro-batch
-                loss = self._loss(x0[rows], indices[rows], t[rows], noise[rows])
+                loss = self._loss(x0[rows], indices[rows], t[rows], noise[rows],
+                                  labels[rows] if labels is not None else None)
                 self.scaler.scale(loss if parts == 1 else loss / parts).backward()
             losses.append(loss.detach())
             influences.append(self._last_per_sample("last_influence", size, 1.0))
@@ -328,9 +333,18 @@ class Trainer:
         self._record(torch.stack(losses).mean(), grad_norm.detach(), indices, torch.cat(influences),
                      torch.cat(penalties), self._noise_level(t), ~finite)
 
-    def _loss(self, x0: Tensor, indices: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-        """One (micro-)batch's loss: noising (risk-sensitive with ``risk_free``), the model under autocast, and the
-        loss, weighted by each sample's trust with ``sample_trust``."""
+    def _dropped_labels(self, indices: Tensor) -> Tensor:
+        """This rank's samples' labels, each replaced by the null label with probability ``label_dropout``, drawn
+        for the global batch from the shared noise generator (as the timesteps), so every world size and a resumed
+        run drop the same labels."""
+        u = torch.rand(self.config.batch_size, device=self.device, dtype=torch.float64,
+                       generator=self.noise_generator)[self.rank::self.world_size]
+        labels = self.labels[indices]
+        return torch.where(u < self.config.label_dropout, torch.full_like(labels, self.null_label), labels)
+
+    def _loss(self, x0: Tensor, indices: Tensor, t: Tensor, noise: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        """One (micro-)batch's loss: noising (risk-sensitive with ``risk_free``), the model under autocast (given the
+        class labels of a conditional run), and the loss, weighted by each sample's trust with ``sample_trust``."""
         if self.risk is None:
             x_t = self.schedule.q_sample(x0, t, noise)
             target = self.schedule.training_target(x0, noise, t, self.prediction_type)
@@ -341,7 +355,9 @@ class Trainer:
             x_t = noising.noisy
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            output = model_prediction(self.network(x_t, self.schedule.model_timestep(t)), x_t)  # diffusers: .sample
+            time = self.schedule.model_timestep(t)
+            output = self.network(x_t, time) if labels is None else self.network(x_t, time, class_labels=labels)
+            output = model_prediction(output, x_t)  # diffusers: .sample
         trust = self.influence.trust(indices) if self.config.sample_trust else None
         if self.risk is not None:
             from ..risk import risk_free_loss
@@ -472,21 +488,60 @@ class Trainer:
     @torch.no_grad()
     def _log_samples(self) -> None:
         """A grid of the EMA model's samples for TensorBoard: 20 DDIM (or Euler) steps from a fixed seed, on their
-        own generator, so training draws nothing less or more."""
+        own generator, so training draws nothing less or more. Rows of 8 (TensorBoard's grid width): two rows, or for
+        a conditional model one row per class (the first 16 classes), guided by ``config.guidance_scale``."""
         from .sampling import ddim_sample, flow_sample
 
         first = self.dataset[0]
-        shape = (16, *(first[0] if isinstance(first, (tuple, list)) else first).shape)
+        per_row = 8
+        guidance = {}
+        if self.labels is not None:
+            classes = torch.arange(min(self.null_label, 16), device=self.device)
+            guidance = dict(class_labels=classes.repeat_interleave(per_row), guidance_scale=self.config.guidance_scale,
+                            null_label=self.null_label)
+        rows = len(guidance["class_labels"]) // per_row if guidance else 2
+        shape = (rows * per_row, *(first[0] if isinstance(first, (tuple, list)) else first).shape)
         generator = torch.Generator(device=self.device).manual_seed(derive_seed(self.config.seed, "samples"))
         if self.schedule.discrete:
             images = ddim_sample(self.ema, self.schedule, shape, num_steps=20, prediction_type=self.prediction_type,
-                                 generator=generator, device=self.device)
+                                 generator=generator, device=self.device, **guidance)
         else:
-            images = flow_sample(self.ema, self.schedule, shape, num_steps=20, generator=generator, device=self.device)
+            images = flow_sample(self.ema, self.schedule, shape, num_steps=20, generator=generator, device=self.device,
+                                 **guidance)
         self.tensorboard.add_samples(images, self.step)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _class_labels(model: nn.Module, dataset: Dataset, config: TrainConfig, num_samples: int,
+                  device: torch.device) -> Tuple[Optional[Tensor], Optional[int]]:
+    """The dataset's labels on ``device`` and the model's null label for a conditional run; (None, None) otherwise.
+    A model, config and dataset that disagree on conditioning are refused."""
+    null = null_class_label(model)
+    if not config.conditional:
+        if null is not None:
+            raise ValueError(f"the model is class-conditional ({null} classes and a null label): set "
+                             f"TrainConfig.conditional=True (--conditional), or train an unconditional model")
+        return None, None
+    if null is None:
+        raise ValueError("TrainConfig.conditional needs a class-conditional model: UNet(num_classes=K) or "
+                         "diffusers' UNet2DModel(num_class_embeds=K + 1)")
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        raise ValueError("TrainConfig.conditional needs a dataset with a `labels` [N] tensor of class labels, "
+                         "e.g. contaminate(images, p, labels=labels) or load_experiment_data on labelled data")
+    labels = torch.as_tensor(labels)
+    if labels.shape != (num_samples,) or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"the dataset's labels must be integers, one per sample [{num_samples}], got "
+                         f"{labels.dtype} {tuple(labels.shape)}")
+    low, high = (int(labels.min()), int(labels.max())) if num_samples else (0, 0)
+    if low < 0:
+        raise ValueError(f"the dataset's labels must be non-negative class indices, got {low}")
+    if high >= null:
+        raise ValueError(f"the dataset's labels lie in [{low}, {high}], the model has {null} classes (labels "
+                         f"0..{null - 1}): build it with num_classes={high + 1}")
+    return labels.to(device, torch.int64), null
+
+
 def _check_robust_loss(loss_fn: RobustDiffusionLoss, schedule: Schedule) -> None:
     """A RobustDiffusionLoss fit for the Trainer: the Trainer's kind of schedule, and its adaptive state updated at
     the optimizer step (``update="step"``), so a step skipped for non-finite gradients leaves no trace in it. The

@@ -138,8 +138,9 @@ def _check_same_run(trainer: "Trainer", state: Dict[str, Any], path: Path) -> No
     if state["schedule"] != type(trainer.schedule).__name__:
         raise ValueError(f"cannot resume from {path}: it trained with a {state['schedule']}, this run has a "
                          f"{type(trainer.schedule).__name__} (another objective, e.g. --objective ddpm / flow)")
-    for key in ("risk_free", "sample_trust"):
-        if state["config"].get(key) != getattr(trainer.config, key):
+    for key in ("risk_free", "sample_trust", "conditional"):
+        # A checkpoint without the setting was written with its default (False).
+        if state["config"].get(key, False) != getattr(trainer.config, key):
             raise ValueError(f"cannot resume from {path}: it was written with {key}={state['config'].get(key)}, "
                              f"this run has {getattr(trainer.config, key)}")
     for key, mine in (("batch_size", trainer.config.batch_size), ("num_samples", trainer.num_samples)):
