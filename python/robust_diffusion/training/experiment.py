@@ -178,7 +178,8 @@ def _with_rare_class(labels: Tensor, rare_class: int, fraction: float, num_train
                      dataset: str) -> Tensor:
     """The positions of the first ``num_train`` images in order, with ``rare_class`` capped at ``fraction``."""
     if dataset == "folder":
-        raise ValueError("rare_class needs a labelled benchmark dataset; a folder of images has no classes")
+        raise ValueError("rare_class is a control on a benchmark dataset (fashion-mnist, cifar10), not on a folder "
+                         "of your own images")
     classes = sorted(int(c) for c in labels.unique())
     if rare_class not in classes:
         raise ValueError(f"rare_class must be one of the dataset's classes {classes}, got {rare_class!r}")
