@@ -20,6 +20,7 @@ from ..schedules import NoiseSchedule, Schedule
 from ..weighting import WEIGHTING_SCHEMES
 from .data import (CONTAMINATION_KINDS, FASHION_MNIST_CLASSES, ContaminatedDataset, LabelledImages, contaminate,
                    load_cifar10, load_fashion_mnist, load_images)
+from .label_noise import flip_labels
 from .models import UNET_PRESETS, UNet
 
 __all__ = ["BASELINE_PARAMS", "DATASETS", "LOSS_NAMES", "LOSS_WEIGHTINGS", "MODEL_PRESETS", "OBJECTIVES",
@@ -76,6 +77,8 @@ class ExperimentData:
         num_classes: how many classes the labels index (what a class-conditional model is built for): 10 for the
             benchmarks (8 for Fashion-MNIST's ``kind="dataset"``, whose last two classes are the contaminants), the
             class sub-folders or the ``.npz`` labels of a folder; ``None`` for data without classes.
+        label_flipped: with ``label_noise``, which training labels were flipped (``train.labels`` holds the noisy
+            ones, ``train_labels`` the true ones); for evaluation only. ``None`` without label noise.
     """
 
     train: ContaminatedDataset
@@ -87,6 +90,7 @@ class ExperimentData:
     unreadable: Tuple[Tuple[str, str], ...] = ()
     train_indices: Optional[Tensor] = None
     num_classes: Optional[int] = None
+    label_flipped: Optional[Tensor] = None
 
     @property
     def image_shape(self) -> Tuple[int, ...]:
@@ -97,7 +101,8 @@ def load_experiment_data(dataset: str, contamination: float, kind: str = "noise"
                          root: Optional[Union[str, os.PathLike]] = None, num_train: Optional[int] = None,
                          image_size: Optional[int] = None, noise_std: float = 0.5, seed: int = 0,
                          download: bool = False, channels: Optional[int] = None,
-                         from_end: bool = False, rare_class: Optional[int] = None,
+                         from_end: bool = False, rare_class: Optional[int] = None, label_noise: float = 0.0,
+                         label_noise_kind: str = "symmetric",
                          rare_fraction: float = 0.03) -> ExperimentData:
     """Load ``dataset`` and contaminate a fraction ``contamination`` of its training images (docs/DESIGN.md, Evidence).
 
@@ -125,6 +130,9 @@ def load_experiment_data(dataset: str, contamination: float, kind: str = "noise"
             make ``rare_fraction`` of ``num_train`` (rounded, at least 1); the others fill the rest. Applied
             before contamination, which may replace rare images like any others. The test split is unchanged.
         rare_fraction: the rare class's share of the training images, in (0, 1).
+        label_noise: flip this share of the training labels (:func:`~robust_diffusion.training.label_noise.flip_labels`,
+            seeded by ``seed``): the images stay as they are, the pairs no longer match.
+        label_noise_kind: ``"symmetric"`` or ``"asymmetric"`` (the dataset's confusable classes).
     """
     if dataset not in TRAIN_DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(TRAIN_DATASETS)}")
@@ -158,9 +166,18 @@ def load_experiment_data(dataset: str, contamination: float, kind: str = "noise"
         start = total - count if from_end else 0
         indices = torch.arange(start, start + count)
     images, labels = images[indices], labels[indices]
+    flipped = None
+    given = labels
+    if label_noise:
+        if source.num_classes is None:
+            raise ValueError("label_noise flips class labels; these images have none (a folder of class "
+                             "sub-folders or an .npz with labels has)")
+        given, flipped = flip_labels(labels, label_noise, label_noise_kind, num_classes=source.num_classes,
+                                     seed=seed, dataset=dataset)
+        name += f", {label_noise:.0%} {label_noise_kind} label noise ({int(flipped.sum())} labels flipped)"
     contaminated = contaminate(images, contamination, kind, seed=seed, noise_std=noise_std,
                                contaminant_images=contaminant_images,
-                               labels=labels if source.num_classes is not None else None)
+                               labels=given if source.num_classes is not None else None)
     what = {"noise": "uniform noise images", "gaussian": f"images + N(0, {noise_std}^2) noise",
             "dataset": ("held-out classes Bag/Ankle boot" if dataset == "fashion-mnist"
                         else "Fashion-MNIST images")}[kind]
@@ -171,7 +188,7 @@ def load_experiment_data(dataset: str, contamination: float, kind: str = "noise"
                    + (f"{contaminated.num_contaminated} ({contamination:.0%}) replaced by {what}"
                       if contaminated.num_contaminated else "none replaced (no contamination)"))
     return ExperimentData(contaminated, labels, test.images, test.labels, description, notes, unreadable, indices,
-                          source.num_classes)
+                          source.num_classes, flipped)
 
 
 def _with_rare_class(labels: Tensor, rare_class: int, fraction: float, num_train: Optional[int],
