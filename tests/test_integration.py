@@ -35,8 +35,8 @@ def recipes():
     return found
 
 
-def test_the_document_has_the_four_recipes():
-    assert [p.id for p in recipes()] == ["a", "b", "c", "d"]
+def test_the_document_has_the_five_recipes():
+    assert [p.id for p in recipes()] == ["a", "b", "c", "d", "e"]
 
 
 @pytest.mark.parametrize("code", recipes())
