@@ -422,9 +422,10 @@ def _cli_args(out, steps, extra=()):
 
 @needs_fashion_mnist
 @pytest.mark.slow
-@pytest.mark.parametrize("conditional", [[], ["--conditional", "--label-dropout", "0.2"]],
-                         ids=["unconditional", "conditional"])
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, conditional):
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+    # A conditional run's exact resume (its dropped labels included) is checked in process, by
+    # test_conditional_training_passes_labels_with_dropout_and_resumes_exactly; one killed process is enough here.
+    conditional = []
     steps = 60
     command = [sys.executable, "-m", "robust_diffusion.train"]
     subprocess.run(command + _cli_args(tmp_path / "reference", steps, conditional), env=_env(), check=True,
