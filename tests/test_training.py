@@ -425,14 +425,13 @@ def _cli_args(out, steps, extra=()):
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     # A conditional run's exact resume (its dropped labels included) is checked in process, by
     # test_conditional_training_passes_labels_with_dropout_and_resumes_exactly; one killed process is enough here.
-    conditional = []
     steps = 60
     command = [sys.executable, "-m", "robust_diffusion.train"]
-    subprocess.run(command + _cli_args(tmp_path / "reference", steps, conditional), env=_env(), check=True,
+    subprocess.run(command + _cli_args(tmp_path / "reference", steps), env=_env(), check=True,
                    capture_output=True, timeout=600)
 
     out = tmp_path / "killed"
-    process = subprocess.Popen(command + _cli_args(out, steps, conditional), env=_env(), stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(command + _cli_args(out, steps), env=_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE)
     checkpoint = out / "checkpoint.safetensors"
     deadline = time.monotonic() + 300
@@ -445,7 +444,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     killed_at = state["step"]
     assert 5 <= killed_at < steps and killed_at % 5 == 0
 
-    resumed = subprocess.run(command + _cli_args(out, steps, conditional + ["--resume"]), env=_env(),
+    resumed = subprocess.run(command + _cli_args(out, steps, ["--resume"]), env=_env(),
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {checkpoint} at step {killed_at}" in resumed.stdout
