@@ -88,8 +88,9 @@ from robust_diffusion.training.export import export_model  # noqa: E402
 from robust_diffusion.training.sampling import ddim_sample, flow_sample  # noqa: E402
 from robust_diffusion.training.audit_report import score_ranking, write_ranking  # noqa: E402
 from robust_diffusion.training.arguments import add_objective_arguments  # noqa: E402
-from robust_diffusion.training.experiment import (DATASETS, build_loss, build_model, build_schedule,  # noqa: E402
-                                                  load_experiment_data, loss_settings, parse_loss_name, parse_scale)
+from robust_diffusion.training.experiment import (DATASETS, build_influence_loss, build_loss, build_model,  # noqa: E402
+                                                  build_schedule, load_experiment_data, loss_settings,
+                                                  parse_loss_name, parse_scale)
 from robust_diffusion.training.runlog import read_log
 from robust_diffusion.training.trainer import TrainConfig, Trainer  # noqa: E402
 
@@ -119,13 +120,13 @@ PRESETS = {
     ("fashion-mnist", "demo"): dict(
         model="quick", model_overrides=dict(attention_levels=()), image_size=28, num_train=2400, steps=1000,
         batch_size=32, lr=2e-3, warmup_steps=20, ema_decay=0.995, samples=400, ddim_steps=10, reference=2000,
-        classifier_train=10000, classifier_epochs=1, judge_train=50000, judge_epochs=3, detector_train=2400,
+        classifier_train=10000, classifier_epochs=1, judge_train=50000, judge_epochs=2, detector_train=2400,
         threads=None,
         losses=["mse", "diffusers_huber", "hellinger+trust", "ned+trust"], temperature=0.25, jobs=2),
     ("fashion-mnist", "quick"): dict(
         model="quick", model_overrides=dict(attention_levels=()), image_size=28, num_train=2400, steps=250,
         batch_size=32, lr=2e-3, warmup_steps=20, ema_decay=0.995, samples=200, ddim_steps=10, reference=2000,
-        classifier_train=10000, classifier_epochs=1, judge_train=50000, judge_epochs=3, detector_train=2400,
+        classifier_train=10000, classifier_epochs=1, judge_train=50000, judge_epochs=2, detector_train=2400,
         threads=None),
     # A seconds-long run that exercises every cell (the tests use it); its numbers mean nothing.
     ("fashion-mnist", "smoke"): dict(
@@ -181,6 +182,9 @@ def build_parser():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--out", default="outputs/contaminated")
+    parser.add_argument("--eval-train", type=int, default=None,
+                        help="at most this many images for each evaluation network (the feature classifier, the "
+                             "class judge, the detectors; default: preset): a quick look, not comparable numbers")
     parser.add_argument("--eval-cache", default=None,
                         help="where the evaluation networks are cached (default: <out>/cache); share it between "
                              "runs so that every run is judged by the same networks")
@@ -216,6 +220,11 @@ def parse_args(argv=None):
                 "jobs"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
+    if args.eval_train is not None:
+        if args.eval_train < 1:
+            parser.error(f"--eval-train must be at least 1, got {args.eval_train}")
+        for key in ("classifier_train", "judge_train", "detector_train"):
+            settings[key] = min(settings[key] or args.eval_train, args.eval_train)
     args.losses, args.temperature = settings["losses"], settings["temperature"]
     try:
         args.specs = [parse_loss_name(name) for name in args.losses]
@@ -342,11 +351,15 @@ detector, hybrid_detector = trained_detectors.pure, trained_detectors.hybrid
 # The class judge decides which class a sample shows (the class histograms, the rare-class control). The feature
 # classifier is kept as it is, so FD stays comparable with earlier runs, but one epoch on 10,000 images leaves it
 # too unsure for per-class shares; the judge is the same network trained longer on more clean images.
+# It trains on every core: nothing else runs yet (the feature classifier keeps the thread count its FDs came from).
 judge_data = load_data(0.0, image_size=settings["image_size"], num_train=settings["judge_train"])
+threads_before = torch.get_num_threads()
+torch.set_num_threads(max(threads_before, os.cpu_count() or 1))
 judge = metrics.train_classifier(
     judge_data.train.images, judge_data.train_labels, test_images=data.test_images, test_labels=data.test_labels,
     epochs=settings["judge_epochs"], seed=EVAL_SEED, cache_path=eval_cache / "class_judge.safetensors",
     device=args.device, progress=not IN_JUPYTER)
+torch.set_num_threads(threads_before)
 reference = data.test_images[:settings["reference"]]
 reference_features = metrics.extract_features(classifier.model, reference)
 eval_seconds = time.perf_counter() - t0
@@ -442,9 +455,10 @@ def make_trainer(spec):
                          warmup_steps=settings["warmup_steps"], ema_decay=settings["ema_decay"],
                          log_every=max(1, settings["steps"] // 30), checkpoint_every=checkpoint_every,
                          influence_from_step=influence_from, risk_free=spec.risk_free,
-                         sample_trust=spec.trust, seed=args.seed,
+                         sample_trust=spec.trust, trust_coherence=spec.coherent, seed=args.seed,
                          progress=not IN_JUPYTER, progress_label=spec.name)
-    trainer = Trainer(model, loss_fn, train_set, schedule, config, out_dir=run_dir, device=args.device)
+    trainer = Trainer(model, loss_fn, train_set, schedule, config, out_dir=run_dir, device=args.device,
+                      influence_loss=build_influence_loss(spec, schedule, temperature=args.temperature))
     if args.resume and trainer.resume():
         print(f"{spec.name}: resumed at step {trainer.step}")
     elif trainer.log_path.is_file():

@@ -58,6 +58,9 @@ class Cell:
     objective: str = "ddpm"  # or "flow": flow matching with SD3's logit-normal times (FLOW_SAMPLING)
     seeds: tuple = (0, 1)  # the protocol's two seeds; the cells that decide by paired intervals run PAIRED_SEEDS
     preset: str | None = None  # the example's preset when not the grid's (the main job's "demo")
+    rare_class: int | None = None  # a class kept at rare_fraction of the training images (the rare-truths control)
+    rare_fraction: float = 0.03
+    samples: int | None = None  # generated samples per loss (default: the preset's)
 
 
 # The rule (docs/RESULTS.md, Protocol; committed together with its cells' results) that decides whether
@@ -68,6 +71,13 @@ BATCH_RULE_FD_TOLERANCE = 0.05  # everywhere, FD at most 5% above the adaptive s
 
 #: Seeds of the cells whose rule reads paired differences with 95% intervals (at least five).
 PAIRED_SEEDS = (0, 1, 2, 3, 4)
+
+# The rule, fixed before its cells ran (docs/RESULTS.md, Protocol, "Rare-truths rule"): the class kept rare, the
+# losses compared (the standard MSE, today's recipe, then the candidates) and the targets.
+RARE_CLASS = 1  # Trouser
+RARE_LOSSES = ("mse", "ned+trust", "kl+trust+coherent", "ned+trust+coherent")
+RARE_KEEP = 0.8  # a candidate keeps at least 80% of the MSE's mean confident share of the rare class
+RARE_INFORMATIVE = 0.005  # a cell where the MSE's mean confident share is below 0.5% cannot test that
 
 # The rule, fixed before its cells ran (docs/RESULTS.md, Protocol, "Influence normalisation rule"), that decides
 # RobustDiffusionLoss's default normalize_influence.
@@ -174,6 +184,13 @@ CELLS = [
          seeds=PAIRED_SEEDS, question="the main job's recipe, its ablation and the strongest baseline"),
     Cell("demo-tau1", 0.3, "noise", ("kl", "ned"), preset="demo", seeds=PAIRED_SEEDS,
          question="the main job's ablation at temperature 1"),
+    # Added with the rule written first (docs/RESULTS.md, Protocol, "Rare-truths rule"; `rare_truths_rule` applies
+    # it): a legitimately rare class, on clean data and beside noise images, under today's recipe and two
+    # candidates that gate its trust by coherence; five seeds, paired, 1,000 samples a loss.
+    *(Cell(name, p, "noise", RARE_LOSSES, temperature=0.25, seeds=PAIRED_SEEDS, rare_class=RARE_CLASS,
+           rare_fraction=0.03, samples=1000, question=question)
+      for name, p, question in (("rare-3", 0.0, "Trouser at 3% of clean data: does the recipe keep a rare class?"),
+                                ("rare-3-noise-0.3", 0.3, "Trouser at 3% beside 30% noise images"))),
 ]
 #: The ablation of the main job's recipe: (what is added, the (cell, loss) without it, the (cell, loss) with it).
 ABLATION = (
@@ -221,6 +238,9 @@ def command(cell: Cell, seed: int, out: Path, preset: str, threads: int | None) 
     cmd += ["--temperature", str(cell.temperature)] if cell.temperature != 1.0 or cell.preset else []
     cmd += ["--jobs", "1"] if cell.preset else []  # the grid runs jobs side by side, not the example
     cmd += ["--objective", "flow", "--timestep-sampling", FLOW_SAMPLING] if cell.objective == "flow" else []
+    cmd += ["--rare-class", str(cell.rare_class), "--rare-fraction", str(cell.rare_fraction)] \
+        if cell.rare_class is not None else []
+    cmd += ["--samples", str(cell.samples)] if cell.samples else []
     return cmd + (["--threads", str(threads)] if threads else [])
 
 
@@ -267,10 +287,10 @@ def number(row: dict, key: str) -> float:
 
 def kl_cell(cell: Cell) -> Cell:
     """The cell whose `kl` runs a cell is compared with: the adaptive-scale, temperature-1 cell with the same
-    data and budget that trains `kl` (itself, when it is one)."""
-    return next(c for c in CELLS if "kl" in c.losses and c.scale == "adaptive" and c.temperature == 1.0
-                and (c.contamination, c.kind, c.steps, c.objective, c.preset)
-                == (cell.contamination, cell.kind, cell.steps, cell.objective, cell.preset))
+    data and budget that trains `kl` (itself, when it is one, or when there is none, as for the rare-class cells)."""
+    return next((c for c in CELLS if "kl" in c.losses and c.scale == "adaptive" and c.temperature == 1.0
+                 and (c.contamination, c.kind, c.steps, c.objective, c.preset, c.rare_class)
+                 == (cell.contamination, cell.kind, cell.steps, cell.objective, cell.preset, cell.rare_class)), cell)
 
 
 def accuracies(rows: dict, cell: Cell) -> str:
@@ -316,27 +336,35 @@ def tables(out: Path, kept: dict | None = None, cells: list | None = None) -> st
         temperature = f", temperature {cell.temperature}" if cell.temperature != 1.0 else ""
         steps += f", flow matching ({FLOW_SAMPLING} times, Euler)" if cell.objective == "flow" else ""
         steps += f", the `{cell.preset}` preset" if cell.preset else ""
+        steps += f", class {cell.rare_class} at {cell.rare_fraction:g}" if cell.rare_class is not None else ""
+        steps += f", {cell.samples} samples" if cell.samples else ""
         lines += [f"### {cell.name}: p = {cell.contamination}, {cell.kind}{scale}{temperature}{steps} "
                   f"({cell.question})", ""]
         if not done:
             lines += ["Not run yet.", ""]
             continue
+        rare = cell.rare_class is not None
         lines += [f"Seeds done: {', '.join(map(str, done))} of {', '.join(map(str, cell.seeds))}, tabulated "
                   f"{datetime.date.today().isoformat()} ({machine(out, cell, done)}). Mean over seeds "
                   "(each seed's value in brackets). FD: Frechet distance in the evaluation classifier's "
                   "features (lower is better); recall, coverage: the share of the test images' variety the "
                   "samples reach, in the same features; class TV: how far the class judge's histogram of the "
-                  "samples is from the training set's (0: the same); blank for runs that predate them; vs KL: "
+                  "samples is from the training set's (0: the same); hybrid: the contaminant fraction by the "
+                  "hybrid-aware detector; blank for runs that predate them; vs KL: "
                   "relative FD change against `kl` of the same seeds"
-                  f"{'' if kl_cell(cell) is cell else f' in `{kl_cell(cell).name}`'}.{accuracies(rows, cell)}", "",
+                  f"{'' if kl_cell(cell) is cell else f' in `{kl_cell(cell).name}`'}.{accuracies(rows, cell)}"
+                  + (" Rare share: the samples the class judge assigns to the rare class (confident: with "
+                     "probability above 0.9); rare AUROC: how well a low mean influence weight picks out the rare "
+                     "class's training images (0.5: not at all)." if rare else ""), "",
                   "| loss | FD | vs KL | contaminant fraction | influence AUROC | train s | recall | coverage | "
-                  "class TV |", "|---|---|---|---|---|---|---|---|---|"]
+                  "class TV | hybrid |" + (" rare share | rare confident | rare AUROC |" if rare else ""),
+                  "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if rare else "")]
         kl = rows.get((kl_cell(cell).name, "kl"), {}) or kept_kl(kept.get(kl_cell(cell).name, ""))
         data_rows = ["data: clean training images", "data: contaminated training set"] if "kl" in cell.losses else []
         for loss in list(cell.losses) + data_rows:
             by_seed = rows.get((cell.name, loss), {})
             if not by_seed:
-                lines.append(f"| {loss} | not run | | | | | | | |")
+                lines.append(f"| {loss} | not run | | | | | | | | |" + (" | | |" if rare else ""))
                 continue
             seeds = sorted(by_seed)
             fd = [number(by_seed[s], "frechet_distance") for s in seeds]
@@ -349,7 +377,8 @@ def tables(out: Path, kept: dict | None = None, cells: list | None = None) -> st
                          f"{stat([number(by_seed[s], 'auroc') for s in seeds])} | "
                          f"{stat([number(by_seed[s], 'train_s') for s in seeds])} | "
                          + " | ".join(stat([number(by_seed[s], key) for s in seeds])
-                                      for key in ("recall", "coverage", "class_tv")) + " |")
+                                      for key in ("recall", "coverage", "class_tv", "contaminant_fraction_hybrid")
+                                      + (("rare_share", "rare_confident", "rare_auroc") if rare else ())) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -381,7 +410,8 @@ def parse_rows(section: str) -> dict:
         rows[parts[0]] = {"fd": values(parts[1]), "contaminant": values(parts[3]),
                           "coverage": values(parts[7]) if len(parts) > 7 else [],
                           "fd_mean": printed(parts[1]), "contaminant_mean": printed(parts[3]),
-                          "auroc_mean": printed(parts[4]) if len(parts) > 4 else math.nan}
+                          "auroc_mean": printed(parts[4]) if len(parts) > 4 else math.nan,
+                          "rare_confident": values(parts[11]) if len(parts) > 12 else []}
     return rows
 
 
@@ -558,7 +588,7 @@ def normalization_rule(block: str) -> str:
 
 
 def seed_rows(section: str) -> dict:
-    """{loss: {seed: {"fd", "contaminant", "coverage"}}} of one generated table section, paired by its
+    """{loss: {seed: {"fd", "contaminant", "coverage", "rare_confident"}}} of one generated table section, paired by its
     "Seeds done" line (a loss whose values do not match the seeds is left out)."""
     done = next((line for line in section.splitlines() if line.startswith("Seeds done: ")), "")
     seeds = [int(v) for v in done[len("Seeds done: "):].split(" of ")[0].split(",") if v.strip()] if done else []
@@ -567,8 +597,9 @@ def seed_rows(section: str) -> dict:
         if len(row["fd"]) != len(seeds):
             continue
         coverage = row["coverage"] if len(row["coverage"]) == len(seeds) else [math.nan] * len(seeds)
-        found[loss] = {seed: {"fd": fd, "contaminant": c, "coverage": cov}
-                       for seed, fd, c, cov in zip(seeds, row["fd"], row["contaminant"], coverage)}
+        rare = row["rare_confident"] if len(row["rare_confident"]) == len(seeds) else [math.nan] * len(seeds)
+        found[loss] = {seed: {"fd": fd, "contaminant": c, "coverage": cov, "rare_confident": r}
+                       for seed, fd, c, cov, r in zip(seeds, row["fd"], row["contaminant"], coverage, rare)}
     return found
 
 
@@ -600,6 +631,82 @@ def demo_ablation(block: str) -> str:
         lines.append(f"| {what} (`{loss_a}` in {cell_a} -> `{loss_b}` in {cell_b}) | {', '.join(map(str, seeds))} | "
                      f"{_shown(contaminant)} | {_shown(fd, True)} | {_shown(coverage)} |")
     return "\n".join(lines + [""])
+
+
+def rare_truths_rule(block: str) -> str:
+    """The rare-truths rule (docs/RESULTS.md, Protocol): on each rare-class cell, how much of the standard MSE's
+    confident share of the rare class each loss keeps; on the contaminated one, whether a candidate keeps today's
+    recipe's gains against the MSE; and the verdict."""
+    recipe, candidates = RARE_LOSSES[1], RARE_LOSSES[2:]
+    found = sections(block)
+    cells = [c for c in CELLS if c.rare_class is not None]
+    rows = {c.name: seed_rows(found.get(c.name, "")) for c in cells}
+    lines = ["### Rare-truths rule: does a candidate keep the rare class and the recipe's gains? (the protocol's "
+             "rule, applied by `rare_truths_rule`)", "",
+             f"Confident share: samples the class judge assigns to class {RARE_CLASS} with probability above 0.9, "
+             f"mean over the seeds both losses ran; kept: against the standard MSE's (target at least "
+             f"{RARE_KEEP:.0%}); paired changes with 95% t intervals.", "",
+             "| cell | loss | confident share | kept of the MSE's | change against today's recipe |",
+             "|---|---|---|---|---|"]
+    keeps = {loss: [] for loss in candidates}
+    for cell in cells:
+        mse = rows[cell.name].get("mse", {})
+        base = statistics.mean(v["rare_confident"] for v in mse.values()) if mse else math.nan
+        informative = base >= RARE_INFORMATIVE
+        for loss in RARE_LOSSES:
+            mine = rows[cell.name].get(loss, {})
+            if not mine or not mse:
+                lines.append(f"| {cell.name} | {loss} | not run | | |")
+                continue
+            share = statistics.mean(v["rare_confident"] for v in mine.values())
+            kept = share / base if informative else math.nan
+            if loss in keeps and informative:
+                keeps[loss].append(kept >= RARE_KEEP)
+            against = rows[cell.name].get(recipe, {})
+            seeds = sorted(set(mine) & set(against))
+            change = _shown(paired_interval([mine[s]["rare_confident"] - against[s]["rare_confident"]
+                                             for s in seeds])) if loss in candidates and len(seeds) > 1 else ""
+            kept_text = f"{kept:.0%}" if informative else "the MSE's share is too small to test"
+            lines.append(f"| {cell.name} | {loss} | {share:.4f} | {kept_text} | {change} |")
+    mixed = next((c for c in cells if c.contamination > 0), None)
+    gains = {}
+    if mixed is not None:
+        lines += ["", f"On `{mixed.name}`, the change against the standard MSE (paired, 95% t intervals): a candidate "
+                  f"keeps the recipe's gains when its mean change lies at or below the upper end of the recipe's "
+                  f"interval, in contaminant fraction and in FD.", "",
+                  "| loss | contaminant fraction change | FD change | keeps the gains |", "|---|---|---|---|"]
+        found_rows = rows[mixed.name]
+        mse = found_rows.get("mse", {})
+
+        def changes(loss):
+            mine = found_rows.get(loss, {})
+            seeds = sorted(set(mine) & set(mse))
+            if len(seeds) < 2:
+                return None
+            return (paired_interval([mine[s]["contaminant"] - mse[s]["contaminant"] for s in seeds]),
+                    paired_interval([mine[s]["fd"] / mse[s]["fd"] - 1 for s in seeds]))
+        reference = changes(recipe)
+        for loss in RARE_LOSSES[1:]:
+            mine = changes(loss)
+            if mine is None or reference is None:
+                lines.append(f"| {loss} | not run | | |")
+                continue
+            if loss in candidates:
+                gains[loss] = mine[0][0] <= reference[0][2] and mine[1][0] <= reference[1][2]
+            lines.append(f"| {loss} | {interval_text(mine[0])} | {interval_text(mine[1], True)} | "
+                         f"{'(the reference)' if loss == recipe else 'yes' if gains[loss] else 'no'} |")
+    passing = [loss for loss in candidates if keeps[loss] and all(keeps[loss]) and gains.get(loss)]
+    if len(gains) < len(candidates) or any(not keeps[loss] for loss in candidates):
+        verdict = "not decided: some runs are missing, or no cell could test the rare share."
+    elif passing:
+        best = min(passing, key=lambda loss: statistics.mean(
+            v["contaminant"] for v in rows[mixed.name][loss].values()))
+        verdict = (f"`{best}` meets the rare target on every informative cell and keeps the recipe's gains: it "
+                   f"becomes the recommended recipe and the main job's.")
+    else:
+        verdict = (f"no candidate meets both targets: today's recipe (`{recipe}`) stays, and the README says "
+                   f"plainly that it does not keep a rare class.")
+    return "\n".join(lines + ["", f"Verdict: {verdict}", ""])
 
 
 def summary_figure(block: str, path: Path) -> bool:
@@ -677,6 +784,7 @@ def write_report(out: Path, wall_minutes: float | None, path: Path = RESULTS_MD,
         body += "\n" + batch_scale_rule(body)
         body += "\n" + normalization_rule(body)
         body += "\n" + demo_ablation(body)
+        body += "\n" + rare_truths_rule(body)
     where = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
     took = f"; this invocation ran {wall_minutes:.0f} min" if wall_minutes is not None else ""
     stamp = (f"Tables written by `python examples/evidence.py` on {datetime.date.today().isoformat()} from the "

@@ -43,13 +43,6 @@ def make_data(seed: int, n: int = 1000, d: int = 32, rare: float = 0.03, junk: f
     return x, group
 
 
-def coherence(x: torch.Tensor, k: int = 5) -> torch.Tensor:
-    """1 for a sample as close to its k-th neighbour as the typical sample, falling as (typical / its distance)^2
-    for a sample far from every other: a coherent group, however rare, reads about 1; isolated junk near 0."""
-    distance = torch.cdist(x, x).kthvalue(k + 1, dim=1).values
-    return (distance.median() / distance).pow(2).clamp(max=1.0)
-
-
 class Denoiser(nn.Module):
     def __init__(self, d: int = 32, hidden: int = 256):
         super().__init__()
@@ -69,13 +62,14 @@ RECIPES = {
     "ned_tau1": ("ned", 1.0, False, False),  # the module's defaults
     "kl+trust": ("kl", 0.25, True, False),  # NED's trust on the KL gradient (no per-draw down-weighting)
     "kl+trust+coherence": ("kl", 0.25, True, True),  # trust only where a sample is isolated
+    "ned_tau1+trust+coherence": ("ned", 1.0, True, True),  # the gate on NED's own per-draw weights
+    "ned_tau0.25+trust+coherence": ("ned", 0.25, True, True),
 }
 
 
 def run(recipe: str, seed: int) -> dict:
     loss_name, temperature, use_trust, gate = RECIPES[recipe]
     x, group = make_data(seed)
-    gate_of = coherence(x)
     torch.manual_seed(seed)
     model = Denoiser(x.shape[1])
     optimizer = torch.optim.AdamW(model.parameters(), 2e-3)
@@ -84,6 +78,8 @@ def run(recipe: str, seed: int) -> dict:
     trained = {"mse": rd.RobustDiffusionLoss("kl", schedule, scale=1.0, update="step"),
                "kl": rd.RobustDiffusionLoss("kl", schedule, update="step"), "ned": ned}[loss_name]
     tracker = rd.InfluenceTracker(len(x), num_timesteps=schedule.num_timesteps)
+    if gate:
+        tracker.set_coherence(rd.coherence(x))
     g = torch.Generator().manual_seed(seed + 1)
     for step in range(STEPS):
         index = torch.randint(0, len(x), (BATCH,), generator=g)
@@ -93,7 +89,6 @@ def run(recipe: str, seed: int) -> dict:
         weight = None
         if use_trust and step >= TRUST_FROM:
             weight = tracker.trust(index)
-            weight = 1 - (1 - weight) * (1 - gate_of[index]) if gate else weight
         loss = trained(prediction, noise, t, weight=weight)
         if trained is not ned:
             ned(prediction.detach(), noise, t)
@@ -106,7 +101,6 @@ def run(recipe: str, seed: int) -> dict:
         if step >= TRACK_FROM:
             tracker.update(index, ned.last_influence, ned.last_penalty, t)
     trust = tracker.trust()
-    trust = 1 - (1 - trust) * (1 - gate_of) if gate else trust
     with torch.no_grad():
         t = torch.full((len(x),), 50)
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(9))

@@ -121,9 +121,9 @@ def test_summary_figure_reads_the_generated_tables(evidence, tmp_path):
     rows = evidence.parse_rows(evidence.sections(block)["noise-0.3"])
     assert rows["kl"] == {"fd": [80.0, 100.0], "contaminant": [0.4, 0.5], "coverage": [], "fd_mean": 90.0,
                           "contaminant_mean": 0.45,
-                          "auroc_mean": 0.5}
+                          "auroc_mean": 0.5, "rare_confident": []}
     assert rows["ned"] == {"fd": [60.0], "contaminant": [0.2], "coverage": [], "fd_mean": 60.0, "contaminant_mean": 0.2,
-                           "auroc_mean": 0.9}
+                           "auroc_mean": 0.9, "rare_confident": []}
     assert "hellinger" not in rows and not any(name.startswith("data") for name in rows)  # not run; data rows
     figure = tmp_path / "summary.png"
     assert evidence.summary_figure(block, figure) and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -317,3 +317,30 @@ def test_the_demo_ablation_pairs_seeds_across_its_two_cells(evidence, tmp_path):
     assert "-33.3% [-33.3%, -33.3%] (survives)" in trust  # the same FD change on every seed
     scale = next(line for line in text.splitlines() if line.startswith("| the adaptive scale"))
     assert "| 0, 1 |" in scale
+
+
+def test_rare_truths_rule_reads_the_shares_and_the_gains(evidence, tmp_path):
+    """The rule's verdict from synthetic runs: a candidate that keeps the rare class on both cells and the recipe's
+    gains against the MSE is adopted; one that keeps the class but loses the gains is not."""
+    mse, recipe, gated, ned_gated = evidence.RARE_LOSSES
+    for seed in evidence.PAIRED_SEEDS:
+        wobble = 0.001 * seed
+        for cell, p in (("rare-3", 0.0), ("rare-3-noise-0.3", 0.3)):
+            noisy = p > 0
+            write_results(tmp_path / "runs" / cell / f"seed{seed}", [
+                {"loss": mse, "frechet_distance": 60 + seed, "contaminant_fraction": 0.45 * noisy + wobble,
+                 "rare_confident": 0.03 + wobble, "rare_share": 0.05},
+                {"loss": recipe, "frechet_distance": 20 + seed, "contaminant_fraction": 0.01 * noisy + wobble,
+                 "rare_confident": 0.002 + wobble / 10, "rare_share": 0.01},
+                {"loss": gated, "frechet_distance": 21 + seed, "contaminant_fraction": 0.009 * noisy + wobble,
+                 "rare_confident": 0.029 + wobble, "rare_share": 0.05},
+                {"loss": ned_gated, "frechet_distance": 55 + seed, "contaminant_fraction": 0.3 * noisy + wobble,
+                 "rare_confident": 0.028 + wobble, "rare_share": 0.05}])
+    block = evidence.tables(tmp_path / "runs")
+    assert "| rare share | rare confident | rare AUROC |" in evidence.sections(block)["rare-3"]
+    verdict = evidence.rare_truths_rule(block)
+    assert f"`{gated}` meets the rare target" in verdict
+    assert f"| {ned_gated} |" in verdict and "| no |" in verdict  # kept the class, lost the gains
+    assert f"| rare-3 | {recipe} | 0.0022 | 7% |" in verdict  # today's recipe kept 7% of the MSE's share
+    # without the runs there is nothing to decide
+    assert "not decided" in evidence.rare_truths_rule(evidence.tables(tmp_path / "none"))

@@ -426,9 +426,9 @@ def test_example_resume_continues_an_interrupted_run(tmp_path):
 @pytest.mark.slow
 def test_example_defaults_to_the_demo_preset(tmp_path):
     """No --preset on Fashion-MNIST is the main job's demo: its four losses at temperature 0.25 (the divergences with
-    per-sample trust), two training at a time (here shrunk to seconds; the evaluation networks are the demo's own)."""
+    per-sample trust), two training at a time (here shrunk to seconds, its evaluation networks too)."""
     result = _run_example("--out", tmp_path / "out", "--steps", "2", "--num-train", "64", "--samples", "8",
-                          "--ddim-steps", "1", "--no-export")
+                          "--ddim-steps", "1", "--no-export", "--eval-train", "512")
     assert result.returncode == 0, result.stderr[-4000:]
     assert "preset demo, losses ['mse', 'diffusers_huber', 'hellinger+trust', 'ned+trust']" in result.stdout
     assert "training 4 loss(es), 2 at a time" in result.stdout

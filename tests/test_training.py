@@ -387,9 +387,19 @@ def test_api_errors_are_clear(tmp_path):
         experiment.load_experiment_data("fashion-mnist", 0.3, "salt")
     with pytest.raises(ValueError, match="unknown loss 'l2'"):
         experiment.build_loss("l2", rd.NoiseSchedule.linear())
-    assert experiment.parse_loss_name("ned+debias") == ("ned", "debias", False, False, False)
+    assert experiment.parse_loss_name("ned+debias") == ("ned", "debias", False, False, False, False)
     assert experiment.parse_loss_name("kl+risk_free+debias").name == "kl+debias+risk_free"
-    assert experiment.parse_loss_name("ned+trust") == ("ned", "constant", False, True, False)
+    assert experiment.parse_loss_name("ned+trust") == ("ned", "constant", False, True, False, False)
+    assert experiment.parse_loss_name("kl+coherent+trust").name == "kl+trust+coherent"
+    with pytest.raises(ValueError, match=r"\+coherent gates the per-sample trust; write \+trust\+coherent"):
+        experiment.parse_loss_name("ned+coherent")
+    with pytest.raises(ValueError, match=r"weighs samples by kl's own influence weights, which are all 1"):
+        experiment.parse_loss_name("kl+risk_free+trust")
+    # trust on a loss whose weights are all 1 is measured by NED; a divergence measures itself
+    measure = experiment.build_influence_loss("pseudo_huber+trust", rd.NoiseSchedule.linear(), temperature=0.25)
+    assert (measure.loss, measure.temperature) == (experiment.TRUST_MEASURE, 0.25)
+    assert experiment.build_influence_loss("ned+trust", rd.NoiseSchedule.linear()) is None
+    assert experiment.build_influence_loss("mse", rd.NoiseSchedule.linear()) is None
     assert experiment.parse_loss_name("ned+normalized+trust").name == "ned+trust+normalized"
     assert experiment.build_loss("ned+normalized", rd.NoiseSchedule.linear()).normalize_influence
     with pytest.raises(ValueError, match=r"\+normalized divides by the batch's mean influence weight, which is 1 for mse"):

@@ -38,6 +38,7 @@ from .functional import (
 )
 from .continuous import (ContinuousVPSchedule, CosineVPSchedule, EDMSchedule, FlowMatchingSchedule, VESchedule,
                          schedule_from_diffusers)
+from .coherence import coherence
 from .influence import InfluenceTracker
 from .robust_loss import BUCKET_LOG_SNR_RANGE, LOSSES, RobustDiffusionLoss
 from . import risk
@@ -50,7 +51,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BUCKET_LOG_SNR_RANGE", "ContinuousVPSchedule", "CosineVPSchedule", "DIVERGENCES", "EDMSchedule",
     "FlowMatchingSchedule", "InfluenceTracker", "LOSSES", "NoiseSchedule", "RobustDiffusionLoss", "Schedule", "VESchedule", "alpha_loss", "batch_scale", "chi2_loss", "clipped_mse_loss",
-    "default_schedule", "divergence_loss", "hellinger_loss", "huber_loss", "influence_weights", "js_loss", "kl_loss",
+    "coherence", "default_schedule", "divergence_loss", "hellinger_loss", "huber_loss", "influence_weights", "js_loss", "kl_loss",
     "lecam_loss", "loss_weights", "ned_loss", "ops", "pseudo_huber_c", "pseudo_huber_loss", "risk",
     "risk_free_loss", "risk_noising", "schedule_from_diffusers", "tv_loss", "weight_table",
 ]

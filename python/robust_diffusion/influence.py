@@ -100,6 +100,9 @@ class InfluenceTracker(DtypeKeepingModule):
             self.register_buffer(name, torch.zeros(num_samples, dtype=torch.float64))
         for name in _BUCKETS:
             self.register_buffer(name, torch.zeros(num_samples, num_buckets, dtype=torch.float64))
+        # Each sample's coherence (robust_diffusion.coherence), which gates trust; None: not set. Not in the
+        # state: it is a function of the data, computed again by whoever builds the tracker.
+        self.register_buffer("coherence", None, persistent=False)
 
     def extra_repr(self) -> str:
         return (f"num_samples={self.num_samples}, num_buckets={self.num_buckets}, "
@@ -188,6 +191,26 @@ class InfluenceTracker(DtypeKeepingModule):
         for name in _TOTALS + _BUCKETS:
             self._buffers[name].zero_()
 
+    @torch.no_grad()
+    def set_coherence(self, coherence: Optional[Tensor]) -> "InfluenceTracker":
+        """Gate :meth:`trust` by each sample's coherence (``rd.coherence(features)``, ``[num_samples]`` in [0, 1]):
+        trust becomes ``1 - (1 - trust) * (1 - coherence)``, so a member of a coherent group, however rare, keeps
+        its weight and an isolated sample gets its trust (docs/DESIGN.md, Data audit). ``None`` removes the gate.
+        Not saved in ``state_dict`` (it is a function of the data): set it again after loading."""
+        if coherence is None:
+            self.coherence = None
+            return self
+        where = "InfluenceTracker.set_coherence: coherence"
+        if not isinstance(coherence, Tensor) or not coherence.is_floating_point() or coherence.dim() != 1 \
+                or coherence.shape[0] != self.num_samples:
+            shape = list(coherence.shape) if isinstance(coherence, Tensor) else type(coherence).__name__
+            raise ValueError(f"{where} must be a floating 1-D tensor of {self.num_samples} entries (one per sample, "
+                             f"rd.coherence(features)), got {shape}")
+        if not bool(((coherence >= 0) & (coherence <= 1)).all()):
+            raise ValueError(f"{where} must lie in [0, 1] (rd.coherence's values); it holds values outside it or NaN")
+        self.coherence = coherence.detach().to(self.device, torch.float64)
+        return self
+
     # ------------------------------------------------------------------ results
     def synchronized(self) -> "InfluenceTracker":
         """A tracker whose sums are those of every rank (one all-reduce over the default process group; every rank
@@ -241,6 +264,8 @@ class InfluenceTracker(DtypeKeepingModule):
         its mean influence weight over its draws at low noise, ``t < low_noise * T`` (at least the first bucket),
         each draw's weight taken relative to the training set's median in its bucket, capped at 1. A sample not
         yet drawn there has trust 1, as has a bucket whose median weight is not positive (no information).
+        With :meth:`set_coherence`, a coherent sample's trust is raised towards 1 (``1 - (1 - trust) *
+        (1 - coherence)``), so a rare but coherent group is not silenced with the junk.
 
         Why: at high noise every image is mostly noise, so a junk image's error is typical there and its
         per-draw influence weight stays near a clean image's (docs/RESULTS.md, finding 11); its low-noise weights
@@ -262,6 +287,8 @@ class InfluenceTracker(DtypeKeepingModule):
         draws = torch.where(informative, count, 0.0)
         drawn = draws.sum(dim=1)
         trust = torch.where(drawn > 0, (relative * draws).sum(dim=1) / drawn.clamp_min(1.0), 1.0).clamp(max=1.0)
+        if self.coherence is not None:
+            trust = 1 - (1 - trust) * (1 - self.coherence)
         if indices is not None:
             trust = trust[self._check_integers("indices", indices, None, self.num_samples, "dataset indices",
                                                method="trust")]

@@ -50,8 +50,8 @@ from torch.utils.data import TensorDataset
 
 from .arguments import (HelpFormatter, add_objective_arguments, command_name, default_threads, non_negative_int,
                         positive_float, positive_int, stop_on_interrupt)
-from .experiment import (LOSS_NAMES, MODEL_PRESETS, build_loss, build_model, build_schedule, loss_settings,
-                         parse_loss_name)
+from .experiment import (LOSS_NAMES, MODEL_PRESETS, build_influence_loss, build_loss, build_model, build_schedule,
+                         loss_settings, parse_loss_name)
 from .audit_report import describe_objective, score_ranking, write_figures, write_ranking, write_report
 from .data import ContaminatedDataset, ImageSet, load_images, unreadable_summary
 from .distributed import init_distributed
@@ -159,7 +159,7 @@ def _prepare(args) -> _Audit:
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          warmup_steps=min(20, args.steps // 10), log_every=min(50, args.steps),
                          checkpoint_every=args.checkpoint_every, influence_from_step=score_from,
-                         sample_trust=spec.trust,
+                         sample_trust=spec.trust, trust_coherence=spec.coherent,
                          seed=args.seed, progress=not args.no_progress)
     schedule = build_schedule(args.objective, args.shift, args.timestep_sampling)
     loss_fn = build_loss(spec, schedule, temperature=args.temperature)
@@ -167,7 +167,8 @@ def _prepare(args) -> _Audit:
     model = build_model(args.model, images.shape[1])
     dataset = TensorDataset(images) if flags is None else ContaminatedDataset(
         images, flags, torch.zeros(images.shape[0]), "labels", float(flags.float().mean()))
-    trainer = Trainer(model, loss_fn, dataset, schedule, config, out_dir=args.out, device=device)
+    trainer = Trainer(model, loss_fn, dataset, schedule, config, out_dir=args.out, device=device,
+                      influence_loss=build_influence_loss(spec, schedule, temperature=args.temperature))
     resumed = False
     if args.resume and trainer.checkpoint_path.is_file():
         _check_same_data(trainer.checkpoint_path, fingerprint)

@@ -24,8 +24,9 @@ from .label_noise import flip_labels
 from .models import UNET_PRESETS, UNet
 
 __all__ = ["BASELINE_PARAMS", "DATASETS", "LOSS_NAMES", "LOSS_WEIGHTINGS", "MODEL_PRESETS", "OBJECTIVES",
-           "STANDARD_LOSSES", "TRAIN_DATASETS", "ExperimentData", "LossChoice", "build_loss", "build_model",
-           "build_schedule", "load_experiment_data", "loss_settings", "parse_loss_name", "parse_scale"]
+           "STANDARD_LOSSES", "TRAIN_DATASETS", "TRUST_MEASURE", "ExperimentData", "LossChoice",
+           "build_influence_loss", "build_loss", "build_model", "build_schedule", "load_experiment_data",
+           "loss_settings", "parse_loss_name", "parse_scale"]
 
 #: The benchmark datasets: a training and a clean test split (what the experiments evaluate against).
 DATASETS = ("fashion-mnist", "cifar10")
@@ -284,13 +285,17 @@ def build_model(preset: str, in_channels: int, **overrides) -> UNet:
 class LossChoice(NamedTuple):
     """A parsed loss name: ``loss`` (one of :data:`LOSS_NAMES`), a timestep ``weighting``, whether to train
     with the ``risk_free`` loss of :mod:`robust_diffusion.risk` (for data with known noise, ``--kind gaussian``),
-    whether to weight each sample by its ``trust`` (``TrainConfig.sample_trust``) and whether to divide the loss
-    by the batch's mean influence weight (``normalized``: ``RobustDiffusionLoss(normalize_influence=True)``)."""
+    whether to weight each sample by its ``trust`` (``TrainConfig.sample_trust``; on a loss whose weights are all 1,
+    such as ``mse``, ``kl`` or ``pseudo_huber``, the trust is NED's, measured on the same predictions:
+    :func:`build_influence_loss`), whether to gate that trust by each sample's coherence (``coherent``:
+    ``TrainConfig.trust_coherence``) and whether to divide the loss by the batch's mean influence weight
+    (``normalized``: ``RobustDiffusionLoss(normalize_influence=True)``)."""
 
     loss: str
     weighting: str = "constant"
     risk_free: bool = False
     trust: bool = False
+    coherent: bool = False
     normalized: bool = False
 
     @property
@@ -299,18 +304,19 @@ class LossChoice(NamedTuple):
         return "+".join(parts + [flag for flag in LOSS_FLAGS if getattr(self, flag)])
 
 
-#: On/off suffixes of a loss name, in the order its name lists them (``ned+debias+trust+normalized``).
-LOSS_FLAGS = ("risk_free", "trust", "normalized")
+#: On/off suffixes of a loss name, in the order its name lists them (``ned+debias+trust+coherent+normalized``).
+LOSS_FLAGS = ("risk_free", "trust", "coherent", "normalized")
 
 
 def parse_loss_name(spec: str) -> LossChoice:
-    """Parse ``"<loss>[+<weighting>][+risk_free][+trust][+normalized]"`` (e.g. ``"ned"``, ``"ned+debias"``,
-    ``"kl+risk_free"``, ``"ned+trust"``, ``"ned+normalized"``), with a clear error."""
+    """Parse ``"<loss>[+<weighting>][+risk_free][+trust][+coherent][+normalized]"`` (e.g. ``"ned"``,
+    ``"ned+debias"``, ``"kl+risk_free"``, ``"ned+trust"``, ``"kl+trust+coherent"``, ``"ned+normalized"``), with a
+    clear error."""
     loss, *suffixes = str(spec).strip().split("+")
     if loss not in LOSS_NAMES:
         raise ValueError(f"unknown loss {loss!r} in {spec!r}; expected one of {', '.join(LOSS_NAMES)}, "
                          f"optionally with a timestep weighting suffix +{'/+'.join(LOSS_WEIGHTINGS)} "
-                         f"(e.g. 'ned+debias'), +risk_free, +trust and/or +normalized")
+                         f"(e.g. 'ned+debias'), +risk_free, +trust, +coherent and/or +normalized")
     weighting, flags = "constant", {}
     for suffix in suffixes:
         if suffix in LOSS_FLAGS and suffix not in flags:
@@ -321,7 +327,32 @@ def parse_loss_name(spec: str) -> LossChoice:
             raise ValueError(f"unknown or repeated suffix {suffix!r} in loss {spec!r}; expected at most one "
                              f"weighting of {', '.join(LOSS_WEIGHTINGS)}, and each of {', '.join(LOSS_FLAGS)} "
                              f"at most once")
+    if flags.get("coherent") and not flags.get("trust"):
+        raise ValueError(f"loss {spec!r}: +coherent gates the per-sample trust; write +trust+coherent")
+    if flags.get("trust") and flags.get("risk_free") and not _weighs_samples(loss):
+        raise ValueError(f"loss {spec!r}: the risk-free loss weighs samples by {loss}'s own influence weights, which "
+                         f"are all 1; use a divergence such as ned+risk_free+trust")
     return LossChoice(loss, weighting, **flags)
+
+
+def _weighs_samples(loss: str) -> bool:
+    """Whether a loss name's influence weights differ between samples (not mse, kl, huber, pseudo-Huber)."""
+    return LOSS_TABLE[LOSSES.index(STANDARD_LOSSES.get(loss, (loss,))[0])].weighs_samples
+
+
+#: The loss whose influence weights make the trust of a loss whose own weights are all 1 (``mse+trust``).
+TRUST_MEASURE = "ned"
+
+
+def build_influence_loss(spec: Union[str, LossChoice], schedule: Schedule, *,
+                         temperature: float = 1.0) -> Optional[RobustDiffusionLoss]:
+    """The :class:`~robust_diffusion.RobustDiffusionLoss` whose weights the Trainer measures when it is not the
+    trained loss (``Trainer(influence_loss=...)``): NED at the adaptive scale and ``temperature`` for a loss with
+    ``+trust`` whose own weights are all 1; ``None`` otherwise (the trained loss measures itself)."""
+    spec = parse_loss_name(spec) if isinstance(spec, str) else spec
+    if not spec.trust or _weighs_samples(spec.loss):
+        return None
+    return RobustDiffusionLoss(TRUST_MEASURE, schedule, temperature=temperature, update="step")
 
 
 def parse_scale(value: Union[str, float]) -> Union[str, float]:
@@ -364,7 +395,7 @@ def build_loss(spec: Union[str, LossChoice], schedule: Schedule, *, scale: Union
         raise ValueError(f"weighting parameters {sorted(weighting_params)} need a weighting: name one in the loss, "
                          f"e.g. {spec.loss}+min_snr")
     weighting = dict(weighting=spec.weighting, weighting_params=weighting_params)
-    if spec.normalized and not LOSS_TABLE[LOSSES.index(STANDARD_LOSSES.get(spec.loss, (spec.loss,))[0])].weighs_samples:
+    if spec.normalized and not _weighs_samples(spec.loss):
         raise ValueError(f"loss {spec.name!r}: +normalized divides by the batch's mean influence weight, which is 1 "
                          f"for {spec.loss} (every sample weighs the same): drop +normalized")
     if spec.loss in STANDARD_LOSSES:

@@ -38,8 +38,9 @@ from .arguments import (HelpFormatter, add_objective_arguments, command_name, na
                         non_negative_int, positive_float, positive_int, stop_on_interrupt)
 from .data import CONTAMINATION_KINDS, unreadable_summary
 from .distributed import init_distributed
-from .experiment import (LOSS_NAMES, LOSS_WEIGHTINGS, MODEL_PRESETS, TRAIN_DATASETS, build_loss, build_model,
-                         build_schedule, load_experiment_data, loss_settings, parse_loss_name, parse_scale)
+from .experiment import (LOSS_NAMES, LOSS_WEIGHTINGS, MODEL_PRESETS, TRAIN_DATASETS, build_influence_loss, build_loss,
+                         build_model, build_schedule, load_experiment_data, loss_settings, parse_loss_name,
+                         parse_scale)
 from .train_config import MIXED_PRECISION
 from .trainer import TrainConfig, Trainer
 
@@ -144,7 +145,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              mixed_precision=args.mixed_precision, log_every=args.log_every,
                              report_to=args.report_to, sample_every=args.sample_every,
                              checkpoint_every=args.checkpoint_every, risk_free=spec.risk_free,
-                             sample_trust=spec.trust, conditional=args.conditional,
+                             sample_trust=spec.trust, trust_coherence=spec.coherent, conditional=args.conditional,
                              label_dropout=args.label_dropout, guidance_scale=args.guidance_scale, seed=args.seed,
                              num_workers=args.num_workers, progress=not args.no_progress)
         rank, world_size, device = init_distributed(args.device)
@@ -169,7 +170,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             overrides["num_classes"] = data.num_classes
         torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run of this seed
         model = build_model(args.model, data.image_shape[0], **overrides)
-        trainer = Trainer(model, loss_fn, data.train, schedule, config, out_dir=out, device=device)
+        trainer = Trainer(model, loss_fn, data.train, schedule, config, out_dir=out, device=device,
+                          influence_loss=build_influence_loss(spec, schedule, temperature=args.temperature))
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             classes = f", conditional on {data.num_classes} classes" if args.conditional else ""

@@ -50,6 +50,11 @@ class TrainConfig:
             every noise level; docs/DESIGN.md, Data audit). Needs a RobustDiffusionLoss whose influence weights
             differ between samples (not KL, Huber or pseudo-Huber). Counts from ``influence_from_step``: every
             sample has trust 1 until the tracker has seen it at low noise.
+        trust_coherence: with ``sample_trust``, gate each sample's trust by its coherence
+            (:func:`robust_diffusion.coherence` of the flattened training images, computed once;
+            :meth:`InfluenceTracker.set_coherence`): a sample as close to its 5th nearest neighbour as the typical
+            one keeps weight 1, so a rare but coherent part of the data is not silenced with the junk
+            (docs/DESIGN.md, Data audit).
         conditional: train a class-conditional model (``UNet(num_classes=K)``, or diffusers'
             ``UNet2DModel(num_class_embeds=K + 1)``) on the dataset's ``labels``, called as
             ``model(x_t, t, class_labels=...)``.
@@ -82,6 +87,7 @@ class TrainConfig:
     influence_from_step: int = 0
     risk_free: bool = False
     sample_trust: bool = False
+    trust_coherence: bool = False
     conditional: bool = False
     label_dropout: float = 0.1
     guidance_scale: float = 1.0
@@ -120,6 +126,8 @@ class TrainConfig:
         if self.guidance_scale != 1 and not self.conditional:
             raise ValueError("TrainConfig.guidance_scale guides a class-conditional model's samples: set "
                              "conditional=True (--conditional), or leave guidance_scale at 1")
+        if self.trust_coherence and not self.sample_trust:
+            raise ValueError("TrainConfig.trust_coherence gates the per-sample trust: set sample_trust=True too")
         if self.sample_every and self.report_to is None:
             raise ValueError("TrainConfig.sample_every draws sample grids for TensorBoard: set report_to='tensorboard'")
         self.adam_betas = tuple(float(b) for b in self.adam_betas)

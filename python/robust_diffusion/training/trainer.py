@@ -97,6 +97,11 @@ class Trainer:
             network given ``schedule.model_timestep(t)``, the velocity target, noise-level buckets in log-SNR).
         config: a :class:`TrainConfig`.
         out_dir: where the checkpoint and the log go (``None``: write nothing).
+        influence_loss: a :class:`~robust_diffusion.RobustDiffusionLoss` that measures each sample's influence
+            weight on the same predictions without being trained on (its adaptive scale follows the run and is
+            checkpointed); the tracker, the log and ``sample_trust`` read it instead of ``loss_fn``. Lets a run
+            train with the MSE or pseudo-Huber (whose weights are all 1) and still rank its data by NED's weights
+            or weigh its samples by NED's trust.
         device: defaults to the model's device.
         prediction_type: defaults to the schedule's.
     """
@@ -104,7 +109,7 @@ class Trainer:
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor], dataset: Dataset,
                  schedule: Optional[Schedule] = None, config: Optional[TrainConfig] = None,
                  out_dir: Optional[PathLike] = None, device: Optional[Union[str, torch.device]] = None,
-                 prediction_type: Optional[str] = None):
+                 prediction_type: Optional[str] = None, influence_loss: Optional[RobustDiffusionLoss] = None):
         self.config = config = config or TrainConfig()
         self.rank, self.world_size = rank_and_world_size()
         self.is_main = self.rank == 0
@@ -122,7 +127,7 @@ class Trainer:
                              f"preconditioning and sampler)")
         self.prediction_type = prediction_type_for(self.schedule, prediction_type, "Trainer")
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self._build_model(model, loss_fn)
+        self._build_model(model, loss_fn, influence_loss)
         self._build_data(dataset)
         if config.risk_free and not self.schedule.discrete:
             raise ValueError("risk_free=True: the Trainer's risk-free training draws integer steps; with a continuous "
@@ -134,7 +139,10 @@ class Trainer:
             from ..risk import timestep_lower_bound
             self.risk_lower = timestep_lower_bound(self.schedule, self.risk)
         if config.sample_trust:
-            _check_trust(self.loss_fn)
+            _check_trust(self.measure)
+        if config.risk_free and self.influence_loss is not None:
+            raise ValueError("influence_loss measures plain denoising draws; risk_free=True scores another objective "
+                             "(risk_free_loss): leave influence_loss out and let loss_fn's weights be measured")
 
         # Every rank holds the same noise generator (the noise of the global batch); torch's global RNG
         # (dropout) gets one stream per rank.
@@ -146,16 +154,20 @@ class Trainer:
         # The same noise-level buckets as the adaptive scale's when the loss has them. On a continuous schedule
         # the tracker takes each draw's log-SNR bucket (num_timesteps=None).
         steps = self.schedule.num_timesteps if self.schedule.discrete else None
-        buckets = getattr(self.loss_fn, "num_buckets", 10)
+        buckets = getattr(self.measure, "num_buckets", 10)
         self.influence = InfluenceTracker(self.num_samples, num_buckets=min(buckets, steps or buckets),
                                           num_timesteps=steps, gathered=True).to(self.device)
+        if config.trust_coherence:
+            from ..coherence import coherence
+            self.influence.set_coherence(coherence(_all_images(dataset)))
         self.interval = LogInterval(self.device, self.is_contaminated)
         self.tensorboard = None
         if config.report_to == "tensorboard" and self.is_main and self.out_dir is not None:
             self.tensorboard = TensorBoardLog(self.out_dir / "tensorboard")
 
-    def _build_model(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor]) -> None:
-        """The model on the device, its EMA copy, DDP's wrapper, the loss, AdamW and the grad scaler."""
+    def _build_model(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor],
+                     influence_loss: Optional[RobustDiffusionLoss]) -> None:
+        """The model on the device, its EMA copy, DDP's wrapper, the losses, AdamW and the grad scaler."""
         config = self.config
         self.autocast_dtype = self._autocast_dtype(config.mixed_precision)
         self.model = model.to(self.device)
@@ -169,6 +181,14 @@ class Trainer:
         self.loss_fn = loss_fn.to(self.device) if isinstance(loss_fn, nn.Module) else loss_fn
         if isinstance(self.loss_fn, RobustDiffusionLoss):
             _check_robust_loss(self.loss_fn, self.schedule)
+        if influence_loss is not None and not isinstance(influence_loss, RobustDiffusionLoss):
+            raise ValueError(f"influence_loss must be a RobustDiffusionLoss (its last_influence is what is measured), "
+                             f"got {type(influence_loss).__name__}")
+        self.influence_loss = influence_loss.to(self.device) if influence_loss is not None else None
+        if self.influence_loss is not None:
+            _check_robust_loss(self.influence_loss, self.schedule)
+        #: the loss whose per-sample weights the tracker, the log and the trust read
+        self.measure = self.influence_loss if self.influence_loss is not None else self.loss_fn
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, betas=config.adam_betas,
                                            weight_decay=config.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
@@ -359,6 +379,8 @@ class Trainer:
             output = self.network(x_t, time) if labels is None else self.network(x_t, time, class_labels=labels)
             output = model_prediction(output, x_t)  # diffusers: .sample
         trust = self.influence.trust(indices) if self.config.sample_trust else None
+        if self.influence_loss is not None:
+            self.influence_loss(output.detach().float(), target, t)  # measured, not trained on
         if self.risk is not None:
             from ..risk import risk_free_loss
             return risk_free_loss(output.float(), noising, t, loss=self.loss_fn, schedule=self.schedule, weight=trust)
@@ -367,9 +389,9 @@ class Trainer:
         return self.loss_fn(output.float(), target, t, trust)
 
     def _last_per_sample(self, name: str, size: int, fill: float) -> Tensor:
-        """The loss's per-sample ``last_influence`` / ``last_penalty`` of its last call as float64, or ``fill`` for
-        a loss that has none."""
-        value = getattr(self.loss_fn, name, None)
+        """The measured loss's (``influence_loss`` or ``loss_fn``) per-sample ``last_influence`` / ``last_penalty``
+        of its last call as float64, or ``fill`` for a loss that has none."""
+        value = getattr(self.measure, name, None)
         if isinstance(value, Tensor):
             return value.detach().to(torch.float64)
         return torch.full((size,), fill, dtype=torch.float64, device=self.device)
@@ -389,8 +411,9 @@ class Trainer:
             self.scaler.update()
         elif finite:  # without a scaler (float32, bfloat16) skip such a step here, or AdamW writes NaN into the
             self.optimizer.step()  # weights, its moments and the EMA for good (one host sync, as the scaler's)
-        if isinstance(self.loss_fn, RobustDiffusionLoss):
-            self.loss_fn.step(finite)
+        for loss in (self.loss_fn, self.influence_loss):
+            if isinstance(loss, RobustDiffusionLoss):
+                loss.step(finite)
         self._update_ema()
         return grad_norm, finite
 
@@ -555,17 +578,28 @@ def _check_robust_loss(loss_fn: RobustDiffusionLoss, schedule: Schedule) -> None
                          "calls loss_fn.step(ok) after each optimizer step)")
 
 
+def _all_images(dataset: Dataset) -> Tensor:
+    """Every training image, ``[N, ...]`` on the CPU (the dataset's ``images`` tensor when it has one), for
+    ``trust_coherence``."""
+    images = getattr(dataset, "images", None)
+    if isinstance(images, Tensor) and images.shape[0] == len(dataset):
+        return images
+    loader = DataLoader(dataset, batch_size=256)
+    return torch.cat([batch[0] if isinstance(batch, (tuple, list)) else batch for batch in loader])
+
+
 def _check_trust(loss_fn) -> None:
     """``sample_trust=True`` needs a RobustDiffusionLoss whose influence weights differ between samples."""
     from ..ops import LOSS_TABLE
 
     if not isinstance(loss_fn, RobustDiffusionLoss):
-        raise ValueError("sample_trust=True needs a RobustDiffusionLoss as loss_fn (its per-sample influence "
-                         "weights are what the trust is made of)")
+        raise ValueError("sample_trust=True needs a RobustDiffusionLoss as loss_fn or influence_loss (its "
+                         "per-sample influence weights are what the trust is made of)")
     if not next(entry.weighs_samples for entry in LOSS_TABLE if entry.name == loss_fn.loss):
         raise ValueError(f"sample_trust=True needs a loss whose influence weights differ between samples; "
                          f"{loss_fn.loss!r} gives every sample weight 1, so every trust would stay 1 "
-                         f"(use a divergence such as 'ned' or 'hellinger', or clipped_mse)")
+                         f"(use a divergence such as 'ned' or 'hellinger', or clipped_mse, or pass one as "
+                         f"influence_loss to measure the trust while training with {loss_fn.loss!r})")
 
 
 def derive_seed(seed: int, purpose: str) -> int:

@@ -3,9 +3,9 @@
 One file, ``checkpoint.safetensors`` (:mod:`~robust_diffusion.training.checkpoint`'s state-file format: tensors
 in safetensors, the rest as JSON in the header, so opening it runs no code; its kind and format version in the
 header). It holds the model, the EMA model, the optimizer, the grad scaler, the loss module's buffers (the adaptive
-scale), every rank's RNG states, the shared noise generator, the data position, the step, the per-sample influence
-statistics, the log interval's sums and the settings a resume must agree with. Resuming continues exactly where it
-left off (docs/DESIGN.md, Training kit and samplers).
+scale; an ``influence_loss``'s too), every rank's RNG states, the shared noise generator, the data position, the
+step, the per-sample influence statistics, the log interval's sums and the settings a resume must agree with.
+Resuming continues exactly where it left off (docs/DESIGN.md, Training kit and samplers).
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ def save_trainer(trainer: "Trainer", path: Optional[Path]) -> None:
             "optimizer": trainer.optimizer.state_dict(),
             "scaler": trainer.scaler.state_dict(),
             "loss_fn": loss_fn.state_dict() if isinstance(loss_fn, nn.Module) else None,
+            "influence_loss": trainer.influence_loss.state_dict() if trainer.influence_loss is not None else None,
             "rng": states,
             "noise_generator": trainer.noise_generator.get_state(),
             "influence": trainer.influence.state_dict(),
@@ -114,6 +115,8 @@ def resume_trainer(trainer: "Trainer", path: Optional[Path]) -> bool:
     trainer.scaler.load_state_dict(state["scaler"])
     if isinstance(trainer.loss_fn, nn.Module) and state["loss_fn"] is not None:
         trainer.loss_fn.load_state_dict(state["loss_fn"])
+    if trainer.influence_loss is not None:
+        trainer.influence_loss.load_state_dict(state["influence_loss"])
     trainer.noise_generator.set_state(state["noise_generator"])
     if state["world_size"] == trainer.world_size:
         set_rng_state(state["rng"][trainer.rank], trainer.device)
@@ -138,7 +141,11 @@ def _check_same_run(trainer: "Trainer", state: Dict[str, Any], path: Path) -> No
     if state["schedule"] != type(trainer.schedule).__name__:
         raise ValueError(f"cannot resume from {path}: it trained with a {state['schedule']}, this run has a "
                          f"{type(trainer.schedule).__name__} (another objective, e.g. --objective ddpm / flow)")
-    for key in ("risk_free", "sample_trust", "conditional"):
+    measured = state.get("influence_loss") is not None  # a checkpoint without the entry measured loss_fn
+    if measured != (trainer.influence_loss is not None):
+        raise ValueError(f"cannot resume from {path}: it was written {'with' if measured else 'without'} an "
+                         f"influence_loss, this run has {'one' if trainer.influence_loss is not None else 'none'}")
+    for key in ("risk_free", "sample_trust", "trust_coherence", "conditional"):
         # A checkpoint without the setting was written with its default (False).
         if state["config"].get(key, False) != getattr(trainer.config, key):
             raise ValueError(f"cannot resume from {path}: it was written with {key}={state['config'].get(key)}, "
