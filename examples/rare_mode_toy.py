@@ -67,7 +67,7 @@ RECIPES = {
 }
 
 
-def run(recipe: str, seed: int) -> dict:
+def run(recipe: str, seed: int, steps: int = STEPS) -> dict:
     loss_name, temperature, use_trust, gate = RECIPES[recipe]
     x, group = make_data(seed)
     torch.manual_seed(seed)
@@ -81,7 +81,7 @@ def run(recipe: str, seed: int) -> dict:
     if gate:
         tracker.set_coherence(rd.coherence(x))
     g = torch.Generator().manual_seed(seed + 1)
-    for step in range(STEPS):
+    for step in range(steps):
         index = torch.randint(0, len(x), (BATCH,), generator=g)
         t = torch.randint(0, schedule.num_timesteps, (BATCH,), generator=g)
         noise = torch.randn(BATCH, x.shape[1], generator=g)

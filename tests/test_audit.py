@@ -386,6 +386,21 @@ def test_audit_finds_planted_noise_images(tmp_path, capsys, objective):
     assert len(set(top) & set(planted.tolist())) >= 3, top
     report = (out / "report.md").read_text()
     assert "## Against the given labels" in report and "6 of 64 images flagged" in report
+    assert "## Classes" not in report  # the array has no class labels
+
+
+def test_class_ranks_call_out_a_rare_class_among_the_least_trusted():
+    """A class that is 5% of the data but most of the least-trusted tenth is named, with what to do; a common
+    class, or a rare one ranked like the rest, is not."""
+    labels = torch.tensor([0] * 90 + [1] * 5 + [2] * 5)
+    order = [90, 91, 92, 93, 0, 1, 2, 3, 4, 5] + list(range(6, 90)) + [94, 95, 96, 97, 98, 99]  # class 1 first
+    table = [{"rank": r + 1, "index": i, "times_seen": 3} for r, i in enumerate(order)]
+    found = audit_report.class_ranks(table, labels, ("common", "rare", "rare but typical"))
+    rows = {row["class"]: row for row in found["rows"]}
+    assert found["tenth"] == 10 and rows["rare"]["least_trusted_share"] == 0.4 and rows["rare"]["share"] == 0.05
+    assert rows["rare"]["median_rank"] < 0.05 and rows["rare but typical"]["median_rank"] > 0.9
+    assert len(found["warnings"]) == 1 and "class 'rare' is 5.0% of the data but 40% of the least-trusted tenth" \
+        in found["warnings"][0] and "+coherent" in found["warnings"][0]
 
 
 # ---------------------------------------------------------------------------------------------- the training CLI

@@ -52,7 +52,7 @@ from .arguments import (HelpFormatter, add_objective_arguments, command_name, de
                         positive_float, positive_int, stop_on_interrupt)
 from .experiment import (LOSS_NAMES, MODEL_PRESETS, build_influence_loss, build_loss, build_model, build_schedule,
                          loss_settings, parse_loss_name)
-from .audit_report import describe_objective, score_ranking, write_figures, write_ranking, write_report
+from .audit_report import class_ranks, describe_objective, score_ranking, write_figures, write_ranking, write_report
 from .data import ContaminatedDataset, ImageSet, load_images, unreadable_summary
 from .distributed import init_distributed
 from .trainer import TrainConfig, Trainer
@@ -228,6 +228,9 @@ def _write_results(args, audit: _Audit, seconds: float) -> None:
         print(f"  {len(table) - len(seen)} image(s) were never drawn: raise --steps", flush=True)
     if evaluation is not None:
         print(f"against --labels: {evaluation['summary']}", flush=True)
+    if loaded.labels is not None:
+        for warning in class_ranks(table, loaded.labels, loaded.classes)["warnings"]:
+            print(f"note: {warning}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- inputs

@@ -15,13 +15,43 @@ from torch import Tensor
 from .data import ImageSet
 from .trainer import Trainer
 
-__all__ = ["PROG", "RANKING_COLUMNS", "REPORT_ROWS", "describe_objective", "score_ranking", "write_figures",
-           "write_ranking", "write_report"]
+__all__ = ["PROG", "RANKING_COLUMNS", "REPORT_ROWS", "class_ranks", "describe_objective", "score_ranking",
+           "write_figures", "write_ranking", "write_report"]
 
 PROG = "python -m robust_diffusion.audit"
 RANKING_COLUMNS = ("rank", "index", "file", "mean_influence", "mean_penalty", "times_seen")
 #: Rows of the ranking shown in report.md.
 REPORT_ROWS = 20
+#: A class under this share of the data that fills at least OVER_REPRESENTED times its share of the least-trusted
+#: tenth is called out: rare classes are hard to learn at first, so a robust loss trusts them less (docs/AUDIT.md).
+RARE_SHARE, OVER_REPRESENTED = 0.1, 2.0
+
+
+def class_ranks(table, labels: Tensor, classes: Sequence[str]) -> Dict[str, object]:
+    """Where each class sits in the ranking: per class its images, its share of the data, its share of the
+    least-trusted tenth of the scored images and its median rank as a fraction of them (0: least trusted); and a
+    warning for each rare class that fills the least-trusted tenth out of proportion."""
+    scored = [row for row in table if row["times_seen"] > 0]
+    tenth = max(1, len(scored) // 10)
+    low = torch.bincount(labels[[row["index"] for row in scored[:tenth]]], minlength=len(classes)).double()
+    order = torch.full((labels.shape[0],), math.nan, dtype=torch.float64)
+    order[[row["index"] for row in scored]] = torch.arange(len(scored), dtype=torch.float64) / max(1, len(scored) - 1)
+    rows, warnings = [], []
+    for k, name in enumerate(classes):
+        members = labels == k
+        count = int(members.sum())
+        if count == 0:
+            continue
+        share, among = count / labels.shape[0], float(low[k]) / tenth
+        ranks = order[members]
+        ranks = ranks[~torch.isnan(ranks)]
+        rows.append({"class": name, "images": count, "share": share, "least_trusted_share": among,
+                     "median_rank": float(ranks.median()) if ranks.numel() else math.nan})
+        if share < RARE_SHARE and among >= OVER_REPRESENTED * share and among > 0:
+            warnings.append(f"class {name!r} is {share:.1%} of the data but {among:.0%} of the least-trusted tenth: a "
+                            f"rare class is hard to learn at first, so the loss trusts it less; look at its images "
+                            f"before removing any, and train with +coherent (docs/AUDIT.md, rare classes)")
+    return {"tenth": tenth, "rows": rows, "warnings": warnings}
 
 
 def write_ranking(path: Path, table: List[Dict[str, float]], files: Sequence[str] = ()) -> None:
@@ -199,6 +229,17 @@ def write_report(args, source: str, loaded: ImageSet, table, files, loss_name: s
                   "AUROC: the probability that a flagged image ranks as less trusted than an unflagged one (0.5: "
                   "chance); over the images scored at least once. Precision at k: the fraction of flagged images "
                   "among the k least trusted."]
+    if loaded.labels is not None:
+        classes = class_ranks(table, loaded.labels, loaded.classes)
+        lines += ["", "## Classes", "",
+                  f"Where each class sits in the ranking: its share of the data against its share of the "
+                  f"{classes['tenth']} least-trusted images (the least-trusted tenth), and its median rank as a "
+                  f"fraction of the ranking (0: least trusted, 0.5: as the typical image).", ""]
+        lines += [f"- **{warning}**" for warning in classes["warnings"]]
+        lines += ["", "| class | images | share of the data | share of the least-trusted tenth | median rank |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {row['class']} | {row['images']} | {row['share']:.1%} | {row['least_trusted_share']:.1%} | "
+                  f"{_num(row['median_rank'], 2)} |" for row in classes["rows"]]
     lines += ["", f"## The {min(REPORT_ROWS, len(table))} least-trusted images", "",
               "| rank | " + ("file" if files else "index") + " | mean influence | mean penalty | times seen |",
               "|---|---|---|---|---|"]

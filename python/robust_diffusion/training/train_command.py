@@ -73,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     loss = parser.add_argument_group("loss")
     loss.add_argument("--loss", default="hellinger", help=f"one of {', '.join(LOSS_NAMES)}, optionally "
                       f"+weighting ({', '.join(LOSS_WEIGHTINGS)}), +risk_free (needs --kind gaussian) and/or "
-                      f"+trust (weight each image by its low-noise influence, TrainConfig.sample_trust), e.g. "
-                      f"ned+debias")
+                      f"+trust (weight each image by its low-noise influence, TrainConfig.sample_trust; on mse, "
+                      f"kl or pseudo_huber NED's, measured alongside) and +coherent (trust gated by coherence, so "
+                      f"a rare but coherent group keeps its weight), e.g. ned+debias, kl+trust+coherent")
     loss.add_argument("--weighting-param", type=name_equals_number, action="append", default=[], metavar="NAME=VALUE",
                       help="a parameter of the loss name's weighting, repeatable: gamma=5 for min_snr (diffusers' "
                            "--snr_gamma), k=1 gamma=1 for p2, k for max_snr, b for sigmoid, sigma_data for edm")

@@ -105,18 +105,18 @@ def resume_trainer(trainer: "Trainer", path: Optional[Path]) -> bool:
         return False
     state = read_checkpoint(path)
     _check_same_run(trainer, state, path)
-    try:
-        trainer.influence.load_state_dict(state["influence"])  # first: its checks refuse a corrupted state
+    try:  # first the states whose checks refuse a corrupted file, so that nothing else is loaded from one
+        trainer.influence.load_state_dict(state["influence"])
+        if isinstance(trainer.loss_fn, nn.Module) and state["loss_fn"] is not None:
+            trainer.loss_fn.load_state_dict(state["loss_fn"])
+        if trainer.influence_loss is not None:
+            trainer.influence_loss.load_state_dict(state["influence_loss"])
     except ValueError as error:
         raise ValueError(f"cannot resume from {path}: {error}") from None
     trainer.model.load_state_dict(state["model"])
     trainer.ema.load_state_dict(state["ema"])
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scaler.load_state_dict(state["scaler"])
-    if isinstance(trainer.loss_fn, nn.Module) and state["loss_fn"] is not None:
-        trainer.loss_fn.load_state_dict(state["loss_fn"])
-    if trainer.influence_loss is not None:
-        trainer.influence_loss.load_state_dict(state["influence_loss"])
     trainer.noise_generator.set_state(state["noise_generator"])
     if state["world_size"] == trainer.world_size:
         set_rng_state(state["rng"][trainer.rank], trainer.device)
