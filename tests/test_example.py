@@ -151,14 +151,16 @@ FLOW_SAMPLER_VARIANTS = {
 
 
 def _check_cpp_against_python(binary, prefix, tmp_path, num_samples=4, steps=3, seed=7, variant="ddim",
-                              image_format="png"):
-    """rd_sample's samples must equal the Python sampler's with the same model, schedule and seed."""
-    out = tmp_path / f"cpp_samples_{variant}_{image_format}"
-    arguments, python_sampler = {**SAMPLER_VARIANTS, **FLOW_SAMPLER_VARIANTS}[variant]
+                              image_format="png", extra=(), python_sampler=None, tag=""):
+    """rd_sample's samples must equal the Python sampler's with the same model, schedule and seed. ``extra``:
+    more rd_sample arguments, with ``python_sampler`` (the variant's signature) the sampler they must equal."""
+    out = tmp_path / f"cpp_samples_{variant}_{image_format}{tag}"
+    arguments, variant_sampler = {**SAMPLER_VARIANTS, **FLOW_SAMPLER_VARIANTS}[variant]
+    python_sampler = python_sampler or variant_sampler
     result = subprocess.run([str(binary), "--model", f"{prefix}.torchscript.pt", "--schedule",
                              f"{prefix}.schedule.txt", "--out", str(out), "--num-samples", str(num_samples),
-                             "--steps", str(steps), "--seed", str(seed), "--format", image_format, *arguments],
-                            capture_output=True, text=True, timeout=300)
+                             "--steps", str(steps), "--seed", str(seed), "--format", image_format, *arguments,
+                             *extra], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert f"wrote {num_samples} samples" in result.stdout
     schedule, header = read_schedule_file(f"{prefix}.schedule.txt")
@@ -203,7 +205,45 @@ def test_export_round_trip(tmp_path):
         torch.testing.assert_close(torch.export.load(str(paths["exported"])).module()(x, t), expected)
     loaded, header = read_schedule_file(paths["schedule"])
     assert header["format"] == SCHEDULE_FORMAT and header["image_shape"] == "1 16 16"
+    assert "num_classes" not in header and "null_label" not in header  # an unconditional export's file as before
     assert torch.equal(loaded.alphas_cumprod, schedule.alphas_cumprod)  # %.17g round-trips float64 exactly
+
+
+def _conditional_micro_model(channels=1, num_classes=3):
+    torch.manual_seed(0)
+    model = experiment.build_model("micro", channels, num_classes=num_classes)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def test_conditional_export_round_trip(tmp_path):
+    """A class-conditional model's programs take int64 labels [B] as a third input (any batch size) and equal the
+    eager model; its schedule file names the classes and the null label."""
+    model = _conditional_micro_model()
+    schedule = rd.NoiseSchedule.linear(100)
+    example = (torch.randn(2, 1, 12, 12), torch.tensor([3, 50]), torch.tensor([0, 3]))
+    paths = export_model(model, tmp_path / "cond", example, schedule=schedule)
+    assert sorted(paths) == ["exported", "schedule", "torchscript"]
+    x, t, labels = torch.randn(3, 1, 12, 12), torch.tensor([0, 50, 99]), torch.tensor([2, 3, 0])
+    with torch.no_grad():
+        expected = model.eval()(x, t, labels)
+        assert not torch.allclose(expected, model(x, t, torch.tensor([1, 1, 1])))  # the labels matter
+        torch.testing.assert_close(_load_torchscript(paths["torchscript"])(x, t, labels), expected)
+        torch.testing.assert_close(torch.export.load(str(paths["exported"])).module()(x, t, labels), expected)
+    loaded, header = read_schedule_file(paths["schedule"])
+    assert (header["num_classes"], header["null_label"]) == ("3", "3")
+    assert torch.equal(loaded.alphas_cumprod, schedule.alphas_cumprod)
+    plain = experiment.build_model("micro", 1)
+    for net, inputs, message in [
+            (model, example[:2], r"the model is class-conditional \(num_classes=3\), so example_inputs must be "
+                                 r"\(x_t, t, class_labels\), got 2"),
+            (plain, example, r"the model is unconditional, so example_inputs must be \(x_t, t\), got 3"),
+            (model, (*example[:2], example[2].float()), "class_labels must be int64")]:
+        with pytest.raises(ValueError, match=message):
+            export_model(net, tmp_path / "bad", inputs)
+    assert not list(tmp_path.glob("bad*"))  # refused before writing anything
 
 
 def _export_perturbed_micro_model(prefix, channels):
@@ -273,6 +313,77 @@ def test_cpp_sampler_matches_python_on_flow_matching(tmp_path, sampler_binary):
                             str(ddpm["schedule"]), "--sampler", "heun", "--out", str(tmp_path / "y")],
                            capture_output=True, text=True, timeout=60)
     assert wrong.returncode == 2 and "--sampler must be ddim or ddpm for a DDPM model" in wrong.stderr
+
+
+def _export_conditional(prefix, flow=False):
+    schedule = rd.FlowMatchingSchedule(shift=3.0) if flow else rd.NoiseSchedule.linear(100)
+    times = schedule.model_timestep(torch.tensor([0.1, 0.9])) if flow else torch.tensor([1, 2])
+    return export_model(_conditional_micro_model(), prefix, (torch.randn(2, 1, 12, 12), times, torch.tensor([0, 3])),
+                        schedule=schedule)
+
+
+def _guided(sample, labels, scale, **kwargs):
+    """A SAMPLER_VARIANTS-style sampler conditioned on ``labels`` (the null label 3, read by a consumer from the
+    schedule file: a loaded TorchScript model does not know it)."""
+    return lambda model, schedule, shape, steps, generator: sample(
+        model, schedule, shape, num_steps=steps, generator=generator, class_labels=labels, guidance_scale=scale,
+        null_label=3, **kwargs)
+
+
+@pytest.mark.slow
+def test_cpp_sampler_with_classes_matches_python(tmp_path, sampler_binary):
+    """--class and --guidance-scale: rd_sample equals the Python samplers given the same labels (a list is cycled
+    over the samples) and classifier-free guidance, for DDIM, DDPM and flow matching, across --batch-size batches."""
+    _export_conditional(tmp_path / "cond")
+    _check_cpp_against_python(sampler_binary, tmp_path / "cond", tmp_path, extra=["--class", "0,2", "--guidance-scale",
+                                                                                  "2.5"],
+                              python_sampler=_guided(ddim_sample, [0, 2, 0, 2], 2.5))
+    _check_cpp_against_python(sampler_binary, tmp_path / "cond", tmp_path, variant="ddpm", num_samples=3,
+                              extra=["--class", "1", "--class", "3"],  # repeated, and the null label; scale 1
+                              python_sampler=_guided(ddpm_sample, [1, 3, 1], 1.0))
+
+    def in_two_batches(model, schedule, shape, steps, generator):
+        # --batch-size 3 of 4 samples: two chains in a row from one generator, labels continuing the cycle.
+        first = ddim_sample(model, schedule, (3, *shape[1:]), num_steps=steps, eta=0.5, generator=generator,
+                            class_labels=[2, 0, 1], guidance_scale=0.5, null_label=3)
+        second = ddim_sample(model, schedule, (1, *shape[1:]), num_steps=steps, eta=0.5, generator=generator,
+                             class_labels=[2], guidance_scale=0.5, null_label=3)
+        return torch.cat([first, second])
+
+    _check_cpp_against_python(sampler_binary, tmp_path / "cond", tmp_path, variant="ddim-eta", tag="_batches",
+                              extra=["--class", "2,0,1", "--guidance-scale", "0.5", "--batch-size", "3"],
+                              python_sampler=in_two_batches)
+    _export_conditional(tmp_path / "flow", flow=True)
+    _check_cpp_against_python(sampler_binary, tmp_path / "flow", tmp_path, variant="heun", steps=4,
+                              extra=["--class", "2", "--guidance-scale", "3"],
+                              python_sampler=_guided(flow_sample, 2, 3.0, solver="heun"))
+
+
+@pytest.mark.slow
+def test_cpp_sampler_class_refusals(tmp_path, sampler_binary):
+    """Each misuse of --class / --guidance-scale: exit status 2 and one line naming the fix."""
+    cond = _export_conditional(tmp_path / "cond")
+    plain = _export_perturbed_micro_model(tmp_path / "net", 1)
+    cases = [
+        (plain, ["--class", "1"], "rd_sample: --class needs a class-conditional export: "),
+        (plain, ["--guidance-scale", "2"], "rd_sample: --guidance-scale guides a class-conditional model, and "),
+        (cond, [], "rd_sample: the model is class-conditional (3 classes): pass --class C, C in 0..2 (or 3, the "
+                   "null label, for unconditional samples)"),
+        (cond, ["--class", "0,4"], "rd_sample: --class 4 is out of range: the model has classes 0..2 and the null "
+                                   "label 3"),
+        (cond, ["--class", "-1"], "rd_sample: --class expects an integer >= 0, got '-1'"),
+        (cond, ["--class", "1,"], "rd_sample: --class expects an integer >= 0 or a comma list, got '1,'"),
+        (cond, ["--class", "1", "--guidance-scale", "x"], "rd_sample: --guidance-scale expects a number, got 'x'"),
+    ] + [(cond, ["--class", "1", "--guidance-scale", bad],
+          f"rd_sample: --guidance-scale must be a finite number >= 0 (1: no guidance), got '{bad}'")
+         for bad in ("-0.5", "nan", "inf")]
+    for paths, arguments, message in cases:
+        result = subprocess.run([str(sampler_binary), "--model", str(paths["torchscript"]), "--schedule",
+                                 str(paths["schedule"]), "--out", str(tmp_path / "never"), "--steps", "1",
+                                 *arguments], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2, (arguments, result.stderr)
+        assert result.stderr.splitlines()[0].startswith(message), (arguments, result.stderr)
+    assert not (tmp_path / "never").exists()
 
 
 @pytest.mark.slow

@@ -702,16 +702,20 @@ def test_cli_trains_a_conditional_model_on_npz_labels_and_refuses_what_it_cannot
     common = ["--dataset", "folder", "--data-root", str(path), "--model", "micro", "--batch-size", "8", "--no-progress",
               "--threads", "1"]
     assert train_command.main(common + ["--conditional", "--label-dropout", "0.2", "--steps", "2",
-                                        "--out", str(tmp_path / "run")]) == 0
-    assert "conditional on 4 classes" in capsys.readouterr().out
+                                        "--out", str(tmp_path / "run"), "--export"]) == 0
+    output = capsys.readouterr().out
+    assert "conditional on 4 classes" in output and "exported: " in output
     state = read_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
     assert state["config"]["conditional"] and state["config"]["label_dropout"] == 0.2
     assert state["model"]["class_embed.weight"].shape[0] == 5  # four classes and the null label
+    # The export takes the labels (export_model checked both programs against the EMA model) and says how many.
+    header = (tmp_path / "run" / "model.schedule.txt").read_text()
+    assert "# num_classes 4\n# null_label 4\n" in header
+    assert (tmp_path / "run" / "model.torchscript.pt").is_file() and (tmp_path / "run" / "model.pt2").is_file()
     args = train_command.build_parser().parse_args(["--out", "x"])
     assert (args.conditional, args.label_dropout, args.guidance_scale) == (False, 0.1, 1.0)
     for argv, message in [(["--conditional", "--data-root", str(_npy(tmp_path))],
                            r"--conditional needs class labels, and .*images.npy has none"),
-                          (["--conditional", "--export"], "--export of a class-conditional model is not supported yet"),
                           (["--guidance-scale", "2"], r"guidance_scale guides a class-conditional model's samples: set "
                                                       r"conditional=True \(--conditional\)"),
                           (["--conditional", "--label-dropout", "1"],

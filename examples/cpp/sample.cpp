@@ -3,14 +3,26 @@
 //   rd_sample --model out/model.torchscript.pt --schedule out/model.schedule.txt --out samples \
 //             [--num-samples 16] [--steps 50] [--sampler ddim|ddpm|euler|heun] [--eta 0] [--seed 0]
 //             [--device cpu|cuda] [--batch-size N] [--no-clip] [--format png|netpbm]
+//             [--class C[,C...]] [--guidance-scale W]
 //
 // Inputs, both written by robust_diffusion.training.export.export_model:
-//   * the TorchScript model, called as model(x_t [B,C,H,W] float32, t [B] int64) -> prediction;
+//   * the TorchScript model, called as model(x_t [B,C,H,W] float32, t [B] int64) -> prediction, a class-conditional
+//     one as model(x_t, t, class_labels [B] int64);
 //   * the schedule file: "# key value" header lines (format, prediction_type, num_train_timesteps,
 //     image_shape C H W), then alphas_cumprod of every training step, one float64 per line. Storing
 //     alphas_cumprod (rather than, say, the linear schedule's beta range) lets any schedule reach this sampler.
 //     A flow-matching model's file says "process flow" and gives "shift" instead of values: the model then takes
-//     the float time t * num_train_timesteps and predicts the velocity eps - x0.
+//     the float time t * num_train_timesteps and predicts the velocity eps - x0. A class-conditional model's header
+//     has "num_classes K" and "null_label K": labels 0..K-1 are its classes, K the unconditional prediction.
+//
+// Class conditioning: a conditional model needs --class, an unconditional one refuses it. Sampling a conditional
+// model without --class is an error rather than a silent fall back to the null label, since unguided
+// unconditional samples are rarely what was meant; --class K (the null label) asks for them explicitly.
+// --class 3 gives every sample class 3; a list (comma-separated and/or --class repeated) is cycled, sample i
+// getting the (i mod n)-th entry, so --class 0,1,2 --num-samples 9 gives three of each. --guidance-scale W is
+// classifier-free guidance as sampling.guided_output: out = out_null + W (out_class - out_null), both predictions
+// from one call of 2B (the classes, then the null label), as the Python samplers; W = 1 (default) is one call of B
+// with the classes alone.
 //
 // The sampler mirrors python/robust_diffusion/sampling.py step by step, with the schedule coefficients in
 // double precision on the host: "trailing" timestep spacing, DDIM (eta = 0 deterministic, eta = 1 = DDPM's
@@ -57,13 +69,16 @@ struct Options {
   std::string device = "cpu";
   bool clip = true;
   std::string format = "png";
+  std::vector<int64_t> classes;  // empty: none given; else cycled over the samples
+  double guidance_scale = 1.0;
 };
 
 [[noreturn]] void usage_error(const std::string& message) {
   if (!message.empty()) std::cerr << "rd_sample: " << message << "\n";
   std::cerr << "usage: rd_sample --model MODEL.torchscript.pt --schedule MODEL.schedule.txt [--out DIR]\n"
                "                 [--num-samples N] [--batch-size N] [--steps S] [--sampler ddim|ddpm|euler|heun]\n"
-               "                 [--eta E] [--seed S] [--device cpu|cuda] [--no-clip] [--format png|netpbm]\n";
+               "                 [--eta E] [--seed S] [--device cpu|cuda] [--no-clip] [--format png|netpbm]\n"
+               "                 [--class C[,C...]] [--guidance-scale W]\n";
   std::exit(message.empty() ? 0 : 2);
 }
 
@@ -106,6 +121,27 @@ Options parse_args(int argc, char** argv) {
         usage_error("--eta expects a number, got '" + value + "'");
       }
       if (!(options.eta >= 0.0)) usage_error("--eta must be >= 0");
+    } else if (flag == "--class") {
+      // A comma list, e.g. 0,1,2; repeating --class appends.
+      std::istringstream items(value);
+      std::string item;
+      bool any = false;
+      while (std::getline(items, item, ',')) {
+        options.classes.push_back(parse_int(flag, item, 0));
+        any = true;
+      }
+      if (!any || value.back() == ',')
+        usage_error("--class expects an integer >= 0 or a comma list, got '" + value + "'");
+    } else if (flag == "--guidance-scale") {
+      try {
+        size_t used = 0;
+        options.guidance_scale = std::stod(value, &used);
+        if (used != value.size()) throw std::invalid_argument(value);
+      } catch (const std::exception&) {
+        usage_error("--guidance-scale expects a number, got '" + value + "'");
+      }
+      if (!std::isfinite(options.guidance_scale) || options.guidance_scale < 0.0)
+        usage_error("--guidance-scale must be a finite number >= 0 (1: no guidance), got '" + value + "'");
     } else {
       usage_error("unknown argument " + flag);
     }
@@ -126,6 +162,8 @@ struct Schedule {
   int64_t num_train = 0;       // the training steps (flow: the model's timestep is t * num_train)
   std::string prediction_type;
   std::vector<int64_t> image_shape;  // C, H, W
+  int64_t num_classes = 0;     // 0: an unconditional model
+  int64_t null_label = -1;
 };
 
 Schedule read_schedule(const std::string& path) {
@@ -154,6 +192,13 @@ Schedule read_schedule(const std::string& path) {
   if (schedule.image_shape.size() != 3) throw std::runtime_error(path + ": image_shape must be C H W");
   const auto expected = std::stoll(header["num_train_timesteps"]);
   schedule.num_train = expected;
+  if (header.count("num_classes")) {
+    schedule.num_classes = std::stoll(header["num_classes"]);
+    schedule.null_label = header.count("null_label") ? std::stoll(header["null_label"]) : schedule.num_classes;
+    // The UNet's embedding has rows 0..K (K the null label); any other null label is not a file export_model wrote.
+    if (schedule.num_classes < 1 || schedule.null_label != schedule.num_classes)
+      throw std::runtime_error(path + ": num_classes must be positive and null_label equal to it");
+  }
   if (header.count("process")) schedule.process = header["process"];
   if (schedule.process == "flow") {
     schedule.shift = std::stod(header["shift"]);
@@ -378,6 +423,21 @@ int main(int argc, char** argv) {
     const int64_t num_train = schedule.num_train;
     if (!flow && options.steps > num_train)
       usage_error("--steps must be at most the number of training steps, " + std::to_string(num_train));
+    const bool conditional = schedule.num_classes > 0;
+    const int64_t null_label = schedule.null_label;
+    if (!conditional && !options.classes.empty())
+      usage_error("--class needs a class-conditional export: " + options.schedule + " has no num_classes");
+    if (!conditional && options.guidance_scale != 1.0)
+      usage_error("--guidance-scale guides a class-conditional model, and " + options.schedule +
+                  " has no num_classes");
+    if (conditional && options.classes.empty())
+      usage_error("the model is class-conditional (" + std::to_string(schedule.num_classes) + " classes): pass " +
+                  "--class C, C in 0.." + std::to_string(schedule.num_classes - 1) + " (or " +
+                  std::to_string(null_label) + ", the null label, for unconditional samples)");
+    for (const int64_t label : options.classes)
+      if (label > null_label)
+        usage_error("--class " + std::to_string(label) + " is out of range: the model has classes 0.." +
+                    std::to_string(schedule.num_classes - 1) + " and the null label " + std::to_string(null_label));
     if (!std::filesystem::is_regular_file(options.model))
       throw std::runtime_error("model file not found: " + options.model);
     const at::Device device(options.device);
@@ -394,10 +454,20 @@ int main(int argc, char** argv) {
       throw std::runtime_error("zero terminal SNR: epsilon prediction cannot recover x0 at the first step");
     auto generator = at::make_generator<at::CPUGeneratorImpl>(options.seed);
     const bool needs_noise = sampler == "ddpm" || options.eta > 0.0;
+    // sampling._denoiser: the model's prediction, given the batch's labels if it is conditional, guided with
+    // the null label's prediction from the second half of one 2B call unless the scale is 1.
+    const double guidance = options.guidance_scale;
+    auto denoise = [&](const at::Tensor& x, const at::Tensor& t, const at::Tensor& labels) {
+      if (!conditional) return model.forward({x, t}).toTensor();
+      if (guidance == 1.0) return model.forward({x, t, labels}).toTensor();
+      const at::Tensor both = at::cat({labels, at::full_like(labels, null_label)});
+      const auto halves = model.forward({at::cat({x, x}), at::cat({t, t}), both}).toTensor().chunk(2);
+      return halves[1] + guidance * (halves[0] - halves[1]);
+    };
     // sampling.flow_sample's velocity: the model at time t, given t * num_train_timesteps as float32.
-    auto velocity = [&](const at::Tensor& x, double t) {
+    auto velocity = [&](const at::Tensor& x, double t, const at::Tensor& labels) {
       const at::Tensor time = at::full({x.size(0)}, t, at::TensorOptions(at::kFloat).device(device)) * num_train;
-      return model.forward({x, time}).toTensor().to(at::kFloat);
+      return denoise(x, time, labels).to(at::kFloat);
     };
     auto randn = [&](int64_t batch) {
       return at::randn({batch, shape[0], shape[1], shape[2]}, generator, at::TensorOptions(at::kFloat)).to(device);
@@ -408,18 +478,26 @@ int main(int argc, char** argv) {
     for (int64_t start = 0; start < options.num_samples; start += batch_size) {
       const int64_t batch = std::min(batch_size, options.num_samples - start);
       at::Tensor x = randn(batch);
+      at::Tensor labels;  // sample i's class: the (i mod n)-th --class value
+      if (conditional) {
+        std::vector<int64_t> values;
+        for (int64_t i = start; i < start + batch; ++i)
+          values.push_back(options.classes[static_cast<size_t>(i) % options.classes.size()]);
+        labels = at::tensor(values, at::TensorOptions(at::kLong)).to(device);
+      }
       for (size_t i = 0; i + 1 < times.size(); ++i) {  // flow matching (sampling.flow_step)
         const double t = times[i], t_next = times[i + 1];
-        const at::Tensor v = velocity(x, t);
+        const at::Tensor v = velocity(x, t, labels);
         const at::Tensor euler = x + (t_next - t) * v;
-        x = sampler == "heun" && t_next > 0.0 ? x + (t_next - t) * ((v + velocity(euler, t_next)) / 2) : euler;
+        x = sampler == "heun" && t_next > 0.0 ? x + (t_next - t) * ((v + velocity(euler, t_next, labels)) / 2)
+                                              : euler;
       }
       for (size_t i = 0; i < timesteps.size(); ++i) {
         const int64_t t = timesteps[i];
         const int64_t prev_t = i + 1 < timesteps.size() ? timesteps[i + 1] : -1;
         const double abar_prev = prev_t >= 0 ? abar[prev_t] : 1.0;
         const at::Tensor t_batch = at::full({batch}, t, at::TensorOptions(at::kLong).device(device));
-        const at::Tensor output = model.forward({x, t_batch}).toTensor().to(at::kFloat);
+        const at::Tensor output = denoise(x, t_batch, labels).to(at::kFloat);
         std::optional<at::Tensor> noise;
         if (needs_noise && prev_t >= 0) noise = randn(batch);
         x = sampler == "ddim"
@@ -440,7 +518,9 @@ int main(int argc, char** argv) {
     }
     write_image(out / "grid", make_grid(samples), options.format);
     std::cout << "wrote " << samples.size(0) << " samples (" << sampler << ", " << options.steps
-              << " steps, " << kind << " prediction) to " << out.string() << "; mean "
+              << " steps, " << kind << " prediction";
+    if (conditional) std::cout << ", guidance scale " << guidance;
+    std::cout << ") to " << out.string() << "; mean "
               << samples.mean().item<double>() << ", std " << samples.std().item<double>() << std::endl;
   } catch (const c10::Error& error) {  // LibTorch's errors carry a C++ backtrace: print the message only
     std::cerr << "rd_sample: " << error.what_without_backtrace() << std::endl;

@@ -14,6 +14,12 @@
   C++ sampler, which only needs the cumulative alphas for DDPM and DDIM. A flow-matching model's file has
   ``process flow`` and ``shift`` in its header and no values: its sampler grid and the model's timestep input
   (``t * num_train_timesteps``) follow from them (:meth:`FlowMatchingSchedule.inference_times`).
+
+A class-conditional model (:func:`~robust_diffusion.training.models.null_class_label` is not ``None``) is exported
+as ``model(x_t, t, class_labels)`` with ``class_labels`` an int64 ``[B]`` (``0..K-1`` the classes, ``K`` the null
+label), in both programs, and its schedule file's header adds ``num_classes K`` and ``null_label K``: the header is
+where a consumer learns that the model wants labels and which one is unconditional, since a scripted UNet's
+signature has the optional label argument either way. An unconditional model's files are unchanged.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from torch import Tensor, nn
 
 from ..continuous import FlowMatchingSchedule
 from ..schedules import NoiseSchedule, Schedule, canonical_prediction_type
+from .models import null_class_label
 
 __all__ = ["SCHEDULE_FORMAT", "export_model", "read_schedule_file", "script_model", "write_schedule_file"]
 
@@ -44,11 +51,15 @@ def script_model(model: nn.Module) -> torch.jit.ScriptModule:
 
 
 def write_schedule_file(path: PathLike, schedule: Schedule, image_shape: Sequence[int],
-                        prediction_type: Optional[str] = None) -> Path:
+                        prediction_type: Optional[str] = None, num_classes: Optional[int] = None) -> Path:
     """Write the schedule file described in the module docstring (a :class:`NoiseSchedule` or a
-    :class:`FlowMatchingSchedule`)."""
+    :class:`FlowMatchingSchedule`); ``num_classes`` ``K`` marks a class-conditional model (null label ``K``)."""
     path = Path(path)
     shape = "# image_shape " + " ".join(str(int(s)) for s in image_shape)
+    if num_classes is not None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"write_schedule_file: num_classes must be a positive integer, got {num_classes!r}")
+        shape += f"\n# num_classes {num_classes}\n# null_label {num_classes}"
     if isinstance(schedule, FlowMatchingSchedule):
         if (prediction_type or schedule.prediction_type) not in ("flow_prediction", "flow"):
             raise ValueError(f"write_schedule_file: a flow-matching model predicts the velocity "
@@ -91,17 +102,19 @@ def read_schedule_file(path: PathLike) -> Tuple[Schedule, Dict[str, str]]:
     return NoiseSchedule.from_alphas_cumprod(abar, prediction_type=header["prediction_type"]), header
 
 
-def export_model(model: nn.Module, path_prefix: PathLike, example_inputs: Tuple[Tensor, Tensor], *,
+def export_model(model: nn.Module, path_prefix: PathLike, example_inputs: Tuple[Tensor, ...], *,
                  schedule: Optional[Schedule] = None, prediction_type: Optional[str] = None,
                  dynamic_batch: bool = True, check: bool = True) -> Dict[str, Path]:
-    """Export ``model`` (called as ``model(x_t, t)``) as TorchScript and ``torch.export`` programs.
+    """Export ``model`` (called as ``model(x_t, t)``, a class-conditional one as ``model(x_t, t, class_labels)``) as
+    TorchScript and ``torch.export`` programs.
 
     Args:
         model: the denoiser (e.g. a trainer's EMA model). It is put in eval mode; its device is kept.
         path_prefix: ``<dir>/<name>``; the files are ``<prefix>.torchscript.pt``, ``<prefix>.pt2`` and
             ``<prefix>.schedule.txt`` (the latter only with ``schedule``).
         example_inputs: ``(x_t, t)``, e.g. ``(torch.randn(2, 1, 28, 28), torch.tensor([10, 500]))`` (flow
-            matching: the model's float timestep input, ``schedule.model_timestep(torch.tensor([0.1, 0.9]))``).
+            matching: the model's float timestep input, ``schedule.model_timestep(torch.tensor([0.1, 0.9]))``);
+            ``(x_t, t, class_labels)`` for a class-conditional model, ``class_labels`` int64 ``[B]`` in ``[0, K]``.
         schedule: the training schedule, written to the schedule file for samplers.
         prediction_type: defaults to the schedule's.
         dynamic_batch: export the batch dimension as dynamic (sizes 1..4096), so one ``.pt2`` serves any
@@ -110,6 +123,17 @@ def export_model(model: nn.Module, path_prefix: PathLike, example_inputs: Tuple[
 
     Returns the written paths by kind: ``torchscript``, ``exported``, and ``schedule``.
     """
+    num_classes = null_class_label(model)  # K, the null label, for a conditional model; None otherwise
+    example_inputs = tuple(example_inputs)
+    wanted = 2 if num_classes is None else 3
+    if len(example_inputs) != wanted:
+        kind = "unconditional" if num_classes is None else f"class-conditional (num_classes={num_classes})"
+        inputs = "(x_t, t)" if num_classes is None else "(x_t, t, class_labels)"
+        raise ValueError(f"export_model: the model is {kind}, so example_inputs must be {inputs}, got "
+                         f"{len(example_inputs)} tensors")
+    if num_classes is not None and example_inputs[2].dtype != torch.int64:
+        raise ValueError(f"export_model: class_labels must be int64 (the exported programs take int64 [B]), got "
+                         f"{example_inputs[2].dtype}")
     prefix = Path(path_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training
@@ -123,15 +147,15 @@ def export_model(model: nn.Module, path_prefix: PathLike, example_inputs: Tuple[
         dynamic_shapes = None
         if dynamic_batch:
             batch = torch.export.Dim("batch", min=1, max=4096)
-            dynamic_shapes = ({0: batch}, {0: batch})
+            dynamic_shapes = tuple({0: batch} for _ in example_inputs)
         with torch.no_grad():
-            program = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
+            program = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes)
         paths["exported"] = prefix.with_name(prefix.name + ".pt2")
         torch.export.save(program, str(paths["exported"]))
 
         if schedule is not None:
             paths["schedule"] = write_schedule_file(prefix.with_name(prefix.name + ".schedule.txt"), schedule,
-                                                    example_inputs[0].shape[1:], prediction_type)
+                                                    example_inputs[0].shape[1:], prediction_type, num_classes)
         if check:
             with torch.no_grad():
                 expected = model(*example_inputs)

@@ -18,7 +18,8 @@ classifier-free guidance (``--guidance-scale``, for the TensorBoard sample grids
 
 It writes the checkpoint and ``log.csv`` (see :mod:`robust_diffusion.training.trainer`), ``influence.safetensors`` (each
 training sample's average influence weight and contamination label) and with ``--export`` the EMA model as
-TorchScript + ``torch.export`` + schedule file (:mod:`robust_diffusion.training.export`). ``--resume`` continues
+TorchScript + ``torch.export`` + schedule file (:mod:`robust_diffusion.training.export`; a conditional model's take
+the class labels as a third input, and ``rd_sample --class`` samples them). ``--resume`` continues
 from the checkpoint in ``--out``. What the options build (data, model, loss, schedule) is
 :mod:`robust_diffusion.training.experiment`.
 """
@@ -116,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     out = parser.add_argument_group("output")
     out.add_argument("--out", required=True, help="output directory")
     out.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.safetensors if it exists")
-    out.add_argument("--export", action="store_true", help="export the EMA model (TorchScript, torch.export)")
+    out.add_argument("--export", action="store_true",
+                     help="export the EMA model (TorchScript, torch.export, schedule file) for rd_sample; with "
+                          "--conditional the programs take the class labels as a third input")
     out.add_argument("--report-to", choices=("tensorboard",), default=None,
                      help="also log to TensorBoard, in <out>/tensorboard (pip install tensorboard), as diffusers' "
                           "--report_to")
@@ -165,9 +168,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if data.num_classes is None:
                 raise ValueError(f"--conditional needs class labels, and {args.data_root} has none: use a folder of "
                                  f"class sub-folders, an .npz with a 'labels' array, or a benchmark dataset")
-            if args.export:
-                raise ValueError("--export of a class-conditional model is not supported yet: train without --export "
-                                 "and sample with robust_diffusion.training.sampling (class_labels=, guidance_scale=)")
             overrides["num_classes"] = data.num_classes
         torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run of this seed
         model = build_model(args.model, data.image_shape[0], **overrides)
@@ -215,6 +215,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .export import export_model
             times = torch.tensor([10, 500]) if schedule.discrete else schedule.model_timestep(torch.tensor([0.1, 0.9]))
             example = (torch.randn(2, *data.image_shape, device=device), times.to(device))
+            if args.conditional:  # a class and the null label, so the check covers both embeddings' paths
+                example += (torch.tensor([0, data.num_classes], device=device),)
             paths = export_model(trainer.ema, out / "model", example, schedule=schedule)
             print("exported: " + ", ".join(str(p) for p in paths.values()), flush=True)
     if world_size > 1:
