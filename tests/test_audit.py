@@ -389,6 +389,49 @@ def test_audit_finds_planted_noise_images(tmp_path, capsys, objective):
     assert "## Classes" not in report  # the array has no class labels
 
 
+@pytest.mark.slow
+def test_audit_pairs_finds_swapped_labels_and_names_the_right_one(tmp_path, capsys):
+    """--pairs on an .npz of three shapes (discs, bars, rings) with 6 of 72 labels swapped: a class-conditional micro
+    UNet (seconds), then every pair scored; the swapped pairs rank first, with their true class preferred."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:8, :8]
+    truth = np.arange(72) % 3
+    images = np.zeros((72, 8, 8), dtype=np.uint8)
+    for i, kind in enumerate(truth):
+        cy, cx = rng.uniform(3, 4.5, 2)
+        radius = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
+        shape = radius < 2.5 if kind == 0 else (abs(xx - cx) < 1) if kind == 1 else (abs(radius - 2.5) < 0.8)
+        images[i] = shape * 220
+    labels = truth.copy()
+    swapped = np.zeros(72, dtype=np.uint8)
+    swapped[rng.choice(72, 6, replace=False)] = 1
+    labels[swapped == 1] = (truth[swapped == 1] + 1) % 3
+    np.savez(tmp_path / "shapes.npz", images=images, labels=labels)
+    np.save(tmp_path / "swapped.npy", swapped)
+    out = tmp_path / "out"
+    code, printed = _run([str(tmp_path / "shapes.npz"), "--out", str(out), "--pairs", "--model", "micro", "--steps",
+                          "200", "--batch-size", "24", "--no-progress", "--device", "cpu",
+                          "--labels", str(tmp_path / "swapped.npy")], capsys)
+    assert code == 0, printed.err
+    with open(out / "pairs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["rank"] for r in rows] == [str(i + 1) for i in range(72)]
+    top = {int(r["index"]) for r in rows[:6]}
+    assert len(top & set(np.flatnonzero(swapped).tolist())) >= 4, rows[:8]
+    right = [r["preferred"] == str(truth[int(r["index"])]) for r in rows if swapped[int(r["index"])]]
+    assert sum(right) >= 4, rows[:8]
+    line = next(line for line in printed.out.splitlines() if line.startswith("pairs against --labels: "))
+    assert "margin AUROC" in line and "confident learning (baseline) AUROC" in line
+    report = (out / "report.md").read_text()
+    assert "## Mismatched pairs (`--pairs`)" in report and "## Classes" in report
+    assert (out / "suspected_pairs.png").stat().st_size > 1000
+    # without labels there are no pairs to rank
+    np.save(tmp_path / "plain.npy", images)
+    error = _usage_error([str(tmp_path / "plain.npy"), "--out", str(tmp_path / "o2"), "--pairs", "--steps", "2"],
+                         capsys)
+    assert "--pairs ranks (image, label) pairs, and" in error and "has no labels" in error
+
+
 def test_class_ranks_call_out_a_rare_class_among_the_least_trusted():
     """A class that is 5% of the data but most of the least-trusted tenth is named, with what to do; a common
     class, or a rare one ranked like the rest, is not."""

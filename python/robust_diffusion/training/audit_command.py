@@ -31,6 +31,11 @@ grey or RGB), a ``.npy``/``.npz`` array (uint8 0..255 or floats in [0, 1] or [-1
 ``--labels FILE`` (for evaluating the audit, e.g. on data contaminated on purpose): a ``.npy`` of 0/1 flags, one per
 image in ``index`` order (1 = contaminated); the report then gives the AUROC of the ranking, its precision at k (k =
 the number of flagged images), and the same for the simple baseline that ranks by the mean penalty.
+
+``--pairs`` (data with class labels: a folder of class sub-folders, an ``.npz`` with ``labels``) trains a
+class-conditional model instead and also ranks the (image, label) pairs, the most likely mismatched first, with the
+label the model prefers (:mod:`.audit_pairs`: ``pairs.csv``, ``suspected_pairs.png``, a report section); with it,
+``--labels`` flags the pairs known to be wrong.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from .arguments import (HelpFormatter, add_objective_arguments, command_name, de
                         positive_float, positive_int, stop_on_interrupt)
 from .experiment import (LOSS_NAMES, MODEL_PRESETS, build_influence_loss, build_loss, build_model, build_schedule,
                          loss_settings, parse_loss_name)
+from .audit_pairs import evaluate_pairs, pairs_grid, pairs_report, rank_pairs, write_pairs
 from .audit_report import class_ranks, describe_objective, score_ranking, write_figures, write_ranking, write_report
 from .data import ContaminatedDataset, ImageSet, load_images, unreadable_summary
 from .distributed import init_distributed
@@ -100,7 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     advanced = parser.add_argument_group("evaluation (advanced)")
     advanced.add_argument("--labels", default=None, metavar="FILE",
                           help="a .npy of 0/1 contamination flags, one per image in index order: the report adds the "
-                               "AUROC and precision at k of the ranking")
+                               "AUROC and precision at k of the ranking (with --pairs: flags of the wrong pairs)")
+    train.add_argument("--pairs", action="store_true",
+                       help="data with class labels: train a class-conditional model and rank the (image, label) "
+                            "pairs, the most likely mismatched first (pairs.csv, suspected_pairs.png)")
     return parser
 
 
@@ -152,6 +161,9 @@ def _prepare(args) -> _Audit:
                          f"does not carry")
     loaded = load_images(args.data, args.image_size, args.channels)
     images = loaded.images
+    if args.pairs and loaded.labels is None:
+        raise ValueError(f"--pairs ranks (image, label) pairs, and {args.data} has no labels: use a folder of class "
+                         f"sub-folders or an .npz with a labels array")
     flags = _read_labels(args.labels, images.shape[0]) if args.labels else None
     fingerprint = _fingerprint(images)
     _, _, device = init_distributed(args.device)
@@ -159,14 +171,19 @@ def _prepare(args) -> _Audit:
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          warmup_steps=min(20, args.steps // 10), log_every=min(50, args.steps),
                          checkpoint_every=args.checkpoint_every, influence_from_step=score_from,
-                         sample_trust=spec.trust, trust_coherence=spec.coherent,
+                         sample_trust=spec.trust, trust_coherence=spec.coherent, conditional=args.pairs,
                          seed=args.seed, progress=not args.no_progress)
     schedule = build_schedule(args.objective, args.shift, args.timestep_sampling)
     loss_fn = build_loss(spec, schedule, temperature=args.temperature)
     torch.manual_seed(args.seed)  # the same initial weights in every run of this seed
-    model = build_model(args.model, images.shape[1])
-    dataset = TensorDataset(images) if flags is None else ContaminatedDataset(
-        images, flags, torch.zeros(images.shape[0]), "labels", float(flags.float().mean()))
+    num_classes = {"num_classes": len(loaded.classes)} if args.pairs else {}
+    model = build_model(args.model, images.shape[1], **num_classes)
+    if flags is None and not args.pairs:
+        dataset = TensorDataset(images)
+    else:  # the flags are only logged (the contaminated share of the influence), the labels condition the model
+        known = flags if flags is not None else torch.zeros(images.shape[0], dtype=torch.bool)
+        dataset = ContaminatedDataset(images, known, torch.zeros(images.shape[0]), "labels",
+                                      float(known.float().mean()), labels=loaded.labels if args.pairs else None)
     trainer = Trainer(model, loss_fn, dataset, schedule, config, out_dir=args.out, device=device,
                       influence_loss=build_influence_loss(spec, schedule, temperature=args.temperature))
     resumed = False
@@ -231,6 +248,27 @@ def _write_results(args, audit: _Audit, seconds: float) -> None:
     if loaded.labels is not None:
         for warning in class_ranks(table, loaded.labels, loaded.classes)["warnings"]:
             print(f"note: {warning}", flush=True)
+    if args.pairs:
+        _write_pairs(args, audit, report)
+
+
+def _write_pairs(args, audit: _Audit, report: str) -> None:
+    """The pairs mode's ranking, grid and report section (appended to report.md), and a summary on the console."""
+    out, loaded, trainer = Path(args.out), audit.loaded, audit.trainer
+    rows = rank_pairs(trainer.ema, trainer.schedule, loaded.images, loaded.labels, device=trainer.device)
+    write_pairs(out / "pairs.csv", rows, loaded.paths, loaded.classes)
+    figure = pairs_grid(out / "suspected_pairs.png", loaded.images, rows, loaded.classes, args.show)
+    evaluation = evaluate_pairs(rows, audit.flags, loaded.images, loaded.labels, len(loaded.classes),
+                                seed=args.seed) if audit.flags is not None else None
+    flagged = int(audit.flags.sum()) if audit.flags is not None else 0
+    lines = pairs_report(rows, loaded.paths, loaded.classes, figure, evaluation, flagged)
+    (out / "report.md").write_text(report + "\n".join(lines) + "\n")
+    disagree = sum(row["label"] != row["preferred"] for row in rows)
+    print(f"pairs: the model prefers another label for {disagree} of {len(rows)} images; wrote {out / 'pairs.csv'} "
+          f"and {out / 'suspected_pairs.png'}", flush=True)
+    if evaluation is not None:
+        print("pairs against --labels: " + ", ".join(f"{name} AUROC {values['auroc']:.3f}"
+                                                     for name, values in evaluation.items()), flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- inputs
