@@ -34,6 +34,7 @@
 # | `kl` | full weight too; the MSE at the adaptive scale, divided by the typical error at its noise level |
 # | `hellinger` | per-sample influence weight `exp(-delta/4)` |
 # | `ned` | negative exponential disparity: weight falls fastest |
+# | `pseudo_huber` | diffusers' pseudo-Huber at the adaptive scale: the strongest baseline a user could configure |
 # | `huber` | per-element Huber: caps each pixel's gradient, not the sample's |
 # | `clipped_mse` | drops samples whose error exceeds `tau` times the typical one |
 #
@@ -41,7 +42,10 @@
 # risk-free loss of risk-sensitive diffusion (Li et al.), which uses each sample's known noise level and so
 # applies to `--kind gaussian` (e.g. `--kind gaussian --losses kl kl+risk_free ned`). `<loss>+trust` weights
 # each training image by its *trust* (`InfluenceTracker.trust`): its influence weights at low noise, where junk
-# stands out, applied at every noise level, where it does not (docs/RESULTS.md, finding 11).
+# stands out, applied at every noise level, where it does not (docs/RESULTS.md, finding 11); on a loss whose own
+# weights are all 1 (`mse+trust`) the trust is NED's, measured alongside. `+coherent` gates that trust by how
+# close an image is to its nearest neighbours, so a rare but coherent group keeps its weight (docs/DESIGN.md,
+# Data audit).
 #
 # Then we sample with DDIM and measure
 #
@@ -114,15 +118,16 @@ START = time.perf_counter()
 
 # %%
 PRESETS = {
-    # The main job: four losses (Hellinger and NED with per-sample trust), long enough that samples look like
-    # clothing, two at a time on a 2-core CPU
+    # The main job: the standard MSE, diffusers' pseudo-Huber, the strongest baseline a user could configure
+    # (pseudo-Huber at the adaptive scale and temperature 0.25) and the recipe (NED with per-sample trust), long
+    # enough that samples look like clothing, two at a time on a 2-core CPU
     # (this small model gains nothing from a second thread: two single-thread runs train twice as fast).
     ("fashion-mnist", "demo"): dict(
         model="quick", model_overrides=dict(attention_levels=()), image_size=28, num_train=2400, steps=1000,
         batch_size=32, lr=2e-3, warmup_steps=20, ema_decay=0.995, samples=400, ddim_steps=10, reference=2000,
         classifier_train=10000, classifier_epochs=1, judge_train=50000, judge_epochs=2, detector_train=2400,
         threads=None,
-        losses=["mse", "diffusers_huber", "hellinger+trust", "ned+trust"], temperature=0.25, jobs=2),
+        losses=["mse", "diffusers_huber", "pseudo_huber", "ned+trust"], temperature=0.25, jobs=2),
     ("fashion-mnist", "quick"): dict(
         model="quick", model_overrides=dict(attention_levels=()), image_size=28, num_train=2400, steps=250,
         batch_size=32, lr=2e-3, warmup_steps=20, ema_decay=0.995, samples=200, ddim_steps=10, reference=2000,

@@ -50,20 +50,23 @@ def test_example_resume_continues_an_interrupted_run(tmp_path):
 @needs_fashion_mnist
 @pytest.mark.slow
 def test_example_defaults_to_the_demo_preset(tmp_path):
-    """No --preset on Fashion-MNIST is the main job's demo: its four losses at temperature 0.25 (the divergences with
-    per-sample trust), two training at a time (here shrunk to seconds, its evaluation networks too)."""
+    """No --preset on Fashion-MNIST is the main job's demo: its four losses at temperature 0.25 (pseudo-Huber at the
+    adaptive scale, NED with per-sample trust), two training at a time (here shrunk to seconds, its evaluation
+    networks too)."""
     result = _run_example("--out", tmp_path / "out", "--steps", "2", "--num-train", "64", "--samples", "8",
                           "--ddim-steps", "1", "--no-export", "--eval-train", "512")
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "preset demo, losses ['mse', 'diffusers_huber', 'hellinger+trust', 'ned+trust']" in result.stdout
+    assert "preset demo, losses ['mse', 'diffusers_huber', 'pseudo_huber', 'ned+trust']" in result.stdout
     assert "training 4 loss(es), 2 at a time" in result.stdout
     rows = _results(tmp_path / "out")
-    assert [r["settings"] for r in rows[:4]] == ["scale=1", "scale=1 form=huber", "scale=adaptive temperature=0.25",
+    assert [r["settings"] for r in rows[:4]] == ["scale=1", "scale=1 form=huber",
+                                                 "scale=adaptive temperature=0.25 form=huber",
                                                  "scale=adaptive temperature=0.25"]
     assert (tmp_path / "out" / "summary.png").stat().st_size > 1000
     assert (tmp_path / "out" / "audit_ranking_ned+trust.csv").is_file()  # the audit reads NED's run
-    for name in ("hellinger+trust", "ned+trust"):
-        assert read_checkpoint(tmp_path / "out" / "runs" / name / "checkpoint.safetensors")["config"]["sample_trust"]
+    for name, trust in (("pseudo_huber", False), ("ned+trust", True)):
+        config = read_checkpoint(tmp_path / "out" / "runs" / name / "checkpoint.safetensors")["config"]
+        assert config["sample_trust"] == trust
 
 
 @needs_fashion_mnist

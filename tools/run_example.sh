@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The README's main job: train the same small diffusion model on Fashion-MNIST with 30% of the training
-# images replaced by noise, once per loss (the standard MSE, diffusers' pseudo-Huber, Hellinger and NED), then
-# sample, evaluate, rank the training images by NED's influence weights (the audit) and write tables and
-# figures to outputs/contaminated/ (summary.png is the README's figure). What it does in full, its results and
+# images replaced by noise, once per loss (the standard MSE, diffusers' pseudo-Huber, pseudo-Huber at the adaptive
+# scale, NED with per-sample trust), then sample, evaluate, rank the training images by NED's influence weights
+# (the audit) and write tables and figures to outputs/contaminated/ (summary.png is the README's figure). What it does in full, its results and
 # how long it takes: docs/MAIN_JOB.md.
 # Installs what it needs: Debian's dataset-fashion-mnist package, torch, and this package.
 # Extra arguments go to the example, e.g. `bash tools/run_example.sh --contamination 0.1`.
