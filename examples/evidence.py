@@ -76,6 +76,7 @@ PAIRED_SEEDS = (0, 1, 2, 3, 4)
 # losses compared (the standard MSE, today's recipe, then the candidates) and the targets.
 RARE_CLASS = 1  # Trouser
 RARE_LOSSES = ("mse", "ned+trust", "kl+trust+coherent", "ned+trust+coherent")
+RARE_LOSSES_DEMO = ("mse", "ned+trust", "ned+trust+coherent")  # the second round: the candidate that kept the gains
 RARE_KEEP = 0.8  # a candidate keeps at least 80% of the MSE's mean confident share of the rare class
 RARE_INFORMATIVE = 0.005  # a cell where the MSE's mean confident share is below 0.5% cannot test that
 
@@ -190,6 +191,18 @@ CELLS = [
     *(Cell(name, p, "noise", RARE_LOSSES, temperature=0.25, seeds=PAIRED_SEEDS, rare_class=RARE_CLASS,
            rare_fraction=0.03, samples=1000, question=question)
       for name, p, question in (("rare-3", 0.0, "Trouser at 3% of clean data: does the recipe keep a rare class?"),
+                                ("rare-3-noise-0.3", 0.3, "Trouser at 3% beside 30% noise images"))),
+    # Added with the rule written first (docs/RESULTS.md, Protocol, "Trust beyond noise images"): trust against no
+    # trust on the kinds it was not designed on, and on clean data, five seeds, paired.
+    *(Cell(f"trust-{name}", p, kind, ("ned", "ned+trust"), temperature=0.25, seeds=PAIRED_SEEDS, objective=objective,
+           question="per-sample trust on a kind it was not designed on")
+      for name, p, kind, objective in (("gaussian-0.3", 0.3, "gaussian", "ddpm"), ("dataset-0.3", 0.3, "dataset", "ddpm"),
+                                       ("flow-noise-0.3", 0.3, "noise", "flow"), ("clean", 0.0, "noise", "ddpm"))),
+    # The second round, its rule written after the first round's verdict and before its runs (docs/RESULTS.md,
+    # Protocol, "Rare-truths rule, second round"): the main job's budget, the candidate that kept the gains.
+    *(Cell(f"{name}-demo", p, "noise", RARE_LOSSES_DEMO, temperature=0.25, seeds=PAIRED_SEEDS, preset="demo",
+           rare_class=RARE_CLASS, rare_fraction=0.03, samples=1000, question=f"{question}, at the main job's budget")
+      for name, p, question in (("rare-3", 0.0, "Trouser at 3% of clean data"),
                                 ("rare-3-noise-0.3", 0.3, "Trouser at 3% beside 30% noise images"))),
 ]
 #: The ablation of the main job's recipe: (what is added, the (cell, loss) without it, the (cell, loss) with it).
@@ -633,16 +646,19 @@ def demo_ablation(block: str) -> str:
     return "\n".join(lines + [""])
 
 
-def rare_truths_rule(block: str) -> str:
-    """The rare-truths rule (docs/RESULTS.md, Protocol): on each rare-class cell, how much of the standard MSE's
-    confident share of the rare class each loss keeps; on the contaminated one, whether a candidate keeps today's
-    recipe's gains against the MSE; and the verdict."""
-    recipe, candidates = RARE_LOSSES[1], RARE_LOSSES[2:]
+def rare_truths_rule(block: str, preset: str | None = None) -> str:
+    """The rare-truths rule (docs/RESULTS.md, Protocol) for the rare-class cells of one preset (None: the quick
+    protocol's first round; "demo": the second round): on each cell, how much of the standard MSE's confident share
+    of the rare class each loss keeps; on the contaminated one, whether a candidate keeps today's recipe's gains
+    against the MSE; and the verdict. A cell lists its losses as the MSE, today's recipe, then the candidates."""
+    cells = [c for c in CELLS if c.rare_class is not None and c.preset == preset]
+    losses = cells[0].losses
+    recipe, candidates = losses[1], losses[2:]
     found = sections(block)
-    cells = [c for c in CELLS if c.rare_class is not None]
     rows = {c.name: seed_rows(found.get(c.name, "")) for c in cells}
-    lines = ["### Rare-truths rule: does a candidate keep the rare class and the recipe's gains? (the protocol's "
-             "rule, applied by `rare_truths_rule`)", "",
+    round_name = f", the `{preset}` preset" if preset else ""
+    lines = [f"### Rare-truths rule{round_name}: does a candidate keep the rare class and the recipe's gains? (the "
+             f"protocol's rule, applied by `rare_truths_rule`)", "",
              f"Confident share: samples the class judge assigns to class {RARE_CLASS} with probability above 0.9, "
              f"mean over the seeds both losses ran; kept: against the standard MSE's (target at least "
              f"{RARE_KEEP:.0%}); paired changes with 95% t intervals.", "",
@@ -650,10 +666,10 @@ def rare_truths_rule(block: str) -> str:
              "|---|---|---|---|---|"]
     keeps = {loss: [] for loss in candidates}
     for cell in cells:
-        mse = rows[cell.name].get("mse", {})
+        mse = rows[cell.name].get(losses[0], {})
         base = statistics.mean(v["rare_confident"] for v in mse.values()) if mse else math.nan
         informative = base >= RARE_INFORMATIVE
-        for loss in RARE_LOSSES:
+        for loss in losses:
             mine = rows[cell.name].get(loss, {})
             if not mine or not mse:
                 lines.append(f"| {cell.name} | {loss} | not run | | |")
@@ -676,7 +692,7 @@ def rare_truths_rule(block: str) -> str:
                   f"interval, in contaminant fraction and in FD.", "",
                   "| loss | contaminant fraction change | FD change | keeps the gains |", "|---|---|---|---|"]
         found_rows = rows[mixed.name]
-        mse = found_rows.get("mse", {})
+        mse = found_rows.get(losses[0], {})
 
         def changes(loss):
             mine = found_rows.get(loss, {})
@@ -686,7 +702,7 @@ def rare_truths_rule(block: str) -> str:
             return (paired_interval([mine[s]["contaminant"] - mse[s]["contaminant"] for s in seeds]),
                     paired_interval([mine[s]["fd"] / mse[s]["fd"] - 1 for s in seeds]))
         reference = changes(recipe)
-        for loss in RARE_LOSSES[1:]:
+        for loss in losses[1:]:
             mine = changes(loss)
             if mine is None or reference is None:
                 lines.append(f"| {loss} | not run | | |")
@@ -785,6 +801,7 @@ def write_report(out: Path, wall_minutes: float | None, path: Path = RESULTS_MD,
         body += "\n" + normalization_rule(body)
         body += "\n" + demo_ablation(body)
         body += "\n" + rare_truths_rule(body)
+        body += "\n" + rare_truths_rule(body, "demo")
     where = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
     took = f"; this invocation ran {wall_minutes:.0f} min" if wall_minutes is not None else ""
     stamp = (f"Tables written by `python examples/evidence.py` on {datetime.date.today().isoformat()} from the "
