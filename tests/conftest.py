@@ -51,6 +51,19 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: compiles or trains; still part of CI")
 
 
+#: The test files that take longest, longest first. pytest-xdist's --dist loadfile hands whole files to the
+#: workers in collection order, so starting with these keeps both workers busy until the end instead of leaving
+#: one file running alone (tools/test.sh).
+SLOWEST_FIRST = ("test_build.py", "test_example_runs.py", "test_example.py", "test_training.py", "test_audit.py",
+                 "test_integration.py", "test_fused_gradient.py", "test_coherence.py", "test_fault_injection.py",
+                 "test_benchmarks.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: position for position, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)

@@ -1,22 +1,19 @@
 """Coherence-gated trust (docs/DESIGN.md, Data audit): rd.coherence, InfluenceTracker.set_coherence, the Trainer's
 influence_loss and trust_coherence, and the promise that trust silences junk but not a rare, learnable group."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.data import TensorDataset
 
 import robust_diffusion as rd
+from conftest import example_module
 from robust_diffusion.training.checkpoint import load_state, save_state
 from robust_diffusion.training.data import contaminate
 from robust_diffusion.training.experiment import build_model
 from robust_diffusion.training.trainer import TrainConfig, Trainer
 from robust_diffusion.training.trainer_checkpoint import CHECKPOINT_KIND, CHECKPOINT_NAME, CHECKPOINT_VERSION
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _reference(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -155,10 +152,8 @@ def test_trust_silences_the_junk_and_not_a_rare_learnable_mode():
     """The promise on the toy of examples/rare_mode_toy.py (four common modes, a 3% mode, 30% uniform junk): with
     the KL gradient and NED's trust gated by coherence, the rare mode keeps its weight and is being learnt, the junk
     loses its weight. (NED at temperature 0.25 with plain trust silences both: docs/RESULTS.md, finding 15.)"""
-    spec = importlib.util.spec_from_file_location("rare_mode_toy", ROOT / "examples" / "rare_mode_toy.py")
-    toy = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(toy)
     torch.set_num_threads(1)
-    gated = toy.run("kl+trust+coherence", 0, steps=1200)
+    with example_module("rare_mode_toy") as toy:
+        gated = toy.run("kl+trust+coherence", 0, steps=1200)
     assert gated["rare"][0] > 0.8 and gated["junk"][0] < 0.5  # trust: the rare mode kept, the junk silenced
     assert gated["rare"][1] < gated["junk"][1]  # the rare mode is being learnt, the junk is not
