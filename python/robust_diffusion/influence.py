@@ -17,7 +17,9 @@ Every robust loss gives each sample of a batch an influence weight ``w_b`` (``Ro
 ``rd.influence_weights(...)`` (with the ``penalty`` left out) ranks the same as ``last_influence`` (it gives
 phi'(delta) itself, not relative to a typical sample). To train with
 the result, ``weight=tracker.trust(index)`` in the criterion's call weights each sample by how much the loss
-trusted it at low noise (:meth:`InfluenceTracker.trust`; the Trainer's ``sample_trust``).
+trusted it at low noise (:meth:`InfluenceTracker.trust`; the Trainer's ``sample_trust``);
+``tracker.set_coherence(rd.coherence(images))`` keeps the weight of samples that have close neighbours, so a rare
+but coherent group is not silenced with the junk (docs/DESIGN.md, Data audit).
 
 What is kept, per sample (float64, on the tracker's device, in ``state_dict``):
 
