@@ -328,6 +328,8 @@ plt.show() if IN_JUPYTER else plt.close(fig)
 # %%
 EVAL_SEED = 0
 eval_cache = Path(args.eval_cache) if args.eval_cache else OUT / "cache"
+# --kind dataset removes the held-out classes from every split, so its classifiers have fewer classes: cached apart.
+CLASSES_TAG = "_held_out_removed" if args.kind == "dataset" else ""
 t0 = time.perf_counter()
 # The classifier learns from clean training images (the uncontaminated originals of the same split, with
 # the held-out classes of --kind dataset removed), possibly beyond the diffusion model's subset.
@@ -335,7 +337,8 @@ clean = load_data(0.0, image_size=settings["image_size"], num_train=settings["cl
 cls_images, cls_labels = clean.train.images, clean.train_labels
 classifier = metrics.train_classifier(
     cls_images, cls_labels, test_images=data.test_images, test_labels=data.test_labels,
-    epochs=settings["classifier_epochs"], seed=EVAL_SEED, cache_path=eval_cache / "classifier.safetensors",
+    epochs=settings["classifier_epochs"], seed=EVAL_SEED,
+    cache_path=eval_cache / f"classifier{CLASSES_TAG}.safetensors",
     device=args.device, progress=not IN_JUPYTER)
 # The detectors learn from their own half-contaminated draw of this kind of contaminant, made from the last
 # `detector_train` images of the training split, while the diffusion models train on the first `num_train` and
@@ -362,7 +365,8 @@ threads_before = torch.get_num_threads()
 torch.set_num_threads(max(threads_before, os.cpu_count() or 1))
 judge = metrics.train_classifier(
     judge_data.train.images, judge_data.train_labels, test_images=data.test_images, test_labels=data.test_labels,
-    epochs=settings["judge_epochs"], seed=EVAL_SEED, cache_path=eval_cache / "class_judge.safetensors",
+    epochs=settings["judge_epochs"], seed=EVAL_SEED,
+    cache_path=eval_cache / f"class_judge{CLASSES_TAG}.safetensors",
     device=args.device, progress=not IN_JUPYTER)
 torch.set_num_threads(threads_before)
 reference = data.test_images[:settings["reference"]]

@@ -344,3 +344,21 @@ def test_rare_truths_rule_reads_the_shares_and_the_gains(evidence, tmp_path):
     assert f"| rare-3 | {recipe} | 0.0022 | 7% |" in verdict  # today's recipe kept 7% of the MSE's share
     # without the runs there is nothing to decide
     assert "not decided" in evidence.rare_truths_rule(evidence.tables(tmp_path / "none"))
+
+
+def test_trust_validation_rule_names_the_kinds_where_trust_fails(evidence, tmp_path):
+    """Trust that lowers the contaminant fraction is validated; trust that raises FD by a fifth on clean data is
+    not; with two cells not validated the verdict asks for the next round."""
+    for seed in evidence.PAIRED_SEEDS:
+        wobble = 0.002 * seed
+        for cell, fd_with, cont_with in (("trust-gaussian-0.3", 50, 0.10), ("trust-dataset-0.3", 61, 0.30),
+                                         ("trust-flow-noise-0.3", 40, 0.05), ("trust-clean", 60, 0.0)):
+            write_results(tmp_path / "runs" / cell / f"seed{seed}", [
+                {"loss": "ned", "frechet_distance": 50 + seed, "contaminant_fraction": 0.2 + wobble},
+                {"loss": "ned+trust", "frechet_distance": fd_with + seed, "contaminant_fraction": cont_with + wobble}])
+    verdict = evidence.trust_validation_rule(evidence.tables(tmp_path / "runs"))
+    rows = {line.split(" | ")[0].strip("| "): line for line in verdict.splitlines() if line.startswith("| trust-")}
+    assert rows["trust-gaussian-0.3"].endswith("| yes |") and rows["trust-flow-noise-0.3"].endswith("| yes |")
+    assert rows["trust-dataset-0.3"].endswith("| no |") and rows["trust-clean"].endswith("| no |")
+    assert "not validated on trust-dataset-0.3, trust-clean" in verdict and "t < T/4 and t < 3T/4" in verdict
+    assert "not decided" in evidence.trust_validation_rule(evidence.tables(tmp_path / "none"))
