@@ -84,3 +84,17 @@ def test_confident_learning_ranks_flipped_labels_of_separable_images_first():
     assert auroc(scores, flipped) > 0.9
     with pytest.raises(ValueError, match="folds must be at least 2"):
         confident_learning_scores(images, given, num_classes=2, folds=1)
+
+
+def test_label_errors_run_the_kits_conditional_unet_on_flow_matching_too():
+    """The real model and both objectives: finite errors for every label and the null label, the same for every
+    batching (the noise is drawn for the whole set)."""
+    from robust_diffusion.training.experiment import build_model
+
+    torch.manual_seed(0)
+    model = build_model("micro", 1, num_classes=3)
+    images = torch.rand(5, 1, 8, 8) * 2 - 1
+    for schedule in (rd.FlowMatchingSchedule(), rd.NoiseSchedule.linear()):
+        errors = label_errors(model, schedule, images, levels=(0.3, 0.7), batch_size=5)
+        assert errors.shape == (5, 4) and torch.isfinite(errors).all() and (errors > 0).all()
+        torch.testing.assert_close(errors, label_errors(model, schedule, images, levels=(0.3, 0.7), batch_size=2))
