@@ -23,16 +23,17 @@ audit and the robust conditional training use is decided by evidence (docs/RESUL
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence, Union
+import math
+from typing import Dict, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..schedules import Schedule, prediction_type_for
-from .metrics import FeatureClassifier, _fit
+from .metrics import FeatureClassifier, _fit, auroc
 from .models import model_prediction, null_class_label
 
-__all__ = ["PairScores", "confident_learning_scores", "label_errors", "pair_scores"]
+__all__ = ["PairScores", "confident_learning_scores", "detection_quality", "label_errors", "pair_scores"]
 
 #: The default noise levels of :func:`label_errors`, as fractions of the schedule's time: the middle, where the
 #: label decides what an image becomes.
@@ -146,3 +147,20 @@ def confident_learning_scores(images: Tensor, labels: Tensor, *, num_classes: in
                                 for i in range(0, held.shape[0], 512)])
         probability[held] = torch.softmax(logits, dim=1).gather(1, labels[held].long()[:, None]).squeeze(1)
     return (1 - probability).float()
+
+
+def detection_quality(scores: Mapping[str, Tensor], flipped: Tensor) -> Dict[str, Dict[str, float]]:
+    """How well each score (``[N]``, higher: more likely mismatched) finds the ``flipped`` pairs (``[N]`` bool):
+    ``{name: {"auroc", "precision_at_k"}}``, k the number flipped (NaN without flipped pairs; ties broken by
+    index)."""
+    flipped = flipped.bool().cpu()
+    count = int(flipped.sum())
+    result = {}
+    for name, score in scores.items():
+        if score.shape != flipped.shape:
+            raise ValueError(f"detection_quality: score {name!r} has shape {tuple(score.shape)}, the flags "
+                             f"{tuple(flipped.shape)}")
+        top = torch.argsort(score.cpu(), descending=True, stable=True)[:count]
+        result[name] = {"auroc": auroc(score.cpu(), flipped),
+                        "precision_at_k": float(flipped[top].float().mean()) if count else math.nan}
+    return result
