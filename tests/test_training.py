@@ -474,8 +474,11 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
 @needs_fashion_mnist
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", [[], ["--objective", "flow", "--shift", "3", "--timestep-sampling",
-                                            "logit_normal"]], ids=["ddpm", "flow"])
+                                            "logit_normal"], ["--conditional", "--label-dropout", "0.25"]],
+                         ids=["ddpm", "flow", "conditional"])
 def test_two_process_ddp_matches_single_process(tmp_path, objective):
+    # conditional: each rank takes its samples' labels and its rows of the global batch's label dropout, so the
+    # two processes train what one does.
     # A fixed scale: the adaptive scale's per-bucket medians are averaged over ranks, not global medians.
     extra = ["--loss", "hellinger", "--scale", "1.0", "--checkpoint-every", "0"] + objective
     steps = "6"
@@ -491,10 +494,11 @@ def test_two_process_ddp_matches_single_process(tmp_path, objective):
     a = read_checkpoint(tmp_path / "single" / "checkpoint.safetensors")
     b = read_checkpoint(tmp_path / "ddp" / "checkpoint.safetensors")
     assert b["world_size"] == 2 and a["world_size"] == 1
+    assert ("class_embed.weight" in a["model"]) == ("--conditional" in objective)
     # Adam moves a weight by up to lr (1e-3) per step whatever its gradient's size, so where a gradient is near 0
     # the all-reduce's summation order shows in the weight: flow's run has such weights (9e-6 seen, 2 of them);
     # 2e-5 is 2% of one step.
-    atol = 2e-5 if objective else 1e-6
+    atol = 2e-5 if "flow" in objective else 1e-6
     for key in a["model"]:
         torch.testing.assert_close(b["model"][key], a["model"][key], rtol=1e-5, atol=atol, msg=key)
     # Every rank's influence weights reach the statistics: the same samples were seen the same number of times.
