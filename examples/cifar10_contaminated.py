@@ -184,6 +184,9 @@ def build_parser():
     parser.add_argument("--scale", default="adaptive", help="RobustDiffusionLoss scale: adaptive, vlb, batch or a number")
     add_objective_arguments(parser)  # --objective flow samples with Euler, as many model calls as DDIM's
     parser.add_argument("--temperature", type=float, default=None, help="the adaptive scale's tau (default: preset)")
+    parser.add_argument("--trust-low-noise", type=float, default=0.5,
+                        help="+trust losses: measure the trust on the draws with t below this fraction of the "
+                             "timesteps, in (0, 1]")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--out", default="outputs/contaminated")
@@ -243,6 +246,9 @@ def parse_args(argv=None):
             raise ValueError(f"contamination must be a fraction in [0, 1), got {args.contamination!r}")
         if not args.temperature > 0:
             raise ValueError(f"--temperature must be positive, got {args.temperature!r}")
+        if not 0 < args.trust_low_noise <= 1:
+            raise ValueError(f"--trust-low-noise must be a fraction of the timesteps in (0, 1], got "
+                             f"{args.trust_low_noise!r}")
         for key in ("jobs", "threads"):
             if settings[key] is not None and settings[key] < 1:
                 raise ValueError(f"--{key} must be at least 1, got {settings[key]!r}")
@@ -464,7 +470,8 @@ def make_trainer(spec):
                          warmup_steps=settings["warmup_steps"], ema_decay=settings["ema_decay"],
                          log_every=max(1, settings["steps"] // 30), checkpoint_every=checkpoint_every,
                          influence_from_step=influence_from, risk_free=spec.risk_free,
-                         sample_trust=spec.trust, trust_coherence=spec.coherent, seed=args.seed,
+                         sample_trust=spec.trust, trust_coherence=spec.coherent,
+                         trust_low_noise=args.trust_low_noise if spec.trust else 0.5, seed=args.seed,
                          progress=not IN_JUPYTER, progress_label=spec.name)
     trainer = Trainer(model, loss_fn, train_set, schedule, config, out_dir=run_dir, device=args.device,
                       influence_loss=build_influence_loss(spec, schedule, temperature=args.temperature))

@@ -1,6 +1,7 @@
 """examples/evidence.py: the protocol's cells and commands, and the tables it writes into docs/RESULTS.md."""
 
 import csv
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,16 @@ def evidence():
         yield module
 
 
+@pytest.fixture(scope="module")
+def protocol(evidence):
+    return sys.modules["evidence_protocol"]  # imported by evidence.py from beside it
+
+
+@pytest.fixture(scope="module")
+def rules(evidence):
+    return sys.modules["evidence_rules"]
+
+
 def write_results(folder: Path, rows):
     folder.mkdir(parents=True)
     with open(folder / "results.csv", "w", newline="") as f:
@@ -24,13 +35,13 @@ def write_results(folder: Path, rows):
         writer.writerows(rows)
 
 
-def test_protocol_covers_the_issue(evidence):
+def test_protocol_covers_the_issue(evidence, protocol):
     cells = {cell.name: cell for cell in evidence.CELLS}
     assert len(cells) == len(evidence.CELLS)  # names are unique
     assert {(c.contamination, c.kind) for c in evidence.CELLS} >= {
         (0.0, "noise"), (0.1, "noise"), (0.3, "noise"), (0.1, "gaussian"), (0.3, "gaussian")}
     for name in ("noise-0.3", "gaussian-0.3", "clean", "noise-0.1", "gaussian-0.1"):
-        assert set(evidence.BASELINES) <= set(cells[name].losses)
+        assert set(protocol.BASELINES) <= set(cells[name].losses)
     assert {"kl+debias", "ned+debias"} <= set(cells["clean"].losses)
     assert {"kl+risk_free", "ned+risk_free"} <= set(cells["gaussian-0.3"].losses)
     assert {c.scale for c in evidence.CELLS} == {"adaptive", "1.0", "vlb", "batch"}
@@ -142,11 +153,11 @@ def test_later_cells_compare_with_the_kept_kl_table(evidence, tmp_path):
     assert "| kl | 100 | +25% |" in section  # the standard MSE against the adaptive-scale KL of seed 0 (80)
 
 
-def test_temperature_rule_pairs_every_divergence_budget_and_data(evidence):
-    pairs = evidence.temperature_pairs()
+def test_temperature_rule_pairs_every_divergence_budget_and_data(evidence, rules):
+    pairs = rules.temperature_pairs()
     seen = set()
     for loss, low, high in pairs:
-        assert (low.temperature, high.temperature) == (evidence.RULE_TEMPERATURE, 1.0)
+        assert (low.temperature, high.temperature) == (rules.RULE_TEMPERATURE, 1.0)
         assert low.scale == high.scale == "adaptive" and loss in low.losses and loss in high.losses
         assert (low.contamination, low.kind, low.steps) == (high.contamination, high.kind, high.steps)
         seen.add((loss, low.contamination, low.kind, low.steps or 250))
@@ -158,7 +169,8 @@ def test_temperature_rule_pairs_every_divergence_budget_and_data(evidence):
 def _rule_runs(evidence, root: Path, fd_ratio, contaminant_delta):
     """Both seeds of every cell the rule reads: FD 50 and contaminant fraction 0.2 at temperature 1, and
     at 0.25 the given FD ratio / contaminant difference (callables of (loss, cell))."""
-    for loss, low, high in evidence.temperature_pairs():
+    rules = sys.modules["evidence_rules"]
+    for loss, low, high in rules.temperature_pairs():
         for cell, fd, contaminant in ((high, 50.0, 0.2),
                                       (low, 50.0 * fd_ratio(loss, low), 0.2 + contaminant_delta(loss, low))):
             for seed in evidence.SEEDS:
@@ -200,6 +212,7 @@ def test_temperature_rule_adopts_only_when_every_condition_holds(evidence, tmp_p
 def _batch_rule_runs(evidence, root: Path, fd_ratio, auroc_drop):
     """Both seeds of every pair the batch-scale rule reads: FD 50 and AUROC 0.9 at the adaptive scale, and with
     scale='batch' the given FD ratio and AUROC drop (callables of the batch cell)."""
+    protocol = sys.modules["evidence_protocol"]
     for cell in (c for c in evidence.CELLS if c.scale == "batch"):
         reference = next(c for c in evidence.CELLS if (c.contamination, c.kind, c.scale, c.steps, c.temperature)
                          == (cell.contamination, cell.kind, "adaptive", None, 1.0))
@@ -207,7 +220,7 @@ def _batch_rule_runs(evidence, root: Path, fd_ratio, auroc_drop):
             for seed in evidence.SEEDS:
                 write_results(evidence.run_dir(root, target, seed), [
                     {"loss": loss, "frechet_distance": fd, "contaminant_fraction": 0.2, "auroc": auroc,
-                     "train_s": 1} for loss in evidence.BATCH_RULE_LOSSES])
+                     "train_s": 1} for loss in protocol.BATCH_RULE_LOSSES])
     return evidence.tables(root)
 
 
@@ -257,15 +270,16 @@ def test_tables_name_the_current_machine_for_runs_that_do_not_say(evidence, tmp_
     assert "Seeds done: 1 of 0, 1" in section and " CPU, " in section and "cores)" in section
 
 
-def test_paired_interval_is_the_mean_with_its_t_interval(evidence):
-    mean, low, high = evidence.paired_interval([1.0, 2.0, 3.0])
+def test_paired_interval_is_the_mean_with_its_t_interval(evidence, rules):
+    mean, low, high = rules.paired_interval([1.0, 2.0, 3.0])
     assert mean == 2.0 and (high - mean) == pytest.approx(4.303 / 3 ** 0.5) and (mean - low) == pytest.approx(high - mean)
-    assert evidence.paired_interval([0.5])[0] == 0.5 and all(v != v for v in evidence.paired_interval([0.5])[1:])
+    assert rules.paired_interval([0.5])[0] == 0.5 and all(v != v for v in rules.paired_interval([0.5])[1:])
 
 
 def _normalization_runs(evidence, folder, fd_factor, contaminant_shift):
+    protocol = sys.modules["evidence_protocol"]
     for cell in (c for c in evidence.CELLS if c.name.endswith("-normalized")):
-        assert cell.seeds == evidence.PAIRED_SEEDS and len(cell.seeds) >= 5
+        assert cell.seeds == protocol.PAIRED_SEEDS and len(cell.seeds) >= 5
         for seed in cell.seeds:
             fd = 50.0 + 3 * seed
             write_results(folder / cell.name / f"seed{seed}", [
@@ -319,11 +333,11 @@ def test_the_demo_ablation_pairs_seeds_across_its_two_cells(evidence, tmp_path):
     assert "| 0, 1 |" in scale
 
 
-def test_rare_truths_rule_reads_the_shares_and_the_gains(evidence, tmp_path):
+def test_rare_truths_rule_reads_the_shares_and_the_gains(evidence, tmp_path, protocol):
     """The rule's verdict from synthetic runs: a candidate that keeps the rare class on both cells and the recipe's
     gains against the MSE is adopted; one that keeps the class but loses the gains is not."""
-    mse, recipe, gated, ned_gated = evidence.RARE_LOSSES
-    for seed in evidence.PAIRED_SEEDS:
+    mse, recipe, gated, ned_gated = protocol.RARE_LOSSES
+    for seed in protocol.PAIRED_SEEDS:
         wobble = 0.001 * seed
         for cell, p in (("rare-3", 0.0), ("rare-3-noise-0.3", 0.3)):
             noisy = p > 0
@@ -346,10 +360,10 @@ def test_rare_truths_rule_reads_the_shares_and_the_gains(evidence, tmp_path):
     assert "not decided" in evidence.rare_truths_rule(evidence.tables(tmp_path / "none"))
 
 
-def test_trust_validation_rule_names_the_kinds_where_trust_fails(evidence, tmp_path):
+def test_trust_validation_rule_names_the_kinds_where_trust_fails(evidence, tmp_path, protocol):
     """Trust that lowers the contaminant fraction is validated; trust that raises FD by a fifth on clean data is
     not; with two cells not validated the verdict asks for the next round."""
-    for seed in evidence.PAIRED_SEEDS:
+    for seed in protocol.PAIRED_SEEDS:
         wobble = 0.002 * seed
         for cell, fd_with, cont_with in (("trust-gaussian-0.3", 50, 0.10), ("trust-dataset-0.3", 61, 0.30),
                                          ("trust-flow-noise-0.3", 40, 0.05), ("trust-clean", 60, 0.0)):

@@ -736,3 +736,23 @@ def _npy(tmp_path):
     if not path.is_file():
         np.save(path, (np.random.default_rng(0).random((24, 12, 12)) * 255).astype(np.uint8))
     return path
+
+
+# ---------------------------------------------------------------------------------------------- trust's noise levels
+def test_trust_low_noise_sets_the_draws_trust_is_measured_on_and_binds_a_resume(tmp_path):
+    seen = []
+    trainer = _trainer(tmp_path / "quarter", 6, sample_trust=True, trust_low_noise=0.25, influence_from_step=1)
+    trust = trainer.influence.trust
+    trainer.influence.trust = lambda indices=None, **kw: seen.append(kw.get("low_noise")) or trust(indices, **kw)
+    trainer.train()
+    assert seen and set(seen) == {0.25}
+    del trainer.influence.trust
+    # the weights it trained with are the tracker's trust at t < T/4, which differs from the default's
+    assert not torch.equal(trainer.influence.trust(low_noise=0.25), trainer.influence.trust())
+    with pytest.raises(ValueError, match=r"it was written with trust_low_noise=0.25, this run has 0.5"):
+        _trainer(tmp_path / "quarter", 8, sample_trust=True, influence_from_step=1).resume()
+    for bad in (0, 1.5, True, "0.5"):
+        with pytest.raises(ValueError, match="trust_low_noise must be a fraction of the timesteps in"):
+            TrainConfig(sample_trust=True, trust_low_noise=bad)
+    with pytest.raises(ValueError, match="trust_low_noise sets the draws the per-sample trust is measured on"):
+        TrainConfig(trust_low_noise=0.25)

@@ -378,7 +378,8 @@ class Trainer:
             time = self.schedule.model_timestep(t)
             output = self.network(x_t, time) if labels is None else self.network(x_t, time, class_labels=labels)
             output = model_prediction(output, x_t)  # diffusers: .sample
-        trust = self.influence.trust(indices) if self.config.sample_trust else None
+        trust = (self.influence.trust(indices, low_noise=self.config.trust_low_noise) if self.config.sample_trust
+                 else None)
         if self.influence_loss is not None:
             self.influence_loss(output.detach().float(), target, t)  # measured, not trained on
         if self.risk is not None:

@@ -145,9 +145,10 @@ def _check_same_run(trainer: "Trainer", state: Dict[str, Any], path: Path) -> No
     if measured != (trainer.influence_loss is not None):
         raise ValueError(f"cannot resume from {path}: it was written {'with' if measured else 'without'} an "
                          f"influence_loss, this run has {'one' if trainer.influence_loss is not None else 'none'}")
-    for key in ("risk_free", "sample_trust", "trust_coherence", "conditional"):
-        # A checkpoint without the setting was written with its default (False).
-        if state["config"].get(key, False) != getattr(trainer.config, key):
+    for key, default in (("risk_free", False), ("sample_trust", False), ("trust_coherence", False),
+                         ("trust_low_noise", 0.5), ("conditional", False)):
+        # A checkpoint without the setting was written with its default.
+        if state["config"].get(key, default) != getattr(trainer.config, key):
             raise ValueError(f"cannot resume from {path}: it was written with {key}={state['config'].get(key)}, "
                              f"this run has {getattr(trainer.config, key)}")
     for key, mine in (("batch_size", trainer.config.batch_size), ("num_samples", trainer.num_samples)):
