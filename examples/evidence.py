@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evidence_protocol import (CELLS, DIVERGENCES, FLOW_SAMPLING, SEEDS, Cell, kl_cell,  # noqa: E402
                                preset_cells)
 from evidence_rules import (batch_scale_rule, demo_ablation, normalization_rule, parse_rows,  # noqa: E402
-                            rare_truths_rule, sections, temperature_rule, trust_validation_rule)
+                            rare_truths_rule, sections, temperature_rule, trust_levels_rule,
+                            trust_validation_rule)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "cifar10_contaminated.py"
@@ -75,6 +76,7 @@ def command(cell: Cell, seed: int, out: Path, preset: str, threads: int | None) 
     cmd += ["--rare-class", str(cell.rare_class), "--rare-fraction", str(cell.rare_fraction)] \
         if cell.rare_class is not None else []
     cmd += ["--samples", str(cell.samples)] if cell.samples else []
+    cmd += ["--trust-low-noise", str(cell.trust_low_noise)] if cell.trust_low_noise != 0.5 else []
     return cmd + (["--threads", str(threads)] if threads else [])
 
 
@@ -286,6 +288,7 @@ def write_report(out: Path, wall_minutes: float | None, path: Path = RESULTS_MD,
         body += "\n" + rare_truths_rule(body)
         body += "\n" + rare_truths_rule(body, "demo")
         body += "\n" + trust_validation_rule(body)
+        body += "\n" + trust_levels_rule(body)
     where = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
     took = f"; this invocation ran {wall_minutes:.0f} min" if wall_minutes is not None else ""
     stamp = (f"Tables written by `python examples/evidence.py` on {datetime.date.today().isoformat()} from the "

@@ -27,6 +27,7 @@ class Cell:
     rare_class: int | None = None  # a class kept at rare_fraction of the training images (the rare-truths control)
     rare_fraction: float = 0.03
     samples: int | None = None  # generated samples per loss (default: the preset's)
+    trust_low_noise: float = 0.5  # +trust: the draws trust is measured on, t below this fraction of T
 
 
 # The rule (docs/RESULTS.md, Protocol; committed together with its cells' results) that decides whether
@@ -48,6 +49,16 @@ RARE_INFORMATIVE = 0.005  # a cell where the MSE's mean confident share is below
 
 # The rule, fixed before its cells ran (docs/RESULTS.md, Protocol, "Influence normalisation rule"), that decides
 # RobustDiffusionLoss's default normalize_influence.
+# The kinds trust is validated on (docs/RESULTS.md, Protocol, "Trust beyond noise images" and its second round):
+# (cell name's kind, p, contaminant kind, objective); the first is the kind it was designed on.
+TRUST_KINDS = (("noise-0.3", 0.3, "noise", "ddpm"), ("gaussian-0.3", 0.3, "gaussian", "ddpm"),
+               ("dataset-0.3", 0.3, "dataset", "ddpm"), ("flow-noise-0.3", 0.3, "noise", "flow"),
+               ("clean", 0.0, "noise", "ddpm"))
+#: The settings of trust's second round: TrainConfig.trust_low_noise, the default first.
+TRUST_LEVELS = (0.5, 0.25, 0.75)
+TRUST_CONTAMINANT_TOLERANCE = 0.02  # the contaminant fraction's interval may reach at most +0.02 with trust
+TRUST_FD_TOLERANCE = 0.05  # and the FD change's must stay below +5%
+
 NORMALIZATION_LOSS = "ned"
 NORMALIZATION_FD_TOLERANCE = 0.05  # on every kind, the upper 95% bound of the mean paired FD change below +5%
 NORMALIZATION_CONTAMINANT_TOLERANCE = 0.02  # on contaminated kinds, that of the contaminant fraction at most +0.02
@@ -162,8 +173,15 @@ CELLS = [
     # trust on the kinds it was not designed on, and on clean data, five seeds, paired.
     *(Cell(f"trust-{name}", p, kind, ("ned", "ned+trust"), temperature=0.25, seeds=PAIRED_SEEDS, objective=objective,
            question="per-sample trust on a kind it was not designed on")
-      for name, p, kind, objective in (("gaussian-0.3", 0.3, "gaussian", "ddpm"), ("dataset-0.3", 0.3, "dataset", "ddpm"),
-                                       ("flow-noise-0.3", 0.3, "noise", "flow"), ("clean", 0.0, "noise", "ddpm"))),
+      for name, p, kind, objective in TRUST_KINDS[1:]),
+    # Trust's second round, its rule written after the first round's verdict and before its runs (docs/RESULTS.md,
+    # Protocol, "Trust's noise levels, second round"): the kind trust was designed on, at its setting t < T/2, and
+    # every kind with trust measured on t < T/4 and on t < 3T/4 instead.
+    Cell("trust-noise-0.3", 0.3, "noise", ("ned", "ned+trust"), temperature=0.25, seeds=PAIRED_SEEDS,
+         question="per-sample trust on the kind it was designed on"),
+    *(Cell(f"trust-{name}-low{low}", p, kind, ("ned+trust",), temperature=0.25, seeds=PAIRED_SEEDS,
+           objective=objective, trust_low_noise=low, question=f"trust measured on the draws with t < {low} T")
+      for low in TRUST_LEVELS[1:] for name, p, kind, objective in TRUST_KINDS),
     # The second round, its rule written after the first round's verdict and before its runs (docs/RESULTS.md,
     # Protocol, "Rare-truths rule, second round"): the main job's budget, the candidate that kept the gains.
     *(Cell(f"{name}-demo", p, "noise", RARE_LOSSES_DEMO, temperature=0.25, seeds=PAIRED_SEEDS, preset="demo",

@@ -9,7 +9,8 @@ import statistics
 
 from evidence_protocol import (ABLATION, BATCH_RULE_AUROC_TOLERANCE, BATCH_RULE_FD_TOLERANCE, BATCH_RULE_LOSSES,
                                CELLS, NORMALIZATION_CONTAMINANT_TOLERANCE, NORMALIZATION_FD_TOLERANCE,
-                               NORMALIZATION_LOSS, RARE_CLASS, RARE_INFORMATIVE, RARE_KEEP)
+                               NORMALIZATION_LOSS, RARE_CLASS, RARE_INFORMATIVE, RARE_KEEP, TRUST_CONTAMINANT_TOLERANCE,
+                               TRUST_FD_TOLERANCE, TRUST_KINDS, TRUST_LEVELS)
 
 def sections(block: str) -> dict:
     """{cell name: its section's text} of a generated tables block."""
@@ -343,8 +344,16 @@ def rare_truths_rule(block: str, preset: str | None = None) -> str:
     return "\n".join(lines + ["", f"Verdict: {verdict}", ""])
 
 
-TRUST_CONTAMINANT_TOLERANCE = 0.02  # the contaminant fraction's interval may reach at most +0.02 with trust
-TRUST_FD_TOLERANCE = 0.05  # and the FD change's must stay below +5%
+def _trust_change(plain: dict, trusted: dict, contamination: float):
+    """(seeds, contaminant fraction interval, FD change interval, validated) of trust against no trust, paired by
+    seed; None with fewer than two seeds in common."""
+    seeds = sorted(set(plain) & set(trusted))
+    if len(seeds) < 2:
+        return None
+    contaminant = paired_interval([trusted[s]["contaminant"] - plain[s]["contaminant"] for s in seeds])
+    fd = paired_interval([trusted[s]["fd"] / plain[s]["fd"] - 1 for s in seeds])
+    ok = fd[2] < TRUST_FD_TOLERANCE and (contamination == 0 or contaminant[2] <= TRUST_CONTAMINANT_TOLERANCE)
+    return seeds, contaminant, fd, ok
 
 
 def trust_validation_rule(block: str) -> str:
@@ -352,7 +361,7 @@ def trust_validation_rule(block: str) -> str:
     trust (`ned+trust` against `ned`) in contaminant fraction and FD with 95% intervals, whether trust is validated
     there, and the verdict on its setting."""
     found = sections(block)
-    cells = [c for c in CELLS if c.name.startswith("trust-")]
+    cells = [c for c in CELLS if c.name in {f"trust-{kind[0]}" for kind in TRUST_KINDS[1:]}]  # the first round's
     lines = ["### Trust beyond noise images: `ned+trust` against `ned` (the protocol's rule, applied by "
              "`trust_validation_rule`)", "",
              f"Paired by seed; validated on a contaminated kind when the contaminant fraction's interval reaches at "
@@ -362,15 +371,12 @@ def trust_validation_rule(block: str) -> str:
     failed, missing = [], False
     for cell in cells:
         rows = seed_rows(found.get(cell.name, ""))
-        plain, trusted = rows.get("ned", {}), rows.get("ned+trust", {})
-        seeds = sorted(set(plain) & set(trusted))
-        if len(seeds) < 2:
+        checked = _trust_change(rows.get("ned", {}), rows.get("ned+trust", {}), cell.contamination)
+        if checked is None:
             lines.append(f"| {cell.name} | not run | | | |")
             missing = True
             continue
-        contaminant = paired_interval([trusted[s]["contaminant"] - plain[s]["contaminant"] for s in seeds])
-        fd = paired_interval([trusted[s]["fd"] / plain[s]["fd"] - 1 for s in seeds])
-        ok = fd[2] < TRUST_FD_TOLERANCE and (cell.contamination == 0 or contaminant[2] <= TRUST_CONTAMINANT_TOLERANCE)
+        seeds, contaminant, fd, ok = checked
         if not ok:
             failed.append(cell.name)
         lines.append(f"| {cell.name} | {', '.join(map(str, seeds))} | "
@@ -386,4 +392,55 @@ def trust_validation_rule(block: str) -> str:
     else:
         verdict = (f"trust is not validated on {', '.join(failed)}: the README names them, and the next round "
                    f"compares t < T/4 and t < 3T/4 on those cells, its rule written first.")
+    return "\n".join(lines + ["", f"Verdict: {verdict}", ""])
+
+
+def trust_levels_rule(block: str) -> str:
+    """Trust's second round (docs/RESULTS.md, Protocol, "Trust's noise levels, second round"): per kind and
+    setting of TRUST_LEVELS, `ned+trust` against the kind's `ned` (paired by seed), whether trust is validated, and
+    which setting is the default."""
+    found = sections(block)
+    lines = ["### Trust's noise levels: `ned+trust` measured on t < T/4, T/2 or 3T/4, against `ned` (the protocol's "
+             "rule, applied by `trust_levels_rule`)", "",
+             "Paired by seed against the kind's `ned`; validated as in the first round.", "",
+             "| kind | trust measured on | seeds | contaminant fraction change | FD change | validated |",
+             "|---|---|---|---|---|---|"]
+    validated = {level: set() for level in TRUST_LEVELS}
+    missing = False
+    for kind, contamination, _, _ in TRUST_KINDS:
+        plain = seed_rows(found.get(f"trust-{kind}", "")).get("ned", {})
+        for level in TRUST_LEVELS:
+            cell = f"trust-{kind}" if level == TRUST_LEVELS[0] else f"trust-{kind}-low{level}"
+            checked = _trust_change(plain, seed_rows(found.get(cell, "")).get("ned+trust", {}), contamination)
+            if checked is None:
+                lines.append(f"| {kind} | t < {level} T | not run | | | |")
+                missing = True
+                continue
+            seeds, contaminant, fd, ok = checked
+            if ok:
+                validated[level].add(kind)
+            lines.append(f"| {kind} | t < {level} T | {', '.join(map(str, seeds))} | "
+                         f"{interval_text(contaminant) if contamination > 0 else '(clean data)'} | "
+                         f"{interval_text(fd, True)} | {'yes' if ok else 'no'} |")
+    default = TRUST_LEVELS[0]
+    if missing:
+        verdict = "not decided: some cells have not run."
+    else:
+        better = [level for level in TRUST_LEVELS[1:]
+                  if validated[default] <= validated[level] and len(validated[level]) > len(validated[default])]
+        names = {level: ", ".join(sorted(validated[level])) or "none" for level in TRUST_LEVELS}
+        said = "; ".join(f"t < {level} T on {names[level]}" for level in TRUST_LEVELS)
+        if better:
+            noise = seed_rows(found.get(f"trust-{TRUST_KINDS[0][0]}", "")).get("ned", {})
+
+            def noise_change(level):
+                trusted = seed_rows(found.get(f"trust-{TRUST_KINDS[0][0]}-low{level}", "")).get("ned+trust", {})
+                return _trust_change(noise, trusted, 0.3)[1][0]
+            chosen = min(better, key=lambda level: (-len(validated[level]), noise_change(level)))
+            verdict = (f"validated: {said}. t < {chosen} T is validated wherever t < {default} T is and on more "
+                       f"kinds: it becomes the default (TrainConfig.trust_low_noise = {chosen}).")
+        else:
+            verdict = (f"validated: {said}. No setting is validated wherever t < {default} T is and on more kinds: "
+                       f"the default stays {default}; the README names the kinds where it is not validated and the "
+                       f"setting validated there, if any.")
     return "\n".join(lines + ["", f"Verdict: {verdict}", ""])

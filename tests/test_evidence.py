@@ -376,3 +376,51 @@ def test_trust_validation_rule_names_the_kinds_where_trust_fails(evidence, tmp_p
     assert rows["trust-dataset-0.3"].endswith("| no |") and rows["trust-clean"].endswith("| no |")
     assert "not validated on trust-dataset-0.3, trust-clean" in verdict and "t < T/4 and t < 3T/4" in verdict
     assert "not decided" in evidence.trust_validation_rule(evidence.tables(tmp_path / "none"))
+
+
+def test_trust_levels_rule_changes_the_default_only_for_a_setting_that_does_better_everywhere(evidence, tmp_path,
+                                                                                             protocol):
+    """Second round: per kind, ned and ned+trust at T/2 in trust-<kind>, ned+trust at T/4 and 3T/4 in its own
+    cells. A setting validated wherever T/2 is and on more kinds becomes the default; otherwise T/2 stays."""
+    def write(root, trusted):
+        """trusted: {(kind, level): (FD of ned+trust, contaminant fraction of ned+trust)}; ned: FD 50, 0.2"""
+        for seed in protocol.PAIRED_SEEDS:
+            wobble = 0.002 * seed
+            for kind, p, _, _ in protocol.TRUST_KINDS:
+                for level in protocol.TRUST_LEVELS:
+                    fd, cont = trusted[kind, level]
+                    row = {"loss": "ned+trust", "frechet_distance": fd + seed, "contaminant_fraction": cont + wobble}
+                    if level == 0.5:
+                        write_results(root / f"trust-{kind}" / f"seed{seed}", [
+                            {"loss": "ned", "frechet_distance": 50 + seed, "contaminant_fraction": 0.2 + wobble},
+                            row])
+                    else:
+                        write_results(root / f"trust-{kind}-low{level}" / f"seed{seed}", [row])
+
+    kinds = [kind for kind, *_ in protocol.TRUST_KINDS]
+    good, bad = (40, 0.05), (60, 0.3)
+    # T/2 holds on noise and flow; T/4 on those and on clean; 3T/4 only on gaussian
+    trusted = {(kind, level): good if (level == 0.5 and kind in ("noise-0.3", "flow-noise-0.3"))
+               or (level == 0.25 and kind in ("noise-0.3", "flow-noise-0.3", "clean"))
+               or (level == 0.75 and kind == "gaussian-0.3") else bad
+               for kind in kinds for level in protocol.TRUST_LEVELS}
+    write(tmp_path / "better", trusted)
+    verdict = evidence.trust_levels_rule(evidence.tables(tmp_path / "better"))
+    assert "it becomes the default (TrainConfig.trust_low_noise = 0.25)" in verdict
+    assert "| clean | t < 0.25 T | 0, 1, 2, 3, 4 | (clean data) |" in verdict
+    # 3T/4 on more kinds than T/2 but not where T/2 holds: the default stays
+    trusted.update({(kind, 0.25): bad for kind in kinds})
+    trusted.update({(kind, 0.75): good for kind in ("gaussian-0.3", "dataset-0.3", "clean")})
+    write(tmp_path / "other", trusted)
+    verdict = evidence.trust_levels_rule(evidence.tables(tmp_path / "other"))
+    assert "the default stays 0.5" in verdict and "t < 0.75 T on clean, dataset-0.3, gaussian-0.3" in verdict
+    # the first round's verdict reads only its own four cells
+    assert "| trust-noise-0.3 |" not in evidence.trust_validation_rule(evidence.tables(tmp_path / "other"))
+    assert "not decided" in evidence.trust_levels_rule(evidence.tables(tmp_path / "none"))
+
+
+def test_trust_level_cells_pass_their_setting(evidence, protocol, tmp_path):
+    cells = {cell.name: cell for cell in protocol.CELLS}
+    command = evidence.command(cells["trust-clean-low0.25"], 2, tmp_path, "quick", 1)
+    assert command[command.index("--trust-low-noise") + 1] == "0.25" and "ned+trust" in command
+    assert "--trust-low-noise" not in evidence.command(cells["trust-noise-0.3"], 2, tmp_path, "quick", 1)
