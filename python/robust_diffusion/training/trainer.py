@@ -58,7 +58,7 @@ from ..influence import InfluenceTracker
 from ..robust_loss import RobustDiffusionLoss
 from ..schedules import NoiseSchedule, Schedule, prediction_type_for
 from .distributed import rank_and_world_size
-from .models import model_prediction, null_class_label
+from .models import checked_labels, model_prediction, null_class_label
 from .runlog import LogInterval, TensorBoardLog, append_row
 from .train_config import TrainConfig
 from .trainer_checkpoint import CHECKPOINT_NAME, resume_trainer, save_trainer
@@ -206,6 +206,8 @@ class Trainer:
         flags = getattr(dataset, "is_contaminated", None)
         self.is_contaminated = torch.as_tensor(flags).to(self.device, torch.bool) if flags is not None else None
         self.labels, self.null_label = _class_labels(self.model, dataset, self.config, self.num_samples, self.device)
+        #: whether :meth:`relabel` replaced the dataset's labels (then the checkpoint carries the labels trained on)
+        self.relabelled = False
 
     # ------------------------------------------------------------------ public API
     @property
@@ -296,6 +298,19 @@ class Trainer:
         influence weight was not finite are left out of both. :attr:`influence` has more (penalties, noise
         levels, the ranking)."""
         return self.influence.mean_influence(), self.influence.counts().to(torch.float64)
+
+    def relabel(self, labels: Tensor) -> None:
+        """Train a conditional run on these labels from its next step on: ``labels`` [N] ints, one per dataset
+        sample, each a class or :attr:`null_label` (a pair to keep out of the conditional model: its image still
+        trains the unconditional one). For label correction, e.g. with the label the model prefers
+        (:func:`~robust_diffusion.training.pairs.pair_scores`). Saved in the checkpoint, so a resume continues on
+        them (a run never relabelled takes its dataset's labels on resume); every rank must pass the same
+        labels."""
+        if self.labels is None:
+            raise ValueError("relabel changes a conditional run's class labels; this run is unconditional")
+        self.labels = checked_labels(labels, self.num_samples, self.null_label, "relabel: labels",
+                                     allow_null=True).to(self.device)
+        self.relabelled = True
 
     def save_checkpoint(self, path: Optional[PathLike] = None) -> None:
         """Write the full training state to ``path`` (default :attr:`checkpoint_path`); every rank must call it (RNG
@@ -553,17 +568,7 @@ def _class_labels(model: nn.Module, dataset: Dataset, config: TrainConfig, num_s
     if labels is None:
         raise ValueError("TrainConfig.conditional needs a dataset with a `labels` [N] tensor of class labels, "
                          "e.g. contaminate(images, p, labels=labels) or load_experiment_data on labelled data")
-    labels = torch.as_tensor(labels)
-    if labels.shape != (num_samples,) or labels.is_floating_point() or labels.dtype == torch.bool:
-        raise ValueError(f"the dataset's labels must be integers, one per sample [{num_samples}], got "
-                         f"{labels.dtype} {tuple(labels.shape)}")
-    low, high = (int(labels.min()), int(labels.max())) if num_samples else (0, 0)
-    if low < 0:
-        raise ValueError(f"the dataset's labels must be non-negative class indices, got {low}")
-    if high >= null:
-        raise ValueError(f"the dataset's labels lie in [{low}, {high}], the model has {null} classes (labels "
-                         f"0..{null - 1}): build it with num_classes={high + 1}")
-    return labels.to(device, torch.int64), null
+    return checked_labels(labels, num_samples, null, "the dataset's labels").to(device), null
 
 
 def _check_robust_loss(loss_fn: RobustDiffusionLoss, schedule: Schedule) -> None:
