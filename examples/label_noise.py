@@ -102,6 +102,10 @@ def build_parser():
     parser.add_argument("--label-noise", type=float, default=0.3, help="the share of labels flipped, in [0, 1)")
     parser.add_argument("--label-noise-kind", choices=LABEL_NOISE_KINDS, default="asymmetric",
                         help="asymmetric: the confusable classes; symmetric: any other class")
+    parser.add_argument("--rare-class", type=int, default=None,
+                        help="a control: keep this class at --rare-fraction of the training images (its accuracy is "
+                             "then reported on its own)")
+    parser.add_argument("--rare-fraction", type=float, default=0.03, help="the rare class's share of the images")
     parser.add_argument("--runs", nargs="+", choices=tuple(RUNS), default=None,
                         help="noisy: the MSE on the noisy labels; clean: on the true labels (default: preset)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: preset)")
@@ -138,6 +142,10 @@ def parse_args(argv=None):
         value = settings.get(key) if key != "threads" else args.threads
         if value is not None and value < 1:
             PARSER.error(f"--{key.replace('_', '-')} must be at least 1, got {value!r}")
+    if args.rare_class is not None and not 0 <= args.rare_class < 10:
+        PARSER.error(f"--rare-class must be a Fashion-MNIST class in [0, 10), got {args.rare_class}")
+    if not 0 < args.rare_fraction < 1:
+        PARSER.error(f"--rare-fraction must be a fraction in (0, 1), got {args.rare_fraction!r}")
     if not args.guidance_scale >= 0:
         PARSER.error(f"--guidance-scale must be non-negative, got {args.guidance_scale!r}")
     if "noisy" in settings["runs"] and args.label_noise == 0:
@@ -163,7 +171,8 @@ print(f"preset {args.preset}, {args.label_noise:.0%} {args.label_noise_kind} lab
 # mask of flipped pairs is kept for evaluation only.
 
 # %%
-common = dict(num_train=settings["num_train"], image_size=settings["image_size"], seed=args.seed)
+common = dict(num_train=settings["num_train"], image_size=settings["image_size"], seed=args.seed,
+              rare_class=args.rare_class, rare_fraction=args.rare_fraction)
 noisy = load_experiment_data("fashion-mnist", 0.0, **common, label_noise=args.label_noise,
                              label_noise_kind=args.label_noise_kind)
 true = load_experiment_data("fashion-mnist", 0.0, **common)
@@ -301,6 +310,8 @@ for run, trainer in trainers.items():
                                                                reference_labels, NUM_CLASSES)
     results.append({"run": run, "labels": RUNS[run], "conditional_accuracy": accuracy.mean,
                     **{f"accuracy_{k}": accuracy.per_class[k].item() for k in range(NUM_CLASSES)},
+                    **({"rare_accuracy": accuracy.per_class[args.rare_class].item()}
+                       if args.rare_class is not None else {}),
                     "frechet_distance": metrics.frechet_distance(features, reference_features),
                     "class_frechet_distance": per_class_fd.nanmean().item(),
                     **diversity.manifold_metrics(reference_features, features, k=5),

@@ -33,7 +33,8 @@ def test_smoke_run_writes_accuracy_pairs_and_figures(tmp_path):
                PYTHONPATH=os.pathsep.join(subprocess_pythonpath() + [os.environ.get("PYTHONPATH", "")]))
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, str(EXAMPLE), "--preset", "smoke", "--out", str(out), "--threads", "1",
-                             "--label-noise", "0.4", "--label-noise-kind", "symmetric", "--seed", "3"],
+                             "--label-noise", "0.4", "--label-noise-kind", "symmetric", "--seed", "3",
+                             "--rare-class", "1", "--rare-fraction", "0.1"],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = _rows(out / "results.csv")
@@ -41,8 +42,11 @@ def test_smoke_run_writes_accuracy_pairs_and_figures(tmp_path):
     for row in runs:
         assert 0 <= float(row["conditional_accuracy"]) <= 1 and float(row["frechet_distance"]) >= 0
         assert all(0 <= float(row[f"accuracy_{k}"]) <= 1 for k in range(10))
-    flipped = load_experiment_data("fashion-mnist", 0.0, num_train=128, seed=3, label_noise=0.4,
-                                   label_noise_kind="symmetric").label_flipped
+        assert row["rare_accuracy"] == row["accuracy_1"]  # the rare class's own column
+    data = load_experiment_data("fashion-mnist", 0.0, num_train=128, seed=3, label_noise=0.4,
+                                label_noise_kind="symmetric", rare_class=1, rare_fraction=0.1)
+    assert int((data.train_labels == 1).sum()) == 13  # the run's data: Trouser at a tenth
+    flipped = data.label_flipped
     signals = _rows(out / "pair_signals.csv")
     assert [row["signal"] for row in signals] == SIGNALS
     for row in signals:
@@ -61,6 +65,8 @@ def test_smoke_run_writes_accuracy_pairs_and_figures(tmp_path):
     (["--threads", "0"], "--threads must be at least 1, got 0"),
     (["--guidance-scale", "-1"], "--guidance-scale must be non-negative, got -1.0"),
     (["--runs", "noisy", "ceiling"], "invalid choice: 'ceiling'"),
+    (["--rare-class", "10"], "--rare-class must be a Fashion-MNIST class in [0, 10), got 10"),
+    (["--rare-fraction", "1"], "--rare-fraction must be a fraction in (0, 1), got 1.0"),
 ])
 def test_argument_errors_name_the_option(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.setattr(sys, "argv", [str(EXAMPLE), "--out", str(tmp_path), *argv])
