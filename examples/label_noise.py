@@ -391,11 +391,15 @@ print("\n".join(lines))
 # %% [markdown]
 # ## The figure
 #
-# Left, one row per class: what each model generates when asked for that class. Right: the accuracy per class.
+# Top, one row per class: what each model generates when asked for that class, and the accuracy per class.
+# Bottom (with the noisy run): the pairs the noisy model finds most suspect, each with the label it was given and
+# the label the model prefers (red: a flipped pair, as the evaluation mask says).
 
 # %%
-figure, axes = plt.subplots(1, len(results) + 1, figsize=(3.2 * len(results) + 4.5, 4.6),
-                            gridspec_kw=dict(width_ratios=[1] * len(results) + [1.4]))
+suspects = rows[:12] if pair_rows else []
+figure = plt.figure(figsize=(3.2 * len(results) + 4.5, 4.8 + (1.7 if suspects else 0)), layout="constrained")
+top, bottom = (figure.subfigures(2, 1, height_ratios=[4.8, 1.7]) if suspects else (figure, None))
+axes = top.subplots(1, len(results) + 1, gridspec_kw=dict(width_ratios=[1] * len(results) + [1.4]))
 shown = min(8, settings["per_class"])
 for ax, row in zip(axes, results):
     picked = torch.cat([samples_of[row["run"]][requested == k][:shown] for k in range(NUM_CLASSES)])
@@ -413,8 +417,15 @@ bars.invert_yaxis()
 bars.set_xlim(0, 1)
 bars.set_xlabel("share of samples judged as the class asked for")
 bars.legend(fontsize=7, loc="lower right")
-figure.suptitle(f"{args.label_noise:.0%} {args.label_noise_kind} label noise", fontsize=10)
-figure.tight_layout()
+top.suptitle(f"{args.label_noise:.0%} {args.label_noise_kind} label noise", fontsize=10)
+if suspects:
+    strip = bottom.subplots(1, len(suspects))
+    for ax, row in zip(strip, suspects):
+        ax.imshow(noisy.train.images[row["index"], 0].add(1).div(2).numpy(), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(f"{CLASSES[row['label']]}\n-> {CLASSES[row['preferred']]}", fontsize=6,
+                     color="tab:red" if flipped[row["index"]] else "black")
+        ax.axis("off")
+    bottom.suptitle("the most suspect pairs: given label -> the label the model prefers (red: flipped)", fontsize=8)
 figure.savefig(OUT / "summary.png", dpi=110)
 plt.close(figure)
 print(f"wrote {OUT / 'results.md'}, {OUT / 'summary.png'} in {time.perf_counter() - START:.0f} s")
