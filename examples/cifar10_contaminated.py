@@ -88,6 +88,7 @@ from safetensors.torch import save_file  # noqa: E402
 import robust_diffusion as rd  # noqa: E402
 from robust_diffusion.training import detectors, diversity, metrics  # noqa: E402
 from robust_diffusion.training.data import CONTAMINATION_KINDS  # noqa: E402
+from robust_diffusion.training.denoising import class_denoising_errors  # noqa: E402
 from robust_diffusion.training.export import export_model  # noqa: E402
 from robust_diffusion.training.sampling import ddim_sample, flow_sample  # noqa: E402
 from robust_diffusion.training.audit_report import score_ranking, write_ranking  # noqa: E402
@@ -376,6 +377,7 @@ judge = metrics.train_classifier(
     device=args.device, progress=not IN_JUPYTER)
 torch.set_num_threads(threads_before)
 reference = data.test_images[:settings["reference"]]
+reference_labels = data.test_labels[:settings["reference"]]
 reference_features = metrics.extract_features(classifier.model, reference)
 eval_seconds = time.perf_counter() - t0
 print(f"feature classifier: FeatureClassifier (0.16M-parameter CNN, {cls_images.shape[0]} clean images, "
@@ -505,18 +507,24 @@ with ThreadPoolExecutor(max_workers=jobs) as pool:
             trainer.stop()
         raise
 
-def rare_class_row(shares, mean_influence, seen):
-    """With --rare-class: the rare class's share of the samples (argmax and confident), and how much less the loss
+def rare_class_row(model, shares, mean_influence, seen):
+    """With --rare-class: the rare class's share of the samples (argmax and confident); how much less the loss
     trusted its clean training images than the other clean ones (AUROC of a low mean influence as a detector of
-    the rare class: 0.5, no difference)."""
+    the rare class: 0.5, no difference); and how well the model learnt the class whatever its samples look like:
+    its denoising error on the rare class's test images over that on the other classes' (the same noise for
+    every loss; 1: learnt as well as the rest)."""
     if args.rare_class is None:
         return {}
     clean = seen & ~is_contaminated
     is_rare = (data.train_labels == args.rare_class).cpu() & clean
     separable = bool(is_rare.any()) and bool((clean & ~is_rare).any())
+    errors = class_denoising_errors(model, schedule, reference, reference_labels, NUM_CLASSES, seed=EVAL_SEED,
+                                    device=args.device)
+    others = torch.cat([errors[:args.rare_class], errors[args.rare_class + 1:]])
     return {"rare_share": shares.argmax[args.rare_class].item(),
             "rare_confident": shares.confident[args.rare_class].item(),
-            "rare_auroc": metrics.auroc(-mean_influence[clean], is_rare[clean]) if separable else math.nan}
+            "rare_auroc": metrics.auroc(-mean_influence[clean], is_rare[clean]) if separable else math.nan,
+            "rare_error_ratio": (errors[args.rare_class] / others.nanmean()).item()}
 
 
 results, trained = [], {}
@@ -542,7 +550,7 @@ for spec in args.specs:
            "steps": settings["steps"], "final_penalty": log[-1]["penalty"],
            "influence_clean": mean_influence[seen & ~is_contaminated].mean().item(),
            "influence_contaminated": mean_influence[seen & is_contaminated].mean().item(),
-           **rare_class_row(evaluation["shares"], mean_influence, seen),
+           **rare_class_row(trainer.ema, evaluation["shares"], mean_influence, seen),
            "auroc": auroc, **evaluation,
            "inception_fid": metrics.inception_fid(samples, reference, device=args.device) if INCEPTION else None,
            "train_s": train_seconds[spec.name], "sample_s": sample_seconds}
@@ -565,7 +573,7 @@ COLUMNS = ["loss", "weighting", "settings", "steps", "final_penalty", "influence
            "density", "coverage", "class_tv", "inception_fid", "train_s", "sample_s", "classifier_accuracy",
            "judge_accuracy"]
 if args.rare_class is not None:  # the rare-class control's columns, for the data rows too
-    COLUMNS += ["rare_share", "rare_confident", "rare_auroc"]
+    COLUMNS += ["rare_share", "rare_confident", "rare_auroc", "rare_error_ratio"]
     for row in reference_rows:
         row.update(rare_share=row["shares"].argmax[args.rare_class].item(),
                    rare_confident=row["shares"].confident[args.rare_class].item())

@@ -177,16 +177,18 @@ def tables(out: Path, kept: dict | None = None, cells: list | None = None) -> st
                   f"{'' if kl_cell(cell) is cell else f' in `{kl_cell(cell).name}`'}.{accuracies(rows, cell)}"
                   + (" Rare share: the samples the class judge assigns to the rare class (confident: with "
                      "probability above 0.9); rare AUROC: how well a low mean influence weight picks out the rare "
-                     "class's training images (0.5: not at all)." if rare else ""), "",
+                     "class's training images (0.5: not at all); rare error: the model's denoising error on the "
+                     "rare class's test images over that on the other classes' (1: learnt as well as the rest)."
+                     if rare else ""), "",
                   "| loss | FD | vs KL | contaminant fraction | influence AUROC | train s | recall | coverage | "
-                  "class TV | hybrid |" + (" rare share | rare confident | rare AUROC |" if rare else ""),
-                  "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if rare else "")]
+                  "class TV | hybrid |" + (" rare share | rare confident | rare AUROC | rare error |" if rare else ""),
+                  "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if rare else "")]
         kl = rows.get((kl_cell(cell).name, "kl"), {}) or kept_kl(kept.get(kl_cell(cell).name, ""))
         data_rows = ["data: clean training images", "data: contaminated training set"] if "kl" in cell.losses else []
         for loss in list(cell.losses) + data_rows:
             by_seed = rows.get((cell.name, loss), {})
             if not by_seed:
-                lines.append(f"| {loss} | not run | | | | | | | | |" + (" | | |" if rare else ""))
+                lines.append(f"| {loss} | not run | | | | | | | | |" + (" | | | |" if rare else ""))
                 continue
             seeds = sorted(by_seed)
             fd = [number(by_seed[s], "frechet_distance") for s in seeds]
@@ -200,7 +202,8 @@ def tables(out: Path, kept: dict | None = None, cells: list | None = None) -> st
                          f"{stat([number(by_seed[s], 'train_s') for s in seeds])} | "
                          + " | ".join(stat([number(by_seed[s], key) for s in seeds])
                                       for key in ("recall", "coverage", "class_tv", "contaminant_fraction_hybrid")
-                                      + (("rare_share", "rare_confident", "rare_auroc") if rare else ())) + " |")
+                                      + (("rare_share", "rare_confident", "rare_auroc", "rare_error_ratio")
+                                         if rare else ())) + " |")
         lines.append("")
     return "\n".join(lines)
 

@@ -42,7 +42,8 @@ def parse_rows(section: str) -> dict:
                           "coverage": values(parts[7]) if len(parts) > 7 else [],
                           "fd_mean": printed(parts[1]), "contaminant_mean": printed(parts[3]),
                           "auroc_mean": printed(parts[4]) if len(parts) > 4 else math.nan,
-                          "rare_confident": values(parts[11]) if len(parts) > 12 else []}
+                          "rare_confident": values(parts[11]) if len(parts) > 12 else [],
+                          "rare_error": values(parts[13]) if len(parts) > 13 else []}
     return rows
 
 

@@ -132,9 +132,9 @@ def test_summary_figure_reads_the_generated_tables(evidence, tmp_path):
     rows = evidence.parse_rows(evidence.sections(block)["noise-0.3"])
     assert rows["kl"] == {"fd": [80.0, 100.0], "contaminant": [0.4, 0.5], "coverage": [], "fd_mean": 90.0,
                           "contaminant_mean": 0.45,
-                          "auroc_mean": 0.5, "rare_confident": []}
+                          "auroc_mean": 0.5, "rare_confident": [], "rare_error": []}
     assert rows["ned"] == {"fd": [60.0], "contaminant": [0.2], "coverage": [], "fd_mean": 60.0, "contaminant_mean": 0.2,
-                           "auroc_mean": 0.9, "rare_confident": []}
+                           "auroc_mean": 0.9, "rare_confident": [], "rare_error": []}
     assert "hellinger" not in rows and not any(name.startswith("data") for name in rows)  # not run; data rows
     figure = tmp_path / "summary.png"
     assert evidence.summary_figure(block, figure) and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

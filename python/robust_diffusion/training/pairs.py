@@ -29,9 +29,10 @@ from typing import Dict, Mapping, NamedTuple, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ..schedules import Schedule, prediction_type_for
+from ..schedules import Schedule
+from .denoising import denoising_errors
 from .metrics import FeatureClassifier, _fit, auroc
-from .models import model_prediction, null_class_label
+from .models import null_class_label
 
 __all__ = ["PairScores", "confident_learning_scores", "detection_quality", "label_errors", "pair_scores"]
 
@@ -55,41 +56,11 @@ def label_errors(model: nn.Module, schedule: Schedule, images: Tensor, *, levels
     if null is None:
         raise ValueError("label_errors needs a class-conditional model (UNet(num_classes=K), or a diffusers "
                          "UNet2DModel with num_class_embeds); this one takes no class labels")
-    if images.dim() != 4 or images.shape[0] == 0:
-        raise ValueError(f"label_errors: images must be [N, C, H, W] with N > 0, got {tuple(images.shape)}")
-    if not levels or draws < 1 or not all(0 < level < 1 for level in levels):
-        raise ValueError(f"label_errors: give at least one noise level in (0, 1) and one draw, got "
-                         f"levels={list(levels)}, draws={draws}")
-    prediction_type = prediction_type_for(schedule, None, "label_errors")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    generator = torch.Generator().manual_seed(seed)
-    errors = torch.zeros(images.shape[0], null + 1)
-    labels = torch.arange(null + 1)
-    count = 0
-    for level in levels:
-        for _ in range(draws):
-            noise = torch.randn(images.shape, generator=generator)
-            count += 1
-            for start in range(0, images.shape[0], batch_size):
-                x0 = images[start:start + batch_size].to(device)
-                eps = noise[start:start + batch_size].to(device)
-                if schedule.discrete:
-                    t = torch.full((x0.shape[0],), round(level * schedule.num_timesteps), device=device,
-                                   dtype=torch.long)
-                else:
-                    t = torch.full((x0.shape[0],), level, device=device)
-                x_t = schedule.q_sample(x0, t, eps)
-                target = schedule.training_target(x0, eps, t, prediction_type)
-                time = schedule.model_timestep(t)
-                for label in labels.tolist():
-                    y = torch.full((x0.shape[0],), label, device=device, dtype=torch.long)
-                    output = model_prediction(model(x_t, time, class_labels=y), x_t)
-                    error = (output.float() - target).pow(2).flatten(1).mean(1)
-                    errors[start:start + x0.shape[0], label] += error.cpu()
-    model.train(was_training)
-    return errors / count
+    # The same seed for every label: each image is noised identically under all of them (the paired design).
+    return torch.stack([denoising_errors(model, schedule, images, levels=levels, draws=draws, seed=seed,
+                                         batch_size=batch_size, class_labels=label, device=device,
+                                         what="label_errors")
+                        for label in range(null + 1)], dim=1)
 
 
 class PairScores(NamedTuple):
