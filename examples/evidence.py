@@ -80,16 +80,23 @@ def command(cell: Cell, seed: int, out: Path, preset: str, threads: int | None) 
     return cmd + (["--threads", str(threads)] if threads else [])
 
 
-def run_one(cell: Cell, seed: int, args) -> tuple:
-    folder = run_dir(args.out, cell, seed)
+def run_logged(cmd: list, folder: Path, name: str) -> tuple:
+    """Run `cmd` from the repository root with its output in `folder`/log.txt (no progress bars); say how it
+    ended; (exit code, minutes)."""
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(folder / "log.txt", "w") as log:
-        code = subprocess.call(command(cell, seed, args.out, args.preset, args.threads), stdout=log,
-                               stderr=subprocess.STDOUT, cwd=ROOT, env=dict(os.environ, TQDM_DISABLE="1"))
+        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                               env=dict(os.environ, TQDM_DISABLE="1"))
     minutes = (time.perf_counter() - t0) / 60
-    print(f"{cell.name} seed {seed}: {'done' if code == 0 else f'FAILED (exit {code}, see {folder}/log.txt)'} "
-          f"in {minutes:.1f} min", flush=True)
+    print(f"{name}: {'done' if code == 0 else f'FAILED (exit {code}, see {folder}/log.txt)'} in {minutes:.1f} min",
+          flush=True)
+    return code, minutes
+
+
+def run_one(cell: Cell, seed: int, args) -> tuple:
+    code, minutes = run_logged(command(cell, seed, args.out, args.preset, args.threads), run_dir(args.out, cell, seed),
+                               f"{cell.name} seed {seed}")
     return cell.name, seed, code, minutes
 
 

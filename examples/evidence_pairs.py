@@ -13,13 +13,14 @@ import argparse
 import csv
 import datetime
 import math
-import os
 import statistics
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+# The evidence grid's runner lives beside this script (run as `python examples/evidence_pairs.py`, or imported).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from evidence import run_logged  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "label_noise.py"
@@ -49,15 +50,8 @@ def command(condition: str, seed: int, out: Path, threads: int | None) -> list:
 
 
 def run_one(condition: str, seed: int, args) -> int:
-    folder = run_dir(args.out, condition, seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    with open(folder / "log.txt", "w") as log:
-        code = subprocess.call(command(condition, seed, args.out, args.threads), stdout=log,
-                               stderr=subprocess.STDOUT, cwd=ROOT, env=dict(os.environ, TQDM_DISABLE="1"))
-    print(f"{condition} seed {seed}: {'done' if code == 0 else f'FAILED (exit {code}, see {folder}/log.txt)'} in "
-          f"{(time.perf_counter() - t0) / 60:.1f} min", flush=True)
-    return code
+    return run_logged(command(condition, seed, args.out, args.threads), run_dir(args.out, condition, seed),
+                      f"{condition} seed {seed}")[0]
 
 
 def read_signals(out: Path) -> dict:

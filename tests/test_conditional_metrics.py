@@ -5,21 +5,11 @@ import math
 
 import pytest
 import torch
-from torch import nn
+
+from conftest import FixedLogits
 
 from robust_diffusion.training import conditional_metrics as cm
 from robust_diffusion.training.metrics import frechet_distance
-
-
-class FixedLogits(nn.Module):
-    """A classifier whose logits are the image's first three pixels."""
-
-    def __init__(self):
-        super().__init__()
-        self.unused = nn.Parameter(torch.zeros(1))
-
-    def forward(self, x):
-        return x.flatten(1)[:, :3]
 
 
 def one_hot_images(classes):
