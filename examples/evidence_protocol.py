@@ -45,6 +45,7 @@ RARE_CLASS = 1  # Trouser
 RARE_LOSSES = ("mse", "ned+trust", "kl+trust+coherent", "ned+trust+coherent")
 RARE_LOSSES_DEMO = ("mse", "ned+trust", "ned+trust+coherent")  # the second round: the candidate that kept the gains
 RARE_KEEP = 0.8  # a candidate keeps at least 80% of the MSE's mean confident share of the rare class
+RARE_ERROR_TOLERANCE = 0.05  # third round: the rare-class error ratio may exceed the MSE's by at most 0.05
 RARE_INFORMATIVE = 0.005  # a cell where the MSE's mean confident share is below 0.5% cannot test that
 
 # The rule, fixed before its cells ran (docs/RESULTS.md, Protocol, "Influence normalisation rule"), that decides

@@ -9,8 +9,9 @@ import statistics
 
 from evidence_protocol import (ABLATION, BATCH_RULE_AUROC_TOLERANCE, BATCH_RULE_FD_TOLERANCE, BATCH_RULE_LOSSES,
                                CELLS, NORMALIZATION_CONTAMINANT_TOLERANCE, NORMALIZATION_FD_TOLERANCE,
-                               NORMALIZATION_LOSS, RARE_CLASS, RARE_INFORMATIVE, RARE_KEEP, TRUST_CONTAMINANT_TOLERANCE,
-                               TRUST_FD_TOLERANCE, TRUST_KINDS, TRUST_LEVELS)
+                               NORMALIZATION_LOSS, RARE_CLASS, RARE_ERROR_TOLERANCE, RARE_INFORMATIVE,
+                               RARE_KEEP, TRUST_CONTAMINANT_TOLERANCE, TRUST_FD_TOLERANCE, TRUST_KINDS,
+                               TRUST_LEVELS)
 
 def sections(block: str) -> dict:
     """{cell name: its section's text} of a generated tables block."""
@@ -221,8 +222,8 @@ def normalization_rule(block: str) -> str:
 
 
 def seed_rows(section: str) -> dict:
-    """{loss: {seed: {"fd", "contaminant", "coverage", "rare_confident"}}} of one generated table section, paired by its
-    "Seeds done" line (a loss whose values do not match the seeds is left out)."""
+    """{loss: {seed: {"fd", "contaminant", "coverage", "rare_confident", "rare_error"}}} of one generated table
+    section, paired by its "Seeds done" line (a loss whose values do not match the seeds is left out)."""
     done = next((line for line in section.splitlines() if line.startswith("Seeds done: ")), "")
     seeds = [int(v) for v in done[len("Seeds done: "):].split(" of ")[0].split(",") if v.strip()] if done else []
     found = {}
@@ -231,8 +232,9 @@ def seed_rows(section: str) -> dict:
             continue
         coverage = row["coverage"] if len(row["coverage"]) == len(seeds) else [math.nan] * len(seeds)
         rare = row["rare_confident"] if len(row["rare_confident"]) == len(seeds) else [math.nan] * len(seeds)
-        found[loss] = {seed: {"fd": fd, "contaminant": c, "coverage": cov, "rare_confident": r}
-                       for seed, fd, c, cov, r in zip(seeds, row["fd"], row["contaminant"], coverage, rare)}
+        error = row["rare_error"] if len(row["rare_error"]) == len(seeds) else [math.nan] * len(seeds)
+        found[loss] = {seed: {"fd": fd, "contaminant": c, "coverage": cov, "rare_confident": r, "rare_error": e}
+                       for seed, fd, c, cov, r, e in zip(seeds, row["fd"], row["contaminant"], coverage, rare, error)}
     return found
 
 
@@ -307,30 +309,8 @@ def rare_truths_rule(block: str, preset: str | None = None) -> str:
     mixed = next((c for c in cells if c.contamination > 0), None)
     gains = {}
     if mixed is not None:
-        lines += ["", f"On `{mixed.name}`, the change against the standard MSE (paired, 95% t intervals): a candidate "
-                  f"keeps the recipe's gains when its mean change lies at or below the upper end of the recipe's "
-                  f"interval, in contaminant fraction and in FD.", "",
-                  "| loss | contaminant fraction change | FD change | keeps the gains |", "|---|---|---|---|"]
-        found_rows = rows[mixed.name]
-        mse = found_rows.get(losses[0], {})
-
-        def changes(loss):
-            mine = found_rows.get(loss, {})
-            seeds = sorted(set(mine) & set(mse))
-            if len(seeds) < 2:
-                return None
-            return (paired_interval([mine[s]["contaminant"] - mse[s]["contaminant"] for s in seeds]),
-                    paired_interval([mine[s]["fd"] / mse[s]["fd"] - 1 for s in seeds]))
-        reference = changes(recipe)
-        for loss in losses[1:]:
-            mine = changes(loss)
-            if mine is None or reference is None:
-                lines.append(f"| {loss} | not run | | |")
-                continue
-            if loss in candidates:
-                gains[loss] = mine[0][0] <= reference[0][2] and mine[1][0] <= reference[1][2]
-            lines.append(f"| {loss} | {interval_text(mine[0])} | {interval_text(mine[1], True)} | "
-                         f"{'(the reference)' if loss == recipe else 'yes' if gains[loss] else 'no'} |")
+        gain_lines, gains = _recipe_gains(rows[mixed.name], mixed.name, losses)
+        lines += gain_lines
     passing = [loss for loss in candidates if keeps[loss] and all(keeps[loss]) and gains.get(loss)]
     if len(gains) < len(candidates) or any(not keeps[loss] for loss in candidates):
         verdict = "not decided: some runs are missing, or no cell could test the rare share."
@@ -342,6 +322,95 @@ def rare_truths_rule(block: str, preset: str | None = None) -> str:
     else:
         verdict = (f"no candidate meets both targets: today's recipe (`{recipe}`) stays, and the README says "
                    f"plainly that it does not keep a rare class.")
+    return "\n".join(lines + ["", f"Verdict: {verdict}", ""])
+
+
+def _recipe_gains(found_rows: dict, cell: str, losses: tuple) -> tuple:
+    """On a contaminated rare-class cell (losses: the MSE, today's recipe, the candidates), each loss's paired change
+    against the MSE in contaminant fraction and FD, and whether each candidate keeps the recipe's gains (its mean
+    changes at or below the upper ends of the recipe's intervals): (table lines, {candidate: kept})."""
+    recipe, candidates = losses[1], losses[2:]
+    lines = ["", f"On `{cell}`, the change against the standard MSE (paired, 95% t intervals): a candidate "
+             f"keeps the recipe's gains when its mean change lies at or below the upper end of the recipe's "
+             f"interval, in contaminant fraction and in FD.", "",
+             "| loss | contaminant fraction change | FD change | keeps the gains |", "|---|---|---|---|"]
+    mse = found_rows.get(losses[0], {})
+
+    def changes(loss):
+        mine = found_rows.get(loss, {})
+        seeds = sorted(set(mine) & set(mse))
+        if len(seeds) < 2:
+            return None
+        return (paired_interval([mine[s]["contaminant"] - mse[s]["contaminant"] for s in seeds]),
+                paired_interval([mine[s]["fd"] / mse[s]["fd"] - 1 for s in seeds]))
+    reference = changes(recipe)
+    gains = {}
+    for loss in losses[1:]:
+        mine = changes(loss)
+        if mine is None or reference is None:
+            lines.append(f"| {loss} | not run | | |")
+            continue
+        if loss in candidates:
+            gains[loss] = mine[0][0] <= reference[0][2] and mine[1][0] <= reference[1][2]
+        lines.append(f"| {loss} | {interval_text(mine[0])} | {interval_text(mine[1], True)} | "
+                     f"{'(the reference)' if loss == recipe else 'yes' if gains[loss] else 'no'} |")
+    return lines, gains
+
+
+def rare_learning_rule(block: str) -> str:
+    """The rare-truths rule's third round (docs/RESULTS.md, Protocol): on the demo preset's rare-class cells, each
+    loss's paired change against the standard MSE in the rare-class error ratio (the model's denoising error on the
+    rare class's test images over the other classes'), whether it learns the class as the MSE does (the upper end
+    of the 95% interval at most RARE_ERROR_TOLERANCE), the recipe's gains as in the second round, and the verdict."""
+    cells = [c for c in CELLS if c.rare_class is not None and c.preset == "demo"]
+    losses = cells[0].losses
+    mse_name, recipe, candidates = losses[0], losses[1], losses[2:]
+    found = sections(block)
+    rows = {c.name: seed_rows(found.get(c.name, "")) for c in cells}
+    lines = ["### Rare-truths rule, third round: does a loss learn the rare class as the standard MSE does? (the "
+             "protocol's rule, applied by `rare_learning_rule`)", "",
+             f"Rare error: the model's denoising error on class {RARE_CLASS}'s test images over its error on the "
+             f"other classes' (the same noise for every loss); a loss learns the class as the MSE does when the upper "
+             f"end of the 95% t interval of its paired change is at most +{RARE_ERROR_TOLERANCE}.", "",
+             "| cell | loss | rare error, mean | change against the MSE | learns it as the MSE does |",
+             "|---|---|---|---|---|"]
+    learns = {loss: [] for loss in losses[1:]}
+    missing = False
+    for cell in cells:
+        mse = {s: v for s, v in rows[cell.name].get(mse_name, {}).items() if not math.isnan(v["rare_error"])}
+        for loss in losses:
+            mine = {s: v for s, v in rows[cell.name].get(loss, {}).items() if not math.isnan(v["rare_error"])}
+            seeds = sorted(set(mine) & set(mse))
+            if len(seeds) < 2:
+                lines.append(f"| {cell.name} | {loss} | not measured | | |")
+                missing = True
+                continue
+            mean = statistics.mean(mine[s]["rare_error"] for s in seeds)
+            if loss == mse_name:
+                lines.append(f"| {cell.name} | {loss} | {mean:.3f} | (the reference) | |")
+                continue
+            change = paired_interval([mine[s]["rare_error"] - mse[s]["rare_error"] for s in seeds])
+            ok = change[2] <= RARE_ERROR_TOLERANCE
+            learns[loss].append(ok)
+            lines.append(f"| {cell.name} | {loss} | {mean:.3f} | {_shown(change)} | {'yes' if ok else 'no'} |")
+    mixed = next(c for c in cells if c.contamination > 0)
+    gain_lines, gains = _recipe_gains(rows[mixed.name], mixed.name, losses)
+    lines += gain_lines
+    if missing or len(gains) < len(candidates):
+        verdict = "not decided: some runs are missing or were not measured."
+    else:
+        passing = [loss for loss in candidates if all(learns[loss]) and gains[loss]]
+        if passing:
+            best = min(passing, key=lambda loss: statistics.mean(
+                v["contaminant"] for v in rows[mixed.name][loss].values()))
+            verdict = (f"`{best}` learns the rare class as the MSE does on both cells and keeps the recipe's gains: "
+                       f"it becomes the recommended recipe and the main job's.")
+        elif all(learns[recipe]):
+            verdict = (f"today's recipe (`{recipe}`) learns the rare class as the MSE does on both cells: it stays, "
+                       f"and the README says so, with these numbers.")
+        else:
+            verdict = (f"neither today's recipe nor a candidate that keeps its gains learns the rare class as the MSE "
+                       f"does: `{recipe}` stays, and the README says plainly that it learns a rare class less well.")
     return "\n".join(lines + ["", f"Verdict: {verdict}", ""])
 
 

@@ -424,3 +424,30 @@ def test_trust_level_cells_pass_their_setting(evidence, protocol, tmp_path):
     command = evidence.command(cells["trust-clean-low0.25"], 2, tmp_path, "quick", 1)
     assert command[command.index("--trust-low-noise") + 1] == "0.25" and "ned+trust" in command
     assert "--trust-low-noise" not in evidence.command(cells["trust-noise-0.3"], 2, tmp_path, "quick", 1)
+
+
+def test_rare_learning_rule_reads_the_error_ratio_and_the_gains(evidence, tmp_path, protocol, rules):
+    """Third round: a candidate whose rare-class error ratio stays within +0.05 of the MSE's on both cells and
+    keeps the recipe's gains is adopted; the recipe's own ratio decides what the README says otherwise."""
+    mse, recipe, gated = protocol.RARE_LOSSES_DEMO
+
+    def write(root, ratio):
+        for seed in protocol.PAIRED_SEEDS:
+            wobble = 0.002 * seed
+            for cell, p in (("rare-3-demo", 0.0), ("rare-3-noise-0.3-demo", 0.3)):
+                noisy = p > 0
+                write_results(root / cell / f"seed{seed}", [
+                    {"loss": loss, "frechet_distance": fd + seed, "contaminant_fraction": cont * noisy + wobble,
+                     "rare_confident": 0.001, "rare_share": 0.005, "rare_error_ratio": ratio[loss] + wobble}
+                    for loss, fd, cont in ((mse, 60, 0.45), (recipe, 20, 0.01), (gated, 21, 0.009))])
+
+    write(tmp_path / "a", {mse: 1.2, recipe: 1.5, gated: 1.22})
+    verdict = rules.rare_learning_rule(evidence.tables(tmp_path / "a"))
+    assert f"`{gated}` learns the rare class as the MSE does on both cells" in verdict
+    assert "| rare-3-demo | ned+trust | 1.504 |" in verdict and "| no |" in verdict
+    write(tmp_path / "b", {mse: 1.2, recipe: 1.21, gated: 1.6})
+    assert "today's recipe (`ned+trust`) learns the rare class as the MSE does" in rules.rare_learning_rule(
+        evidence.tables(tmp_path / "b"))
+    write(tmp_path / "c", {mse: 1.2, recipe: 1.5, gated: 1.6})
+    assert "learns a rare class less well" in rules.rare_learning_rule(evidence.tables(tmp_path / "c"))
+    assert "not decided" in rules.rare_learning_rule(evidence.tables(tmp_path / "none"))
