@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evidence_protocol import (CELLS, DIVERGENCES, FLOW_SAMPLING, SEEDS, Cell, kl_cell,  # noqa: E402
                                preset_cells)
 from evidence_rules import (batch_scale_rule, demo_ablation, normalization_rule, parse_rows,  # noqa: E402
-                            rare_truths_rule, sections, temperature_rule, trust_levels_rule,
+                            rare_learning_rule, rare_truths_rule, sections, temperature_rule, trust_levels_rule,
                             trust_validation_rule)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -297,6 +297,7 @@ def write_report(out: Path, wall_minutes: float | None, path: Path = RESULTS_MD,
         body += "\n" + demo_ablation(body)
         body += "\n" + rare_truths_rule(body)
         body += "\n" + rare_truths_rule(body, "demo")
+        body += "\n" + rare_learning_rule(body)
         body += "\n" + trust_validation_rule(body)
         body += "\n" + trust_levels_rule(body)
     where = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
