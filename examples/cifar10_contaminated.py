@@ -88,6 +88,7 @@ from safetensors.torch import save_file  # noqa: E402
 import robust_diffusion as rd  # noqa: E402
 from robust_diffusion.training import detectors, diversity, metrics  # noqa: E402
 from robust_diffusion.training.data import CONTAMINATION_KINDS  # noqa: E402
+from robust_diffusion.training.denoising import class_denoising_errors  # noqa: E402
 from robust_diffusion.training.export import export_model  # noqa: E402
 from robust_diffusion.training.sampling import ddim_sample, flow_sample  # noqa: E402
 from robust_diffusion.training.audit_report import score_ranking, write_ranking  # noqa: E402
@@ -184,6 +185,9 @@ def build_parser():
     parser.add_argument("--scale", default="adaptive", help="RobustDiffusionLoss scale: adaptive, vlb, batch or a number")
     add_objective_arguments(parser)  # --objective flow samples with Euler, as many model calls as DDIM's
     parser.add_argument("--temperature", type=float, default=None, help="the adaptive scale's tau (default: preset)")
+    parser.add_argument("--trust-low-noise", type=float, default=0.5,
+                        help="+trust losses: measure the trust on the draws with t below this fraction of the "
+                             "timesteps, in (0, 1]")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--out", default="outputs/contaminated")
@@ -243,6 +247,9 @@ def parse_args(argv=None):
             raise ValueError(f"contamination must be a fraction in [0, 1), got {args.contamination!r}")
         if not args.temperature > 0:
             raise ValueError(f"--temperature must be positive, got {args.temperature!r}")
+        if not 0 < args.trust_low_noise <= 1:
+            raise ValueError(f"--trust-low-noise must be a fraction of the timesteps in (0, 1], got "
+                             f"{args.trust_low_noise!r}")
         for key in ("jobs", "threads"):
             if settings[key] is not None and settings[key] < 1:
                 raise ValueError(f"--{key} must be at least 1, got {settings[key]!r}")
@@ -370,6 +377,7 @@ judge = metrics.train_classifier(
     device=args.device, progress=not IN_JUPYTER)
 torch.set_num_threads(threads_before)
 reference = data.test_images[:settings["reference"]]
+reference_labels = data.test_labels[:settings["reference"]]
 reference_features = metrics.extract_features(classifier.model, reference)
 eval_seconds = time.perf_counter() - t0
 print(f"feature classifier: FeatureClassifier (0.16M-parameter CNN, {cls_images.shape[0]} clean images, "
@@ -464,7 +472,8 @@ def make_trainer(spec):
                          warmup_steps=settings["warmup_steps"], ema_decay=settings["ema_decay"],
                          log_every=max(1, settings["steps"] // 30), checkpoint_every=checkpoint_every,
                          influence_from_step=influence_from, risk_free=spec.risk_free,
-                         sample_trust=spec.trust, trust_coherence=spec.coherent, seed=args.seed,
+                         sample_trust=spec.trust, trust_coherence=spec.coherent,
+                         trust_low_noise=args.trust_low_noise if spec.trust else 0.5, seed=args.seed,
                          progress=not IN_JUPYTER, progress_label=spec.name)
     trainer = Trainer(model, loss_fn, train_set, schedule, config, out_dir=run_dir, device=args.device,
                       influence_loss=build_influence_loss(spec, schedule, temperature=args.temperature))
@@ -498,18 +507,24 @@ with ThreadPoolExecutor(max_workers=jobs) as pool:
             trainer.stop()
         raise
 
-def rare_class_row(shares, mean_influence, seen):
-    """With --rare-class: the rare class's share of the samples (argmax and confident), and how much less the loss
+def rare_class_row(model, shares, mean_influence, seen):
+    """With --rare-class: the rare class's share of the samples (argmax and confident); how much less the loss
     trusted its clean training images than the other clean ones (AUROC of a low mean influence as a detector of
-    the rare class: 0.5, no difference)."""
+    the rare class: 0.5, no difference); and how well the model learnt the class whatever its samples look like:
+    its denoising error on the rare class's test images over that on the other classes' (the same noise for
+    every loss; 1: learnt as well as the rest)."""
     if args.rare_class is None:
         return {}
     clean = seen & ~is_contaminated
     is_rare = (data.train_labels == args.rare_class).cpu() & clean
     separable = bool(is_rare.any()) and bool((clean & ~is_rare).any())
+    errors = class_denoising_errors(model, schedule, reference, reference_labels, NUM_CLASSES, seed=EVAL_SEED,
+                                    device=args.device)
+    others = torch.cat([errors[:args.rare_class], errors[args.rare_class + 1:]])
     return {"rare_share": shares.argmax[args.rare_class].item(),
             "rare_confident": shares.confident[args.rare_class].item(),
-            "rare_auroc": metrics.auroc(-mean_influence[clean], is_rare[clean]) if separable else math.nan}
+            "rare_auroc": metrics.auroc(-mean_influence[clean], is_rare[clean]) if separable else math.nan,
+            "rare_error_ratio": (errors[args.rare_class] / others.nanmean()).item()}
 
 
 results, trained = [], {}
@@ -535,7 +550,7 @@ for spec in args.specs:
            "steps": settings["steps"], "final_penalty": log[-1]["penalty"],
            "influence_clean": mean_influence[seen & ~is_contaminated].mean().item(),
            "influence_contaminated": mean_influence[seen & is_contaminated].mean().item(),
-           **rare_class_row(evaluation["shares"], mean_influence, seen),
+           **rare_class_row(trainer.ema, evaluation["shares"], mean_influence, seen),
            "auroc": auroc, **evaluation,
            "inception_fid": metrics.inception_fid(samples, reference, device=args.device) if INCEPTION else None,
            "train_s": train_seconds[spec.name], "sample_s": sample_seconds}
@@ -558,7 +573,7 @@ COLUMNS = ["loss", "weighting", "settings", "steps", "final_penalty", "influence
            "density", "coverage", "class_tv", "inception_fid", "train_s", "sample_s", "classifier_accuracy",
            "judge_accuracy"]
 if args.rare_class is not None:  # the rare-class control's columns, for the data rows too
-    COLUMNS += ["rare_share", "rare_confident", "rare_auroc"]
+    COLUMNS += ["rare_share", "rare_confident", "rare_auroc", "rare_error_ratio"]
     for row in reference_rows:
         row.update(rare_share=row["shares"].argmax[args.rare_class].item(),
                    rare_confident=row["shares"].confident[args.rare_class].item())

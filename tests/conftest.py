@@ -29,6 +29,17 @@ def example_module(name: str):
         sys.modules.pop(name, None)
 
 
+class FixedLogits(torch.nn.Module):
+    """A classifier whose logits are the image's first three pixels (class-histogram and accuracy tests)."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return x.flatten(1)[:, :3]
+
+
 @pytest.fixture
 def one_thread():
     """In-process work on one thread: CPU tests share the cores, where OpenMP's spinning threads crawl."""

@@ -5,7 +5,8 @@ import math
 
 import pytest
 import torch
-from torch import nn
+
+from conftest import FixedLogits
 
 from robust_diffusion.training import diversity
 
@@ -65,17 +66,6 @@ def test_bad_arguments_are_refused_with_their_name():
         diversity.manifold_metrics(torch.zeros(10, 3), torch.zeros(10, 3), k=0)
     with pytest.raises(ValueError, match="more than k samples"):
         diversity.manifold_metrics(torch.zeros(5, 3), torch.zeros(10, 3), k=5)
-
-
-class FixedLogits(nn.Module):
-    """A classifier whose logits are the image's first three pixels."""
-
-    def __init__(self):
-        super().__init__()
-        self.unused = nn.Parameter(torch.zeros(1))
-
-    def forward(self, x):
-        return x.flatten(1)[:, :3]
 
 
 def test_class_shares_count_argmax_and_confident_calls():

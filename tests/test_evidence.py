@@ -1,6 +1,7 @@
 """examples/evidence.py: the protocol's cells and commands, and the tables it writes into docs/RESULTS.md."""
 
 import csv
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,16 @@ def evidence():
         yield module
 
 
+@pytest.fixture(scope="module")
+def protocol(evidence):
+    return sys.modules["evidence_protocol"]  # imported by evidence.py from beside it
+
+
+@pytest.fixture(scope="module")
+def rules(evidence):
+    return sys.modules["evidence_rules"]
+
+
 def write_results(folder: Path, rows):
     folder.mkdir(parents=True)
     with open(folder / "results.csv", "w", newline="") as f:
@@ -24,13 +35,13 @@ def write_results(folder: Path, rows):
         writer.writerows(rows)
 
 
-def test_protocol_covers_the_issue(evidence):
+def test_protocol_covers_the_issue(evidence, protocol):
     cells = {cell.name: cell for cell in evidence.CELLS}
     assert len(cells) == len(evidence.CELLS)  # names are unique
     assert {(c.contamination, c.kind) for c in evidence.CELLS} >= {
         (0.0, "noise"), (0.1, "noise"), (0.3, "noise"), (0.1, "gaussian"), (0.3, "gaussian")}
     for name in ("noise-0.3", "gaussian-0.3", "clean", "noise-0.1", "gaussian-0.1"):
-        assert set(evidence.BASELINES) <= set(cells[name].losses)
+        assert set(protocol.BASELINES) <= set(cells[name].losses)
     assert {"kl+debias", "ned+debias"} <= set(cells["clean"].losses)
     assert {"kl+risk_free", "ned+risk_free"} <= set(cells["gaussian-0.3"].losses)
     assert {c.scale for c in evidence.CELLS} == {"adaptive", "1.0", "vlb", "batch"}
@@ -121,9 +132,9 @@ def test_summary_figure_reads_the_generated_tables(evidence, tmp_path):
     rows = evidence.parse_rows(evidence.sections(block)["noise-0.3"])
     assert rows["kl"] == {"fd": [80.0, 100.0], "contaminant": [0.4, 0.5], "coverage": [], "fd_mean": 90.0,
                           "contaminant_mean": 0.45,
-                          "auroc_mean": 0.5, "rare_confident": []}
+                          "auroc_mean": 0.5, "rare_confident": [], "rare_error": []}
     assert rows["ned"] == {"fd": [60.0], "contaminant": [0.2], "coverage": [], "fd_mean": 60.0, "contaminant_mean": 0.2,
-                           "auroc_mean": 0.9, "rare_confident": []}
+                           "auroc_mean": 0.9, "rare_confident": [], "rare_error": []}
     assert "hellinger" not in rows and not any(name.startswith("data") for name in rows)  # not run; data rows
     figure = tmp_path / "summary.png"
     assert evidence.summary_figure(block, figure) and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -142,11 +153,11 @@ def test_later_cells_compare_with_the_kept_kl_table(evidence, tmp_path):
     assert "| kl | 100 | +25% |" in section  # the standard MSE against the adaptive-scale KL of seed 0 (80)
 
 
-def test_temperature_rule_pairs_every_divergence_budget_and_data(evidence):
-    pairs = evidence.temperature_pairs()
+def test_temperature_rule_pairs_every_divergence_budget_and_data(evidence, rules):
+    pairs = rules.temperature_pairs()
     seen = set()
     for loss, low, high in pairs:
-        assert (low.temperature, high.temperature) == (evidence.RULE_TEMPERATURE, 1.0)
+        assert (low.temperature, high.temperature) == (rules.RULE_TEMPERATURE, 1.0)
         assert low.scale == high.scale == "adaptive" and loss in low.losses and loss in high.losses
         assert (low.contamination, low.kind, low.steps) == (high.contamination, high.kind, high.steps)
         seen.add((loss, low.contamination, low.kind, low.steps or 250))
@@ -158,7 +169,8 @@ def test_temperature_rule_pairs_every_divergence_budget_and_data(evidence):
 def _rule_runs(evidence, root: Path, fd_ratio, contaminant_delta):
     """Both seeds of every cell the rule reads: FD 50 and contaminant fraction 0.2 at temperature 1, and
     at 0.25 the given FD ratio / contaminant difference (callables of (loss, cell))."""
-    for loss, low, high in evidence.temperature_pairs():
+    rules = sys.modules["evidence_rules"]
+    for loss, low, high in rules.temperature_pairs():
         for cell, fd, contaminant in ((high, 50.0, 0.2),
                                       (low, 50.0 * fd_ratio(loss, low), 0.2 + contaminant_delta(loss, low))):
             for seed in evidence.SEEDS:
@@ -200,6 +212,7 @@ def test_temperature_rule_adopts_only_when_every_condition_holds(evidence, tmp_p
 def _batch_rule_runs(evidence, root: Path, fd_ratio, auroc_drop):
     """Both seeds of every pair the batch-scale rule reads: FD 50 and AUROC 0.9 at the adaptive scale, and with
     scale='batch' the given FD ratio and AUROC drop (callables of the batch cell)."""
+    protocol = sys.modules["evidence_protocol"]
     for cell in (c for c in evidence.CELLS if c.scale == "batch"):
         reference = next(c for c in evidence.CELLS if (c.contamination, c.kind, c.scale, c.steps, c.temperature)
                          == (cell.contamination, cell.kind, "adaptive", None, 1.0))
@@ -207,7 +220,7 @@ def _batch_rule_runs(evidence, root: Path, fd_ratio, auroc_drop):
             for seed in evidence.SEEDS:
                 write_results(evidence.run_dir(root, target, seed), [
                     {"loss": loss, "frechet_distance": fd, "contaminant_fraction": 0.2, "auroc": auroc,
-                     "train_s": 1} for loss in evidence.BATCH_RULE_LOSSES])
+                     "train_s": 1} for loss in protocol.BATCH_RULE_LOSSES])
     return evidence.tables(root)
 
 
@@ -257,15 +270,16 @@ def test_tables_name_the_current_machine_for_runs_that_do_not_say(evidence, tmp_
     assert "Seeds done: 1 of 0, 1" in section and " CPU, " in section and "cores)" in section
 
 
-def test_paired_interval_is_the_mean_with_its_t_interval(evidence):
-    mean, low, high = evidence.paired_interval([1.0, 2.0, 3.0])
+def test_paired_interval_is_the_mean_with_its_t_interval(evidence, rules):
+    mean, low, high = rules.paired_interval([1.0, 2.0, 3.0])
     assert mean == 2.0 and (high - mean) == pytest.approx(4.303 / 3 ** 0.5) and (mean - low) == pytest.approx(high - mean)
-    assert evidence.paired_interval([0.5])[0] == 0.5 and all(v != v for v in evidence.paired_interval([0.5])[1:])
+    assert rules.paired_interval([0.5])[0] == 0.5 and all(v != v for v in rules.paired_interval([0.5])[1:])
 
 
 def _normalization_runs(evidence, folder, fd_factor, contaminant_shift):
+    protocol = sys.modules["evidence_protocol"]
     for cell in (c for c in evidence.CELLS if c.name.endswith("-normalized")):
-        assert cell.seeds == evidence.PAIRED_SEEDS and len(cell.seeds) >= 5
+        assert cell.seeds == protocol.PAIRED_SEEDS and len(cell.seeds) >= 5
         for seed in cell.seeds:
             fd = 50.0 + 3 * seed
             write_results(folder / cell.name / f"seed{seed}", [
@@ -319,11 +333,11 @@ def test_the_demo_ablation_pairs_seeds_across_its_two_cells(evidence, tmp_path):
     assert "| 0, 1 |" in scale
 
 
-def test_rare_truths_rule_reads_the_shares_and_the_gains(evidence, tmp_path):
+def test_rare_truths_rule_reads_the_shares_and_the_gains(evidence, tmp_path, protocol):
     """The rule's verdict from synthetic runs: a candidate that keeps the rare class on both cells and the recipe's
     gains against the MSE is adopted; one that keeps the class but loses the gains is not."""
-    mse, recipe, gated, ned_gated = evidence.RARE_LOSSES
-    for seed in evidence.PAIRED_SEEDS:
+    mse, recipe, gated, ned_gated = protocol.RARE_LOSSES
+    for seed in protocol.PAIRED_SEEDS:
         wobble = 0.001 * seed
         for cell, p in (("rare-3", 0.0), ("rare-3-noise-0.3", 0.3)):
             noisy = p > 0
@@ -346,10 +360,10 @@ def test_rare_truths_rule_reads_the_shares_and_the_gains(evidence, tmp_path):
     assert "not decided" in evidence.rare_truths_rule(evidence.tables(tmp_path / "none"))
 
 
-def test_trust_validation_rule_names_the_kinds_where_trust_fails(evidence, tmp_path):
+def test_trust_validation_rule_names_the_kinds_where_trust_fails(evidence, tmp_path, protocol):
     """Trust that lowers the contaminant fraction is validated; trust that raises FD by a fifth on clean data is
     not; with two cells not validated the verdict asks for the next round."""
-    for seed in evidence.PAIRED_SEEDS:
+    for seed in protocol.PAIRED_SEEDS:
         wobble = 0.002 * seed
         for cell, fd_with, cont_with in (("trust-gaussian-0.3", 50, 0.10), ("trust-dataset-0.3", 61, 0.30),
                                          ("trust-flow-noise-0.3", 40, 0.05), ("trust-clean", 60, 0.0)):
@@ -362,3 +376,78 @@ def test_trust_validation_rule_names_the_kinds_where_trust_fails(evidence, tmp_p
     assert rows["trust-dataset-0.3"].endswith("| no |") and rows["trust-clean"].endswith("| no |")
     assert "not validated on trust-dataset-0.3, trust-clean" in verdict and "t < T/4 and t < 3T/4" in verdict
     assert "not decided" in evidence.trust_validation_rule(evidence.tables(tmp_path / "none"))
+
+
+def test_trust_levels_rule_changes_the_default_only_for_a_setting_that_does_better_everywhere(evidence, tmp_path,
+                                                                                             protocol):
+    """Second round: per kind, ned and ned+trust at T/2 in trust-<kind>, ned+trust at T/4 and 3T/4 in its own
+    cells. A setting validated wherever T/2 is and on more kinds becomes the default; otherwise T/2 stays."""
+    def write(root, trusted):
+        """trusted: {(kind, level): (FD of ned+trust, contaminant fraction of ned+trust)}; ned: FD 50, 0.2"""
+        for seed in protocol.PAIRED_SEEDS:
+            wobble = 0.002 * seed
+            for kind, p, _, _ in protocol.TRUST_KINDS:
+                for level in protocol.TRUST_LEVELS:
+                    fd, cont = trusted[kind, level]
+                    row = {"loss": "ned+trust", "frechet_distance": fd + seed, "contaminant_fraction": cont + wobble}
+                    if level == 0.5:
+                        write_results(root / f"trust-{kind}" / f"seed{seed}", [
+                            {"loss": "ned", "frechet_distance": 50 + seed, "contaminant_fraction": 0.2 + wobble},
+                            row])
+                    else:
+                        write_results(root / f"trust-{kind}-low{level}" / f"seed{seed}", [row])
+
+    kinds = [kind for kind, *_ in protocol.TRUST_KINDS]
+    good, bad = (40, 0.05), (60, 0.3)
+    # T/2 holds on noise and flow; T/4 on those and on clean; 3T/4 only on gaussian
+    trusted = {(kind, level): good if (level == 0.5 and kind in ("noise-0.3", "flow-noise-0.3"))
+               or (level == 0.25 and kind in ("noise-0.3", "flow-noise-0.3", "clean"))
+               or (level == 0.75 and kind == "gaussian-0.3") else bad
+               for kind in kinds for level in protocol.TRUST_LEVELS}
+    write(tmp_path / "better", trusted)
+    verdict = evidence.trust_levels_rule(evidence.tables(tmp_path / "better"))
+    assert "it becomes the default (TrainConfig.trust_low_noise = 0.25)" in verdict
+    assert "| clean | t < 0.25 T | 0, 1, 2, 3, 4 | (clean data) |" in verdict
+    # 3T/4 on more kinds than T/2 but not where T/2 holds: the default stays
+    trusted.update({(kind, 0.25): bad for kind in kinds})
+    trusted.update({(kind, 0.75): good for kind in ("gaussian-0.3", "dataset-0.3", "clean")})
+    write(tmp_path / "other", trusted)
+    verdict = evidence.trust_levels_rule(evidence.tables(tmp_path / "other"))
+    assert "the default stays 0.5" in verdict and "t < 0.75 T on clean, dataset-0.3, gaussian-0.3" in verdict
+    # the first round's verdict reads only its own four cells
+    assert "| trust-noise-0.3 |" not in evidence.trust_validation_rule(evidence.tables(tmp_path / "other"))
+    assert "not decided" in evidence.trust_levels_rule(evidence.tables(tmp_path / "none"))
+
+
+def test_trust_level_cells_pass_their_setting(evidence, protocol, tmp_path):
+    cells = {cell.name: cell for cell in protocol.CELLS}
+    command = evidence.command(cells["trust-clean-low0.25"], 2, tmp_path, "quick", 1)
+    assert command[command.index("--trust-low-noise") + 1] == "0.25" and "ned+trust" in command
+    assert "--trust-low-noise" not in evidence.command(cells["trust-noise-0.3"], 2, tmp_path, "quick", 1)
+
+
+def test_rare_learning_rule_reads_the_error_ratio_and_the_gains(evidence, tmp_path, protocol, rules):
+    """Third round: a candidate whose rare-class error ratio stays within +0.05 of the MSE's on both cells and
+    keeps the recipe's gains is adopted; the recipe's own ratio decides what the README says otherwise."""
+    mse, recipe, gated = protocol.RARE_LOSSES_DEMO
+
+    def write(root, ratio):
+        for seed in protocol.PAIRED_SEEDS:
+            wobble = 0.002 * seed
+            for cell, p in (("rare-3-demo", 0.0), ("rare-3-noise-0.3-demo", 0.3)):
+                noisy = p > 0
+                write_results(root / cell / f"seed{seed}", [
+                    {"loss": loss, "frechet_distance": fd + seed, "contaminant_fraction": cont * noisy + wobble,
+                     "rare_confident": 0.001, "rare_share": 0.005, "rare_error_ratio": ratio[loss] + wobble}
+                    for loss, fd, cont in ((mse, 60, 0.45), (recipe, 20, 0.01), (gated, 21, 0.009))])
+
+    write(tmp_path / "a", {mse: 1.2, recipe: 1.5, gated: 1.22})
+    verdict = rules.rare_learning_rule(evidence.tables(tmp_path / "a"))
+    assert f"`{gated}` learns the rare class as the MSE does on both cells" in verdict
+    assert "| rare-3-demo | ned+trust | 1.504 |" in verdict and "| no |" in verdict
+    write(tmp_path / "b", {mse: 1.2, recipe: 1.21, gated: 1.6})
+    assert "today's recipe (`ned+trust`) learns the rare class as the MSE does" in rules.rare_learning_rule(
+        evidence.tables(tmp_path / "b"))
+    write(tmp_path / "c", {mse: 1.2, recipe: 1.5, gated: 1.6})
+    assert "learns a rare class less well" in rules.rare_learning_rule(evidence.tables(tmp_path / "c"))
+    assert "not decided" in rules.rare_learning_rule(evidence.tables(tmp_path / "none"))

@@ -84,6 +84,7 @@ def test_example_trains_flow_matching(tmp_path):
     # the rare-class control (here with flow matching): class 1 capped at 3% of the 128 images, its share reported
     assert "class 1 rare (4 images, 3%)" in result.stdout
     assert all(0 <= float(r["rare_confident"]) <= float(r["rare_share"]) <= 1 for r in rows)
+    assert all(float(r["rare_error_ratio"]) > 0 for r in rows[:2])  # how well each model learnt the class
     # 3 smoke steps may draw none of the 4 rare images: then there is nothing to rank (blank, never "nan")
     assert rows[0]["rare_auroc"] in ("", "0.5") and rows[1]["rare_auroc"] != "nan"  # the MSE weighs all alike
     report = (tmp_path / "out" / "results.md").read_text()

@@ -137,6 +137,59 @@ def test_conditional_training_passes_labels_with_dropout_and_resumes_exactly(tmp
         _trainer(tmp_path / "split", steps=9, dataset=_labelled_dataset()).resume()
 
 
+def test_relabel_trains_on_the_new_labels_and_a_resume_keeps_them(tmp_path):
+    """Labels changed mid-run (a class, or the null label: the image then trains only the unconditional model)
+    reach the model from the next step, are saved in the checkpoint, and a resume continues on them; a checkpoint
+    whose labels were tampered with is refused before anything is loaded."""
+    seen = []
+    new_labels = torch.arange(48) % 4  # 3 is the null label of a 3-class model
+
+    def run(folder, steps, relabel_at=None):
+        trainer = _conditional_trainer(folder, steps=steps, label_dropout=0.0)
+        forward = trainer.model.forward
+        trainer.model.forward = lambda x, t, class_labels=None: seen.append(class_labels.clone()) or forward(
+            x, t, class_labels=class_labels)
+        if relabel_at is not None:
+            trainer.config.steps = relabel_at
+            trainer.train()
+            trainer.relabel(new_labels)
+            trainer.config.steps = steps
+        return trainer.train()
+
+    reference = run(tmp_path / "full", 6, relabel_at=3)
+    after = torch.cat(seen[3:])
+    assert 3 in after.tolist() and set(after.tolist()) <= {0, 1, 2, 3}
+    assert 3 not in torch.cat(seen[:3]).tolist()  # before it, the dataset's labels 0..2 (no dropout)
+    seen.clear()
+    part = run(tmp_path / "split", 3, relabel_at=3)  # relabelled at its end; its checkpoint holds the new labels
+    part.save_checkpoint()
+    resumed = _conditional_trainer(tmp_path / "split", steps=6, label_dropout=0.0)
+    assert resumed.resume() and torch.equal(resumed.labels.cpu(), new_labels) and resumed.relabelled
+    assert read_checkpoint(tmp_path / "full" / "checkpoint.safetensors")["labels"] is not None
+    # a run never relabelled leaves the labels to its dataset (a corrected labels file then counts on resume)
+    _conditional_trainer(tmp_path / "plain_conditional", steps=3).train()
+    assert read_checkpoint(tmp_path / "plain_conditional" / "checkpoint.safetensors")["labels"] is None
+    resumed.train()
+    _assert_states_equal(reference.model.state_dict(), resumed.model.state_dict())
+    # refusals: an unconditional run, labels that are not one class or null label per sample, a tampered file
+    with pytest.raises(ValueError, match="relabel changes a conditional run's class labels"):
+        _trainer(tmp_path / "plain", 2).relabel(new_labels)
+    with pytest.raises(ValueError, match=r"relabel: labels lie in \[0, 4\], the model has 3 classes \(labels 0..2 "
+                                         r"and the null label 3\)"):
+        resumed.relabel(torch.arange(48) % 5)
+    with pytest.raises(ValueError, match=r"relabel: labels must be integers, one per sample \[48\]"):
+        resumed.relabel(torch.zeros(48))
+    path = tmp_path / "split" / "checkpoint.safetensors"
+    state = load_state(path, "robust_diffusion.training checkpoint", 1)
+    state["labels"] = torch.full((48,), 7)
+    save_state(state, path, "robust_diffusion.training checkpoint", 1)
+    fresh = _conditional_trainer(tmp_path / "split", steps=6, label_dropout=0.0)
+    before = [p.clone() for p in fresh.model.parameters()]
+    with pytest.raises(ValueError, match=r"cannot resume from .*: its labels lie in \[7, 7\]"):
+        fresh.resume()
+    assert all(torch.equal(a, b) for a, b in zip(before, fresh.model.parameters()))
+
+
 def test_conditional_training_refuses_what_does_not_fit():
     schedule = rd.NoiseSchedule.linear(100)
     loss = rd.RobustDiffusionLoss("ned", schedule, update="step")
@@ -474,8 +527,11 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
 @needs_fashion_mnist
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", [[], ["--objective", "flow", "--shift", "3", "--timestep-sampling",
-                                            "logit_normal"]], ids=["ddpm", "flow"])
+                                            "logit_normal"], ["--conditional", "--label-dropout", "0.25"]],
+                         ids=["ddpm", "flow", "conditional"])
 def test_two_process_ddp_matches_single_process(tmp_path, objective):
+    # conditional: each rank takes its samples' labels and its rows of the global batch's label dropout, so the
+    # two processes train what one does.
     # A fixed scale: the adaptive scale's per-bucket medians are averaged over ranks, not global medians.
     extra = ["--loss", "hellinger", "--scale", "1.0", "--checkpoint-every", "0"] + objective
     steps = "6"
@@ -491,10 +547,11 @@ def test_two_process_ddp_matches_single_process(tmp_path, objective):
     a = read_checkpoint(tmp_path / "single" / "checkpoint.safetensors")
     b = read_checkpoint(tmp_path / "ddp" / "checkpoint.safetensors")
     assert b["world_size"] == 2 and a["world_size"] == 1
+    assert ("class_embed.weight" in a["model"]) == ("--conditional" in objective)
     # Adam moves a weight by up to lr (1e-3) per step whatever its gradient's size, so where a gradient is near 0
     # the all-reduce's summation order shows in the weight: flow's run has such weights (9e-6 seen, 2 of them);
     # 2e-5 is 2% of one step.
-    atol = 2e-5 if objective else 1e-6
+    atol = 2e-5 if "flow" in objective else 1e-6
     for key in a["model"]:
         torch.testing.assert_close(b["model"][key], a["model"][key], rtol=1e-5, atol=atol, msg=key)
     # Every rank's influence weights reach the statistics: the same samples were seen the same number of times.
@@ -732,3 +789,23 @@ def _npy(tmp_path):
     if not path.is_file():
         np.save(path, (np.random.default_rng(0).random((24, 12, 12)) * 255).astype(np.uint8))
     return path
+
+
+# ---------------------------------------------------------------------------------------------- trust's noise levels
+def test_trust_low_noise_sets_the_draws_trust_is_measured_on_and_binds_a_resume(tmp_path):
+    seen = []
+    trainer = _trainer(tmp_path / "quarter", 6, sample_trust=True, trust_low_noise=0.25, influence_from_step=1)
+    trust = trainer.influence.trust
+    trainer.influence.trust = lambda indices=None, **kw: seen.append(kw.get("low_noise")) or trust(indices, **kw)
+    trainer.train()
+    assert seen and set(seen) == {0.25}
+    del trainer.influence.trust
+    # the weights it trained with are the tracker's trust at t < T/4, which differs from the default's
+    assert not torch.equal(trainer.influence.trust(low_noise=0.25), trainer.influence.trust())
+    with pytest.raises(ValueError, match=r"it was written with trust_low_noise=0.25, this run has 0.5"):
+        _trainer(tmp_path / "quarter", 8, sample_trust=True, influence_from_step=1).resume()
+    for bad in (0, 1.5, True, "0.5"):
+        with pytest.raises(ValueError, match="trust_low_noise must be a fraction of the timesteps in"):
+            TrainConfig(sample_trust=True, trust_low_noise=bad)
+    with pytest.raises(ValueError, match="trust_low_noise sets the draws the per-sample trust is measured on"):
+        TrainConfig(trust_low_noise=0.25)

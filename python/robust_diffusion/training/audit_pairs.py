@@ -20,8 +20,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .metrics import auroc
-from .pairs import confident_learning_scores, label_errors, pair_scores
+from .pairs import confident_learning_scores, detection_quality, label_errors, pair_scores
 
 __all__ = ["PAIR_COLUMNS", "PAIR_SCORES", "evaluate_pairs", "pairs_report", "rank_pairs", "write_pairs"]
 
@@ -55,17 +54,11 @@ def evaluate_pairs(rows, flags: Tensor, images: Tensor, labels: Tensor, num_clas
                    seed: int = 0) -> Dict[str, Dict[str, float]]:
     """AUROC and precision at k (k = the number flagged) of each score against ``flags``, and of the
     confident-learning baseline (a classifier trained out of fold on the same labels)."""
-    count = int(flags.sum())
     by_index = sorted(rows, key=lambda row: row["index"])
     found = {name: torch.tensor([row[name] for row in by_index]) for name in PAIR_SCORES}
     found["confident learning (baseline)"] = confident_learning_scores(images, labels, num_classes=num_classes,
                                                                        seed=seed)
-    result = {}
-    for name, score in found.items():
-        top = torch.argsort(score, descending=True, stable=True)[:count]
-        result[name] = {"auroc": auroc(score, flags), "precision_at_k": float(flags[top].float().mean())
-                        if count else math.nan}
-    return result
+    return detection_quality(found, flags)
 
 
 def pairs_grid(path: Path, images: Tensor, rows, classes: Sequence[str], show: int) -> str:

@@ -24,7 +24,8 @@ from typing import Dict, NamedTuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ClassShares", "class_shares", "label_shares", "manifold_metrics", "total_variation"]
+__all__ = ["ClassShares", "class_probabilities", "class_shares", "label_shares", "manifold_metrics",
+           "total_variation"]
 
 
 def _check_features(real: Tensor, generated: Tensor, k: int) -> None:
@@ -84,6 +85,17 @@ def class_shares(classifier: nn.Module, images: Tensor, num_classes: int, thresh
         raise ValueError("class_shares needs at least one image")
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must be a probability in (0, 1), got {threshold!r}")
+    probabilities = class_probabilities(classifier, images, num_classes, batch_size)
+    best, label = probabilities.max(dim=1)
+    count = float(images.shape[0])
+    argmax = torch.bincount(label, minlength=num_classes).double() / count
+    confident = torch.bincount(label[best > threshold], minlength=num_classes).double() / count
+    return ClassShares(argmax, confident, float(threshold))
+
+
+def class_probabilities(classifier: nn.Module, images: Tensor, num_classes: int, batch_size: int = 512) -> Tensor:
+    """``classifier``'s (logits ``[B, num_classes]``) class probabilities of ``images``, float64 ``[N, num_classes]``
+    on the CPU, computed in eval mode (the classifier's mode is restored)."""
     device = next(classifier.parameters()).device
     was_training = classifier.training
     classifier.eval()
@@ -93,11 +105,7 @@ def class_shares(classifier: nn.Module, images: Tensor, num_classes: int, thresh
     classifier.train(was_training)
     if probabilities.shape[1] != num_classes:
         raise ValueError(f"the classifier gives {probabilities.shape[1]} classes, num_classes is {num_classes}")
-    best, label = probabilities.max(dim=1)
-    count = float(images.shape[0])
-    argmax = torch.bincount(label, minlength=num_classes).double() / count
-    confident = torch.bincount(label[best > threshold], minlength=num_classes).double() / count
-    return ClassShares(argmax, confident, float(threshold))
+    return probabilities
 
 
 def label_shares(labels: Tensor, num_classes: int) -> Tensor:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["UNET_PRESETS", "UNet", "model_prediction", "null_class_label", "timestep_embedding"]
+__all__ = ["UNET_PRESETS", "UNet", "checked_labels", "model_prediction", "null_class_label", "timestep_embedding"]
 
 UNET_PRESETS: Dict[str, Dict[str, object]] = {
     # About 1.1M parameters: the quick CPU preset for tests and small Fashion-MNIST runs.
@@ -61,6 +61,26 @@ def null_class_label(model) -> Optional[int]:
         return model.num_classes
     embeds = getattr(getattr(model, "config", None), "num_class_embeds", None)
     return int(embeds) - 1 if embeds else None
+
+
+def checked_labels(labels, num_samples: int, null: int, what: str, *, allow_null: bool = False) -> Tensor:
+    """``labels`` as int64 [num_samples] on the CPU, or a one-line ``ValueError`` naming ``what``: integers in
+    ``[0, null)``, or ``[0, null]`` with ``allow_null`` (the null label: a sample that trains only the unconditional
+    model)."""
+    labels = torch.as_tensor(labels)
+    if labels.shape != (num_samples,) or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"{what} must be integers, one per sample [{num_samples}], got {labels.dtype} "
+                         f"{tuple(labels.shape)}")
+    low, high = (int(labels.min()), int(labels.max())) if num_samples else (0, 0)
+    if low < 0:
+        raise ValueError(f"{what} must be non-negative class indices, got {low}")
+    top = null if allow_null else null - 1
+    if high > top:
+        hint = (f"labels 0..{null - 1} and the null label {null}" if allow_null
+                else f"labels 0..{null - 1}): build it with num_classes={high + 1}")
+        raise ValueError(f"{what} lie in [{low}, {high}], the model has {null} classes ({hint}"
+                         + (")" if allow_null else ""))
+    return labels.to("cpu", torch.int64)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:

@@ -23,16 +23,18 @@ audit and the robust conditional training use is decided by evidence (docs/RESUL
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence, Union
+import math
+from typing import Dict, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from ..schedules import Schedule, prediction_type_for
-from .metrics import FeatureClassifier, _fit
-from .models import model_prediction, null_class_label
+from ..schedules import Schedule
+from .denoising import denoising_errors
+from .metrics import FeatureClassifier, _fit, auroc
+from .models import null_class_label
 
-__all__ = ["PairScores", "confident_learning_scores", "label_errors", "pair_scores"]
+__all__ = ["PairScores", "confident_learning_scores", "detection_quality", "label_errors", "pair_scores"]
 
 #: The default noise levels of :func:`label_errors`, as fractions of the schedule's time: the middle, where the
 #: label decides what an image becomes.
@@ -54,41 +56,11 @@ def label_errors(model: nn.Module, schedule: Schedule, images: Tensor, *, levels
     if null is None:
         raise ValueError("label_errors needs a class-conditional model (UNet(num_classes=K), or a diffusers "
                          "UNet2DModel with num_class_embeds); this one takes no class labels")
-    if images.dim() != 4 or images.shape[0] == 0:
-        raise ValueError(f"label_errors: images must be [N, C, H, W] with N > 0, got {tuple(images.shape)}")
-    if not levels or draws < 1 or not all(0 < level < 1 for level in levels):
-        raise ValueError(f"label_errors: give at least one noise level in (0, 1) and one draw, got "
-                         f"levels={list(levels)}, draws={draws}")
-    prediction_type = prediction_type_for(schedule, None, "label_errors")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    generator = torch.Generator().manual_seed(seed)
-    errors = torch.zeros(images.shape[0], null + 1)
-    labels = torch.arange(null + 1)
-    count = 0
-    for level in levels:
-        for _ in range(draws):
-            noise = torch.randn(images.shape, generator=generator)
-            count += 1
-            for start in range(0, images.shape[0], batch_size):
-                x0 = images[start:start + batch_size].to(device)
-                eps = noise[start:start + batch_size].to(device)
-                if schedule.discrete:
-                    t = torch.full((x0.shape[0],), round(level * schedule.num_timesteps), device=device,
-                                   dtype=torch.long)
-                else:
-                    t = torch.full((x0.shape[0],), level, device=device)
-                x_t = schedule.q_sample(x0, t, eps)
-                target = schedule.training_target(x0, eps, t, prediction_type)
-                time = schedule.model_timestep(t)
-                for label in labels.tolist():
-                    y = torch.full((x0.shape[0],), label, device=device, dtype=torch.long)
-                    output = model_prediction(model(x_t, time, class_labels=y), x_t)
-                    error = (output.float() - target).pow(2).flatten(1).mean(1)
-                    errors[start:start + x0.shape[0], label] += error.cpu()
-    model.train(was_training)
-    return errors / count
+    # The same seed for every label: each image is noised identically under all of them (the paired design).
+    return torch.stack([denoising_errors(model, schedule, images, levels=levels, draws=draws, seed=seed,
+                                         batch_size=batch_size, class_labels=label, device=device,
+                                         what="label_errors")
+                        for label in range(null + 1)], dim=1)
 
 
 class PairScores(NamedTuple):
@@ -146,3 +118,20 @@ def confident_learning_scores(images: Tensor, labels: Tensor, *, num_classes: in
                                 for i in range(0, held.shape[0], 512)])
         probability[held] = torch.softmax(logits, dim=1).gather(1, labels[held].long()[:, None]).squeeze(1)
     return (1 - probability).float()
+
+
+def detection_quality(scores: Mapping[str, Tensor], flipped: Tensor) -> Dict[str, Dict[str, float]]:
+    """How well each score (``[N]``, higher: more likely mismatched) finds the ``flipped`` pairs (``[N]`` bool):
+    ``{name: {"auroc", "precision_at_k"}}``, k the number flipped (NaN without flipped pairs; ties broken by
+    index)."""
+    flipped = flipped.bool().cpu()
+    count = int(flipped.sum())
+    result = {}
+    for name, score in scores.items():
+        if score.shape != flipped.shape:
+            raise ValueError(f"detection_quality: score {name!r} has shape {tuple(score.shape)}, the flags "
+                             f"{tuple(flipped.shape)}")
+        top = torch.argsort(score.cpu(), descending=True, stable=True)[:count]
+        result[name] = {"auroc": auroc(score.cpu(), flipped),
+                        "precision_at_k": float(flipped[top].float().mean()) if count else math.nan}
+    return result

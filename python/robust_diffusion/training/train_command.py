@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "--snr_gamma), k=1 gamma=1 for p2, k for max_snr, b for sigmoid, sigma_data for edm")
     loss.add_argument("--scale", default="adaptive", help="adaptive, vlb, batch or a number")
     loss.add_argument("--temperature", type=positive_float, default=1.0, help="the adaptive scale's tau")
+    loss.add_argument("--trust-low-noise", type=float, default=0.5,
+                      help="+trust: measure the trust on the draws with t below this fraction of the timesteps, in "
+                           "(0, 1] (docs/RESULTS.md: where each setting was validated)")
     train = parser.add_argument_group("training")
     add_objective_arguments(train)
     train.add_argument("--conditional", action="store_true",
@@ -149,7 +152,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              mixed_precision=args.mixed_precision, log_every=args.log_every,
                              report_to=args.report_to, sample_every=args.sample_every,
                              checkpoint_every=args.checkpoint_every, risk_free=spec.risk_free,
-                             sample_trust=spec.trust, trust_coherence=spec.coherent, conditional=args.conditional,
+                             sample_trust=spec.trust, trust_coherence=spec.coherent,
+                             trust_low_noise=args.trust_low_noise, conditional=args.conditional,
                              label_dropout=args.label_dropout, guidance_scale=args.guidance_scale, seed=args.seed,
                              num_workers=args.num_workers, progress=not args.no_progress)
         rank, world_size, device = init_distributed(args.device)

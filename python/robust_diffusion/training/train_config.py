@@ -55,6 +55,9 @@ class TrainConfig:
             :meth:`InfluenceTracker.set_coherence`): a sample as close to its 5th nearest neighbour as the typical
             one keeps weight 1, so a rare but coherent part of the data is not silenced with the junk
             (docs/DESIGN.md, Data audit).
+        trust_low_noise: with ``sample_trust``, the draws trust is measured on: timesteps below this fraction of
+            the schedule's (``InfluenceTracker.trust``'s ``low_noise``; 0.5, the default, is where junk stands out
+            on the demo's noise images; docs/RESULTS.md says on which kinds each setting was validated).
         conditional: train a class-conditional model (``UNet(num_classes=K)``, or diffusers'
             ``UNet2DModel(num_class_embeds=K + 1)``) on the dataset's ``labels``, called as
             ``model(x_t, t, class_labels=...)``.
@@ -88,6 +91,7 @@ class TrainConfig:
     risk_free: bool = False
     sample_trust: bool = False
     trust_coherence: bool = False
+    trust_low_noise: float = 0.5
     conditional: bool = False
     label_dropout: float = 0.1
     guidance_scale: float = 1.0
@@ -126,6 +130,13 @@ class TrainConfig:
         if self.guidance_scale != 1 and not self.conditional:
             raise ValueError("TrainConfig.guidance_scale guides a class-conditional model's samples: set "
                              "conditional=True (--conditional), or leave guidance_scale at 1")
+        if isinstance(self.trust_low_noise, bool) or not isinstance(self.trust_low_noise, (int, float)) \
+                or not 0 < self.trust_low_noise <= 1:
+            raise ValueError(f"TrainConfig.trust_low_noise must be a fraction of the timesteps in (0, 1], got "
+                             f"{self.trust_low_noise!r}")
+        if self.trust_low_noise != 0.5 and not self.sample_trust:
+            raise ValueError("TrainConfig.trust_low_noise sets the draws the per-sample trust is measured on: set "
+                             "sample_trust=True too, or leave it at 0.5")
         if self.trust_coherence and not self.sample_trust:
             raise ValueError("TrainConfig.trust_coherence gates the per-sample trust: set sample_trust=True too")
         if self.sample_every and self.report_to is None:

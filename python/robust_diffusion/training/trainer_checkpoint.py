@@ -21,6 +21,7 @@ from torch import nn
 
 from ..robust_loss import RobustDiffusionLoss
 from .checkpoint import StateFileError, load_state, remove_stale_temporaries, rng_state, save_state, set_rng_state
+from .models import checked_labels
 from .runlog import read_rows, write_rows
 
 if TYPE_CHECKING:
@@ -89,6 +90,7 @@ def save_trainer(trainer: "Trainer", path: Optional[Path]) -> None:
             "influence": trainer.influence.state_dict(),
             "interval": trainer.interval.state_dict(),
             "train_time": trainer.train_time,
+            "labels": trainer.labels.cpu() if trainer.relabelled else None,
         }
         save_state(state, path, CHECKPOINT_KIND, CHECKPOINT_VERSION)
     if trainer.world_size > 1:
@@ -111,8 +113,13 @@ def resume_trainer(trainer: "Trainer", path: Optional[Path]) -> bool:
             trainer.loss_fn.load_state_dict(state["loss_fn"])
         if trainer.influence_loss is not None:
             trainer.influence_loss.load_state_dict(state["influence_loss"])
+        if state.get("labels") is not None:  # the labels of a relabelled run
+            labels = checked_labels(state["labels"], trainer.num_samples, trainer.null_label, "its labels",
+                                    allow_null=True)
     except ValueError as error:
         raise ValueError(f"cannot resume from {path}: {error}") from None
+    if state.get("labels") is not None:
+        trainer.labels, trainer.relabelled = labels.to(trainer.device), True
     trainer.model.load_state_dict(state["model"])
     trainer.ema.load_state_dict(state["ema"])
     trainer.optimizer.load_state_dict(state["optimizer"])
@@ -145,9 +152,10 @@ def _check_same_run(trainer: "Trainer", state: Dict[str, Any], path: Path) -> No
     if measured != (trainer.influence_loss is not None):
         raise ValueError(f"cannot resume from {path}: it was written {'with' if measured else 'without'} an "
                          f"influence_loss, this run has {'one' if trainer.influence_loss is not None else 'none'}")
-    for key in ("risk_free", "sample_trust", "trust_coherence", "conditional"):
-        # A checkpoint without the setting was written with its default (False).
-        if state["config"].get(key, False) != getattr(trainer.config, key):
+    for key, default in (("risk_free", False), ("sample_trust", False), ("trust_coherence", False),
+                         ("trust_low_noise", 0.5), ("conditional", False)):
+        # A checkpoint without the setting was written with its default.
+        if state["config"].get(key, default) != getattr(trainer.config, key):
             raise ValueError(f"cannot resume from {path}: it was written with {key}={state['config'].get(key)}, "
                              f"this run has {getattr(trainer.config, key)}")
     for key, mine in (("batch_size", trainer.config.batch_size), ("num_samples", trainer.num_samples)):
