@@ -65,7 +65,8 @@ def pytest_configure(config):
 #: The test files that take longest, longest first. pytest-xdist's --dist loadfile hands whole files to the
 #: workers in collection order, so starting with these keeps both workers busy until the end instead of leaving
 #: one file running alone (tools/test.sh).
-SLOWEST_FIRST = ("test_build.py", "test_example_runs.py", "test_example.py", "test_training.py", "test_audit.py",
+SLOWEST_FIRST = ("test_build.py", "test_example_runs.py", "test_example.py", "test_example_notebook.py",
+                 "test_label_noise_example.py", "test_training.py", "test_audit.py",
                  "test_integration.py", "test_fused_gradient.py", "test_coherence.py", "test_fault_injection.py",
                  "test_benchmarks.py")
 

@@ -61,7 +61,8 @@ CMAKE_BUILD=$!
 # threads wait passively, so that no worker spins while another process holds the core it waits for.
 stage "pytest"
 rm -rf build/pytest
-OMP_WAIT_POLICY=PASSIVE python3 -m pytest tests -q -p no:cacheprovider --basetemp=build/pytest -n 2 --dist loadfile
+OMP_WAIT_POLICY=PASSIVE python3 -m pytest tests -q -p no:cacheprovider --basetemp=build/pytest -n 2 --dist loadfile \
+  --durations=12
 
 stage "ctest"
 wait "$CMAKE_BUILD" || { tail -60 build/cmake.log; exit 1; }
